@@ -1,0 +1,1 @@
+"""Data builders: each turns a task into tokenized samples of a requested number of segments."""

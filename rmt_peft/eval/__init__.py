@@ -1,0 +1,1 @@
+"""Evaluation: metrics, length generalisation, perplexity curves and plots."""

@@ -1,0 +1,99 @@
+"""Memory settings and the three trainable memory parameters of the Recurrent Memory Transformer.
+
+A long input is cut into segments of ``segment_size`` tokens. Each segment is processed as
+``[memory + read_embedding ; segment ; memory + write_embedding]``; the backbone's last hidden
+states at the write positions become the memory of the next segment. ``memory_tokens`` is the
+initial memory. ``read_embedding`` and ``write_embedding`` start at zero, so an untrained model
+computes exactly the reference RMT (Bulatov et al., arXiv 2207.06881 / 2304.11062).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+ALIGNMENTS = ("left", "right")
+
+
+@dataclass
+class MemoryConfig:
+    """How the input is segmented and how memory flows between segments.
+
+    num_memory_tokens: memory size in tokens; 0 is the no-memory baseline (segments are
+        processed independently).
+    segment_size: input tokens per segment (memory positions come on top).
+    bptt_depth: None for full backpropagation through time; k >= 0 detaches the memory every
+        k+1 segments, so a loss back-propagates through at most k memory transitions.
+    checkpoint_segments: recompute each segment in the backward pass (non-reentrant activation
+        checkpointing), so training memory does not grow with the number of segments.
+    segment_alignment: "left" cuts segments from the first token (the last segment may be
+        short; pair with right padding); "right" cuts from the last token (the first segment may
+        be short; pair with left padding).
+    loss_segments: None puts the loss on every segment; k > 0 only on the last k segments.
+    memory_init_std: std of the initial memory; None takes the std of the embedding matrix,
+        like the reference implementation.
+    loss_chunk_size: labelled positions per chunk of the loss, so full-vocabulary fp32 logits
+        never exist for a whole segment.
+    """
+
+    num_memory_tokens: int = 10
+    segment_size: int = 512
+    bptt_depth: int | None = None
+    checkpoint_segments: bool = False
+    segment_alignment: str = "left"
+    loss_segments: int | None = None
+    memory_init_std: float | None = None
+    loss_chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        need(isinstance(self.num_memory_tokens, int) and self.num_memory_tokens >= 0,
+             "num_memory_tokens", "expected an integer >= 0 (0 = no-memory baseline)")
+        need(isinstance(self.segment_size, int) and self.segment_size >= 1,
+             "segment_size", "expected an integer >= 1")
+        need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
+             "bptt_depth", "expected None (full BPTT) or an integer >= 0")
+        need(isinstance(self.checkpoint_segments, bool), "checkpoint_segments", "expected true or false")
+        need(self.segment_alignment in ALIGNMENTS, "segment_alignment", f"expected one of {ALIGNMENTS}")
+        need(self.loss_segments is None or (isinstance(self.loss_segments, int) and self.loss_segments >= 1),
+             "loss_segments", "expected None (all segments) or an integer >= 1")
+        need(self.memory_init_std is None or self.memory_init_std > 0,
+             "memory_init_std", "expected None (embedding std) or a positive number")
+        need(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1,
+             "loss_chunk_size", "expected an integer >= 1")
+
+    @property
+    def positions_per_segment(self) -> int:
+        """Backbone positions one segment occupies: read memory, tokens, write memory."""
+        return self.segment_size + 2 * self.num_memory_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MemoryConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+class MemoryParameters(nn.Module):
+    """The initial memory and the read/write embeddings, each (num_memory_tokens, hidden)."""
+
+    def __init__(self, num_memory_tokens: int, hidden_size: int, init_std: float,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (num_memory_tokens, hidden_size)
+        self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
+        self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        self.write_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        return self.memory_tokens.unsqueeze(0).expand(batch_size, -1, -1)

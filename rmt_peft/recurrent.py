@@ -1,0 +1,333 @@
+"""RMTModel: the recurrent memory wrapper around any Hugging Face causal LM.
+
+Per segment the backbone sees ``[memory + read_embedding ; segment ; memory + write_embedding]``
+and its last hidden state (after the final norm) at the write positions is the next memory.
+The loss is the ordinary shifted causal-LM loss over the whole input: the last token of segment
+k predicts the first token of segment k+1, through the memory.
+
+What keeps it cheap: the backbone's body is called directly (only the last hidden state, no
+full-vocabulary logits), the loss is computed only at labelled positions in chunks, and with
+``checkpoint_segments`` each segment is recomputed in backward (non-reentrant), so training
+memory stays flat in the number of segments. ``MemoryStream`` reads inputs of any length
+without gradients in constant memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbones import causal_lm_of, check_position_limit
+from .memory import MemoryConfig, MemoryParameters
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RMTOutput(ModelOutput):
+    """loss: mean token loss over all labelled positions; logits: (batch, tokens, vocab) with
+    memory positions removed (None when labels were given, unless asked for); memory: the final
+    memory (batch, num_memory_tokens, hidden); segment_losses / segment_token_counts: per
+    segment (NaN where a segment has no labelled token), detached, for metrics."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
+    segment_losses: torch.Tensor | None = None
+    segment_token_counts: torch.Tensor | None = None
+
+
+def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
+    """[start, end) of each segment. "left": the last segment may be short; "right": the first."""
+    if length <= 0:
+        raise ValueError(f"the input is empty (length {length}); RMTModel needs at least one token")
+    starts = range(0, length, segment_size)
+    if alignment == "right":
+        first = length % segment_size
+        starts = ([0] if first else []) + list(range(first, length, segment_size))
+    ends = list(starts[1:]) + [length]
+    return list(zip(starts, ends))
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Target of position t is labels[t+1]; the last position has none."""
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+class RMTModel(nn.Module):
+    """Recurrent Memory Transformer around a causal LM (plain, quantized or with peft LoRA)."""
+
+    def __init__(self, backbone: nn.Module, memory_config: MemoryConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.memory_config = memory_config
+        self.causal_lm: PreTrainedModel = causal_lm_of(backbone)
+        check_position_limit(self.causal_lm.config, memory_config)
+        embeddings = self.causal_lm.get_input_embeddings()
+        std = memory_config.memory_init_std
+        if std is None:
+            std = float(embeddings.weight.detach().float().std())
+        self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
+                                       device=embeddings.weight.device)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None) -> "RMTModel":
+        """Wrap ``backbone``. With a peft ``LoraConfig`` the backbone is frozen and only LoRA and
+        the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad."""
+        if lora is not None:
+            from .adapters import attach_lora
+
+            backbone = attach_lora(backbone, lora)
+        return cls(backbone, memory_config)
+
+    @property
+    def config(self):
+        """The backbone's transformers config (Trainer and peft look for ``model.config``)."""
+        return self.causal_lm.config
+
+    @property
+    def memory_tokens(self) -> nn.Parameter:
+        return self.memory.memory_tokens
+
+    @property
+    def read_embedding(self) -> nn.Parameter:
+        return self.memory.read_embedding
+
+    @property
+    def write_embedding(self) -> nn.Parameter:
+        return self.memory.write_embedding
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        return self.memory.initial_memory(batch_size)
+
+    # -- one segment ----------------------------------------------------------------------
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.causal_lm.get_output_embeddings()(hidden)
+        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _segment(self, memory, input_ids, attention_mask, target_ids, want_logits: bool):
+        """Run one segment. Returns (new memory, loss sum, labelled count, logits or None)."""
+        m = self.memory_config.num_memory_tokens
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        mask = attention_mask
+        if m:
+            read = (memory + self.memory.read_embedding).to(embeds.dtype)
+            write = (memory + self.memory.write_embedding).to(embeds.dtype)
+            embeds = torch.cat([read, embeds, write], dim=1)
+            ones = mask.new_ones(mask.shape[0], m)
+            mask = torch.cat([ones, mask, ones], dim=1)
+        # Positions count only attended tokens, so padding never shifts them (OPT does this
+        # itself; the others would not) and a padded sample computes what it would alone.
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        body = self.causal_lm.base_model
+        hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                      use_cache=False).last_hidden_state
+        n = input_ids.shape[1]
+        new_memory = hidden[:, m + n:]
+        hidden = hidden[:, m:m + n]
+
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        count = torch.zeros((), dtype=torch.long, device=hidden.device)
+        if target_ids is not None:
+            labelled = target_ids != IGNORE_INDEX
+            selected, targets = hidden[labelled], target_ids[labelled]
+            chunk = self.memory_config.loss_chunk_size
+            for i in range(0, targets.numel(), chunk):
+                logits = self._lm_logits(selected[i:i + chunk]).float()
+                loss_sum = loss_sum + F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+            count = labelled.sum()
+        logits = self._lm_logits(hidden) if want_logits else None
+        return new_memory, loss_sum, count, logits
+
+    # -- the recurrence -------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> RMTOutput:
+        """Process ``input_ids`` (batch, any length) segment by segment.
+
+        ``memory`` continues from an earlier state (default: the learned initial memory).
+        ``return_logits`` defaults to True without labels and False with them.
+        """
+        cfg = self.memory_config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        bounds = segment_bounds(length, cfg.segment_size, cfg.segment_alignment)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if return_logits is None:
+            return_logits = labels is None
+        targets = shift_labels(labels) if labels is not None else None
+        if memory is None:
+            memory = self.initial_memory(batch)
+        first_loss_segment = 0 if cfg.loss_segments is None else len(bounds) - cfg.loss_segments
+        use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        count = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        seg_losses, seg_counts, all_logits = [], [], []
+        for index, (start, end) in enumerate(bounds):
+            if cfg.bptt_depth is not None and index > 0 and index % (cfg.bptt_depth + 1) == 0:
+                memory = memory.detach()
+            seg_mask = attention_mask[:, start:end]
+            seg_targets = targets[:, start:end] if targets is not None and index >= first_loss_segment else None
+            args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits)
+            if use_checkpoint:
+                new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False)
+            else:
+                new_memory, s_loss, s_count, s_logits = self._segment(*args)
+            # A sample whose segment is all padding has ended: its memory stays as it was.
+            active = seg_mask.bool().any(dim=1)[:, None, None]
+            memory = torch.where(active, new_memory.to(memory.dtype), memory)
+            loss_sum, count = loss_sum + s_loss, count + s_count
+            nan = torch.full_like(s_loss, float("nan"))
+            seg_losses.append(torch.where(s_count > 0, s_loss / s_count.clamp(min=1), nan).detach())
+            seg_counts.append(s_count.detach())
+            if return_logits:
+                all_logits.append(s_logits)
+
+        loss = None
+        if labels is not None:
+            loss = loss_sum / count.clamp(min=1)
+        return RMTOutput(
+            loss=loss,
+            logits=torch.cat(all_logits, dim=1) if return_logits else None,
+            memory=memory,
+            segment_losses=torch.stack(seg_losses),
+            segment_token_counts=torch.stack(seg_counts),
+        )
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             memory: torch.Tensor | None = None) -> torch.Tensor:
+        """The memory after reading ``input_ids``, without gradients or logits."""
+        return self.forward(input_ids, attention_mask, memory=memory, return_logits=False).memory
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Read every segment but the last into memory, then ``generate`` from the last segment
+        behind the read-memory prefix. Returns only the new tokens, like ``generate`` with
+        ``inputs_embeds``. Batches should be left-padded (pair with segment_alignment="right")."""
+        cfg = self.memory_config
+        bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        last = bounds[-1][0]
+        memory = self.initial_memory(input_ids.shape[0])
+        if last > 0:
+            memory = self.read(input_ids[:, :last], attention_mask[:, :last])
+        ids, mask = input_ids[:, last:], attention_mask[:, last:]
+        embeds = self.causal_lm.get_input_embeddings()(ids)
+        m = cfg.num_memory_tokens
+        if m:
+            embeds = torch.cat([(memory + self.memory.read_embedding).to(embeds.dtype), embeds], dim=1)
+            mask = torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
+        new_tokens = generate_kwargs.get("max_new_tokens")
+        if new_tokens is not None:
+            check_position_limit(self.causal_lm.config, cfg, extra=new_tokens, used=embeds.shape[1])
+        return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+    def stream(self, batch_size: int = 1, compute_loss: bool = False,
+               return_logits: bool = False) -> "MemoryStream":
+        """A reader for inputs of any length arriving in chunks (see ``MemoryStream``)."""
+        return MemoryStream(self, batch_size, compute_loss, return_logits)
+
+
+@dataclass
+class StreamResult:
+    memory: torch.Tensor
+    num_tokens: int
+    num_segments: int
+    loss: float | None
+    segment_losses: list[float]
+
+
+class MemoryStream:
+    """Push token chunks of any size; full segments are read as soon as they are complete.
+
+    Holds at most one segment (plus one look-ahead token, the target of the segment's last
+    position) and the memory, so the cost is constant in the input length. It computes the same
+    memory, loss and logits as ``RMTModel.forward`` on the concatenated input (left alignment,
+    no padding). ``feed`` returns the logits of the segments it completed when asked for.
+    """
+
+    def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
+                 return_logits: bool = False):
+        self.model = model
+        self.compute_loss = compute_loss
+        self.return_logits = return_logits
+        self.memory = model.initial_memory(batch_size).detach()
+        self.size = model.memory_config.segment_size
+        self._ids: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._buffered = 0
+        self.num_tokens = 0
+        self.segment_losses: list[float] = []
+        self._loss_sum = 0.0
+        self._count = 0
+
+    def feed(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Add (batch, n) tokens; labels default to the tokens themselves (language modelling)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if labels is None:
+            labels = input_ids
+        elif labels.dim() == 1:
+            labels = labels.unsqueeze(0)
+        self._ids.append(input_ids)
+        self._labels.append(labels)
+        self._buffered += input_ids.shape[1]
+        self.num_tokens += input_ids.shape[1]
+        out = []
+        while self._buffered > self.size:  # one token more than a segment: the look-ahead target
+            out += self._run(self.size)
+        return out
+
+    def finish(self) -> StreamResult:
+        """Read what is left (a short last segment) and return the final state."""
+        if self._buffered:
+            self._run(self._buffered, last=True)
+        loss = self._loss_sum / self._count if self.compute_loss and self._count else None
+        return StreamResult(self.memory, self.num_tokens, len(self.segment_losses) or 0, loss,
+                            list(self.segment_losses))
+
+    @torch.no_grad()
+    def _run(self, n: int, last: bool = False) -> list[torch.Tensor]:
+        ids, labels = torch.cat(self._ids, dim=1), torch.cat(self._labels, dim=1)
+        targets = None
+        if self.compute_loss:
+            targets = labels[:, 1:n + 1]
+            if last:
+                targets = torch.cat([targets, targets.new_full((targets.shape[0], 1), IGNORE_INDEX)], dim=1)
+        seg = ids[:, :n]
+        new_memory, loss_sum, count, logits = self.model._segment(
+            self.memory, seg, torch.ones_like(seg), targets, self.return_logits)
+        self.memory = new_memory.to(self.memory.dtype)
+        self._ids, self._labels = [ids[:, n:]], [labels[:, n:]]
+        self._buffered -= n
+        c = int(count)
+        self.segment_losses.append(float(loss_sum) / c if c else float("nan"))
+        self._loss_sum += float(loss_sum)
+        self._count += c
+        return [logits] if logits is not None else []
+
+
+def stream_tokens(model: RMTModel, chunks: Iterable[torch.Tensor], compute_loss: bool = False) -> StreamResult:
+    """Read an iterable of token chunks (each (batch, n) or (n,)) and return the final state."""
+    reader = model.stream(compute_loss=compute_loss)
+    for chunk in chunks:
+        reader.feed(chunk)
+    return reader.finish()
