@@ -63,21 +63,25 @@ def target_token_losses(rmt: RMTModel, input_ids: torch.Tensor, history: int,
 
 
 def history_curve(rmt: RMTModel, samples: Sequence[dict], history_sizes: Sequence[int], num_samples: int,
-                  chunk_size: int | None = None, progress: bool = True) -> HistoryCurve:
-    """Perplexity and per-position loss of the target segment for each history size."""
+                  chunk_size: int | None = None, progress: bool = True, bar: tqdm | None = None) -> HistoryCurve:
+    """Perplexity and per-position loss of the target segment for each history size
+    (``bar``: a progress bar to advance instead of a new one)."""
     rmt.eval()
     device = rmt.memory_tokens.device
     count = min(num_samples, len(samples))
     curve = HistoryCurve(list(history_sizes), num_samples=count)
     sums = {h: None for h in history_sizes}
-    bar = tqdm(total=count * len(history_sizes), desc="history", unit="sample", disable=not progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=count * len(history_sizes), desc="history", unit="sample", disable=not progress)
     for index in range(count):
         ids = samples[index]["input_ids"].unsqueeze(0).to(device)
         for h in history_sizes:
             losses = target_token_losses(rmt, ids, h, chunk_size)[0].double()
             sums[h] = losses if sums[h] is None else sums[h] + losses
             bar.update(1)
-    bar.close()
+    if own_bar:
+        bar.close()
     for h in history_sizes:
         per_position = sums[h] / count
         curve.position_loss[h] = per_position.tolist()
@@ -111,14 +115,18 @@ def _last_segment_targets(labels: torch.Tensor, segment_size: int, alignment: st
 
 @torch.no_grad()
 def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[int], num_samples: int,
-                      chunk_size: int | None = None, progress: bool = True) -> list[LengthPerplexity]:
-    """Perplexity on all labelled tokens and on the last segment for each number of segments."""
+                      chunk_size: int | None = None, progress: bool = True,
+                      bar: tqdm | None = None) -> list[LengthPerplexity]:
+    """Perplexity on all labelled tokens and on the last segment for each number of segments
+    (``bar``: a progress bar to advance instead of a new one)."""
     rmt.eval()
     cfg = rmt.memory_config
     device = rmt.memory_tokens.device
     chunk = chunk_size or 16 * cfg.segment_size
     points = []
-    bar = tqdm(total=len(segments) * num_samples, desc="perplexity", unit="sample", disable=not progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(segments) * num_samples, desc="perplexity", unit="sample", disable=not progress)
     for n in segments:
         bar.set_postfix(segments=n)
         dataset = source(n, num_samples)
@@ -148,5 +156,6 @@ def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[in
         loss_last = last_sum / max(last_count, 1)
         points.append(LengthPerplexity(n, tokens // max(count, 1), count, math.exp(loss_all), math.exp(loss_last),
                                        loss_all, loss_last, seconds, m.peak_memory_bytes, m.memory_kind))
-    bar.close()
+    if own_bar:
+        bar.close()
     return points

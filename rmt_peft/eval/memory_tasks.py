@@ -93,13 +93,16 @@ def _batches(dataset: Sequence[dict], num_samples: int, batch_size: int, segment
 
 
 def length_generalization(rmt: RMTModel, source: SampleSource, segments: Sequence[int], num_samples: int,
-                          batch_size: int = 1, chunk_size: int | None = None,
-                          progress: bool = True) -> list[LengthPoint]:
-    """Accuracy, model time and peak memory for each number of segments in ``segments``."""
+                          batch_size: int = 1, chunk_size: int | None = None, progress: bool = True,
+                          bar: tqdm | None = None) -> list[LengthPoint]:
+    """Accuracy, model time and peak memory for each number of segments in ``segments``
+    (``bar``: a progress bar to advance instead of a new one)."""
     rmt.eval()
     device = rmt.memory_tokens.device
     points = []
-    bar = tqdm(total=len(segments) * num_samples, desc="memory task", unit="sample", disable=not progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(segments) * num_samples, desc="memory task", unit="sample", disable=not progress)
     for n in segments:
         bar.set_postfix(segments=n)
         dataset = source(n, num_samples)
@@ -115,5 +118,6 @@ def length_generalization(rmt: RMTModel, source: SampleSource, segments: Sequenc
         accuracy = float(torch.cat(correct).mean())
         points.append(LengthPoint(n, tokens // count, count, accuracy, seconds, m.seconds,
                                   seconds / count, tokens / seconds, m.peak_memory_bytes, m.memory_kind))
-    bar.close()
+    if own_bar:
+        bar.close()
     return points
