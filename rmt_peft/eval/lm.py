@@ -137,6 +137,11 @@ def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[in
             for index in range(count):
                 sample = dataset[index]
                 ids, labels = sample["input_ids"], sample["labels"]
+                if cfg.segment_alignment == "right" and len(ids) % cfg.segment_size:
+                    # The stream cuts from the left; a right-aligned model would cut this sample elsewhere.
+                    raise ValueError(f"a sample of {len(ids)} tokens is not a whole number of {cfg.segment_size}-token "
+                                     "segments and the model uses segment_alignment='right'; evaluate with "
+                                     "memory.segment_alignment=left")
                 start = time.perf_counter()
                 reader = rmt.stream(compute_loss=True)
                 for s in range(0, len(ids), chunk):
