@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
 def write_csv(path: str, rows: Iterable[dict]) -> str:
@@ -53,18 +54,28 @@ def _save(fig, ax, path: str) -> str:
     return path
 
 
-def plot_lines(path: str, curves: dict[str, list[dict]], x: str, y: str, xlabel: str, ylabel: str, title: str,
-               logx: bool = True, logy: bool = False, symlogx: bool = False) -> str:
-    """One line per model: ``curves[model]`` is a list of rows with keys ``x`` and ``y``."""
-    fig, ax = _figure(xlabel, ylabel, title)
+def _draw(ax, curves: dict[str, list[dict]], x: str, y: str, logx: bool, logy: bool, symlogx: bool) -> None:
     for i, (model, rows) in enumerate(curves.items()):
         ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", color=f"C{i % 10}", label=model, markersize=4)
-    if symlogx:
+    if symlogx:  # history sizes start at 0
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted({r[x] for rows in curves.values() for r in rows}))
     elif logx:
         ax.set_xscale("log", base=2)
+    if logx or symlogx:  # 1, 2, 4, ... rather than 2^0, 2^1, ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     if logy:
         ax.set_yscale("log")
+
+
+def plot_lines(path: str, curves: dict[str, list[dict]], x: str, y: str, xlabel: str, ylabel: str, title: str,
+               logx: bool = True, logy: bool = False, symlogx: bool = False, ylim: tuple | None = None) -> str:
+    """One line per model: ``curves[model]`` is a list of rows with keys ``x`` and ``y``.
+    ``ylim``: fixed y range, e.g. accuracy on 0..1, memory from 0 (so a flat curve looks flat)."""
+    fig, ax = _figure(xlabel, ylabel, title)
+    _draw(ax, curves, x, y, logx, logy, symlogx)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     return _save(fig, ax, path)
 
 
@@ -81,14 +92,15 @@ def write_memory_task(out_dir: str, curves: dict[str, list]) -> dict[str, str]:
         r["peak_memory_mb"] = r["peak_memory_bytes"] / 2**20
     files["accuracy_plot"] = plot_lines(os.path.join(out_dir, "accuracy_vs_length.png"), rows, "num_segments",
                                         "accuracy", "input length, segments (log scale)", "exact-match accuracy",
-                                        "Memory task: accuracy vs input length")
+                                        "Memory task: accuracy vs input length", ylim=(-0.02, 1.02))
     files["time_plot"] = plot_lines(os.path.join(out_dir, "time_vs_length.png"), rows, "num_tokens",
                                     "seconds_per_sample", "input length, tokens (log scale)",
-                                    "seconds per sample (log scale)", "Time per sample (linear: slope 1)",
+                                    "seconds per sample (log scale)", "Time per sample vs input length (slope 1 = linear)",
                                     logy=True)
     files["memory_plot"] = plot_lines(os.path.join(out_dir, "memory_vs_length.png"), rows, "num_tokens",
                                       "peak_memory_mb", "input length, tokens (log scale)", "peak memory, MiB",
-                                      "Peak memory vs input length")
+                                      "Peak memory vs input length",
+                                      ylim=(0, 1.1 * max(r["peak_memory_mb"] for rs in rows.values() for r in rs)))
     return files
 
 
@@ -118,14 +130,22 @@ def write_history(out_dir: str, curves: dict) -> dict[str, str]:
 
 
 def write_length_perplexity(out_dir: str, curves: dict[str, list], prefix: str = "perplexity_vs_length") -> dict[str, str]:
-    """Perplexity on all tokens and on the last segment vs number of segments (Lean)."""
+    """Perplexity on all tokens and on the last segment vs number of segments (Lean): two panels,
+    one line per model in each."""
     rows = length_rows(curves)
-    lines = {}
-    for model, rs in rows.items():
-        lines[f"{model}, all tokens"] = [{"x": r["num_segments"], "y": r["perplexity_all"]} for r in rs]
-        lines[f"{model}, last segment"] = [{"x": r["num_segments"], "y": r["perplexity_last_segment"]} for r in rs]
+    path = os.path.join(out_dir, f"{prefix}.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, what in zip(axes, ("perplexity_all", "perplexity_last_segment"), ("all tokens", "the last segment")):
+        _draw(ax, rows, "num_segments", key, logx=True, logy=False, symlogx=False)
+        ax.set_xlabel("input length, segments (log scale)")
+        ax.set_ylabel(f"perplexity on {what}")
+        ax.set_title(f"Perplexity on {what}")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return {
         "csv": write_csv(os.path.join(out_dir, f"{prefix}.csv"), [{"model": m, **r} for m, rs in rows.items() for r in rs]),
-        "plot": plot_lines(os.path.join(out_dir, f"{prefix}.png"), lines, "x", "y", "input length, segments (log scale)",
-                           "perplexity", "Perplexity on all tokens and on the last segment"),
+        "plot": path,
     }

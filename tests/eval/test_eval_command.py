@@ -64,3 +64,24 @@ def test_eval_adapter_with_baseline(tmp_path, capsys):
     assert max(accuracies) > 0
     for name in ("accuracy_vs_length.csv", "accuracy_vs_length.png", "time_vs_length.png", "memory_vs_length.png"):
         assert (out / name).stat().st_size > 0
+
+
+@torch.no_grad()
+def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path):
+    import yaml
+
+    save_adapter(tmp_path, "run", memory=2)
+    recipe = {"model": {"name_or_path": str(tmp_path / "base")},
+              "memory": {"num_memory_tokens": 2, "segment_size": 8}, "lora": None,
+              "data": {"task": "token_memory", "options": {"num_values": 4}, "seed": 3},
+              "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+              "eval": {"num_segments": [1, 2], "num_samples": 5}}
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["eval", str(tmp_path / "run"), "eval.num_samples=3", "memory.segment_alignment=right",
+                 "--no-progress", "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["segments"] == [1, 2] and metrics["num_samples"] == 3
+    assert metrics["task_options"] == {"num_values": 4} and metrics["seed"] == 1003
+    assert [p["num_samples"] for p in metrics["results"]["run"]] == [3, 3]
+    with pytest.raises(ValueError, match="num_memory_tokens cannot be overridden"):
+        main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"])
