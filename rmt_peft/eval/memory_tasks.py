@@ -68,11 +68,12 @@ def _first_scored(labels: torch.Tensor) -> int:
 def score_batch(rmt: RMTModel, samples: list[dict], chunk_size: int | None = None) -> torch.Tensor:
     """Exact match (1.0 / 0.0) of each sample; the samples must share length and question segment."""
     device = rmt.memory_tokens.device
-    input_ids = torch.stack([s["input_ids"] for s in samples]).to(device)
-    labels = torch.stack([answer_labels(s) for s in samples]).to(device)
+    labels = [answer_labels(s) for s in samples]
     first = min(_first_scored(row) for row in labels)
-    logits, split = tail_logits(rmt, input_ids, first, chunk_size)
-    return exact_match(logits, labels[:, split:]).cpu()
+    # One sample is read as a view: a sample of millions of tokens is not copied.
+    input_ids = samples[0]["input_ids"][None] if len(samples) == 1 else torch.stack([s["input_ids"] for s in samples])
+    logits, split = tail_logits(rmt, input_ids.to(device), first, chunk_size)
+    return exact_match(logits, torch.stack([row[split:] for row in labels]).to(device)).cpu()
 
 
 def _batches(dataset: Sequence[dict], num_samples: int, batch_size: int, segment_size: int):
