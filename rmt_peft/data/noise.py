@@ -188,6 +188,7 @@ class FileText:
         if not paths:
             raise FileNotFoundError(f"files: {patterns} match only directories")
         self.paths = paths
+        self._undecodable: set[int] = set()  # counted once, however often the noise cycles past them
         self.skips = SkipCounter(f"text files {patterns}")
         self.name = f"text files {patterns}"
 
@@ -195,12 +196,15 @@ class FileText:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> str | None:
+        if index in self._undecodable:
+            return None
         path = self.paths[index]
         with open(path, "rb") as handle:
             raw = handle.read()
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as error:
+            self._undecodable.add(index)
             self.skips.skip("not valid UTF-8", f"{path}: byte {error.start}")
             return None
 
