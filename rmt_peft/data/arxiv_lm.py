@@ -12,12 +12,15 @@ has at least ``max(history_sizes)`` segments before it in its document, so the s
 scored with any history size. Per-position loss inside the target (Fig. 8) needs nothing more: the
 target is the last ``segment_size`` labels.
 
+The generated source's documents also depend on the dataset ``seed``, so a train and an eval set
+built with different seeds share no document (for real data, pick the split in ``documents``).
 Documents are read lazily, only until ``num_samples`` targets are found (a streaming Hub dataset is
 never read to the end). Empty documents and documents shorter than ``H + 1`` segments are counted
 skips; when the source runs out first, targets are reused with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -71,7 +74,11 @@ class HistoryLMDataset(Dataset):
         self.documents: list[torch.Tensor] = []       # token ids, cut to whole segments
         self.targets: list[tuple[int, int]] = []      # (document, target segment index)
         self.skips = SkipCounter(f"arxiv_lm documents from {options.document_source.source}")
-        self._read(text_source(options.document_source), tokenizer, options.max_documents)
+        source = options.document_source
+        if source.source == "generated":
+            # Different dataset seeds (train / eval) must not share generated documents.
+            source = dataclasses.replace(source, seed=source.seed * 1_000_003 + seed)
+        self._read(text_source(source), tokenizer, options.max_documents)
         self.order = list(range(len(self.targets)))
         random.Random(f"arxiv_lm/{seed}/order").shuffle(self.order)
 

@@ -215,6 +215,9 @@ class MemoryTaskDataset(Dataset):
         self.babi: list[BabiSample] | None = None
         if options.babi_file:
             self.babi = self._fitting_babi_samples(read_babi_file(options.babi_file))
+            # every question once (in a seeded order) before any repeats
+            self.babi_order = list(range(len(self.babi)))
+            random.Random(f"{task}/{seed}/babi_order").shuffle(self.babi_order)
         for index in range(min(num_samples, 32)):  # fail at construction, not mid-epoch
             self.layout(index)
 
@@ -252,9 +255,9 @@ class MemoryTaskDataset(Dataset):
         return sum(len(self.ids(f)) for f in story.facts) + len(self.ids(story.question)) + len(self.ids(story.answer))
 
     def story(self, index: int) -> Story:
-        rng = random.Random(f"{self.task}/{self.seed}/{index}/story")
         if self.babi is not None:
-            return self._babi_story(self.babi[rng.randrange(len(self.babi))])
+            return self._babi_story(self.babi[self.babi_order[index % len(self.babi)]])
+        rng = random.Random(f"{self.task}/{self.seed}/{index}/story")
         if self.task != "babilong_reasoning":
             return single_fact_story(rng)
         kind = self.options.reasoning_kind

@@ -89,3 +89,11 @@ def test_reads_only_the_documents_it_needs_from_a_local_dataset(tmp_path, tokeni
                  documents={"source": "dataset", "path": "text", "data_files": str(path)})
     assert len(data.documents) == 1  # one line (13 segments) holds 6 targets: the stream was not read further
     assert data[0]["input_ids"].shape == (2 * SEGMENT,)
+
+
+def test_generated_documents_differ_between_dataset_seeds(tokenizer):
+    documents = [document_ids(tokenizer, GeneratedText()[i]) for i in range(5)]
+    other = HistoryLMDataset(ArxivLMOptions(), tokenizer=tokenizer, segment_size=SEGMENT, num_segments=2,
+                             num_samples=5, seed=1)
+    for i in range(5):
+        assert not any(find(doc, other[i]["input_ids"]) for doc in documents)

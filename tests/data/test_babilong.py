@@ -149,6 +149,13 @@ def test_babi_file_facts_land_where_the_task_says(tokenizer, task):
         assert solve_relations(tokenizer.decode(sample["input_ids"][:-len(answer)]), num_facts=1) == story.answer
 
 
+def test_babi_questions_each_used_once_before_repeating(tokenizer):
+    data = dataset(tokenizer, segment_size=64, num_segments=1, num_samples=10, babi_file=QA1)
+    questions = [(s.question, s.answer, s.story) for s in read_babi_file(QA1)]
+    first, second = ([(data.story(i).question, data.story(i).answer) for i in range(k, k + 5)] for k in (0, 5))
+    assert sorted(first) == sorted(second) == sorted((q, a) for q, a, _ in questions)
+
+
 def test_babi_story_mode_keeps_all_statements_in_order(tokenizer):
     data = dataset(tokenizer, "babilong_reasoning", segment_size=64, num_segments=2, num_samples=8,
                    babi_file=QA1, babi_facts="story")
