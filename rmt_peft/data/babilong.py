@@ -206,6 +206,9 @@ class MemoryTaskDataset(Dataset):
             raise ValueError(f"task={task!r} is not a memory task; allowed: {tuple(TASK_PLACEMENT)}")
         if tokenizer is None:
             raise ValueError(f"{task} needs a tokenizer (for offline use: rmt_peft.data.tokenizer.offline_tokenizer())")
+        for name, value in (("segment_size", segment_size), ("num_segments", num_segments), ("num_samples", num_samples)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         self.task, self.options, self.tokenizer = task, options, tokenizer
         self.placement = TASK_PLACEMENT[task]
         self.segment_size, self.num_segments, self.num_samples, self.seed = segment_size, num_segments, num_samples, seed

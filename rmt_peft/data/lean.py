@@ -159,6 +159,7 @@ class LeanDataset(Dataset):
         self.pool = read_lemma_pool(options.lemmas)
         self.names = sorted(self.pool)
         self._lemma_ids: dict[str, torch.Tensor] = {}
+        self._theorem_ids: dict[Theorem, tuple[torch.Tensor, torch.Tensor]] = {}
         skips = SkipCounter(f"theorems {options.theorems} at {self.max_length} tokens")
         self.theorems = []
         for theorem in read_theorems(options.theorems, self.pool, options.missing_lemmas):
@@ -181,9 +182,11 @@ class LeanDataset(Dataset):
         return self._lemma_ids[name]
 
     def _text_ids(self, theorem: Theorem) -> tuple[torch.Tensor, torch.Tensor]:
-        statement = torch.tensor(encode(self.tokenizer, theorem.statement), dtype=torch.long)
-        proof = torch.tensor(encode(self.tokenizer, "\n\n" + theorem.proof), dtype=torch.long)
-        return statement, proof
+        """Token ids of the statement and of the proof (with its blank line), cached per theorem."""
+        if theorem not in self._theorem_ids:
+            self._theorem_ids[theorem] = (torch.tensor(encode(self.tokenizer, theorem.statement), dtype=torch.long),
+                                          torch.tensor(encode(self.tokenizer, "\n\n" + theorem.proof), dtype=torch.long))
+        return self._theorem_ids[theorem]
 
     def _base_length(self, theorem: Theorem) -> int:
         statement, proof = self._text_ids(theorem)

@@ -96,7 +96,8 @@ class TextSourceOptions:
 
     @classmethod
     def parse(cls, spec: "str | dict | TextSourceOptions", what: str) -> "TextSourceOptions":
-        """From a recipe value: a source name, a preset name, or a dict of the fields above."""
+        """From a recipe value: a source name, a preset name, or a dict of the fields above (whose
+        ``source`` may also be a preset name, the other fields overriding the preset's)."""
         if isinstance(spec, cls):
             return spec
         if isinstance(spec, str):
@@ -112,6 +113,9 @@ class TextSourceOptions:
             unknown = sorted(set(spec) - set(allowed))
             if unknown:
                 raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {allowed}")
+            if spec.get("source") in PRESETS:  # a preset with overrides, e.g. {source: pg19, split: test}
+                path, name, text_field = PRESETS[spec["source"]]
+                spec = {"path": path, "name": name, "text_field": text_field, **spec, "source": "dataset"}
             return cls(**spec)
         raise ValueError(f"{what} must be a string or a dict, got {type(spec).__name__}")
 

@@ -85,6 +85,10 @@ TASKS: dict[str, Task] = {
 }
 
 
+MEMORY_TASKS = tuple(name for name in TASKS if name == "token_memory" or name.startswith("babilong_"))
+"""Tasks whose samples carry ``answer_ids``: evaluate them by generation and exact match."""
+
+
 def validate_options(task: str, options: dict | None):
     """The task's options dataclass built from ``options``; raises ValueError on any bad entry."""
     if task not in TASKS:

@@ -79,6 +79,8 @@ def test_memory_task_noise_from_a_local_dataset(tmp_path, tokenizer):
 def test_source_specs_are_validated():
     assert TextSourceOptions.parse("pg19", "noise").path == PRESETS["pg19"][0]
     assert TextSourceOptions.parse("quality", "noise").text_field == "article"
+    override = TextSourceOptions.parse({"source": "pg19", "split": "test", "pool_size": 8}, "noise")
+    assert (override.source, override.path, override.split, override.pool_size) == ("dataset", PRESETS["pg19"][0], "test", 8)
     with pytest.raises(ValueError, match="noise='books' is not known; allowed: 'generated', a preset"):
         TextSourceOptions.parse("books", "noise")
     with pytest.raises(ValueError, match=r"noise: unknown option\(s\) \['colour'\]; allowed: \('source'"):

@@ -3,16 +3,14 @@ import torch
 from transformers import AutoTokenizer
 
 from rmt_peft.data.collate import collate
-from rmt_peft.data.registry import TASKS, build_dataset, validate_options
+from rmt_peft.data.registry import MEMORY_TASKS, TASKS, build_dataset, validate_options
 from rmt_peft.data.tokenizer import offline_vocabulary, save_offline_tokenizer
 from rmt_peft.tiny_models import tiny_model
-
-MEMORY_TASKS = ("token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning")
-
 
 def test_task_names():
     assert set(TASKS) == {"token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning", "arxiv_lm",
                           "lean"}
+    assert set(MEMORY_TASKS) == {"token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning"}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
