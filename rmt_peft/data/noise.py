@@ -67,7 +67,9 @@ class TextSourceOptions:
     (files source). ``path``/``name``/``split``/``text_field``/``data_files``/``streaming``: the
     arguments of ``datasets.load_dataset`` and the column holding the text (dataset source).
     ``pool_size``: how many documents of a streaming dataset (or of the generator) serve as noise.
-    ``seed``: the generated source's seed. ``document_words``: mean words per generated document."""
+    ``seed``: the generated source's seed. ``document_words``: mean words per generated document.
+    ``load_kwargs``: more ``load_dataset`` arguments (e.g. ``{encoding_errors: replace}`` for the
+    "text" builder on files that are not UTF-8, or ``{revision: ...}``)."""
 
     source: str = "generated"
     files: str | list[str] | None = None
@@ -80,6 +82,7 @@ class TextSourceOptions:
     pool_size: int = 128
     seed: int = 0
     document_words: int = 1500
+    load_kwargs: dict | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -89,6 +92,8 @@ class TextSourceOptions:
         if self.source == "dataset" and not (self.path or self.data_files):
             raise ValueError("source='dataset' needs path= (a Hub dataset or a builder such as 'text') "
                              "and/or data_files=")
+        if self.load_kwargs is not None and not isinstance(self.load_kwargs, dict):
+            raise ValueError(f"load_kwargs={self.load_kwargs!r} must be a dict of load_dataset arguments")
         if self.pool_size < 1:
             raise ValueError(f"pool_size={self.pool_size} must be >= 1")
         if self.document_words < 10:
@@ -227,13 +232,17 @@ class DatasetText:
     def __init__(self, options: TextSourceOptions):
         import datasets  # heavy import: only when a dataset source is used
 
-        kwargs = {"split": options.split, "streaming": options.streaming}
+        kwargs = {"split": options.split, "streaming": options.streaming, **(options.load_kwargs or {})}
         if options.data_files is not None:
             kwargs["data_files"] = options.data_files
         path = options.path or "text"
-        self.dataset = datasets.load_dataset(path, options.name, **kwargs)
-        self.text_field, self.pool_size, self.streaming = options.text_field, options.pool_size, options.streaming
         self.name = f"dataset {path}" + (f"/{options.name}" if options.name else "") + f"[{options.split}]"
+        try:
+            self.dataset = datasets.load_dataset(path, options.name, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise ValueError(f"{self.name} could not be prepared ({error.__cause__!r}); for text files that are "
+                             "not UTF-8 pass load_kwargs: {encoding_errors: replace}") from error
+        self.text_field, self.pool_size, self.streaming = options.text_field, options.pool_size, options.streaming
         self.skips = SkipCounter(self.name)
         self._pool: list[str] | None = None
         columns = getattr(self.dataset, "column_names", None)
@@ -248,10 +257,14 @@ class DatasetText:
         return text
 
     def iter_documents(self) -> Iterator[str]:
-        for record in self.dataset:
-            text = self._text(record)
-            if text is not None:
-                yield text
+        try:
+            for record in self.dataset:
+                text = self._text(record)
+                if text is not None:
+                    yield text
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.name}: the data is not valid UTF-8 ({error}); for text files pass "
+                             "load_kwargs: {encoding_errors: replace}") from error
 
     def _documents(self):
         if not self.streaming:

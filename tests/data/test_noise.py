@@ -89,3 +89,14 @@ def test_source_specs_are_validated():
         TextSourceOptions(source="web")
     with pytest.raises(ValueError, match="needs files="):
         TextSourceOptions(source="files")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_dataset_source_non_utf8_is_a_clear_error_or_replaced_on_request(tmp_path, streaming):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"good line\nbad \xff\xfe line\n")
+    options = {"source": "dataset", "path": "text", "data_files": str(path), "streaming": streaming}
+    with pytest.raises(ValueError, match="UTF-8.*load_kwargs: {encoding_errors: replace}"):
+        list(text_source(TextSourceOptions(**options)).iter_documents())
+    replaced = text_source(TextSourceOptions(**options, load_kwargs={"encoding_errors": "replace"}))
+    assert list(replaced.iter_documents()) == ["good line", "bad \ufffd\ufffd line"]
