@@ -94,10 +94,12 @@ class TextSourceOptions:
                              "and/or data_files=")
         if self.load_kwargs is not None and not isinstance(self.load_kwargs, dict):
             raise ValueError(f"load_kwargs={self.load_kwargs!r} must be a dict of load_dataset arguments")
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size={self.pool_size} must be >= 1")
-        if self.document_words < 10:
-            raise ValueError(f"document_words={self.document_words} must be >= 10")
+        for name, low in (("pool_size", 1), ("seed", 0), ("document_words", 10)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"streaming={self.streaming!r} must be true or false")
 
     @classmethod
     def parse(cls, spec: "str | dict | TextSourceOptions", what: str) -> "TextSourceOptions":

@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from rmt_peft import MemoryConfig, RMTModel
 from rmt_peft.data.collate import collate
 from rmt_peft.data.registry import MEMORY_TASKS, TASKS, build_dataset, validate_options
 from rmt_peft.data.tokenizer import offline_vocabulary, save_offline_tokenizer
@@ -84,8 +85,11 @@ def test_offline_tokenizer_saves_next_to_a_tiny_model(tmp_path, tokenizer):
     save_offline_tokenizer(str(tmp_path))
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
     assert loaded(text, add_special_tokens=False)["input_ids"] == ids
-    data = build_dataset("babilong_detect", {}, tokenizer=loaded, segment_size=32, num_segments=2, num_samples=2, seed=0)
+    # the samples feed the recurrent model segment by segment, with a loss on the answer only
+    data = build_dataset("babilong_detect", {}, tokenizer=loaded, segment_size=32, num_segments=3, num_samples=2, seed=0)
     batch = collate([data[0], data[1]], pad_token_id=loaded.pad_token_id)
-    model = tiny_model("gpt2", vocab_size=len(loaded), max_positions=64)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    assert torch.isfinite(out.loss)
+    rmt = RMTModel(tiny_model("gpt2", vocab_size=len(loaded), max_positions=64),
+                   MemoryConfig(num_memory_tokens=2, segment_size=32))
+    out = rmt(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert torch.isfinite(out.loss) and out.segment_token_counts is not None
+    assert [int(c) for c in out.segment_token_counts] == [0, 0, 2 * len(data[0]["answer_ids"])]
