@@ -97,6 +97,8 @@ def test_reasoning_answer_correct_by_construction(tokenizer, kind, solver):
         prompt = tokenizer.decode(sample["input_ids"][:-len(answer)])
         assert solver(prompt) == tokenizer.decode(answer).strip()
         (s0, e0), (s1, e1) = data.layout(i).fact_spans
+        facts = data.story(i).facts
+        assert [find(sample["input_ids"], ids(tokenizer, f)) for f in facts] == [[s0], [s1]]
         assert e0 <= s1  # two facts, in story order, not overlapping
         separated += s1 > e0
         check_question_answer_labels(tokenizer, sample, data.story(i))
