@@ -73,9 +73,11 @@ def model_name(path: str, taken: list[str]) -> str:
 
 
 def load_tokenizer(task: str, adapter: str, recipe, override: str | None):
-    """None for token_memory; else --tokenizer, the recipe's, the adapter folder's, the offline one
-    for tiny models, or the base model's."""
-    if task == "token_memory":
+    """None for tasks on raw token ids (token_memory); else --tokenizer, the recipe's, the adapter
+    folder's, the offline one for tiny models, or the base model's."""
+    from ..data.registry import TASKS
+
+    if task in TASKS and not TASKS[task].needs_tokenizer:
         return None
     from transformers import AutoTokenizer
 

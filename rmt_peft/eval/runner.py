@@ -1,6 +1,6 @@
 """One evaluation: models x a task's samples -> the task's curve, written to an output folder.
 
-The task decides the curve: memory tasks (``token_memory``, ``babilong_*``) give accuracy vs
+The task decides the curve: memory tasks (the data registry's ``MEMORY_TASKS``) give accuracy vs
 number of segments; ``arxiv_lm`` gives perplexity vs history size and loss by position in the
 target (a sample of ``n`` segments is ``n - 1`` history segments and the target); other LM tasks
 (``lean``) give perplexity on all tokens and on the last segment vs number of segments. Every
@@ -22,7 +22,6 @@ from .lm import history_curve, length_perplexity
 from .memory_tasks import length_generalization
 
 CURVES = ("accuracy", "history", "perplexity")
-MEMORY_TASK_PREFIXES = ("token_memory", "babilong_")
 HISTORY_TASKS = ("arxiv_lm",)
 
 # (num_segments, num_samples) -> dataset of dicts of 1-D LongTensors
@@ -30,7 +29,9 @@ DatasetBuilder = Callable[[int, int], Dataset]
 
 
 def curve_for_task(task: str) -> str:
-    if task.startswith(MEMORY_TASK_PREFIXES):
+    from ..data.registry import MEMORY_TASKS
+
+    if task in MEMORY_TASKS:
         return "accuracy"
     if task in HISTORY_TASKS:
         return "history"
