@@ -162,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         options = dict(recipe.data.options) if recipe is not None and recipe.data.task == task else {}
     eval_section = recipe.eval if recipe is not None else None
+    if (args.curve or curve_for_task(task)) == "history":
+        # Training may mix history sizes (arxiv_lm's history_sizes); the curve needs every sample
+        # at the longest history, and scores the shorter ones by reading less of it.
+        options.pop("history_sizes", None)
     settings = EvalSettings(
         curve=args.curve or curve_for_task(task),
         segments=args.segments or (list(eval_section.num_segments) if eval_section and eval_section.num_segments
