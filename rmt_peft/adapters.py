@@ -79,10 +79,17 @@ def attach_lora(backbone: nn.Module, lora) -> nn.Module:
     """Freeze ``backbone`` and add LoRA (a LoraConfig, a preset name or a dict, see ``lora_config``)."""
     from peft import get_peft_model
 
+    from .backbones import uses_non_reentrant_checkpointing
+
     config = lora_config(lora, backbone.config.model_type)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    return get_peft_model(backbone, config)
+    model = get_peft_model(backbone, config)
+    # peft adds an input-requires-grad hook for (reentrant) checkpointing; non-reentrant
+    # checkpointing (load_backbone's) does not need it.
+    if uses_non_reentrant_checkpointing(backbone):
+        backbone.disable_input_require_grads()
+    return model
 
 
 def parameter_count(param: nn.Parameter) -> int:

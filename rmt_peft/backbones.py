@@ -130,3 +130,12 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     else:  # transformers < 5.x naming
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.disable_input_require_grads()
+
+
+def uses_non_reentrant_checkpointing(model: nn.Module) -> bool:
+    """True when the model's layers are checkpointed with ``use_reentrant=False``."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            return getattr(func, "keywords", {}).get("use_reentrant") is False
+    return False

@@ -97,11 +97,12 @@ def _lora_of(rmt: "RMTModel"):
 
 
 def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None = None,
-                    repo_id: str | None = None) -> str:
+                    repo_id: str | None = None, extra_files: list[str] = ()) -> str:
     """Write ``rmt`` to ``save_directory`` (see the module docstring for the layout).
 
     base_model: the name recorded as the base (default: where the backbone was loaded from);
     needed when the backbone was built in memory. repo_id: the Hub name used in the card.
+    extra_files: other files to put beside the model (a tokenizer's files, for instance).
     """
     peft_model = _lora_of(rmt)
     causal_lm = rmt.causal_lm
@@ -137,6 +138,8 @@ def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None
             json.dump(rmt.memory_config.to_dict(), f, indent=2)
         tensors = {n: getattr(rmt.memory, n).detach().float().cpu().contiguous() for n in MEMORY_NAMES}
         save_file(tensors, os.path.join(tmp, MEMORY_WEIGHTS_FILE), metadata=metadata)
+        for path in extra_files:
+            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
         write_model_card(tmp, repo_id)
     return save_directory
 
