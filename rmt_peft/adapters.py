@@ -53,7 +53,8 @@ def lora_config(preset_or_dict, architecture: str):
     """A peft ``LoraConfig`` for ``architecture`` (a transformers ``model_type``).
 
     preset_or_dict: a preset name ("attention", "all-linear"); a dict of LoraConfig fields
-    where ``target_modules`` may be a preset name (default "attention") and the rest default
+    where ``target_modules`` may be a preset name (default "attention"; other strings are peft
+    regexes, lists are module-name suffixes) and the rest default
     to r=8, lora_alpha=16, lora_dropout=0, bias="none"; or a LoraConfig, returned as it is.
     """
     from peft import LoraConfig
@@ -61,6 +62,7 @@ def lora_config(preset_or_dict, architecture: str):
     if isinstance(preset_or_dict, LoraConfig):
         return preset_or_dict
     if isinstance(preset_or_dict, str):
+        lora_targets(preset_or_dict, architecture)  # a bare string must be a preset
         fields = {"target_modules": preset_or_dict}
     elif isinstance(preset_or_dict, dict):
         fields = dict(preset_or_dict)

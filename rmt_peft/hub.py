@@ -201,8 +201,8 @@ def folder_kind(folder: str) -> str:
     """"lora" for a PEFT adapter folder, "full" for full model weights; raises for anything else."""
     if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_FILE)):
         if not any(os.path.isfile(os.path.join(folder, n)) for n in ADAPTER_WEIGHTS_FILES):
-            raise FileNotFoundError(f"{folder} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILES[0]} "
-                                    f"(the LoRA weights)")
+            raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS_FILES[0]} (the LoRA weights) beside "
+                                f"{ADAPTER_CONFIG_FILE}")
         return "lora"
     if os.path.isfile(os.path.join(folder, MODEL_CONFIG_FILE)):
         return "full"
@@ -274,6 +274,12 @@ def _base_tensor(causal_lm, name: str) -> torch.Tensor:
         module = module.get_base_layer()
     tensor = getattr(module, leaf)
     kind = tensor.__class__.__name__
+    if kind == "Params4bit" and getattr(tensor.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval forward; restore
+        # the standard layout first, in place, as bitsandbytes does itself before saving.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        tensor.data, tensor.quant_state = _convert_weight_packed_for_cpu_inverse(tensor.data, tensor.quant_state)
     if kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 
