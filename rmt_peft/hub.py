@@ -266,12 +266,18 @@ def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=No
 
 
 # -- merging ------------------------------------------------------------------------------
-def _base_tensor(causal_lm, name: str) -> torch.Tensor:
-    """Parameter or buffer ``name`` of the model under LoRA, dequantized if bitsandbytes holds it."""
+def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
+    """Parameter or buffer ``name`` of the model under LoRA, dequantized if bitsandbytes holds it,
+    in the layout of the same tensor of the plain model ``plain``."""
+    from transformers.pytorch_utils import Conv1D
+
     module_name, _, leaf = name.rpartition(".")
     module = causal_lm.get_submodule(module_name) if module_name else causal_lm
     if hasattr(module, "get_base_layer"):  # a peft LoRA layer: the original layer is inside
         module = module.get_base_layer()
+    # GPT-2's Conv1D layers (weight stored as in x out) are quantized as Linear layers (out x in)
+    transpose = (leaf == "weight" and isinstance(plain.get_submodule(module_name), Conv1D)
+                 and not isinstance(module, Conv1D))
     tensor = getattr(module, leaf)
     kind = tensor.__class__.__name__
     if kind == "Params4bit" and getattr(tensor.quant_state, "packing_format_for_cpu", False):
@@ -284,7 +290,7 @@ def _base_tensor(causal_lm, name: str) -> torch.Tensor:
         from peft.utils.integrations import dequantize_bnb_weight
 
         tensor = dequantize_bnb_weight(tensor, state=getattr(module, "state", None))
-    return tensor.detach()
+    return tensor.detach().t() if transpose else tensor.detach()
 
 
 def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16) -> "RMTModel":
@@ -306,11 +312,8 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16) -> "RMTModel":
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
-    for name, target in plain.state_dict().items():
-        tensor = _base_tensor(source, name)
-        if tensor.shape != target.shape and tensor.dim() == 2 and tensor.t().shape == target.shape:
-            tensor = tensor.t()  # GPT-2's Conv1D is quantized as a Linear: weight transposed
-        state[name] = tensor.to("cpu", dtype)
+    for name in plain.state_dict():
+        state[name] = _base_tensor(source, name, plain).to("cpu", dtype)
     plain.load_state_dict(state, strict=True)
     adapter = peft_model.active_adapter
     lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)

@@ -23,6 +23,7 @@ def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     return {"gpt_neo": save_tiny_model(str(root / "gpt_neo"), "gpt_neo"),
             "opt": save_tiny_model(str(root / "opt"), "opt"),
+            "gpt2": save_tiny_model(str(root / "gpt2"), "gpt2"),
             "gpt_neo_128": save_tiny_model(str(root / "gpt_neo_128"), "gpt_neo", hidden_size=128)}
 
 
@@ -52,8 +53,9 @@ def neo_adapter(bases, tmp_path_factory):
     return rmt, folder
 
 
-@pytest.mark.parametrize("architecture", ["gpt_neo", "opt"])
-@pytest.mark.parametrize("quantization", [None, "8bit", "4bit"])
+@pytest.mark.parametrize("architecture, quantization", [
+    (arch, q) for arch in ("gpt_neo", "opt") for q in (None, "8bit", "4bit")
+] + [("gpt2", "4bit")])  # GPT-2: Conv1D weights are stored transposed when quantized
 def test_save_load_merge_round_trip(bases, tmp_path, architecture, quantization, monkeypatch):
     rmt = trained(bases[architecture], quantization)
     expected = logits(rmt)
