@@ -293,12 +293,13 @@ def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
     return tensor.detach().t() if transpose else tensor.detach()
 
 
-def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16) -> "RMTModel":
+def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> "RMTModel":
     """A new RMTModel whose backbone is a plain ``dtype`` copy of ``rmt``'s with LoRA merged in.
 
     8-bit / 4-bit weights are dequantized first, so the merged model computes what the trained
-    (quantized) model computed, up to ``dtype`` rounding. The copy lives on the CPU and needs
-    no peft to load once saved; ``rmt`` is left unchanged.
+    (quantized) model computed, up to ``dtype`` rounding. The copy is built on ``device`` (the
+    CPU by default, so a GPU holding the trained model needs no room for it) and needs no peft
+    to load once saved; ``rmt`` is left unchanged.
     """
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -310,22 +311,23 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16) -> "RMTModel":
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for name in plain.state_dict():
-        state[name] = _base_tensor(source, name, plain).to("cpu", dtype)
+        state[name] = _base_tensor(source, name, plain).to(device, dtype)
     plain.load_state_dict(state, strict=True)
     adapter = peft_model.active_adapter
     lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
     lora = get_peft_model(plain, copy.deepcopy(peft_model.peft_config[adapter]))
     # LoRA stays fp32 (peft upcasts adapters): the delta is computed in fp32, rounded once when added.
-    set_peft_model_state_dict(lora, {k: v.detach().to("cpu") for k, v in lora_state.items()})
+    set_peft_model_state_dict(lora, {k: v.detach().to(device) for k, v in lora_state.items()})
     merged = lora.merge_and_unload().eval()
     merged.name_or_path = peft_model.peft_config[adapter].base_model_name_or_path or source.name_or_path
     for p in merged.parameters():
         p.requires_grad_(False)
     out = type(rmt)(merged, rmt.memory_config)
-    out.memory.load_state_dict({k: v.detach().cpu() for k, v in rmt.memory.state_dict().items()})
+    out.memory.load_state_dict({k: v.detach().to(device) for k, v in rmt.memory.state_dict().items()})
     return out.eval()
 
 

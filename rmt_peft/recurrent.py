@@ -118,11 +118,11 @@ class RMTModel(nn.Module):
 
         return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
 
-    def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16) -> "RMTModel":
+    def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "RMTModel":
         """A copy with LoRA merged into a plain ``dtype`` backbone (dequantized), for deployment."""
         from .hub import merge
 
-        return merge(self, dtype)
+        return merge(self, dtype, device)
 
     @property
     def config(self):
