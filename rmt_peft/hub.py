@@ -64,7 +64,11 @@ def atomic_directory(target: str):
         if os.path.exists(target):
             old = tmp + ".old"
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous save back
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, target)
@@ -113,8 +117,7 @@ def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None
     else:
         base = base_model or causal_lm.name_or_path or None
     quantization, options = quantization_of(causal_lm)
-    metadata = {"format": FORMAT, "kind": "lora" if peft_model is not None else "full",
-                "model_type": causal_lm.config.model_type,
+    metadata = {"format": FORMAT, "model_type": causal_lm.config.model_type,
                 "hidden_size": str(causal_lm.get_input_embeddings().embedding_dim),
                 "base_model": base or "", "quantization": quantization or "none",
                 "quantization_options": json.dumps(options)}
@@ -179,9 +182,9 @@ def read_memory(folder: str) -> tuple[MemoryConfig, dict[str, torch.Tensor], dic
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if sorted(tensors) != sorted(MEMORY_NAMES):
         raise ValueError(f"{path} holds tensors {sorted(tensors)}; expected {sorted(MEMORY_NAMES)}")
-    if "hidden_size" not in metadata:
-        raise ValueError(f"{path} has no rmt-peft metadata (hidden_size, model_type); re-save it with "
-                         f"RMTModel.save_pretrained")
+    if metadata.get("format") != FORMAT or "hidden_size" not in metadata:
+        raise ValueError(f"{path} has no {FORMAT} metadata (format, model_type, hidden_size); it was not "
+                         f"written by RMTModel.save_pretrained of this version")
     expected = (memory_config.num_memory_tokens, int(metadata["hidden_size"]))
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != expected:
