@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
 
@@ -102,8 +103,12 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
 
 
 def run_export(args) -> int:
-    to = export(args.source, args.to, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private,
-                token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype)
+    try:
+        to = export(args.source, args.to, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private,
+                    token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # bad input: the message says what is wrong
+        print(f"rmt-peft export: error: {err}", file=sys.stderr)
+        return 1
     what = "merged model" if args.merge else "adapter"
     print(f"wrote {what} to {to}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0

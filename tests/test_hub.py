@@ -247,7 +247,7 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(neo_adapter, tmp_path, fak
     assert b'RMTModel.from_pretrained("me/neo-rmt")' in uploaded["README.md"]
 
 
-def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch):
+def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch, capsys):
     rmt, folder = neo_adapter
     run = tmp_path / "run"
     shutil.copytree(folder, run / "final")
@@ -267,10 +267,12 @@ def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch):
     merged = RMTModel.from_pretrained(str(out))
     assert (logits(merged) - logits(rmt)).abs().max() < 0.05 * logits(rmt).abs().max()
 
-    with pytest.raises(ValueError, match="nothing to merge"):
-        cli_main(["export", str(out), "--to", str(tmp_path / "again"), "--merge"])
-    with pytest.raises(FileNotFoundError, match="neither an adapter folder"):
-        cli_main(["export", str(tmp_path), "--to", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert cli_main(["export", str(out), "--to", str(tmp_path / "again"), "--merge"]) == 1
+    assert "nothing to merge" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 1
+    assert "neither an adapter folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "again") and not os.path.exists(tmp_path / "x")
 
 
 def test_gpu_round_trip_script_tiny(capsys):
