@@ -33,7 +33,8 @@ def test_quantization_config_options():
         q.quantization_config("4bit", quant_type="int4")
 
 
-@pytest.mark.parametrize("quantization, layer, tolerance", [("8bit", "Linear8bitLt", 0.05), ("4bit", "Linear4bit", 0.25)])
+@pytest.mark.parametrize("quantization, layer, tolerance",
+                         [("8bit", "Linear8bitLt", 0.05), ("4bit", "Linear4bit", 0.25)])
 def test_quantized_backbone_is_frozen_and_close_to_full_precision(neo_path, quantization, layer, tolerance):
     reference = load_backbone(neo_path)
     model = load_backbone(neo_path, quantization=quantization, dtype="float32")
