@@ -416,6 +416,8 @@ def model_config(model: ModelSection):
     """The backbone's transformers config (config.json only; no weights), or None when it cannot
     be read here (a Hub id while offline): checks that need it are then left to load time."""
     if model.is_tiny:
+        from huggingface_hub.errors import StrictDataclassError  # transformers configs validate their fields
+
         from ..tiny_models import ARCHITECTURES, tiny_config
 
         arch = model.name_or_path[len(TINY_PREFIX):]
@@ -423,7 +425,7 @@ def model_config(model: ModelSection):
                                      f"{arch!r}; allowed: {[TINY_PREFIX + a for a in ARCHITECTURES]}")
         try:
             return tiny_config(arch, **model.config)
-        except TypeError as err:
+        except (TypeError, ValueError, StrictDataclassError) as err:
             raise RecipeError(f"model.config={model.config!r} is not valid for tiny_config: {err}") from err
     _need(not model.config, "model.config is only for tiny:<arch> models (a real model's config comes with it)")
     path = model.name_or_path

@@ -150,7 +150,7 @@ def save_adapter(model, folder: str, base_model: str, should_save: bool = True) 
         if should_save:
             model.save_pretrained(folder, base_model=base_model)
             tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
-            if not tensors or any(t.numel() == 0 for t in tensors.values()):
+            if sum(t.numel() for t in tensors.values()) == 0:  # e.g. ZeRO-3 partitions saved ungathered
                 raise RuntimeError(f"refusing to save an empty adapter to {folder}")
             save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
 
