@@ -496,6 +496,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         _need(not (stage == 3 and model.quantization == "8bit"),
               "model.quantization='8bit' with ZeRO-3 (training.deepspeed) is not possible: bitsandbytes 8-bit "
               "weights cannot be partitioned; use ZeRO-2, or 4-bit with model.dtype set")
+        _need(not (stage == 3 and mem.checkpoint_segments),
+              "memory.checkpoint_segments=true with ZeRO-3 is not supported: the whole-segment recompute runs "
+              "outside the layers' DeepSpeed hooks, which have already re-partitioned the frozen weights; use "
+              "training.gradient_checkpointing=true (per layer, non-reentrant) instead, or ZeRO-2")
         _need(not (stage == 3 and model.quantization == "4bit" and model.dtype in (None, "float32", "fp32")),
               "model.quantization='4bit' with ZeRO-3 needs model.dtype=bfloat16 (or float16): the 4-bit "
               "storage dtype must equal the compute dtype to be partitioned")

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
-from .curriculum import (END_DIR, CurriculumState, StageCallback, find_resume_point, stage_budget, stage_dir)
+from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
+                         stage_dir)
 from .recipe import TINY_PREFIX, Recipe, RecipeError, stage_segments
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -98,11 +99,18 @@ def build_model(recipe: Recipe, seed: int):
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
+        # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
+        # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's
+        # pre-backward hook gathers them again for the gradient, so torch's metadata check
+        # (not the gradients) would fail; DeepSpeed #8148 / transformers #47254.
+        kwargs = {"use_reentrant": False}
+        if recipe.zero_stage == 3:
+            kwargs["determinism_check"] = "none"
         enable = getattr(rmt.causal_lm, "activation_checkpointing_enable", None)
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs=kwargs)
         else:
-            rmt.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            rmt.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return rmt.train()
 
 
@@ -233,6 +241,28 @@ def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: in
         raise RecipeError(f"training: {err}") from err
 
 
+def release_deepspeed(trainer: Trainer | None) -> None:
+    """Let a finished stage's DeepSpeed engine go (its hooks and accelerate's DeepSpeed state), so
+    the next stage's Trainer sets up its own engine on the same, still partitioned, weights."""
+    if trainer is None or not trainer.is_deepspeed_enabled:
+        return
+    from accelerate.state import AcceleratorState
+
+    trainer.model_wrapped.destroy()
+    trainer.accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def write_recipe(recipe: Recipe, args: TrainingArguments) -> None:
+    """OUTPUT_DIR/recipe.yaml, once every rank has checked the folder (hence the barrier)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if args.should_save:
+        os.makedirs(recipe.output_dir, exist_ok=True)
+        with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w") as f:
+            f.write(recipe.to_yaml())
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -258,30 +288,36 @@ def final_segments(recipe: Recipe) -> list[int]:
 def train_recipe(recipe: Recipe, log=print) -> dict:
     """Run the recipe's curriculum, save ``final/``, evaluate, write ``summary.json``."""
     resume = recipe.training.get("resume_from_checkpoint")
-    resume = bool(resume) if isinstance(resume, bool) else resume is not None
-    check_output_dir(recipe, resume)
+    check_output_dir(recipe, bool(resume))  # on every rank, before any rank writes
     out = recipe.output_dir
-    if is_main_process():
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "recipe.yaml"), "w") as f:
-            f.write(recipe.to_yaml())
 
     base_seed = int(recipe.training.get("seed", 42))
     stages = recipe.curriculum.stages
-    point = find_resume_point(out, len(stages)) if resume else None
+    point = None
+    if isinstance(resume, str):  # a given checkpoint (or a stage's end/ folder)
+        point = ResumePoint(state=CurriculumState.load(resume), **{
+            "weights" if os.path.basename(os.path.normpath(resume)) == END_DIR else "checkpoint": resume})
+    elif resume:
+        point = find_resume_point(out, len(stages))
     state = point.state if point else CurriculumState()
 
-    model = build_model(recipe, base_seed)
-    tokenizer = build_tokenizer(recipe)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None) or 0
-    collator = Collator(pad, recipe.data.padding_side)
-    if point and point.weights:
-        load_trainable(model, point.weights)
-
     total = recipe.training.get("max_steps")
-    trainer = None
+    model = collator = tokenizer = trainer = None
+
+    def prepare(args):
+        """Build the model once the first TrainingArguments exist: under ZeRO-3 they make
+        transformers partition the backbone while it loads (deepspeed.zero.Init)."""
+        nonlocal model, collator, tokenizer
+        write_recipe(recipe, args)
+        model = build_model(recipe, base_seed)
+        if point and point.weights:
+            load_trainable(model, point.weights)
+        tokenizer = build_tokenizer(recipe)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None) or 0
+        collator = Collator(pad, recipe.data.padding_side)
+
     for index in range(state.stage, len(stages)):
         stage = stages[index]
         budget = stage_budget(stage, state.steps_before, total)
@@ -290,7 +326,10 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             break
         segments = stage_segments(stage)
         log(f"stage {index}: {segments} segment(s), up to {budget} steps")
+        release_deepspeed(trainer)
         args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index)
+        if model is None:
+            prepare(args)
         train_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_train_samples, recipe.data.seed)
         eval_ds = None
         if args.eval_strategy != "no":
@@ -312,8 +351,9 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         if trainer.args.should_save:
             state.save(end)
 
-    if trainer is None:  # resumed after the last stage: evaluate what was trained
+    if trainer is None:  # nothing left to train (resumed after the last stage): evaluate what was trained
         args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed)
+        prepare(args)
         trainer = RMTTrainer(model=model, args=args, data_collator=collator, compute_metrics=accuracy_metrics,
                              base_model=recipe.model.name_or_path)
     trainer.save_model(os.path.join(out, "final"))
