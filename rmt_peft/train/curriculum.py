@@ -85,8 +85,8 @@ class StageCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         name = self.stage.metric
-        if name is None or not metrics:
-            return
+        if name is None or not metrics or not any(k.startswith("eval_") for k in metrics):
+            return  # not an evaluation during training (e.g. the final one, prefixed final_<n>)
         key = name if name in metrics else f"eval_{name}"
         if key not in metrics:
             raise KeyError(f"curriculum metric {name!r} is not among the evaluation metrics {sorted(metrics)}")

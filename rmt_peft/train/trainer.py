@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import torch
@@ -363,7 +364,9 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         ds = build_dataset(recipe, tokenizer, [n], recipe.eval.num_samples or recipe.data.num_eval_samples,
                            recipe.data.seed + 2)
         metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"final_{n}")
-        evaluation[str(n)] = {"accuracy": metrics[f"final_{n}_accuracy"], "loss": metrics[f"final_{n}_loss"]}
+        loss = metrics[f"final_{n}_loss"]
+        evaluation[str(n)] = {"accuracy": metrics[f"final_{n}_accuracy"], "loss": loss,
+                              "perplexity": math.exp(loss) if loss < 50 else float("inf")}
     summary = {"num_memory_tokens": recipe.memory.num_memory_tokens, "segment_size": recipe.memory.segment_size,
                "stages": state.finished, "eval": evaluation}
     if trainer.args.should_save:

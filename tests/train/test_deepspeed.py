@@ -60,14 +60,18 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {}
     for config, checkpointing in (("zero2", "memory.checkpoint_segments=true"),
                                   ("zero3", "training.gradient_checkpointing=true")):
         out = tmp_path / config
-        result = subprocess.run(
+        # both launches at once: most of their time is start-up (imports), which overlaps well
+        runs[config] = out, subprocess.Popen(
             [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
              path, f"training.deepspeed={config}", f"training.output_dir={out}", checkpointing],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for config, (out, process) in runs.items():
+        output, _ = process.communicate(timeout=400)
+        assert process.returncode == 0, output[-5000:]
         assert losses(out) == pytest.approx(reference, rel=1e-4), config
         adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
         assert adapter and all(t.numel() > 0 for t in adapter.values()), config
