@@ -36,6 +36,10 @@ TRAINERS = ("rmt", "sft")
 # TrainingArguments fields the engine sets itself (per stage / for our batches).
 ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the model does not take",
                 "label_names": "the engine sets it"}
+SFT_OWNED = {"max_length": "each curriculum stage truncates to its number of segments x memory.segment_size",
+             "packing": "packed samples would share one memory across unrelated documents",
+             "padding_free": "the memory model reads padded batches segment by segment"}
+INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
 
 
 class RecipeError(ValueError):
@@ -252,22 +256,27 @@ def build_section(cls, values, key: str):
         raise RecipeError(f"{key}: {err}") from err
 
 
-def check_training(values) -> dict:
-    """``training``: TrainingArguments fields verbatim (names and types checked here; the values
-    TrainingArguments checks itself are checked when the run starts)."""
-    from transformers import TrainingArguments
+def check_training(values, trainer: str = "rmt") -> dict:
+    """``training``: TrainingArguments fields verbatim (trl's SFTConfig fields with ``trainer: sft``);
+    names and types are checked here, the values TrainingArguments checks itself when the run starts."""
+    if trainer == "sft":
+        from trl import SFTConfig as config_class
+    else:
+        from transformers import TrainingArguments as config_class
 
+    name_ = config_class.__name__
     if not isinstance(values, dict):
-        raise RecipeError(f"training must be a mapping of TrainingArguments fields, got {values!r}")
-    fields_ = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+        raise RecipeError(f"training must be a mapping of {name_} fields, got {values!r}")
+    fields_ = {f.name: f for f in dataclasses.fields(config_class) if f.init}
     unknown = sorted(set(values) - set(fields_))
     if unknown:
-        raise RecipeError(f"unknown key(s) {[f'training.{u}' for u in unknown]}: not TrainingArguments fields "
-                          f"(see transformers.TrainingArguments)")
+        raise RecipeError(f"unknown key(s) {[f'training.{u}' for u in unknown]}: not {name_} fields "
+                          f"(see {config_class.__module__.split('.')[0]}.{name_})")
+    owned = {**ENGINE_OWNED, **(SFT_OWNED if trainer == "sft" else {})}
     out = {}
     for name, value in values.items():
-        if name in ENGINE_OWNED:
-            raise RecipeError(f"training.{name} cannot be set: {ENGINE_OWNED[name]}")
+        if name in owned:
+            raise RecipeError(f"training.{name} cannot be set: {owned[name]}")
         if name == "resume_from_checkpoint" and isinstance(value, bool):
             out[name] = value  # true: the latest checkpoint in output_dir
             continue
@@ -375,7 +384,7 @@ def recipe_from_dict(raw: dict, check_files: bool = True) -> Recipe:
     trainer = raw.get("trainer", "rmt")
     if trainer not in TRAINERS:
         raise RecipeError(f"trainer={trainer!r} is not allowed; allowed: {list(TRAINERS)}")
-    recipe = Recipe(lora=lora, training=check_training(raw["training"]), trainer=trainer, **sections)
+    recipe = Recipe(lora=lora, training=check_training(raw["training"], trainer), trainer=trainer, **sections)
     recipe.curriculum = expand_curriculum(recipe.curriculum)
     validate(recipe, check_files=check_files)
     return recipe
@@ -443,6 +452,12 @@ def model_config(model: ModelSection):
         return None
 
 
+def needs_tokenizer(recipe: Recipe) -> bool:
+    from ..data.registry import TASKS
+
+    return recipe.trainer == "sft" or TASKS[recipe.data.task].needs_tokenizer
+
+
 def validate(recipe: Recipe, check_files: bool = True) -> None:
     """Cross-section checks: everything that would fail later, reported now."""
     model, mem, data, train, cur = recipe.model, recipe.memory, recipe.data, recipe.training, recipe.curriculum
@@ -460,11 +475,18 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     # data task and options (the registry checks option names and values)
     from ..data import registry
 
-    _need(data.task in registry.TASKS, f"data.task={data.task!r} is not known; allowed: {list(registry.TASKS)}")
-    try:
-        registry.validate_options(data.task, data.options)
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"data.options: {err}") from err
+    if recipe.trainer == "sft":
+        _need(data.task == INSTRUCTION_TASK, f"data.task={data.task!r}: trainer sft reads an instruction dataset; "
+                                             f"allowed: {INSTRUCTION_TASK!r}")
+        _need("path" in data.options, f"data.options={data.options!r} needs path (datasets.load_dataset's, e.g. "
+                                      f"json with data_files); optional: name, data_files, split, eval_split")
+    else:
+        _need(data.task in registry.TASKS, f"data.task={data.task!r} is not known; allowed: {list(registry.TASKS)} "
+                                           f"(or {INSTRUCTION_TASK!r} with trainer: sft)")
+        try:
+            registry.validate_options(data.task, data.options)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"data.options: {err}") from err
 
     # curriculum
     for i, stage in enumerate(cur.stages):
@@ -522,7 +544,7 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                   f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
                   f"needs {need} positions (segment + 2 x memory), but {model.name_or_path} has {limit}; "
                   f"allowed: segment_size <= {limit - 2 * mem.num_memory_tokens if limit else None}")
-            if model.is_tiny and registry.TASKS[data.task].needs_tokenizer:
+            if model.is_tiny and needs_tokenizer(recipe):
                 from ..data.tokenizer import offline_tokenizer
 
                 size = len(offline_tokenizer())

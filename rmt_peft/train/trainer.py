@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
                          stage_dir)
-from .recipe import TINY_PREFIX, Recipe, RecipeError, stage_segments
+from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
 
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -35,11 +35,9 @@ CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
 # -- building -------------------------------------------------------------------------------
 def build_tokenizer(recipe: Recipe):
     """The recipe's tokenizer, or None for token-level tasks on tiny models."""
-    from ..data.registry import TASKS
-
     name = recipe.model.tokenizer
     if name is None and recipe.model.is_tiny:
-        name = "offline" if TASKS[recipe.data.task].needs_tokenizer else None
+        name = "offline" if needs_tokenizer(recipe) else None
     if name is None and not recipe.model.is_tiny:
         name = recipe.model.name_or_path
     if name is None:
@@ -180,15 +178,14 @@ def load_trainable(model, folder: str) -> None:
             p.copy_(tensors[name].to(p.dtype))
 
 
-class RMTTrainer(Trainer):
-    """Trainer for an RMTModel: its loss, exact-match accuracy in evaluation, adapter-only saves."""
+class RMTTrainerMixin:
+    """What an RMTModel changes in a Trainer (transformers' or trl's SFTTrainer): its loss on the
+    inputs it takes, exact-match accuracy in evaluation, adapter-only saves and loads."""
 
-    def __init__(self, *args, base_model: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.base_model = base_model
+    base_model: str = ""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -197,7 +194,7 @@ class RMTTrainer(Trainer):
 
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            out = model(**inputs, return_logits=True)
+            out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, return_logits=True)
         correct = exact_match(out.logits, inputs["labels"])[:, None]
         return out.loss.detach(), correct, correct
 
@@ -206,6 +203,27 @@ class RMTTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_trainable(model or self.model, resume_from_checkpoint)
+
+
+class RMTTrainer(RMTTrainerMixin, Trainer):
+    """transformers.Trainer for an RMTModel on tokenized datasets (the data registry's)."""
+
+    def __init__(self, *args, base_model: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model = base_model
+
+
+def sft_trainer_class():
+    """trl's SFTTrainer for an RMTModel: trl formats prompt/completion and chat datasets (chat
+    template, completion-only or assistant-only loss masks, truncation); the model is ours."""
+    from trl import SFTTrainer
+
+    class RMTSFTTrainer(RMTTrainerMixin, SFTTrainer):
+        def __init__(self, *args, base_model: str = "", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.base_model = base_model
+
+    return RMTSFTTrainer
 
 
 def accuracy_metrics(prediction) -> dict[str, float]:
@@ -218,10 +236,12 @@ def distributed_cpu_deepspeed(training: dict) -> bool:
     return bool(training.get("deepspeed")) and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ
 
 
-def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: int) -> TrainingArguments:
+def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: int,
+                       max_segments: int = 1) -> TrainingArguments:
+    """The stage's TrainingArguments (SFTConfig for trl: inputs truncated to the stage's segments)."""
     kwargs = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
-    for key in CHECKPOINTING_KEYS:  # RMTModel enables it on the backbone itself (build_model)
-        kwargs.pop(key, None)
+    for key in CHECKPOINTING_KEYS:  # enabled on the backbone by build_model, not by the Trainer
+        kwargs[key] = False  # (SFTConfig would default it to true)
         kwargs.pop(f"{key}_kwargs", None)
     kwargs.update(output_dir=output_dir, max_steps=max_steps, seed=seed, remove_unused_columns=False)
     kwargs.setdefault("report_to", "tensorboard")
@@ -236,8 +256,14 @@ def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: in
         PartialState(backend="gloo")
         os.environ.pop("ACCELERATE_USE_DEEPSPEED")
         kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
+    config_class = TrainingArguments
+    if recipe.trainer == "sft":
+        from trl import SFTConfig
+
+        config_class = SFTConfig
+        kwargs["max_length"] = max_segments * recipe.memory.segment_size
     try:
-        return TrainingArguments(**kwargs)
+        return config_class(**kwargs)
     except ValueError as err:
         raise RecipeError(f"training: {err}") from err
 
@@ -328,17 +354,10 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         segments = stage_segments(stage)
         log(f"stage {index}: {segments} segment(s), up to {budget} steps")
         release_deepspeed(trainer)
-        args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index)
+        args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index, max(segments))
         if model is None:
             prepare(args)
-        train_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_train_samples, recipe.data.seed)
-        eval_ds = None
-        if args.eval_strategy != "no":
-            eval_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_eval_samples, recipe.data.seed + 1)
-        callback = StageCallback(stage, state)
-        trainer = RMTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             data_collator=collator, compute_metrics=accuracy_metrics, callbacks=[callback],
-                             base_model=recipe.model.name_or_path)
+        trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
         checkpoint = point.checkpoint if point and index == point.state.stage else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps = trainer.state.global_step
@@ -353,14 +372,18 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             state.save(end)
 
     if trainer is None:  # nothing left to train (resumed after the last stage): evaluate what was trained
-        args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed)
+        segments = final_segments(recipe)
+        args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
         prepare(args)
-        trainer = RMTTrainer(model=model, args=args, data_collator=collator, compute_metrics=accuracy_metrics,
-                             base_model=recipe.model.name_or_path)
+        trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
     trainer.save_model(os.path.join(out, "final"))
 
     evaluation = {}
-    for n in final_segments(recipe):
+    if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
+        metrics = trainer.evaluate(metric_key_prefix="final")
+        evaluation["all"] = {"accuracy": metrics["final_accuracy"], "loss": metrics["final_loss"],
+                             "perplexity": math.exp(metrics["final_loss"]) if metrics["final_loss"] < 50 else float("inf")}
+    for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
         ds = build_dataset(recipe, tokenizer, [n], recipe.eval.num_samples or recipe.data.num_eval_samples,
                            recipe.data.seed + 2)
         metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"final_{n}")
@@ -373,6 +396,55 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: list[int], callback):
+    """The Trainer of one stage: RMTTrainer on the registry's samples of ``segments`` segments, or
+    trl's SFTTrainer on an instruction dataset (truncated by ``args.max_length``)."""
+    callbacks = [callback] if callback else None
+    if recipe.trainer == "sft":
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        train_ds, eval_ds = instruction_datasets(recipe)
+        if tokenizer.pad_token_id is None:  # trl's convention
+            tokenizer.pad_token = tokenizer.eos_token
+        # trl's own collator (its masks come from its dataset preparation), given explicitly so trl
+        # does not write the pad token into a generation_config our wrapper does not have.
+        sft_collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
+                                                       pad_to_multiple_of=args.pad_to_multiple_of)
+        if not hasattr(model, "add_model_tags"):  # trl tags the model for its card: the backbone's card
+            model.add_model_tags = model.causal_lm.add_model_tags
+        trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                      processing_class=tokenizer, data_collator=sft_collator,
+                                      compute_metrics=accuracy_metrics, callbacks=callbacks,
+                                      base_model=recipe.model.name_or_path)
+        if len(trainer.train_dataset) == 0:
+            raise RecipeError(f"data.options={recipe.data.options!r}: no usable rows once truncated to "
+                              f"{args.max_length} tokens ({max(segments)} segment(s)): trl drops samples whose "
+                              f"completion is cut away; start the curriculum with more segments")
+        return trainer
+    train_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_train_samples, recipe.data.seed)
+    eval_ds = None
+    if args.eval_strategy != "no":
+        eval_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_eval_samples, recipe.data.seed + 1)
+    return RMTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                      compute_metrics=accuracy_metrics, callbacks=callbacks, base_model=recipe.model.name_or_path)
+
+
+def instruction_datasets(recipe: Recipe):
+    """Train and eval splits of an instruction dataset (``datasets.load_dataset`` arguments in
+    data.options; trl's prompt/completion or messages columns)."""
+    from datasets import load_dataset
+
+    options = dict(recipe.data.options)
+    eval_split = options.pop("eval_split", None)
+    split = options.pop("split", "train")
+    train = load_dataset(split=split, **options)
+    if len(train) == 0:
+        raise RecipeError(f"data.options={recipe.data.options!r}: the {split!r} split has no rows")
+    train = train.select(range(min(len(train), recipe.data.num_train_samples)))
+    held_out = load_dataset(split=eval_split, **options) if eval_split else train
+    return train, held_out.select(range(min(len(held_out), recipe.data.num_eval_samples)))
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
@@ -400,7 +472,7 @@ def run(recipe: Recipe, log=print) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    rows = sorted(summary["eval"], key=int)
+    rows = sorted(summary["eval"], key=lambda n: int(n) if n.isdigit() else 1 << 30)  # "all": trl's eval split
     base = summary.get("baseline", {}).get("eval", {})
     m = summary["num_memory_tokens"]
     header = f"{'segments':>8} | {f'accuracy ({m} memory)':>22}" + (f" | {'accuracy (0 memory)':>20}" if base else "")
