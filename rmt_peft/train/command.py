@@ -35,12 +35,15 @@ def validate_command(args) -> int:
     recipe = _load(args)
     if recipe is None:
         return 2
-    from .recipe import stage_segments
+    from .recipe import model_config, stage_segments
 
     stages = ", ".join(f"{stage_segments(s)}x{s.max_steps or 'max'}" for s in recipe.curriculum.stages)
     print(f"{args.recipe}: valid ({recipe.model.name_or_path}, task {recipe.data.task}, "
           f"{recipe.memory.num_memory_tokens} memory tokens, segment {recipe.memory.segment_size}, "
           f"stages [segments x steps] {stages}, output {recipe.output_dir})")
+    if model_config(recipe.model) is None:
+        print(f"note: the config of {recipe.model.name_or_path} could not be read here (offline?): the position "
+              f"limit is checked when the model loads")
     return 0
 
 
