@@ -185,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
                 field = key.split(".", 1)[1]
                 memory_overrides[field] = getattr(recipe.memory, field)
 
+    if args.baseline is None and recipe is not None and recipe.eval.baseline:
+        # Training with eval.baseline puts the 0-memory run in RUN/baseline: compare with it.
+        trained = os.path.join(args.path, "baseline")
+        if os.path.isfile(os.path.join(trained, "recipe.yaml")):
+            args.baseline = trained
     names: list[str] = []
     models = {}
     paths = [(args.path, adapter, recipe)]
@@ -238,7 +243,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, help=f"samples per length (default: recipe or {DEFAULT_SAMPLES})")
     p.add_argument("--batch-size", type=int, help="memory tasks: samples read together (default 1)")
     p.add_argument("--chunk-size", type=int, help="tokens pushed into the stream at a time (default 16 segments)")
-    p.add_argument("--baseline", metavar="DIR", help="a no-memory run / adapter evaluated on the same samples")
+    p.add_argument("--baseline", metavar="DIR", help="a no-memory run / adapter evaluated on the same samples "
+                                                     "(default: RUN/baseline when the recipe trained one)")
     p.add_argument("--out", help="output folder (default: RUN_OR_ADAPTER_DIR/eval)")
     p.add_argument("--seed", type=int, help=f"sample seed (default: the recipe's data.seed + {EVAL_SEED_OFFSET})")
     p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")

@@ -75,13 +75,18 @@ def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path):
               "memory": {"num_memory_tokens": 2, "segment_size": 8}, "lora": None,
               "data": {"task": "token_memory", "options": {"num_values": 4}, "seed": 3},
               "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
-              "eval": {"num_segments": [1, 2], "num_samples": 5}}
+              "eval": {"num_segments": [1, 2], "num_samples": 5, "baseline": True}}
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    # Training with eval.baseline leaves the 0-memory run in RUN/baseline: eval picks it up.
+    save_adapter(tmp_path / "run", "baseline", memory=0)
+    (tmp_path / "run" / "baseline" / "recipe.yaml").write_text(yaml.safe_dump(
+        {**recipe, "memory": {"num_memory_tokens": 0, "segment_size": 8}, "eval": {"baseline": False}}))
     assert main(["eval", str(tmp_path / "run"), "eval.num_samples=3", "memory.segment_alignment=right",
                  "--no-progress", "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["segments"] == [1, 2] and metrics["num_samples"] == 3
     assert metrics["task_options"] == {"num_values": 4} and metrics["seed"] == 1003
     assert [p["num_samples"] for p in metrics["results"]["run"]] == [3, 3]
+    assert metrics["models"]["baseline"]["num_memory_tokens"] == 0
     with pytest.raises(ValueError, match="num_memory_tokens cannot be overridden"):
         main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"])
