@@ -129,6 +129,10 @@ class RMTModel(nn.Module):
         """The backbone's transformers config (Trainer and peft look for ``model.config``)."""
         return self.causal_lm.config
 
+    def add_model_tags(self, tags) -> None:
+        """Tags for the model card (trl's trainers call this); they go on the backbone."""
+        self.causal_lm.add_model_tags(tags)
+
     @property
     def memory_tokens(self) -> nn.Parameter:
         return self.memory.memory_tokens

@@ -412,8 +412,6 @@ def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: li
         # does not write the pad token into a generation_config our wrapper does not have.
         sft_collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
-        if not hasattr(model, "add_model_tags"):  # trl tags the model for its card: the backbone's card
-            model.add_model_tags = model.causal_lm.add_model_tags
         trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                       processing_class=tokenizer, data_collator=sft_collator,
                                       compute_metrics=accuracy_metrics, callbacks=callbacks,
