@@ -21,6 +21,8 @@ SETTINGS = [  # (label, Bench.set_levers keywords); all with SDPA attention and 
     ("segment + layer checkpointing", dict(checkpoint_layers=True)),
     ("segment + layer checkpointing, fused GELU, autocast", dict(checkpoint_layers=True, fused_gelu=True,
                                                                   autocast=True)),
+    ("segment checkpointing, fused GELU, autocast, compiled blocks", dict(fused_gelu=True, autocast=True,
+                                                                           compile=True)),
 ]
 
 
@@ -31,6 +33,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--segment-size", type=int, default=2028)
     parser.add_argument("--memory-tokens", type=int, default=10)
     parser.add_argument("--budget-gib", type=float, default=8.0)
+    parser.add_argument("--settings", type=int, nargs="+", help="indices into SETTINGS (default: all)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.segment_size, args.memory_tokens = 32, 4
@@ -44,7 +47,8 @@ def main(argv=None) -> list[dict]:
     free()
     weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     rows = []
-    for label, settings in SETTINGS:
+    chosen = [SETTINGS[i] for i in args.settings] if args.settings else SETTINGS
+    for label, settings in chosen:
         bench.set_levers("sdpa", checkpoint_segments=True, **settings)
         bench.warmup = 1
         one = bench.run("ours", 1, 1, label)

@@ -7,6 +7,7 @@ scripts do not rot) and ``--out FILE`` (JSON of every row, with the device and t
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -64,6 +65,7 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
     attention: "sdpa" (GPT-Neo: rmt_peft.attention; others: torch SDPA) or "eager"."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     native = "eager" if config.model_type == "gpt_neo" else attention
+    config = copy.deepcopy(config)  # switching attention renames the config's implementation
     if quantization is None:
         torch.manual_seed(0)
         with torch.device(device):
@@ -73,7 +75,7 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
         if key not in _SAVED:
             torch.manual_seed(0)
             with torch.device(device):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=native)
             _SAVED[key] = tempfile.mkdtemp(prefix="rmt-bench-")
             model.save_pretrained(_SAVED[key])
             del model
@@ -84,28 +86,6 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
     if attention == "sdpa":
         use_gpt_neo_sdpa(model)
     return model
-
-
-class FusedTanhGelu(torch.nn.GELU):
-    """torch's fused tanh-approximate GELU: the formula of transformers' NewGELUActivation
-    ("gelu_new", GPT-Neo's and GPT-2's activation) in one kernel instead of eight."""
-
-    def __init__(self):
-        super().__init__(approximate="tanh")
-
-
-def use_fused_gelu(model: torch.nn.Module, enable: bool = True) -> int:
-    """Swap every ``NewGELUActivation`` for torch's fused tanh GELU (``enable=False`` restores)."""
-    from transformers.activations import NewGELUActivation
-
-    source, target = (NewGELUActivation, FusedTanhGelu) if enable else (FusedTanhGelu, NewGELUActivation)
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is source:
-                setattr(module, name, target())
-                swapped += 1
-    return swapped
 
 
 def lora_config(rank: int = 16):

@@ -19,10 +19,11 @@ import torch
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
+from rmt_peft.speedups import compile_blocks, use_fused_gelu
 
 from .common import (ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
-                     train_flops_per_token, use_fused_gelu, write_json)
+                     train_flops_per_token, write_json)
 
 
 class Bench:
@@ -34,7 +35,7 @@ class Bench:
         self.config, self.device, self.segment, self.m = config, device, segment, memory_tokens
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
-        self.autocast = False
+        self.autocast = self.compiled = False
         backbone = build_backbone(config, quantization, device, attention="sdpa")
         self.peft = get_peft_model(backbone, lora_config())
         self.reference = ReferenceRMT(self.peft, memory_tokens, segment)
@@ -47,15 +48,13 @@ class Bench:
                            (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))}
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
-                   fused_gelu: bool = False, autocast: bool = False, compile_blocks: bool = False):
+                   fused_gelu: bool = False, autocast: bool = False, compile: bool = False):
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast = autocast
-        for block in self.ours.causal_lm.base_model.h:
-            if compile_blocks and block._compiled_call_impl is None:
-                block.compile()  # torch.compile of each transformer block (in place)
-            elif not compile_blocks:
-                block._compiled_call_impl = None
+        if compile != self.compiled:
+            compile_blocks(self.peft, enable=compile)
+            self.compiled = compile
         self.ours.memory_config.checkpoint_segments = checkpoint_segments
         self.independent.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
@@ -119,9 +118,9 @@ LEVERS = [
      dict(attention="sdpa", fused_gelu=True, autocast=True)),
 ]
 COMPILE_LEVERS = [
-    ("ours, SDPA, fused GELU, autocast, compiled blocks", "ours", dict(FAST, compile_blocks=True)),
+    ("ours, SDPA, fused GELU, autocast, compiled blocks", "ours", dict(FAST, compile=True)),
     ("ours, SDPA, fused GELU, autocast, compiled blocks, segment checkpointing", "ours",
-     dict(FAST, compile_blocks=True, checkpoint_segments=True)),
+     dict(FAST, compile=True, checkpoint_segments=True)),
 ]
 
 
@@ -181,7 +180,25 @@ def profile(bench: Bench, segments: int, batch: int) -> None:
 SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", dict(attention="eager")),
          "ours": ("ours", "ours (SDPA, fused GELU, autocast, segment checkpointing)",
                   dict(FAST, checkpoint_segments=True)),
-         "ours-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, no checkpointing)", FAST)}
+         "ours-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, no checkpointing)", FAST),
+         "ours-compiled": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks, segment checkpointing)",
+                           dict(FAST, compile=True, checkpoint_segments=True)),
+         "ours-compiled-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks, no checkpointing)",
+                                  dict(FAST, compile=True)),
+         "independent-compiled": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
+                                  "blocks, no checkpointing)", dict(FAST, compile=True))}
+
+
+def planned(bench: Bench, runs: list[str]) -> list[dict]:
+    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8)."""
+    rows = []
+    for run in runs:
+        name, shape = run.split(":")
+        segments, batch = (int(v) for v in shape.split("x"))
+        impl, label, settings = SWEEP[name]
+        bench.set_levers(**settings)
+        rows.append(bench.run(impl, segments, batch, label))
+    return rows
 
 
 def sweep(bench: Bench, segment_counts: list[int], batches: list[int], max_tokens: int,
@@ -206,6 +223,8 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["oom"]:
             continue
+        if row["impl"].startswith("independent"):
+            continue
         key = "ref" if row["impl"].startswith("reference") else "nockpt" if "no checkpointing" in row["impl"] else "ours"
         entry = table.setdefault(row["segments"], {"segments": row["segments"]})
         if row["tokens_per_s"] > entry.get(f"{key}_tokens_per_s", 0):
@@ -227,6 +246,7 @@ def main(argv=None) -> dict:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--quantization", nargs="+", default=["4bit"], choices=["none", "4bit", "8bit"])
     parser.add_argument("--sections", nargs="+", default=["levers", "sweep"], choices=["levers", "sweep", "profile", "compile", "lm_head"])
+    parser.add_argument("--runs", nargs="+", help="instead of the sweep grid: IMPL:SEGMENTSxBATCH ...")
     parser.add_argument("--sweep-impls", nargs="+", default=["reference", "ours"], choices=sorted(SWEEP))
     parser.add_argument("--segment-size", type=int, default=1024)
     parser.add_argument("--memory-tokens", type=int, default=10)
@@ -267,7 +287,8 @@ def main(argv=None) -> dict:
         if "profile" in args.sections:
             profile(bench, *args.lever_shape)
         if "sweep" in args.sections:
-            rows = sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)
+            rows = planned(bench, args.runs) if args.runs else \
+                sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)
             tables[f"sweep_{name}"] = rows
             best = best_by_segments(rows)
             tables[f"best_{name}"] = best
