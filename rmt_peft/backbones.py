@@ -1,7 +1,8 @@
 """Loading backbones and knowing their limits.
 
 ``load_backbone`` returns a plain Hugging Face causal LM (bf16/fp32, or frozen 8-bit / NF4 4-bit
-through bitsandbytes). ``check_position_limit`` enforces that a segment with its memory fits
+through bitsandbytes, prepared for training deliberately: non-reentrant checkpointing, no fp32
+upcasts). ``check_position_limit`` enforces that a segment with its memory fits
 the position table of models with learned absolute positions (GPT-2, GPT-Neo, OPT).
 """
 from __future__ import annotations
@@ -66,13 +67,34 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str | torch.dtype | None = None,
-                  device_map=None, attn_implementation: str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a causal LM from the Hub or a local folder.
+                  device_map=None, attn_implementation: str | None = None, *,
+                  quant_type: str = "nf4", double_quant: bool = True,
+                  compute_dtype: str | torch.dtype | None = None, quant_storage: str | torch.dtype | None = None,
+                  gradient_checkpointing: bool = False, train: bool = False, **kwargs) -> PreTrainedModel:
+    """Load a causal LM (GPT-Neo, OPT, GPT-2, GPT-NeoX/Pythia, Llama-style...) from the Hub or a folder.
 
-    quantization: None, "8bit" (LLM.int8) or "4bit" (NF4, double quantization) via bitsandbytes;
-    the quantized weights are frozen. dtype: compute / weight dtype ("bfloat16", "float32", ...).
+    quantization: None, "8bit" (LLM.int8) or "4bit" via bitsandbytes; the quantized model is
+    frozen (every parameter ``requires_grad=False``). 4-bit options: ``quant_type`` "nf4" / "fp4",
+    ``double_quant``, ``compute_dtype`` (default: ``dtype``, else bfloat16), ``quant_storage``
+    (set it to the compute dtype for FSDP / ZeRO-3). Before loading, bitsandbytes is tried on the
+    target device; where it cannot run a RuntimeError names the quantization and the device.
+    dtype: dtype of the weights that stay unquantized ("bfloat16", "float32", ...).
+
+    Training preparation is deliberate, not ``peft.prepare_model_for_kbit_training``:
+    - ``gradient_checkpointing=True`` enables the model's per-layer activation checkpointing,
+      non-reentrant (``use_reentrant=False``): the same LoRA weights are used in every segment
+      of the recurrence, which reentrant checkpointing handles badly (gradient hooks fired once
+      per use under DeepSpeed, and it needs inputs that require grad). Non-reentrant needs no
+      ``enable_input_require_grads`` hook, so that hook is removed again. It duplicates
+      ``MemoryConfig.checkpoint_segments`` (segment-level recompute): use one of the two.
+    - ``train=True`` returns the model in train mode (``from_pretrained`` returns eval mode,
+      where transformers silently skips checkpointing); gradient_checkpointing implies it.
+    - No fp32 upcast of embeddings, norms or lm_head: they are frozen, so fp32 copies only cost
+      memory (for GPT-Neo-1.3B the 50k x 2048 embedding and lm_head alone are 0.4 GB in fp32)
+      while bf16 norms already accumulate in fp32 inside the kernels. The trainable parameters
+      (LoRA, memory) are created in fp32 by peft and ``MemoryParameters``.
     """
-    from .quantization import quantization_config
+    from .quantization import check_bitsandbytes, quantization_config, target_device
 
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
@@ -84,11 +106,36 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         load_kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    qconfig = quantization_config(quantization, torch_dtype)
+    qconfig = quantization_config(quantization, resolve_dtype(compute_dtype) or torch_dtype, quant_type,
+                                  double_quant, resolve_dtype(quant_storage))
     if qconfig is not None:
+        check_bitsandbytes(quantization, target_device(device_map), quant_type)
         load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
     if qconfig is not None:
         for p in model.parameters():
             p.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    if train or gradient_checkpointing:
+        model.train()
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant per-layer activation checkpointing (see ``load_backbone``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.x naming
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def uses_non_reentrant_checkpointing(model: nn.Module) -> bool:
+    """True when the model's layers are checkpointed with ``use_reentrant=False``."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            return getattr(func, "keywords", {}).get("use_reentrant") is False
+    return False

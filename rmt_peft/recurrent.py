@@ -79,14 +79,50 @@ class RMTModel(nn.Module):
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None) -> "RMTModel":
-        """Wrap ``backbone``. With a peft ``LoraConfig`` the backbone is frozen and only LoRA and
-        the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad."""
+    def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
+                      verbose: bool = True) -> "RMTModel":
+        """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
+        "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
+        and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
+        ``verbose`` prints the trainable parameter summary."""
         if lora is not None:
             from .adapters import attach_lora
 
             backbone = attach_lora(backbone, lora)
-        return cls(backbone, memory_config)
+        model = cls(backbone, memory_config)
+        if verbose:
+            print(model.trainable_summary())
+        return model
+
+    def trainable_summary(self) -> str:
+        from .adapters import trainable_summary
+
+        return trainable_summary(self)
+
+    # -- saving and loading (rmt_peft/hub.py) ------------------------------------------------
+    def save_pretrained(self, save_directory: str, **kwargs) -> str:
+        """PEFT adapter files + memory_config.json + memory.safetensors + README.md (see hub.py)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, quantization: str | None = None, **load_kwargs) -> "RMTModel":
+        """Rebuild from a folder or Hub repo saved by ``save_pretrained`` (see hub.from_pretrained)."""
+        from .hub import from_pretrained
+
+        return from_pretrained(name_or_path, quantization=quantization, model_class=cls, **load_kwargs)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs):
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
+
+    def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "RMTModel":
+        """A copy with LoRA merged into a plain ``dtype`` backbone (dequantized), for deployment."""
+        from .hub import merge
+
+        return merge(self, dtype, device)
 
     @property
     def config(self):

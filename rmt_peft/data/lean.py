@@ -1,0 +1,294 @@
+"""Lean theorem proving with lemmas in context (the paper's Fig. 9).
+
+A sample is ``[theorem statement][relevant and irrelevant lemmas in random order][proof]``: the
+lemmas the proof uses hidden among random others from a lemma pool. Irrelevant lemmas are added
+until the sample fills ``num_segments`` segments (more than ``(num_segments - 1) * segment_size``
+tokens, at most ``num_segments * segment_size``), so the curriculum over segments is a curriculum
+over distractors. Labels cover every token (``loss_on="all"``: perplexity on all tokens and on the
+last segment) or the proof only (``"proof"``).
+
+Input files (UTF-8 JSON Lines; the shipped example lives in rmt_peft/data/examples/):
+
+* theorems: ``{"name": "add_zero_comm", "statement": "theorem add_zero_comm ...", "proof": "by ...",
+  "lemmas": ["Nat.add_zero", "Nat.add_comm"]}`` per line (``lemmas``: names in the pool);
+* lemma pool: ``{"name": "Nat.add_comm", "statement": "theorem Nat.add_comm (n m : ℕ) : ..."}`` per line.
+
+``import_leandojo`` converts a LeanDojo benchmark (``random/train.json`` + ``corpus.jsonl``) to
+these files: ``python -m rmt_peft.data.lean import-leandojo BENCHMARK.json corpus.jsonl OUT_DIR``.
+
+Malformed lines and theorems too long for the requested segments are counted skips; a theorem
+naming lemmas missing from the pool is skipped (``missing_lemmas="skip"``) or an error ("error").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from .noise import encode
+from .skips import SkipCounter
+
+IGNORE_INDEX = -100
+EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
+EXAMPLE_THEOREMS = os.path.join(EXAMPLES, "lean_theorems.jsonl")
+EXAMPLE_LEMMAS = os.path.join(EXAMPLES, "lean_lemmas.jsonl")
+MISSING_LEMMAS = ("skip", "error")
+LOSS_ON = ("all", "proof")
+logger = logging.getLogger("rmt_peft.data")
+
+
+@dataclass(frozen=True)
+class Theorem:
+    name: str
+    statement: str
+    proof: str
+    lemmas: tuple[str, ...]
+
+
+def _json_lines(path: str, what: str, skips: SkipCounter) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL file; bad lines are counted skips."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                skips.skip(f"{what} line is not valid UTF-8", f"line {number}, byte {error.start}")
+                continue
+            except json.JSONDecodeError as error:
+                skips.skip(f"{what} line is not JSON", f"line {number}: {error.msg}")
+                continue
+            if not isinstance(record, dict):
+                skips.skip(f"{what} line is not a JSON object", f"line {number}")
+                continue
+            yield number, record
+
+
+def read_lemma_pool(path: str) -> dict[str, str]:
+    """name -> statement from a lemma-pool JSONL file."""
+    skips = SkipCounter(f"lemma pool {path}")
+    pool: dict[str, str] = {}
+    for number, record in _json_lines(path, "lemma", skips):
+        name, statement = record.get("name"), record.get("statement")
+        if not isinstance(name, str) or not isinstance(statement, str) or not statement.strip():
+            skips.skip("lemma without string 'name' and non-empty 'statement'", f"line {number}")
+            continue
+        pool[name] = statement
+    if not pool:
+        raise ValueError(f"{path}: no lemma found ({skips.summary()}); expected lines like "
+                         '{"name": "Nat.add_comm", "statement": "theorem Nat.add_comm ..."}')
+    if skips.total:
+        logger.warning("%s; kept %d lemmas", skips.summary(), len(pool))
+    return pool
+
+
+def read_theorems(path: str, pool: dict[str, str], missing_lemmas: str = "skip") -> list[Theorem]:
+    """Theorems of a JSONL file whose lemmas are all in ``pool`` (see ``missing_lemmas``)."""
+    skips = SkipCounter(f"theorems {path}")
+    theorems = []
+    for number, record in _json_lines(path, "theorem", skips):
+        name, statement, proof, lemmas = (record.get(k) for k in ("name", "statement", "proof", "lemmas"))
+        if not all(isinstance(v, str) and v.strip() for v in (statement, proof)) or not isinstance(lemmas, list) \
+                or not all(isinstance(n, str) for n in lemmas):
+            skips.skip("theorem without non-empty 'statement', 'proof' and a list of lemma names 'lemmas'",
+                       f"line {number}")
+            continue
+        missing = [n for n in lemmas if n not in pool]
+        if missing:
+            if missing_lemmas == "error":
+                raise ValueError(f"{path} line {number}: theorem {name!r} uses lemmas missing from the pool: "
+                                 f"{missing} (set missing_lemmas='skip' to skip such theorems)")
+            skips.skip("lemma names missing from the pool", f"line {number}: {missing[:3]}")
+            continue
+        theorems.append(Theorem(str(name or f"line {number}"), statement, proof, tuple(dict.fromkeys(lemmas))))
+    if not theorems:
+        raise ValueError(f"{path}: no usable theorem ({skips.summary()}); expected lines like "
+                         '{"name": ..., "statement": ..., "proof": ..., "lemmas": [names in the pool]}')
+    if skips.total:
+        logger.warning("%s; kept %d theorems", skips.summary(), len(theorems))
+    return theorems
+
+
+@dataclass
+class LeanOptions:
+    """``theorems`` / ``lemmas``: the JSONL files (default: the shipped example).
+    ``missing_lemmas``: "skip" or "error" for theorems naming lemmas not in the pool.
+    ``loss_on``: "all" tokens or the "proof" only."""
+
+    theorems: str = EXAMPLE_THEOREMS
+    lemmas: str = EXAMPLE_LEMMAS
+    missing_lemmas: str = "skip"
+    loss_on: str = "all"
+
+    def __post_init__(self):
+        if self.missing_lemmas not in MISSING_LEMMAS:
+            raise ValueError(f"missing_lemmas={self.missing_lemmas!r} is not allowed; allowed: {MISSING_LEMMAS}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={self.loss_on!r} is not allowed; allowed: {LOSS_ON}")
+        for field_name in ("theorems", "lemmas"):
+            if not os.path.isfile(getattr(self, field_name)):
+                raise FileNotFoundError(f"{field_name}={getattr(self, field_name)!r} is not a file")
+
+
+@dataclass(frozen=True)
+class LeanLayout:
+    theorem: Theorem
+    lemmas: tuple[str, ...]              # lemma names in sample order
+    proof_span: tuple[int, int]
+
+
+class LeanDataset(Dataset):
+    """Deterministic samples (item ``i`` depends only on ``seed`` and ``i``)."""
+
+    def __init__(self, options: LeanOptions, *, tokenizer, segment_size: int, num_segments: int,
+                 num_samples: int, seed: int = 0):
+        if tokenizer is None:
+            raise ValueError("lean needs a tokenizer (for offline use: rmt_peft.data.tokenizer.offline_tokenizer())")
+        self.options, self.tokenizer, self.seed, self.num_samples = options, tokenizer, seed, num_samples
+        self.num_segments = num_segments
+        self.max_length = num_segments * segment_size
+        self.min_length = (num_segments - 1) * segment_size + 1
+        self.pool = read_lemma_pool(options.lemmas)
+        self.names = sorted(self.pool)
+        self._lemma_ids: dict[str, torch.Tensor] = {}
+        self._theorem_ids: dict[Theorem, tuple[torch.Tensor, torch.Tensor]] = {}
+        skips = SkipCounter(f"theorems {options.theorems} at {self.max_length} tokens")
+        self.theorems = []
+        for theorem in read_theorems(options.theorems, self.pool, options.missing_lemmas):
+            if self._base_length(theorem) > self.max_length:
+                skips.skip(f"statement + used lemmas + proof longer than {self.max_length} tokens", theorem.name)
+            else:
+                self.theorems.append(theorem)
+        if not self.theorems:
+            raise ValueError(f"no theorem fits num_segments * segment_size = {self.max_length} tokens: {skips.summary()}")
+        if skips.total:
+            logger.warning("%s; kept %d theorems", skips.summary(), len(self.theorems))
+        self.order = list(range(len(self.theorems)))
+        random.Random(f"lean/{seed}/order").shuffle(self.order)
+        for index in range(min(num_samples, 8)):  # a pool too small to fill the segments fails here
+            self.layout(index)
+
+    def lemma_ids(self, name: str) -> torch.Tensor:
+        if name not in self._lemma_ids:
+            self._lemma_ids[name] = torch.tensor(encode(self.tokenizer, "\n" + self.pool[name]), dtype=torch.long)
+        return self._lemma_ids[name]
+
+    def _text_ids(self, theorem: Theorem) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the statement and of the proof (with its blank line), cached per theorem."""
+        if theorem not in self._theorem_ids:
+            self._theorem_ids[theorem] = (torch.tensor(encode(self.tokenizer, theorem.statement), dtype=torch.long),
+                                          torch.tensor(encode(self.tokenizer, "\n\n" + theorem.proof), dtype=torch.long))
+        return self._theorem_ids[theorem]
+
+    def _base_length(self, theorem: Theorem) -> int:
+        statement, proof = self._text_ids(theorem)
+        return len(statement) + len(proof) + sum(len(self.lemma_ids(n)) for n in theorem.lemmas)
+
+    def layout(self, index: int) -> LeanLayout:
+        """The theorem and lemma order of sample ``index`` and where its proof lands."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        theorem = self.theorems[self.order[index % len(self.order)]]
+        rng = random.Random(f"lean/{self.seed}/{index}")
+        total = self._base_length(theorem)
+        chosen, tried, misses = list(theorem.lemmas), set(theorem.lemmas), 0
+        # Greedy fill with random lemmas: stop when full, after 64 lemmas in a row that do not fit
+        # (the room left is smaller than typical lemmas), or when the pool is used up.
+        while total < self.max_length and misses < 64 and len(tried) < len(self.names):
+            name = self.names[rng.randrange(len(self.names))]
+            if name in tried:
+                continue
+            tried.add(name)
+            size = len(self.lemma_ids(name))
+            if total + size <= self.max_length:
+                chosen.append(name)
+                total += size
+                misses = 0
+            else:
+                misses += 1
+        if total < self.min_length:
+            raise ValueError(f"lean sample {index} (theorem {theorem.name!r}): the lemma pool {self.options.lemmas} "
+                             f"fills only {total} tokens, fewer than the {self.min_length} needed for "
+                             f"{self.num_segments} segments; "
+                             "use fewer segments or a larger pool")
+        rng.shuffle(chosen)
+        return LeanLayout(theorem, tuple(chosen), (total - len(self._text_ids(theorem)[1]), total))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        layout = self.layout(index)
+        statement, proof = self._text_ids(layout.theorem)
+        input_ids = torch.cat([statement, *(self.lemma_ids(n) for n in layout.lemmas), proof])
+        labels = input_ids.clone()
+        if self.options.loss_on == "proof":
+            labels[:layout.proof_span[0]] = IGNORE_INDEX
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def import_leandojo(benchmark_json: str, corpus_jsonl: str, out_dir: str) -> tuple[int, int]:
+    """Convert a LeanDojo benchmark split (a JSON list of traced theorems) and its ``corpus.jsonl``
+    (files with ``premises``) to ``out_dir/theorems.jsonl`` + ``out_dir/lemmas.jsonl``.
+
+    Statement: ``theorem <full_name>`` and the initial goal (the first tactic's ``state_before``);
+    proof: ``by`` and the tactics; lemmas: the premises named in ``annotated_tactic``. Theorems
+    without traced tactics are counted skips. Returns (theorems written, lemmas written)."""
+    skips = SkipCounter(f"LeanDojo {benchmark_json}")
+    os.makedirs(out_dir, exist_ok=True)
+    lemmas = 0
+    with open(os.path.join(out_dir, "lemmas.jsonl"), "w", encoding="utf-8") as out:
+        for number, record in _json_lines(corpus_jsonl, "corpus", skips):
+            for premise in record.get("premises") or []:
+                if isinstance(premise, dict) and premise.get("full_name") and premise.get("code"):
+                    out.write(json.dumps({"name": premise["full_name"], "statement": premise["code"]},
+                                         ensure_ascii=False) + "\n")
+                    lemmas += 1
+    with open(benchmark_json, encoding="utf-8") as handle:
+        benchmark = json.load(handle)
+    if not isinstance(benchmark, list):
+        raise ValueError(f"{benchmark_json}: expected a JSON list of theorems (LeanDojo benchmark format)")
+    theorems = 0
+    with open(os.path.join(out_dir, "theorems.jsonl"), "w", encoding="utf-8") as out:
+        for record in benchmark:
+            tactics = record.get("traced_tactics") if isinstance(record, dict) else None
+            if not tactics:
+                skips.skip("theorem without traced_tactics", str(record.get("full_name") if isinstance(record, dict) else record)[:80])
+                continue
+            used = [p["full_name"] for t in tactics for p in (t.get("annotated_tactic") or [None, []])[1]
+                    if isinstance(p, dict) and p.get("full_name")]
+            out.write(json.dumps({
+                "name": record["full_name"],
+                "statement": f"theorem {record['full_name']}\n{tactics[0]['state_before']}",
+                "proof": "by\n" + "\n".join("  " + t["tactic"] for t in tactics),
+                "lemmas": list(dict.fromkeys(used)),
+            }, ensure_ascii=False) + "\n")
+            theorems += 1
+    if skips.total:
+        logger.warning("%s", skips.summary())
+    return theorems, lemmas
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rmt_peft.data.lean", description="Lean data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    importer = commands.add_parser("import-leandojo", help="LeanDojo benchmark -> theorems.jsonl + lemmas.jsonl")
+    importer.add_argument("benchmark_json")
+    importer.add_argument("corpus_jsonl")
+    importer.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
+    print(f"wrote {theorems} theorems and {lemmas} lemmas to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

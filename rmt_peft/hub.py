@@ -1,0 +1,428 @@
+"""Adapters that travel: save, load, merge and push an RMTModel.
+
+An adapter folder is a standard PEFT LoRA adapter with our memory beside it, so
+``peft.PeftModel.from_pretrained`` still loads the LoRA part and nothing is patched:
+
+    adapter_config.json        peft (records base_model_name_or_path)
+    adapter_model.safetensors  peft: the LoRA weights
+    memory_config.json         MemoryConfig.to_dict()
+    memory.safetensors         memory_tokens, read_embedding, write_embedding (fp32); its header
+                               records the backbone's model_type and hidden size, the base model
+                               and the quantization the memory was trained with, for checks on load
+    README.md                  model card with Hub metadata (base_model, library_name, tags)
+
+A model without LoRA (full fine-tuning of a small model, or a merged model) is saved as full
+transformers weights instead (``config.json`` + ``model.safetensors``) with the same memory
+files; it loads without peft. ``merge`` folds LoRA into a bf16 copy of the backbone
+(dequantizing 8-bit / 4-bit weights) for deployment.
+
+Every save writes into a temporary folder beside the target and renames it into place, so a
+failed save leaves the target as it was and nothing half-written.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .memory import MemoryConfig
+
+if TYPE_CHECKING:
+    from .recurrent import RMTModel
+
+MEMORY_CONFIG_FILE = "memory_config.json"
+MEMORY_WEIGHTS_FILE = "memory.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+MEMORY_NAMES = ("memory_tokens", "read_embedding", "write_embedding")
+FORMAT = "rmt-peft/1"
+
+
+# -- writing ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_directory(target: str):
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``."""
+    target = os.path.abspath(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"cannot save to {target}: it exists and is not a folder")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is meant to be shared
+        if os.path.exists(target):
+            old = tmp + ".old"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous save back
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantization_of(causal_lm) -> tuple[str | None, dict[str, Any]]:
+    """("4bit" / "8bit" / None, the load_backbone options that reproduce it) of a loaded model."""
+    qc = getattr(causal_lm.config, "quantization_config", None)
+    if qc is None:
+        return None, {}
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("load_in_4bit"):
+        return "4bit", {"quant_type": qc.get("bnb_4bit_quant_type", "nf4"),
+                        "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
+                        "compute_dtype": str(qc.get("bnb_4bit_compute_dtype", "bfloat16")).replace("torch.", "")}
+    if qc.get("load_in_8bit"):
+        return "8bit", {}
+    return None, {}
+
+
+def _lora_of(rmt: "RMTModel"):
+    """The PeftModel inside ``rmt`` or None (full fine-tuning / merged model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    return rmt.backbone if isinstance(rmt.backbone, PeftModel) else None
+
+
+def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None = None,
+                    repo_id: str | None = None, extra_files: list[str] = ()) -> str:
+    """Write ``rmt`` to ``save_directory`` (see the module docstring for the layout).
+
+    base_model: the name recorded as the base (default: where the backbone was loaded from);
+    needed when the backbone was built in memory. repo_id: the Hub name used in the card.
+    extra_files: other files to put beside the model (a tokenizer's files, for instance).
+    """
+    peft_model = _lora_of(rmt)
+    causal_lm = rmt.causal_lm
+    if peft_model is not None:
+        adapter = peft_model.active_adapter
+        recorded = peft_model.peft_config[adapter].base_model_name_or_path
+        base = base_model or recorded or causal_lm.name_or_path or None
+    else:
+        base = base_model or causal_lm.name_or_path or None
+    quantization, options = quantization_of(causal_lm)
+    metadata = {"format": FORMAT, "model_type": causal_lm.config.model_type,
+                "hidden_size": str(causal_lm.get_input_embeddings().embedding_dim),
+                "base_model": base or "", "quantization": quantization or "none",
+                "quantization_options": json.dumps(options)}
+    with atomic_directory(save_directory) as tmp:
+        if peft_model is not None:
+            peft_model.save_pretrained(tmp, selected_adapters=[peft_model.active_adapter])
+            if peft_model.active_adapter != "default":  # peft puts other adapters in a subfolder
+                sub = os.path.join(tmp, peft_model.active_adapter)
+                for name in os.listdir(sub):
+                    os.replace(os.path.join(sub, name), os.path.join(tmp, name))
+                os.rmdir(sub)
+            config_path = os.path.join(tmp, ADAPTER_CONFIG_FILE)
+            with open(config_path) as f:
+                adapter_config = json.load(f)
+            adapter_config["base_model_name_or_path"] = base
+            with open(config_path, "w") as f:
+                json.dump(adapter_config, f, indent=2, sort_keys=True)
+        else:
+            causal_lm.save_pretrained(tmp)
+        with open(os.path.join(tmp, MEMORY_CONFIG_FILE), "w") as f:
+            json.dump(rmt.memory_config.to_dict(), f, indent=2)
+        tensors = {n: getattr(rmt.memory, n).detach().float().cpu().contiguous() for n in MEMORY_NAMES}
+        save_file(tensors, os.path.join(tmp, MEMORY_WEIGHTS_FILE), metadata=metadata)
+        for path in extra_files:
+            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+        write_model_card(tmp, repo_id)
+    return save_directory
+
+
+# -- reading ------------------------------------------------------------------------------
+def resolve_folder(name_or_path: str, revision: str | None = None, token: str | None = None) -> str:
+    """A local folder as it is, or a Hub repo id downloaded to the local cache."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path!r} is not a folder (expected an adapter folder saved by "
+                                f"RMTModel.save_pretrained, or a Hub repo id like 'user/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name_or_path, revision=revision, token=token)
+    except Exception as err:
+        raise OSError(f"{name_or_path!r} is not a local folder and could not be downloaded from the "
+                      f"Hugging Face Hub ({type(err).__name__}: {err})") from err
+
+
+def _require(folder: str, name: str, what: str) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {name} ({what}); it is not a complete rmt-peft folder "
+                                f"saved by RMTModel.save_pretrained")
+    return path
+
+
+def read_memory(folder: str) -> tuple[MemoryConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(MemoryConfig, memory tensors, metadata) of a saved folder, checked against each other."""
+    with open(_require(folder, MEMORY_CONFIG_FILE, "the memory settings")) as f:
+        memory_config = MemoryConfig.from_dict(json.load(f))
+    path = _require(folder, MEMORY_WEIGHTS_FILE, "the memory weights")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if sorted(tensors) != sorted(MEMORY_NAMES):
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}; expected {sorted(MEMORY_NAMES)}")
+    if metadata.get("format") != FORMAT or "hidden_size" not in metadata:
+        raise ValueError(f"{path} has no {FORMAT} metadata (format, model_type, hidden_size); it was not "
+                         f"written by RMTModel.save_pretrained of this version")
+    expected = (memory_config.num_memory_tokens, int(metadata["hidden_size"]))
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} but {MEMORY_CONFIG_FILE} says "
+                             f"num_memory_tokens={memory_config.num_memory_tokens} and the backbone's hidden size "
+                             f"is {expected[1]} (expected shape {expected}); the files do not belong together")
+    return memory_config, tensors, metadata
+
+
+def read_metadata(folder: str) -> dict[str, str]:
+    """The metadata header of ``memory.safetensors`` (model_type, hidden_size, base_model, ...)."""
+    with safe_open(_require(folder, MEMORY_WEIGHTS_FILE, "the memory weights"), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def folder_kind(folder: str) -> str:
+    """"lora" for a PEFT adapter folder, "full" for full model weights; raises for anything else."""
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_FILE)):
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in ADAPTER_WEIGHTS_FILES):
+            raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS_FILES[0]} (the LoRA weights) beside "
+                                f"{ADAPTER_CONFIG_FILE}")
+        return "lora"
+    if os.path.isfile(os.path.join(folder, MODEL_CONFIG_FILE)):
+        return "full"
+    raise FileNotFoundError(f"{folder} has neither {ADAPTER_CONFIG_FILE} (a LoRA adapter) nor "
+                            f"{MODEL_CONFIG_FILE} (full model weights); it is not a folder saved by "
+                            f"RMTModel.save_pretrained")
+
+
+def check_backbone(backbone_config, embedding_dim: int, metadata: dict[str, str], folder: str, source: str) -> None:
+    """Raise ValueError when the loaded backbone is not the kind the adapter was trained on."""
+    trained = (metadata.get("model_type"), int(metadata.get("hidden_size", -1)))
+    found = (backbone_config.model_type, embedding_dim)
+    if trained != found:
+        raise ValueError(f"the adapter in {folder} was trained on a {trained[0]} model with hidden size {trained[1]} "
+                         f"(base {metadata.get('base_model') or 'unknown'!r}), but the backbone loaded from "
+                         f"{source!r} is {found[0]} with hidden size {found[1]}; load it onto its own base model")
+
+
+def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=None, device_map=None,
+                    base_model: str | None = None, is_trainable: bool = False, revision: str | None = None,
+                    token: str | None = None, model_class=None, **load_kwargs) -> "RMTModel":
+    """Rebuild an RMTModel from a saved folder or Hub repo.
+
+    LoRA folders: the backbone is loaded from ``base_model`` (default: ``base_model_name_or_path``
+    of adapter_config.json; pass it when the base moved) with ``quantization`` / ``dtype`` /
+    ``device_map`` / other ``load_backbone`` options, then LoRA through peft and the memory.
+    Full folders load the backbone from the folder itself. The model comes back in eval mode
+    and frozen unless ``is_trainable``.
+    """
+    from .backbones import load_backbone
+    from .recurrent import RMTModel
+
+    model_class = model_class or RMTModel
+    folder = resolve_folder(name_or_path, revision, token)
+    kind = folder_kind(folder)
+    memory_config, tensors, metadata = read_memory(folder)
+    if kind == "lora":
+        with open(os.path.join(folder, ADAPTER_CONFIG_FILE)) as f:
+            base = base_model or json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{folder}/{ADAPTER_CONFIG_FILE} records no base_model_name_or_path; "
+                             f"pass base_model= (the model the adapter was trained on)")
+    else:
+        if base_model is not None:
+            raise ValueError(f"base_model= applies to LoRA adapter folders; {folder} holds full model weights")
+        base = folder
+    backbone = load_backbone(base, quantization=quantization, dtype=dtype, device_map=device_map, **load_kwargs)
+    check_backbone(backbone.config, backbone.get_input_embeddings().embedding_dim, metadata, folder, base)
+    if kind == "lora":
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(backbone, folder, is_trainable=is_trainable)
+    else:
+        for p in backbone.parameters():
+            p.requires_grad_(p.requires_grad and is_trainable)
+    rmt = model_class(backbone, memory_config)
+    device = rmt.memory.memory_tokens.device
+    rmt.memory.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+    rmt.memory.requires_grad_(is_trainable)
+    return rmt.train(is_trainable)
+
+
+# -- merging ------------------------------------------------------------------------------
+def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
+    """Parameter or buffer ``name`` of the model under LoRA, dequantized if bitsandbytes holds it,
+    in the layout of the same tensor of the plain model ``plain``."""
+    from transformers.pytorch_utils import Conv1D
+
+    module_name, _, leaf = name.rpartition(".")
+    module = causal_lm.get_submodule(module_name) if module_name else causal_lm
+    if hasattr(module, "get_base_layer"):  # a peft LoRA layer: the original layer is inside
+        module = module.get_base_layer()
+    # GPT-2's Conv1D layers (weight stored as in x out) are quantized as Linear layers (out x in)
+    transpose = (leaf == "weight" and isinstance(plain.get_submodule(module_name), Conv1D)
+                 and not isinstance(module, Conv1D))
+    tensor = getattr(module, leaf)
+    kind = tensor.__class__.__name__
+    if kind == "Params4bit" and getattr(tensor.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval forward; restore
+        # the standard layout first, in place, as bitsandbytes does itself before saving.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        tensor.data, tensor.quant_state = _convert_weight_packed_for_cpu_inverse(tensor.data, tensor.quant_state)
+    if kind in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        tensor = dequantize_bnb_weight(tensor, state=getattr(module, "state", None))
+    return tensor.detach().t() if transpose else tensor.detach()
+
+
+def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> "RMTModel":
+    """A new RMTModel whose backbone is a plain ``dtype`` copy of ``rmt``'s with LoRA merged in.
+
+    8-bit / 4-bit weights are dequantized first, so the merged model computes what the trained
+    (quantized) model computed, up to ``dtype`` rounding. The copy is built on ``device`` (the
+    CPU by default, so a GPU holding the trained model needs no room for it) and needs no peft
+    to load once saved; ``rmt`` is left unchanged.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    peft_model = _lora_of(rmt)
+    if peft_model is None:
+        raise ValueError("merge needs a model with LoRA adapters; this RMTModel has none (save it as it is)")
+    source = rmt.causal_lm
+    config = copy.deepcopy(source.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device(device):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    for name in plain.state_dict():
+        state[name] = _base_tensor(source, name, plain).to(device, dtype)
+    plain.load_state_dict(state, strict=True)
+    adapter = peft_model.active_adapter
+    lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    lora = get_peft_model(plain, copy.deepcopy(peft_model.peft_config[adapter]))
+    # LoRA stays fp32 (peft upcasts adapters): the delta is computed in fp32, rounded once when added.
+    set_peft_model_state_dict(lora, {k: v.detach().to(device) for k, v in lora_state.items()})
+    merged = lora.merge_and_unload().eval()
+    merged.name_or_path = peft_model.peft_config[adapter].base_model_name_or_path or source.name_or_path
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    out = type(rmt)(merged, rmt.memory_config)
+    out.memory.load_state_dict({k: v.detach().to(device) for k, v in rmt.memory.state_dict().items()})
+    return out.eval()
+
+
+# -- the Hub ------------------------------------------------------------------------------
+def validate_folder(folder: str) -> str:
+    """Raise when ``folder`` is not complete; returns its kind ("lora" / "full")."""
+    kind = folder_kind(folder)
+    read_memory(folder)
+    _require(folder, CARD_FILE, "the model card")
+    return kind
+
+
+def push_folder(folder: str, repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str | None = None):
+    """Create ``repo_id`` (if needed) and upload ``folder`` as it is; returns the commit info."""
+    import huggingface_hub
+
+    validate_folder(folder)
+    api = huggingface_hub.HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                             commit_message=commit_message or "Upload rmt-peft model")
+
+
+def push_to_hub(rmt: "RMTModel", repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str | None = None, base_model: str | None = None):
+    """Save ``rmt`` to a temporary folder and upload exactly that folder to ``repo_id``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(rmt, os.path.join(tmp, "model"), base_model=base_model, repo_id=repo_id)
+        return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+# -- the model card -----------------------------------------------------------------------
+def write_model_card(folder: str, repo_id: str | None = None) -> str:
+    """Write README.md for a saved folder from its files (Hub metadata + memory settings + usage)."""
+    from huggingface_hub import ModelCardData
+
+    kind = folder_kind(folder)
+    memory_config, _, metadata = read_memory(folder)
+    base = metadata.get("base_model") or None
+    quantization = metadata.get("quantization", "none")
+    tags = ["rmt-peft", "recurrent-memory-transformer", "long-context", "text-generation"]
+    tags += ["lora"] if kind == "lora" else []
+    tags += [quantization] if quantization != "none" else []
+    # The Hub's base_model must be a repo id: a local path would be rejected or link nowhere.
+    hub_base = base if base and not os.path.isabs(base) and not os.path.exists(base) else None
+    data = ModelCardData(base_model=hub_base, library_name="peft" if kind == "lora" else "transformers",
+                         tags=tags, pipeline_tag="text-generation")
+    name = repo_id or os.path.basename(os.path.abspath(folder)).split(".tmp-")[0].lstrip(".")
+    options = json.loads(metadata.get("quantization_options") or "{}")
+    load_quant = "".join(f", {k}={v!r}" for k, v in {"quantization": quantization, **options}.items()
+                         if quantization != "none").replace("'", '"')
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in memory_config.to_dict().items())
+    what = ("LoRA adapter (standard PEFT files) plus the trained memory" if kind == "lora"
+            else "full model weights plus the trained memory")
+    trained_on = (f"a {quantization} (bitsandbytes) copy of `{base}`" if quantization != "none"
+                  else f"`{base}`" if base else "its backbone")
+    peft_note = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
+                 "(without the memory, the model does not read long inputs).\n" if kind == "lora" else "")
+    card = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+A Recurrent Memory Transformer (Bulatov et al., [arXiv 2304.11062](https://arxiv.org/abs/2304.11062))
+trained with rmt-peft on {trained_on}: {what}.
+The input is read in segments of {memory_config.segment_size} tokens; {memory_config.num_memory_tokens}
+memory tokens carry what was read from one segment to the next, so inputs may be longer than the
+backbone's context.
+
+## Memory settings
+
+| setting | value |
+|---|---|
+{settings}
+| backbone | `{metadata.get('model_type')}`, hidden size {metadata.get('hidden_size')} |
+| trained with quantization | {quantization} |
+
+## How to load
+
+```python
+from rmt_peft import RMTModel
+
+rmt = RMTModel.from_pretrained("{name}"{load_quant})
+out = rmt(input_ids)           # any length; read segment by segment
+new_tokens = rmt.generate(input_ids, max_new_tokens=32)
+```
+{peft_note}
+Files: {", ".join(sorted(set(os.listdir(folder)) | {CARD_FILE}))}.
+"""
+    path = os.path.join(folder, CARD_FILE)
+    with open(path, "w") as f:
+        f.write(card)
+    return path

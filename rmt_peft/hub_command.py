@@ -1,0 +1,114 @@
+"""``rmt-peft export``: ship a trained adapter as a folder, a merged model or a Hub repo.
+
+    rmt-peft export RUN_OR_ADAPTER_DIR --to DIR [--merge] [--push-to-hub REPO_ID]
+
+RUN_OR_ADAPTER_DIR is a training run's OUTPUT_DIR (its ``final/`` adapter is used) or an
+adapter folder. Without --merge the folder is checked (complete, memory matching its config)
+and copied with a fresh model card; no model is loaded. With --merge the backbone is loaded
+(by default with the quantization the adapter was trained with, as recorded in
+memory.safetensors), LoRA is merged into a bf16 copy and full weights are written: the result
+loads with ``RMTModel.from_pretrained`` without peft. Other files of the source folder
+(tokenizer files, for instance) travel along. --push-to-hub uploads the written folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="copy / merge a trained adapter and optionally push it to the Hub",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
+                   help="a training run's OUTPUT_DIR (uses OUTPUT_DIR/final) or an adapter folder")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (replaced atomically)")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into a bf16 copy of the backbone")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the written folder to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--token", help="Hugging Face token (default: the logged-in one / HF_TOKEN)")
+    p.add_argument("--base-model", help="load this base instead of adapter_config.json's (--merge)")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="as-trained",
+                   help="how to load the backbone before merging (default: as the adapter was trained)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the merged weights")
+    p.set_defaults(func=run_export)
+
+
+def adapter_folder(source: str) -> str:
+    """``source`` itself when it holds a saved model, else its ``final/`` (a training run)."""
+    from .hub import ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE
+
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source} is not a folder (expected a run's OUTPUT_DIR or an adapter folder)")
+    markers = (ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, MEMORY_CONFIG_FILE)
+    if any(os.path.isfile(os.path.join(source, m)) for m in markers):
+        return source
+    final = os.path.join(source, "final")
+    if os.path.isdir(final):
+        return final
+    raise FileNotFoundError(f"{source} is neither an adapter folder (no {ADAPTER_CONFIG_FILE} / "
+                            f"{MEMORY_CONFIG_FILE}) nor a training run (no final/ folder)")
+
+
+def extra_files(folder: str) -> list[str]:
+    """Top-level files of an adapter ``folder`` that a merged model keeps (tokenizer files, ...)."""
+    from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE
+
+    replaced = {CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHTS_FILES,
+                "config.json", "generation_config.json"}
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n)) and n not in replaced and not n.startswith("model")]
+
+
+def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
+           token: str | None = None, base_model: str | None = None, quantization: str = "as-trained",
+           dtype: str = "bfloat16") -> str:
+    """What the ``export`` command does; returns the written folder."""
+    from . import hub
+
+    folder = adapter_folder(source)
+    if os.path.abspath(folder) == os.path.abspath(to):
+        raise ValueError(f"--to {to} is the source folder itself; choose another folder")
+    kind = hub.folder_kind(folder)
+    hub.read_memory(folder)  # raises when the memory does not match its config
+    if merge:
+        if kind != "lora":
+            raise ValueError(f"{folder} holds full model weights, not a LoRA adapter: there is nothing to merge")
+        from .backbones import resolve_dtype
+        from .recurrent import RMTModel
+
+        metadata = hub.read_metadata(folder)
+        options = {}
+        if quantization == "as-trained":
+            quantization = metadata.get("quantization", "none")
+            options = json.loads(metadata.get("quantization_options") or "{}")
+        rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
+                                       base_model=base_model, **options)
+        merged = hub.merge(rmt, resolve_dtype(dtype))
+        hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
+    else:
+        with hub.atomic_directory(to) as tmp:
+            for name in sorted(os.listdir(folder)):
+                if os.path.isfile(os.path.join(folder, name)):
+                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+            hub.write_model_card(tmp, push_to_hub)
+    if push_to_hub:
+        hub.push_folder(to, push_to_hub, private=private or None, token=token)
+    return to
+
+
+def run_export(args) -> int:
+    try:
+        to = export(args.source, args.to, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private,
+                    token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype)
+    except (OSError, ValueError, RuntimeError) as err:  # bad input: the message says what is wrong
+        print(f"rmt-peft export: error: {err}", file=sys.stderr)
+        return 1
+    what = "merged model" if args.merge else "adapter"
+    print(f"wrote {what} to {to}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
