@@ -71,7 +71,8 @@ def main(argv=None) -> list[dict]:
     q = None if args.quantization == "none" else args.quantization
     backbone = build_backbone(config, q, device, attention="sdpa")
     rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=args.memory_tokens,
-                                                        segment_size=args.segment_size), lora=lora_config())
+                                                        segment_size=args.segment_size), lora=lora_config(),
+                                 verbose=False)
     rmt.eval()
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=device)

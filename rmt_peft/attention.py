@@ -78,19 +78,21 @@ class GPTNeoSdpaSelfAttention(GPTNeoSelfAttention):
         return out.transpose(1, 2), weights  # back to eager's (batch, heads, q, head_dim)
 
 
-def use_gpt_neo_sdpa(model: nn.Module) -> int:
-    """Switch every GPT-Neo eager self-attention inside ``model`` to the exact SDPA path.
+def use_gpt_neo_sdpa(model: nn.Module, enable: bool = True) -> int:
+    """Switch every GPT-Neo eager self-attention inside ``model`` to the exact SDPA path
+    (``enable=False`` switches back to eager, e.g. for ``output_attentions``).
 
-    Returns the number of layers switched (0 if there is no GPT-Neo attention). Idempotent.
+    Returns the number of layers switched (0 if there is nothing to switch). Idempotent.
     """
+    source, target = (GPTNeoSelfAttention, GPTNeoSdpaSelfAttention) if enable else \
+        (GPTNeoSdpaSelfAttention, GPTNeoSelfAttention)
     switched, configs = 0, {}
     for module in model.modules():
-        if type(module) is GPTNeoSelfAttention:
-            module.__class__ = GPTNeoSdpaSelfAttention
+        if type(module) is source:
+            module.__class__ = target
             switched += 1
-        if isinstance(module, GPTNeoSdpaSelfAttention):
             configs[id(module.config)] = module.config
     for config in configs.values():
         # Only the mask builder and the dispatch above read this name; eager modules were replaced.
-        config._attn_implementation = GPT_NEO_SDPA
+        config._attn_implementation = GPT_NEO_SDPA if enable else "eager"
     return switched

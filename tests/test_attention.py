@@ -62,6 +62,9 @@ def test_switch_is_idempotent_and_names_the_implementation():
     assert model.config._attn_implementation == GPT_NEO_SDPA
     assert all(isinstance(b.attn.attention, GPTNeoSdpaSelfAttention) for b in model.transformer.h)
     assert use_gpt_neo_sdpa(tiny_model("llama")) == 0
+    assert use_gpt_neo_sdpa(model, enable=False) == 4
+    assert model.config._attn_implementation == "eager"
+    assert not any(isinstance(b.attn.attention, GPTNeoSdpaSelfAttention) for b in model.transformer.h)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
