@@ -62,7 +62,8 @@ def main(argv=None) -> list[dict]:
                         help="tokens streamed with LoRA attached (slower: launch-bound), before merging")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.tokens, args.segment_size, args.memory_tokens, args.chunk = 2048, 32, 4, 100
+        args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
+        args.segment_size, args.memory_tokens = 32, 4
     device = device_of(args)
     env = environment(device)
     env["bf16_matmul_tflops"] = peak = bf16_matmul_tflops(device)
