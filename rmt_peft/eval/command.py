@@ -1,0 +1,250 @@
+"""``rmt-peft eval RUN_OR_ADAPTER_DIR``: the task's curve for a trained run (and its baseline).
+
+RUN_OR_ADAPTER_DIR is a training run (``recipe.yaml`` + ``final/``), an adapter folder (the run's
+``recipe.yaml`` is taken from its parent when there is one) or a Hub id. The recipe supplies the
+task, its options, the model's quantization / dtype / tokenizer and the eval section's lengths;
+flags and ``dotted.key=value`` overrides (applied to the recipe as in training) take precedence.
+Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out`` (default RUN/eval).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
+DEFAULT_SAMPLES = 100
+EVAL_SEED_OFFSET = 1000  # evaluation samples differ from the training ones (seeded data.seed)
+
+
+def parse_segments(text: str) -> list[int]:
+    """"1,2,4,8" or with an ellipsis continuing the progression: "1,2,4,...,4096" (doubling),
+    "1,2,3,...,10" (steps of one)."""
+    error = argparse.ArgumentTypeError(
+        f"--segments {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4,8 or 1,2,4,...,4096")
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    values: list[int] = []
+    try:
+        for i, part in enumerate(parts):
+            if part != "...":
+                values.append(int(part))
+                continue
+            if len(values) < 2 or i + 1 >= len(parts):
+                raise error
+            a, b, end = values[-2], values[-1], int(parts[i + 1])
+            geometric = a > 0 and b % a == 0 and b // a > 1
+            while True:
+                b, a = (b * (b // a), b) if geometric else (b + (b - a), b)
+                if b >= end or b <= a:
+                    break
+                values.append(b)
+    except ValueError:
+        raise error from None
+    if not values or min(values) < 1:
+        raise error
+    return sorted(set(values))
+
+
+def locate(path: str) -> tuple[str, str | None]:
+    """(adapter folder or Hub id, recipe.yaml path or None) of a run, an adapter folder or a Hub id."""
+    if os.path.isfile(os.path.join(path, "recipe.yaml")) and os.path.isdir(os.path.join(path, "final")):
+        return os.path.join(path, "final"), os.path.join(path, "recipe.yaml")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "memory_config.json")):
+            raise FileNotFoundError(f"{path} is neither a training run (recipe.yaml + final/) nor an adapter folder "
+                                    f"(memory_config.json)")
+        parent = os.path.join(os.path.dirname(os.path.normpath(path)), "recipe.yaml")
+        return path, parent if os.path.isfile(parent) else None
+    if os.path.exists(path) or path.startswith((".", "/")):
+        raise FileNotFoundError(f"{path} is not a folder")
+    return path, None  # a Hub id
+
+
+def model_name(path: str, taken: list[str]) -> str:
+    """A legend name: the run's folder name (a run's ``final`` folder is named after the run)."""
+    norm = os.path.normpath(path)
+    name = os.path.basename(norm)
+    if name == "final":
+        name = os.path.basename(os.path.dirname(norm)) or name
+    while name in taken:
+        name += " (baseline)"
+    return name
+
+
+def load_tokenizer(task: str, adapter: str, recipe, override: str | None):
+    """None for tasks on raw token ids (token_memory); else --tokenizer, the recipe's, the adapter
+    folder's, the offline one for tiny models, or the base model's."""
+    from ..data.registry import TASKS
+
+    if task in TASKS and not TASKS[task].needs_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    name = override or (recipe.model.tokenizer if recipe is not None else None)
+    if name is None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        name = adapter
+    if name is None and recipe is not None and recipe.model.is_tiny:
+        name = "offline"
+    if name is None:
+        name = recipe.model.name_or_path if recipe is not None else _base_model(adapter)
+    if name == "offline":
+        from ..data.tokenizer import offline_tokenizer
+
+        return offline_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _base_model(adapter: str) -> str:
+    config = os.path.join(adapter, "adapter_config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if base:
+            return base
+    return adapter  # full weights (or a Hub id): the folder holds its own tokenizer
+
+
+def load_model(adapter: str, recipe, args, memory_overrides: dict):
+    """RMTModel.from_pretrained with the recipe's quantization / dtype / attention unless flags say
+    otherwise; ``memory_overrides`` (MemoryConfig fields) change how inputs are read."""
+    import torch
+
+    from ..backbones import check_position_limit
+    from ..recurrent import RMTModel
+
+    model = recipe.model if recipe is not None else None
+    kwargs = {"quantization": args.quantization or (model.quantization if model else None),
+              "dtype": args.dtype or (model.dtype if model else None)}
+    if model is not None and model.attention:
+        kwargs["attn_implementation"] = model.attention
+    if args.base_model:
+        kwargs["base_model"] = args.base_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    rmt = RMTModel.from_pretrained(adapter, **kwargs)
+    if device.type != "cuda":
+        rmt.to(device)
+    if memory_overrides:
+        if "num_memory_tokens" in memory_overrides:
+            raise ValueError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
+                             "trained with that many tokens")
+        rmt.memory_config = dataclasses.replace(rmt.memory_config, **memory_overrides)
+        check_position_limit(rmt.causal_lm.config, rmt.memory_config)
+    return rmt.eval()
+
+
+def _recipe(path: str | None, overrides: list[str]):
+    if path is None:
+        return None
+    from ..train.recipe import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.registry import build_dataset
+    from .runner import EvalSettings, curve_for_task, evaluate
+
+    adapter, recipe_path = locate(args.path)
+    recipe = _recipe(recipe_path, list(args.overrides))
+    if recipe is None and args.overrides:
+        raise ValueError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
+
+    task = args.task or (recipe.data.task if recipe is not None else None)
+    if not task:
+        raise ValueError("no task: pass --task (the adapter has no recipe.yaml to take it from)")
+    if args.task_options is not None:
+        import yaml
+
+        options = yaml.safe_load(args.task_options) or {}
+    else:
+        options = dict(recipe.data.options) if recipe is not None and recipe.data.task == task else {}
+    eval_section = recipe.eval if recipe is not None else None
+    if (args.curve or curve_for_task(task)) == "history":
+        # Training may mix history sizes (arxiv_lm's history_sizes); the curve needs every sample
+        # at the longest history, and scores the shorter ones by reading less of it.
+        options.pop("history_sizes", None)
+    settings = EvalSettings(
+        curve=args.curve or curve_for_task(task),
+        segments=args.segments or (list(eval_section.num_segments) if eval_section and eval_section.num_segments
+                                   else DEFAULT_SEGMENTS),
+        num_samples=args.samples or (eval_section.num_samples if eval_section and eval_section.num_samples
+                                     else DEFAULT_SAMPLES),
+        batch_size=args.batch_size or (eval_section.batch_size if eval_section and eval_section.batch_size else 1),
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
+    )
+    seed = args.seed if args.seed is not None else (recipe.data.seed if recipe is not None else 0) + EVAL_SEED_OFFSET
+    memory_overrides = {}
+    if recipe is not None:
+        for item in args.overrides:
+            key = item.split("=", 1)[0]
+            if key.startswith("memory."):
+                field = key.split(".", 1)[1]
+                memory_overrides[field] = getattr(recipe.memory, field)
+
+    names: list[str] = []
+    models = {}
+    paths = [(args.path, adapter, recipe)]
+    if args.baseline:
+        base_adapter, base_recipe_path = locate(args.baseline)
+        paths.append((args.baseline, base_adapter, _recipe(base_recipe_path, [])))
+    for path, folder, folder_recipe in paths:
+        name = model_name(path, names)
+        names.append(name)
+        models[name] = load_model(folder, folder_recipe, args, memory_overrides)
+    rmt = next(iter(models.values()))
+    tokenizer = load_tokenizer(task, adapter, recipe, args.tokenizer)
+    segment_size = rmt.memory_config.segment_size
+
+    def build(num_segments: int, num_samples: int):
+        return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
+                             num_segments=num_segments, num_samples=num_samples, seed=seed)
+
+    out = args.out or (os.path.join(args.path, "eval") if os.path.isdir(args.path) else "eval")
+    settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
+                      "task_options": options, "seed": seed, "overrides": list(args.overrides)}
+    metrics = evaluate(models, build, settings, out)
+    summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
+    print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
+    return 0
+
+
+def _headline(curve: str, result) -> dict:
+    """The numbers a reader looks for first, per model."""
+    if curve == "accuracy":
+        return {str(p["num_segments"]): round(p["accuracy"], 4) for p in result}
+    if curve == "history":
+        return {str(h): round(v, 3) for h, v in result["perplexity"].items()}
+    return {str(p["num_segments"]): [round(p["perplexity_all"], 3), round(p["perplexity_last_segment"], 3)]
+            for p in result}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="curves of a trained run: accuracy / perplexity vs length",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("path", metavar="RUN_OR_ADAPTER_DIR", help="a training run, an adapter folder or a Hub id")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. data.options.noise=pg19 memory.segment_alignment=left")
+    p.add_argument("--task", help="a data registry task (default: the recipe's)")
+    p.add_argument("--task-options", help="the task's options as YAML / JSON (default: the recipe's)")
+    p.add_argument("--curve", choices=("accuracy", "history", "perplexity"),
+                   help="default: accuracy for memory tasks, history for arxiv_lm, perplexity otherwise")
+    p.add_argument("--segments", type=parse_segments,
+                   help="numbers of segments, e.g. 1,2,4,...,4096 (history curves: history + 1); "
+                        f"default: the recipe's eval.num_segments or {','.join(map(str, DEFAULT_SEGMENTS))}")
+    p.add_argument("--samples", type=int, help=f"samples per length (default: recipe or {DEFAULT_SAMPLES})")
+    p.add_argument("--batch-size", type=int, help="memory tasks: samples read together (default 1)")
+    p.add_argument("--chunk-size", type=int, help="tokens pushed into the stream at a time (default 16 segments)")
+    p.add_argument("--baseline", metavar="DIR", help="a no-memory run / adapter evaluated on the same samples")
+    p.add_argument("--out", help="output folder (default: RUN_OR_ADAPTER_DIR/eval)")
+    p.add_argument("--seed", type=int, help=f"sample seed (default: the recipe's data.seed + {EVAL_SEED_OFFSET})")
+    p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
+    p.add_argument("--dtype", help="default: the recipe's")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")
+    p.add_argument("--tokenizer", help="a tokenizer name / folder, or 'offline' (default: recipe, adapter, base)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

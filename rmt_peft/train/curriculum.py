@@ -1,0 +1,146 @@
+"""The segment curriculum of the paper: train on 1 segment, then 2, 3, ... each stage starting
+from the previous stage's weights.
+
+A stage ends at its step budget, or earlier when its metric (from evaluations during training)
+reaches a threshold or stops improving (plateau). ``StageCallback`` makes that decision inside
+the Hugging Face Trainer and writes the curriculum position (stage, steps of earlier stages,
+plateau counters) into every checkpoint as ``curriculum.json``, beside the optimizer, scheduler
+and RNG states the Trainer saves itself, so ``find_resume_point`` can continue a run exactly.
+
+Layout of a run folder::
+
+    OUTPUT_DIR/stage-<k>/checkpoint-<step>/   Trainer checkpoints of stage k (+ curriculum.json)
+    OUTPUT_DIR/stage-<k>/end/                 the weights when stage k ended (+ curriculum.json)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from transformers import TrainerCallback
+
+from .recipe import Stage
+
+STATE_FILE = "curriculum.json"
+END_DIR = "end"
+
+
+def stage_dir(output_dir: str, index: int) -> str:
+    return os.path.join(output_dir, f"stage-{index}")
+
+
+@dataclass
+class CurriculumState:
+    """Where a run is: ``stage`` (index), ``steps_before`` (optimizer steps of the stages before
+    it, for the global ``training.max_steps`` cap), the finished stages' records and the
+    plateau tracker of the current stage."""
+
+    stage: int = 0
+    steps_before: int = 0
+    finished: list[dict] = field(default_factory=list)
+    best: float | None = None
+    bad_evals: int = 0
+    stop_reason: str | None = None
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, folder: str) -> "CurriculumState":
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+def stage_budget(stage: Stage, steps_before: int, total_max_steps: int | None) -> int:
+    """Optimizer steps stage may take: its own budget, capped by what ``training.max_steps`` leaves."""
+    left = None if total_max_steps is None or total_max_steps <= 0 else total_max_steps - steps_before
+    budgets = [b for b in (stage.max_steps, left) if b is not None]
+    return max(0, min(budgets))
+
+
+def metric_improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+    if best is None:
+        return True
+    if lower_is_better(metric):
+        return value < best - min_delta
+    return value > best + min_delta
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "perplexity" in metric
+
+
+class StageCallback(TrainerCallback):
+    """Stops the stage's Trainer when the stage has converged, and records the curriculum position
+    in every checkpoint."""
+
+    def __init__(self, stage: Stage, state: CurriculumState):
+        self.stage = stage
+        self.state = state
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        name = self.stage.metric
+        if name is None or not metrics or not any(k.startswith("eval_") for k in metrics):
+            return  # not an evaluation during training (e.g. the final one, prefixed final_<n>)
+        key = name if name in metrics else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(f"curriculum metric {name!r} is not among the evaluation metrics {sorted(metrics)}")
+        value = float(metrics[key])
+        threshold = self.stage.threshold
+        if threshold is not None and not math.isnan(value):
+            reached = value <= threshold if lower_is_better(name) else value >= threshold
+            if reached:
+                self.state.stop_reason = f"{name}={value:.4g} reached threshold {threshold}"
+                control.should_training_stop = True
+                return
+        if self.stage.patience is not None:
+            if metric_improved(name, value, self.state.best, self.stage.min_delta):
+                self.state.best, self.state.bad_evals = value, 0
+            else:
+                self.state.bad_evals += 1
+                if self.state.bad_evals >= self.stage.patience:
+                    self.state.stop_reason = (f"{name} plateaued at {self.state.best:.4g} for "
+                                              f"{self.stage.patience} evaluations")
+                    control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.state.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    if not os.path.isdir(folder):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(folder)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.exists(os.path.join(folder, name, STATE_FILE))]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+@dataclass
+class ResumePoint:
+    """stage to run next; checkpoint: a Trainer checkpoint inside that stage (or None);
+    weights: the folder to load weights from before the stage starts (the previous stage's end)."""
+
+    state: CurriculumState
+    checkpoint: str | None = None
+    weights: str | None = None
+
+
+def find_resume_point(output_dir: str, num_stages: int) -> ResumePoint:
+    """The furthest point a previous run reached: the latest checkpoint of the latest stage it
+    entered, or the end of the last stage it finished."""
+    for index in reversed(range(num_stages)):
+        folder = stage_dir(output_dir, index)
+        end = os.path.join(folder, END_DIR)
+        if os.path.exists(os.path.join(end, STATE_FILE)):
+            state = CurriculumState.load(end)
+            return ResumePoint(state=state, weights=end)  # state.stage already points at the next stage
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is not None:
+            return ResumePoint(state=CurriculumState.load(checkpoint), checkpoint=checkpoint)
+    return ResumePoint(state=CurriculumState())

@@ -1,0 +1,87 @@
+"""`rmt-peft eval` end to end on saved tiny adapters: files, baseline, numbers = direct forward."""
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from rmt_peft.backbones import load_backbone
+from rmt_peft.cli import main
+from rmt_peft.data.token_memory import TokenMemoryTask
+from rmt_peft.eval.command import locate, parse_segments
+from rmt_peft.eval.metrics import exact_match
+from rmt_peft.memory import MemoryConfig
+from rmt_peft.recurrent import RMTModel
+from rmt_peft.tiny_models import tiny_model
+
+
+def save_adapter(tmp_path, name, memory):
+    base = tiny_model("gpt2", seed=1)
+    with torch.no_grad():  # make the value tokens (4..13) the likely predictions: accuracy is not always 0
+        base.get_input_embeddings().weight[4:14] *= 6
+    base.save_pretrained(tmp_path / "base")
+    rmt = RMTModel.from_backbone(load_backbone(str(tmp_path / "base")),
+                                 MemoryConfig(num_memory_tokens=memory, segment_size=8),
+                                 lora=LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    folder = tmp_path / name / "final"
+    rmt.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_parse_segments_and_locate(tmp_path):
+    assert parse_segments("1,2,4,...,64") == [1, 2, 4, 8, 16, 32, 64]
+    assert parse_segments("4,1,2") == [1, 2, 4]
+    with pytest.raises(FileNotFoundError, match="neither a training run"):
+        locate(str(tmp_path))
+    (tmp_path / "final").mkdir()
+    (tmp_path / "recipe.yaml").write_text("{}")
+    assert locate(str(tmp_path)) == (str(tmp_path / "final"), str(tmp_path / "recipe.yaml"))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_eval_adapter_with_baseline(tmp_path, capsys):
+    run = save_adapter(tmp_path, "rmt-run", memory=2)
+    baseline = save_adapter(tmp_path, "nomem-run", memory=0)
+    out = tmp_path / "out"
+    code = main(["eval", run, "--task", "token_memory", "--segments", "1,2", "--samples", "8",
+                 "--seed", "7", "--baseline", baseline, "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n"):])["curve"] == "accuracy"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["rmt-run", "nomem-run"]
+    assert metrics["models"]["nomem-run"]["num_memory_tokens"] == 0
+    accuracies = []
+    for name, folder in (("rmt-run", run), ("nomem-run", baseline)):
+        rmt = RMTModel.from_pretrained(folder)
+        for point in metrics["results"][name]:
+            task = TokenMemoryTask(8, point["num_segments"], 8, seed=7)
+            ids = torch.stack([task[i]["input_ids"] for i in range(8)])
+            labels = torch.stack([task[i]["labels"] for i in range(8)])
+            accuracies.append(point["accuracy"])
+            assert point["accuracy"] == pytest.approx(float(exact_match(rmt(ids).logits, labels).mean()))
+    assert max(accuracies) > 0
+    for name in ("accuracy_vs_length.csv", "accuracy_vs_length.png", "time_vs_length.png", "memory_vs_length.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@torch.no_grad()
+def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path):
+    import yaml
+
+    save_adapter(tmp_path, "run", memory=2)
+    recipe = {"model": {"name_or_path": str(tmp_path / "base")},
+              "memory": {"num_memory_tokens": 2, "segment_size": 8}, "lora": None,
+              "data": {"task": "token_memory", "options": {"num_values": 4}, "seed": 3},
+              "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+              "eval": {"num_segments": [1, 2], "num_samples": 5}}
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["eval", str(tmp_path / "run"), "eval.num_samples=3", "memory.segment_alignment=right",
+                 "--no-progress", "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["segments"] == [1, 2] and metrics["num_samples"] == 3
+    assert metrics["task_options"] == {"num_values": 4} and metrics["seed"] == 1003
+    assert [p["num_samples"] for p in metrics["results"]["run"]] == [3, 3]
+    with pytest.raises(ValueError, match="num_memory_tokens cannot be overridden"):
+        main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"])

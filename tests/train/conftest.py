@@ -1,0 +1,46 @@
+"""Small recipes for the training tests: a tiny GPT-Neo on the token_memory task."""
+import copy
+
+import pytest
+import torch
+import yaml
+
+TINY = {
+    "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 64, "max_positions": 64}},
+    "memory": {"num_memory_tokens": 4, "segment_size": 8},
+    "lora": None,
+    "data": {"task": "token_memory", "options": {"vocab_size": 64}, "num_train_samples": 64,
+             "num_eval_samples": 16},
+    "curriculum": {"segments": [1, 2], "steps_per_stage": 4},
+    "eval": {"num_segments": [2], "num_samples": 16},
+    "training": {"output_dir": "OUT", "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
+                 "learning_rate": 2.0e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+                 "seed": 0, "disable_tqdm": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: more threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(changes: dict of dotted keys) -> path of a tiny recipe with output in tmp_path/run."""
+    def write(changes=None, name="recipe.yaml"):
+        raw = copy.deepcopy(TINY)
+        raw["training"]["output_dir"] = str(tmp_path / "run")
+        for key, value in (changes or {}).items():
+            node = raw
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+    return write

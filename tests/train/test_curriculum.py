@@ -1,0 +1,93 @@
+"""The curriculum advances (step budget, metric threshold, plateau, the global step cap) and a run
+killed mid-way resumes to exactly the losses of an uninterrupted run."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from rmt_peft.train.curriculum import CurriculumState, StageCallback, stage_budget
+from rmt_peft.train.recipe import Stage, load_recipe
+from rmt_peft.train.trainer import train_recipe
+
+
+def evaluate(callback, values, metric):
+    """Feed evaluation results; return the index of the evaluation that stopped the stage."""
+    for i, value in enumerate(values):
+        control = SimpleNamespace(should_training_stop=False)
+        callback.on_evaluate(None, None, control, metrics={f"eval_{metric}": value})
+        if control.should_training_stop:
+            return i
+    return None
+
+
+def test_threshold_and_plateau_decide_when_a_stage_ends():
+    accuracy = Stage(num_segments=2, max_steps=100, metric="accuracy", threshold=0.9)
+    assert evaluate(StageCallback(accuracy, CurriculumState()), [0.2, 0.5, 0.95, 0.97], "accuracy") == 2
+    loss = Stage(num_segments=2, max_steps=100, metric="eval_loss", patience=2, min_delta=0.01)
+    state = CurriculumState()
+    # improves, improves, then two evaluations within min_delta of the best: plateau at the 5th
+    assert evaluate(StageCallback(loss, state), [3.0, 2.0, 1.5, 1.495, 1.6, 1.0], "loss") == 4
+    assert "plateau" in state.stop_reason and state.best == 1.5
+
+
+def test_stage_budget_is_capped_by_the_total_max_steps():
+    assert stage_budget(Stage(max_steps=10), steps_before=0, total_max_steps=None) == 10
+    assert stage_budget(Stage(max_steps=10), steps_before=25, total_max_steps=30) == 5
+    assert stage_budget(Stage(max_steps=None), steps_before=25, total_max_steps=30) == 5
+    assert stage_budget(Stage(max_steps=10), steps_before=30, total_max_steps=30) == 0
+
+
+@pytest.mark.slow
+def test_curriculum_advances_on_threshold_and_stops_at_the_step_cap(write_recipe):
+    stages = [{"num_segments": 1, "max_steps": 4, "metric": "eval_loss", "threshold": 100.0},
+              {"num_segments": 2, "max_steps": 4}, {"num_segments": 3, "max_steps": 4}]
+    recipe = load_recipe(write_recipe({"curriculum": {"stages": stages}, "training.max_steps": 6,
+                                       "training.eval_strategy": "steps", "training.eval_steps": 2}))
+    summary = train_recipe(recipe, log=lambda *_: None)
+    steps = [(s["num_segments"], s["steps"]) for s in summary["stages"]]
+    assert steps == [(1, 2), (2, 4)]  # stage 0 met its threshold at the first evaluation; 2 + 4 = cap
+    assert "threshold" in summary["stages"][0]["reason"]
+    on_disk = json.load(open(os.path.join(recipe.output_dir, "summary.json")))
+    assert on_disk["eval"]["2"]["accuracy"] == summary["eval"]["2"]["accuracy"]
+    assert os.path.exists(os.path.join(recipe.output_dir, "final", "memory.safetensors"))
+    assert load_recipe(os.path.join(recipe.output_dir, "recipe.yaml")).to_dict()["training"]["max_steps"] == 6
+
+
+class Killed(Exception):
+    pass
+
+
+def losses(output_dir, stage):
+    with open(os.path.join(output_dir, f"stage-{stage}", "checkpoint-4", "trainer_state.json")) as f:
+        return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_exactly(write_recipe, monkeypatch):
+    # linear decay and AdamW: a resume that lost the scheduler or optimizer state shows in the losses
+    changes = {"training.save_strategy": "steps", "training.save_steps": 2, "training.lr_scheduler_type": "linear",
+               "training.learning_rate": 1.0e-2}
+    full = load_recipe(write_recipe(changes, "full.yaml"))
+    full_dir = full.output_dir
+    summary = train_recipe(full, log=lambda *_: None)
+    reference = losses(full_dir, 0), losses(full_dir, 1)
+    assert len(reference[1]) == 4 and reference[1][0] != reference[1][-1]
+
+    for kill_stage, kill_step in ((1, 3), (1, 1)):  # after a checkpoint inside stage 1; right after stage 0
+        killed = load_recipe(write_recipe(changes, "killed.yaml"))
+        killed.training["output_dir"] = f"{full_dir}-killed-{kill_step}"
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.state.stage == kill_stage and state.global_step == kill_step:
+                raise Killed()
+
+        with monkeypatch.context() as patch:
+            patch.setattr(StageCallback, "on_step_end", on_step_end, raising=False)
+            with pytest.raises(Killed):
+                train_recipe(killed, log=lambda *_: None)
+        killed.training["resume_from_checkpoint"] = True
+        resumed = train_recipe(killed, log=lambda *_: None)
+        assert losses(killed.output_dir, 0) == reference[0]
+        assert losses(killed.output_dir, 1) == pytest.approx(reference[1], rel=1e-6, abs=1e-7)
+        assert resumed["eval"]["2"]["loss"] == pytest.approx(summary["eval"]["2"]["loss"], rel=1e-6)

@@ -1,0 +1,83 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks (gloo) through the real launcher and
+scripts/train.py, against one process on the same data: a 1-segment stage, then 3-segment BPTT
+with LoRA reused in every segment under non-reentrant checkpointing (whole segments with ZeRO-2,
+per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The backbone
+loads from a folder, so under ZeRO-3 it is partitioned while loading (the memory's init std is
+then computed on the gathered embedding) and the adapter must still be saved whole."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rmt_peft.tiny_models import save_tiny_model
+from rmt_peft.train.recipe import load_recipe
+from rmt_peft.train.trainer import TRAINABLE_FILE, train_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 3
+CHANGES = {
+    "lora": {"r": 4, "target_modules": "attention"},
+    "curriculum": {"stages": [{"num_segments": 1, "max_steps": 1}, {"num_segments": 3, "max_steps": STEPS}]},
+    "eval.num_segments": [3],
+    "eval.num_samples": 8,
+    "training.learning_rate": 1.0e-2,
+    "training.per_device_train_batch_size": 2,
+    "training.per_device_eval_batch_size": 4,
+    "training.save_strategy": "steps",
+    "training.save_steps": STEPS,
+}
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "stage-1", f"checkpoint-{STEPS}", "trainer_state.json")) as f:
+        return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "deepspeed")), reason="the deepspeed launcher is not installed")
+def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_path):
+    backbone = save_tiny_model(str(tmp_path / "tiny-gpt-neo"), "gpt_neo", vocab_size=64, max_positions=64)
+    path = write_recipe({**CHANGES, "model": {"name_or_path": backbone}})
+    single = load_recipe(path, ["training.gradient_accumulation_steps=2"])
+    single.training["output_dir"] = str(tmp_path / "single")
+    summary = train_recipe(single, log=lambda *_: None)
+    reference = losses(single.output_dir)
+    assert len(reference) == STEPS and reference[0] != reference[-1]
+    trained = load_file(os.path.join(single.output_dir, "final", TRAINABLE_FILE))
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for config, checkpointing in (("zero2", "memory.checkpoint_segments=true"),
+                                  ("zero3", "training.gradient_checkpointing=true")):
+        out = tmp_path / config
+        # both launches at once: most of their time is start-up (imports), which overlaps well
+        runs[config] = out, subprocess.Popen(
+            [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
+             path, f"training.deepspeed={config}", f"training.output_dir={out}", checkpointing],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for config, (out, process) in runs.items():
+        output, _ = process.communicate(timeout=400)
+        assert process.returncode == 0, output[-5000:]
+        assert losses(out) == pytest.approx(reference, rel=1e-4), config
+        adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+        assert adapter and all(t.numel() > 0 for t in adapter.values()), config
+        saved = load_file(os.path.join(out, "final", TRAINABLE_FILE))
+        assert saved.keys() == trained.keys()
+        for name, tensor in trained.items():
+            torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{config}: {name}")
+        ds_summary = json.loads((out / "summary.json").read_text())
+        assert ds_summary["eval"]["3"]["loss"] == pytest.approx(summary["eval"]["3"]["loss"], rel=1e-4)

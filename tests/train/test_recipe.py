@@ -1,0 +1,127 @@
+"""Recipes: loading, overrides with YAML types, and validation messages that name key, value and
+what is allowed. Nothing here loads model weights."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from rmt_peft.cli import main
+from rmt_peft.train.recipe import RecipeError, load_recipe
+from rmt_peft.train.trainer import check_output_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def error_of(path, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    return str(info.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_reach_every_section(write_recipe):
+    recipe = load_recipe(write_recipe(), ["training.learning_rate=1e-4", "memory.num_memory_tokens=2",
+                                          "curriculum.segments=[1,2,4]", "lora.r=4", "eval.baseline=true"])
+    assert recipe.training["learning_rate"] == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert recipe.memory.num_memory_tokens == 2
+    assert [s.num_segments for s in recipe.curriculum.stages] == [1, 2, 4]
+    assert all(s.max_steps == 4 for s in recipe.curriculum.stages)
+    assert recipe.lora == {"r": 4} and recipe.eval.baseline is True
+
+
+def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe({"curriculum.mix_previous": True, "curriculum.segments": [1, 2, 3]}))
+    assert [s.num_segments for s in recipe.curriculum.stages] == [1, [1, 2], [1, 2, 3]]
+    again = tmp_path / "resolved.yaml"
+    again.write_text(recipe.to_yaml())
+    assert load_recipe(str(again)).to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("memory.num_memory_token=3", ["memory.num_memory_token", "allowed", "num_memory_tokens"]),
+    ("memory.segment_size=eight", ["memory.segment_size='eight'", "an integer"]),
+    ("memory.segment_alignment=middle", ["segment_alignment='middle'", "left", "right"]),
+    ("training.learning_rat=0.1", ["training.learning_rat", "TrainingArguments"]),
+    ("training.max_steps=many", ["training.max_steps='many'", "an integer"]),
+    ("training.eval_strategy=sometimes", ["training.eval_strategy='sometimes'", "steps", "epoch"]),
+    ("model.quantization=3bit", ["model.quantization='3bit'", "8bit", "4bit"]),
+    ("data.task=poetry", ["data.task='poetry'", "token_memory"]),
+    ("data.options.colour=red", ["colour", "num_values"]),
+    ("memory.segment_size=60", ["segment_size=60", "68 positions", "64", "segment_size <= 56"]),
+    ("model.config.vocab_size=many", ["model.config"]),
+    ("curriculum.stages=[{num_segments: 2, metric: eval_accuracy}]", ["segments", "stages", "not both"]),
+    ("training.gradient_checkpointing_kwargs={use_reentrant: true}", ["use_reentrant", "false"]),
+    ("optimizer.lr=1", ["unknown section", "optimizer", "training"]),
+    ("training.remove_unused_columns=true", ["remove_unused_columns", "cannot be set"]),
+])
+def test_bad_values_are_rejected_with_key_value_and_allowed(write_recipe, override, expected):
+    message = error_of(write_recipe(), [override])
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_a_metric_needs_a_threshold_or_patience_and_evaluations(write_recipe):
+    stages = ["curriculum.segments=[]", "curriculum.stages=[{num_segments: 2, metric: eval_accuracy}]"]
+    assert "threshold or patience" in error_of(write_recipe(), stages)
+    message = error_of(write_recipe(), stages + ["curriculum.threshold=0.9"])
+    assert "eval_strategy" in message
+    recipe = load_recipe(write_recipe(), stages + ["curriculum.threshold=0.9", "training.eval_strategy=steps"])
+    assert recipe.curriculum.stages[0].threshold == 0.9
+
+
+def test_zero3_with_8bit_and_unknown_deepspeed_config(write_recipe):
+    message = error_of(write_recipe(), ["training.deepspeed=zero3", "model.quantization=8bit"])
+    assert "8bit" in message and "ZeRO-3" in message and "ZeRO-2" in message
+    message = error_of(write_recipe(), ["training.deepspeed=zero9"])
+    assert "zero9" in message and "zero2" in message and "zero3_offload" in message
+    recipe = load_recipe(write_recipe(), ["training.deepspeed=zero3"])
+    assert recipe.zero_stage == 3
+    assert recipe.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_missing_or_broken_files_and_model_paths(write_recipe, tmp_path):
+    assert "does not exist" in error_of(str(tmp_path / "nope.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    assert "not valid YAML" in error_of(str(broken))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- just\n- a list\n")
+    assert "must hold a mapping" in error_of(str(listing))
+    message = error_of(write_recipe(), [f"model.name_or_path={tmp_path}/no-such-model", "model.config={}"])
+    assert "no-such-model" in message and "does not exist" in message
+
+
+def test_a_local_model_folder_is_checked_from_its_config_only(write_recipe, tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2-tiny"
+    GPT2Config(n_positions=32, n_embd=64, n_layer=1, n_head=2, vocab_size=64).save_pretrained(folder)
+    base = [f"model.name_or_path={folder}", "model.config={}"]
+    assert load_recipe(write_recipe(), base + ["memory.segment_size=24"]).model.name_or_path == str(folder)
+    message = error_of(write_recipe(), base + ["memory.segment_size=28"])
+    assert "needs 36 positions" in message and "has 32" in message
+
+
+def test_output_dir_holding_another_run_is_never_overwritten(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe())
+    os.makedirs(recipe.output_dir)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(RecipeError, match="already holds files"):
+        check_output_dir(recipe, resume=False)
+    with pytest.raises(RecipeError, match="no run to resume"):
+        check_output_dir(recipe, resume=True)
+
+
+def test_validate_command_exit_status(write_recipe, capsys):
+    assert main(["validate", write_recipe()]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert main(["validate", write_recipe(), "memory.segment_size=0"]) != 0
+    assert "segment_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.curriculum.stages and recipe.output_dir
+    assert yaml.safe_load(recipe.to_yaml())["model"]["name_or_path"] == recipe.model.name_or_path
