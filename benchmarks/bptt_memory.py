@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import base_parser, bf16_matmul_tflops, device_of, environment, free, gpt_neo_config, print_table, write_json
+from .common import (base_parser, bf16_matmul_tflops, device_of, environment, free, gpt_neo_config, print_table,
+                     write_json)
 from .train import Bench
 
 SETTINGS = [  # (label, Bench.set_levers keywords); all with SDPA attention and segment checkpointing

@@ -225,7 +225,10 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
             continue
         if row["impl"].startswith("independent"):
             continue
-        key = "ref" if row["impl"].startswith("reference") else "nockpt" if "no checkpointing" in row["impl"] else "ours"
+        if row["impl"].startswith("reference"):
+            key = "ref"
+        else:
+            key = "nockpt" if "no checkpointing" in row["impl"] else "ours"
         entry = table.setdefault(row["segments"], {"segments": row["segments"]})
         if row["tokens_per_s"] > entry.get(f"{key}_tokens_per_s", 0):
             entry.update({f"{key}_batch": row["batch"], f"{key}_tokens_per_s": row["tokens_per_s"],
@@ -245,7 +248,8 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
 def main(argv=None) -> dict:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--quantization", nargs="+", default=["4bit"], choices=["none", "4bit", "8bit"])
-    parser.add_argument("--sections", nargs="+", default=["levers", "sweep"], choices=["levers", "sweep", "profile", "compile", "lm_head"])
+    parser.add_argument("--sections", nargs="+", default=["levers", "sweep"],
+                        choices=["levers", "sweep", "profile", "compile", "lm_head"])
     parser.add_argument("--runs", nargs="+", help="instead of the sweep grid: IMPL:SEGMENTSxBATCH ...")
     parser.add_argument("--sweep-impls", nargs="+", default=["reference", "ours"], choices=sorted(SWEEP))
     parser.add_argument("--segment-size", type=int, default=1024)
