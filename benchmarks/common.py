@@ -1,0 +1,276 @@
+"""What every benchmark shares: model shapes built from configs (nothing is downloaded), the
+reference-style RMT loop, timing and peak memory, FLOP counts and the result table.
+
+Every benchmark takes ``--tiny`` (CPU-sized shapes, used by tests/test_bench_smoke.py so the
+scripts do not rot) and ``--out FILE`` (JSON of every row, with the device and the date).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig
+
+from rmt_peft.attention import use_gpt_neo_sdpa
+from rmt_peft.backbones import load_backbone
+
+GIB = 2 ** 30
+
+
+# -- shapes ---------------------------------------------------------------------------------
+def gpt_neo_config(tiny: bool = False) -> GPTNeoConfig:
+    """EleutherAI/gpt-neo-1.3B's shape (or a CPU-sized stand-in with the same structure)."""
+    if tiny:
+        return GPTNeoConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                            attention_types=[[["global", "local"], 1]], max_position_embeddings=256,
+                            window_size=32, bos_token_id=0, eos_token_id=1)
+    return GPTNeoConfig(vocab_size=50257, hidden_size=2048, num_layers=24, num_heads=16,
+                        attention_types=[[["global", "local"], 12]], max_position_embeddings=2048,
+                        window_size=256, bos_token_id=50256, eos_token_id=50256)
+
+
+def llama_config(tiny: bool = False) -> LlamaConfig:
+    """A ~1.1B Llama-style RoPE model (TinyLlama-1.1B's shape), positions unbounded in practice."""
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1 << 17,
+                           bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=1 << 18,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def device_of(args) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+
+
+_SAVED: dict[str, str] = {}
+
+
+def build_backbone(config, quantization: str | None, device: torch.device, attention: str = "sdpa"):
+    """A random-weight causal LM of ``config``: bf16 on the GPU (fp32 on CPU), or NF4 / int8 by
+    saving the random bf16 weights and loading them through ``load_backbone`` (the user's path).
+    attention: "sdpa" (GPT-Neo: rmt_peft.attention; others: torch SDPA) or "eager"."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    native = "eager" if config.model_type == "gpt_neo" else attention
+    config = copy.deepcopy(config)  # switching attention renames the config's implementation
+    if quantization is None:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=native)
+    else:
+        key = repr(config.to_dict())
+        if key not in _SAVED:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=native)
+            _SAVED[key] = tempfile.mkdtemp(prefix="rmt-bench-")
+            model.save_pretrained(_SAVED[key])
+            del model
+            free()
+        device_map = {"": device.index or 0} if device.type == "cuda" else None
+        model = load_backbone(_SAVED[key], quantization=quantization, dtype=dtype, device_map=device_map,
+                              attn_implementation=native)
+    if attention == "sdpa":
+        use_gpt_neo_sdpa(model)
+    return model
+
+
+def lora_config(rank: int = 16):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+
+
+def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].is_cuda
+    return torch.optim.AdamW(params, lr=1e-4, fused=fused)
+
+
+# -- the reference ----------------------------------------------------------------------------
+class ReferenceRMT(torch.nn.Module):
+    """The reference RMT training loop, in the style of RecurrentWrapper / MemoryCell
+    (booydar/recurrent-memory-transformer): each segment is a full causal-LM forward of
+    [memory; segment; memory] with output_hidden_states=True, the new memory is the last hidden
+    state at the write positions, the logits of all segments are concatenated and the loss is
+    taken on the concatenation. No checkpointing."""
+
+    def __init__(self, backbone, num_memory_tokens: int, segment_size: int):
+        super().__init__()
+        self.backbone = backbone
+        embeddings = backbone.get_input_embeddings()
+        std = float(embeddings.weight.detach().float().std())
+        self.memory = torch.nn.Parameter(torch.randn(num_memory_tokens, embeddings.embedding_dim,
+                                                     device=embeddings.weight.device) * std)
+        self.m, self.segment_size = num_memory_tokens, segment_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        embed = self.backbone.get_input_embeddings()
+        memory = self.memory.unsqueeze(0).expand(batch, -1, -1)
+        logits = []
+        for start in range(0, input_ids.shape[1], self.segment_size):
+            segment = embed(input_ids[:, start:start + self.segment_size])
+            memory = memory.to(segment.dtype)
+            inputs = torch.cat([memory, segment, memory], dim=1)
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+            out = self.backbone(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True)
+            memory = out.hidden_states[-1][:, -self.m:]
+            logits.append(out.logits[:, self.m:-self.m])
+        full = torch.cat(logits, dim=1)
+        return F.cross_entropy(full[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+# -- measuring -------------------------------------------------------------------------------
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Measurement:
+    seconds: float  # median over the timed repeats
+    peak_gib: float | None  # peak allocated during warm-up and timed repeats (None on CPU)
+    oom: bool = False
+
+
+def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, repeat: int = 3) -> Measurement:
+    """Median wall time of ``step`` (synchronised) and the peak GPU memory it reached."""
+    free()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, oom = [], False
+    try:
+        for i in range(warmup + repeat):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        oom = True  # free outside the handler: the traceback holds the step's activations
+    if oom:
+        free()
+        return Measurement(float("nan"), None, oom=True)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return Measurement(statistics.median(times), peak)
+
+
+# -- FLOPs -----------------------------------------------------------------------------------
+def matmul_params(config) -> int:
+    """Weights every token multiplies through (all linear layers + the LM head), excluding LoRA."""
+    d = config.hidden_size
+    if config.model_type == "gpt_neo":
+        ff = config.intermediate_size or 4 * d
+        per_layer = 4 * d * d + 2 * d * ff
+        layers = config.num_layers
+    else:  # llama
+        kv = config.num_key_value_heads * (d // config.num_attention_heads)
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+        layers = config.num_hidden_layers
+    return layers * per_layer + d * config.vocab_size
+
+
+def attention_keys(config, positions: int) -> list[float]:
+    """Mean number of keys a query attends to, per layer, in a causal pass over ``positions``."""
+    if config.model_type == "gpt_neo":
+        w = config.window_size
+        local = sum(min(i + 1, w) for i in range(positions)) / positions
+        return [local if kind == "local" else (positions + 1) / 2 for kind in config.attention_layers]
+    return [(positions + 1) / 2] * config.num_hidden_layers
+
+
+def train_flops_per_token(config, positions: int) -> float:
+    """Model FLOPs per input token of a LoRA training step: 4N (forward 2N + input-gradient 2N;
+    frozen weights get no weight gradient) + attention (q.k and p.v, 4·d per attended key,
+    x3 for forward + backward). Recompute and LoRA's small matmuls are not counted."""
+    d = config.hidden_size
+    return 4 * matmul_params(config) + sum(3 * 4 * d * k for k in attention_keys(config, positions))
+
+
+def forward_flops_per_token(config, positions: int) -> float:
+    d = config.hidden_size
+    return 2 * matmul_params(config) + sum(4 * d * k for k in attention_keys(config, positions))
+
+
+def bf16_matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float | None:
+    """Measured dense bf16 matmul rate (the MFU denominator), on random data."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
+
+
+# -- reporting -------------------------------------------------------------------------------
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized shapes (smoke test)")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    return parser
+
+
+def environment(device: torch.device) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "host": platform.node()}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:
+            return "OOM"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n### {title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+
+
+def write_json(path: str | None, env: dict, tables: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"environment": env, "tables": tables}, f, indent=1)

@@ -1,0 +1,312 @@
+"""Training throughput, peak memory and MFU: the reference RMT loop against ours.
+
+GPT-Neo-1.3B shape with random weights, LoRA r=16 on all linear layers, 10 memory tokens,
+segments of 1024 tokens, fused AdamW; one step = forward + backward + optimizer step.
+
+Sections (``--sections``):
+  levers  one batch shape, each lever on its own: reference loop (eager / SDPA attention), ours
+          without checkpointing (eager / SDPA), with segment checkpointing, with segment + layer
+          checkpointing, and the same segments as independent sequences (no memory).
+  sweep   reference vs ours (SDPA + segment checkpointing) over 1, 2, 4, ... segments, each at
+          the batch sizes that fit; the best batch per segment count and the ratio.
+
+    python -m benchmarks.train --quantization 4bit none --sections levers sweep --out train.json
+"""
+from __future__ import annotations
+
+import torch
+
+from rmt_peft.attention import use_gpt_neo_sdpa
+from rmt_peft.memory import MemoryConfig
+from rmt_peft.recurrent import RMTModel
+from rmt_peft.speedups import compile_blocks, use_fused_gelu
+
+from .common import (ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
+                     free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
+                     train_flops_per_token, write_json)
+
+
+class Bench:
+    """One backbone with LoRA, shared by the reference loop and ours (same weights, same LoRA)."""
+
+    def __init__(self, config, quantization, device, segment, memory_tokens, peak_tflops, warmup, repeat):
+        from peft import get_peft_model
+
+        self.config, self.device, self.segment, self.m = config, device, segment, memory_tokens
+        self.quantization = quantization or "bf16"
+        self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
+        self.autocast = self.compiled = False
+        backbone = build_backbone(config, quantization, device, attention="sdpa")
+        self.peft = get_peft_model(backbone, lora_config())
+        self.reference = ReferenceRMT(self.peft, memory_tokens, segment)
+        self.ours = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
+                                                     loss_chunk_size=1024))
+        self.independent = RMTModel(self.peft, MemoryConfig(num_memory_tokens=0, segment_size=segment))
+        for model in (self.reference, self.ours, self.independent):
+            model.train()
+        self.optimizers = {name: optimizer_for(model) for name, model in
+                           (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))}
+
+    def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
+                   fused_gelu: bool = False, autocast: bool = False, compile: bool = False):
+        use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
+        use_fused_gelu(self.peft, enable=fused_gelu)
+        self.autocast = autocast
+        if compile != self.compiled:
+            compile_blocks(self.peft, enable=compile)
+            self.compiled = compile
+        self.ours.memory_config.checkpoint_segments = checkpoint_segments
+        self.independent.memory_config.checkpoint_segments = checkpoint_segments
+        lm = self.ours.causal_lm
+        if checkpoint_layers:
+            lm.activation_checkpointing_enable()
+        elif lm.is_activation_checkpointing:
+            lm.activation_checkpointing_disable()
+
+    def loss(self, impl: str, ids: torch.Tensor, batch: int, segments: int) -> torch.Tensor:
+        if impl == "reference":
+            return self.reference(ids)
+        if impl == "ours":
+            return self.ours(ids, labels=ids).loss
+        flat = ids.reshape(batch * segments, self.segment)  # independent sequences, no memory
+        return self.independent(flat, labels=flat).loss
+
+    def run(self, impl: str, segments: int, batch: int, label: str) -> dict:
+        optimizer = self.optimizers[impl]
+        ids = torch.randint(0, self.config.vocab_size, (batch, segments * self.segment), device=self.device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss(impl, ids, batch, segments)
+            loss.backward()
+            optimizer.step()
+
+        result = measure(step, self.device, self.warmup, self.repeat)
+
+        optimizer.zero_grad(set_to_none=True)
+        free()
+        tokens = batch * segments * self.segment
+        row = {"backbone": self.quantization, "impl": label, "segments": segments, "batch": batch,
+               "step_s": result.seconds, "tokens_per_s": tokens / result.seconds if not result.oom else None,
+               "peak_gib": result.peak_gib, "oom": result.oom}
+        if self.peak_tflops and not result.oom:
+            positions = self.segment + (2 * self.m if impl != "independent" else 0)
+            flops = train_flops_per_token(self.config, positions) * tokens
+            row["mfu_pct"] = 100 * flops / result.seconds / 1e12 / self.peak_tflops
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        return row
+
+
+FAST = dict(attention="sdpa", fused_gelu=True, autocast=True)
+# (label, impl, set_levers keywords): each lever added on its own, then together
+LEVERS = [
+    ("reference loop, eager attention", "reference", dict(attention="eager")),
+    ("reference loop, SDPA attention", "reference", dict(attention="sdpa")),
+    ("ours, eager, no checkpointing", "ours", dict(attention="eager")),
+    ("ours, SDPA, no checkpointing", "ours", dict(attention="sdpa")),
+    ("ours, SDPA, fused GELU", "ours", dict(attention="sdpa", fused_gelu=True)),
+    ("ours, SDPA, bf16 autocast", "ours", dict(attention="sdpa", autocast=True)),
+    ("ours, SDPA, fused GELU, autocast", "ours", dict(attention="sdpa", fused_gelu=True, autocast=True)),
+    ("ours, SDPA, segment checkpointing", "ours", dict(attention="sdpa", checkpoint_segments=True)),
+    ("ours, SDPA, fused GELU, autocast, segment checkpointing", "ours",
+     dict(attention="sdpa", fused_gelu=True, autocast=True, checkpoint_segments=True)),
+    ("ours, SDPA, segment + layer checkpointing", "ours",
+     dict(attention="sdpa", checkpoint_segments=True, checkpoint_layers=True)),
+    ("independent segments, SDPA, no checkpointing", "independent", dict(attention="sdpa")),
+    ("independent segments, SDPA, fused GELU, autocast", "independent",
+     dict(attention="sdpa", fused_gelu=True, autocast=True)),
+]
+COMPILE_LEVERS = [
+    ("ours, SDPA, fused GELU, autocast, compiled blocks", "ours", dict(FAST, compile=True)),
+    ("ours, SDPA, fused GELU, autocast, compiled blocks, segment checkpointing", "ours",
+     dict(FAST, compile=True, checkpoint_segments=True)),
+]
+
+
+def levers(bench: Bench, segments: int, batch: int, table=None) -> list[dict]:
+    rows = []
+    for label, impl, settings in table or LEVERS:
+        try:
+            bench.set_levers(**settings)
+            rows.append(bench.run(impl, segments, batch, label))
+        except Exception as err:  # a lever that does not run here is a result too
+            print(f"{label}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            rows.append({"impl": label, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+    bench.set_levers("sdpa")
+    return rows
+
+
+def lm_head_layouts(device: torch.device, vocab: int, hidden: int, rows: int, repeat: int = 20) -> list[dict]:
+    """logits = h W^T (the usual layout: an odd vocabulary gives an unaligned output row, which
+    keeps cuBLAS off its fast kernels) against (W h^T)^T (the vocabulary becomes the unaligned
+    M dimension, which is harmless); forward + backward + float cross-entropy of one chunk."""
+    import torch.nn.functional as F
+
+    from .common import measure
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    weight = torch.randn(vocab, hidden, device=device, dtype=dtype) * 0.02
+    hidden_states = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    out = []
+    for label, logits_of in (("F.linear(h, W)", lambda h: F.linear(h, weight)),
+                             ("(W @ h.T).T", lambda h: (weight @ h.t()).t())):
+        def step():
+            loss = F.cross_entropy(logits_of(hidden_states).float(), targets)
+            loss.backward()
+        m = measure(step, device, warmup=3, repeat=repeat)
+        out.append({"layout": label, "vocab": vocab, "rows": rows, "ms": 1e3 * m.seconds})
+        print(out[-1], flush=True)
+    return out
+
+
+def profile(bench: Bench, segments: int, batch: int) -> None:
+    """Where one step's time goes: the top kernels and the CPU time that launches them."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for impl in ("ours", "independent"):
+        bench.set_levers("sdpa")
+        bench.run(impl, segments, batch, f"{impl} (warm-up for the profile)")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            bench.run(impl, segments, batch, f"{impl} (profiled)")
+        sort = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n### Profile: {impl}, {segments} segments x batch {batch}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=22, max_name_column_width=60))
+
+
+SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", dict(attention="eager")),
+         "ours": ("ours", "ours (SDPA, fused GELU, autocast, segment checkpointing)",
+                  dict(FAST, checkpoint_segments=True)),
+         "ours-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, no checkpointing)", FAST),
+         "ours-compiled": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks, segment checkpointing)",
+                           dict(FAST, compile=True, checkpoint_segments=True)),
+         "ours-compiled-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks, no checkpointing)",
+                                  dict(FAST, compile=True)),
+         "independent-compiled": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
+                                  "blocks, no checkpointing)", dict(FAST, compile=True))}
+
+
+def planned(bench: Bench, runs: list[str]) -> list[dict]:
+    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8)."""
+    rows = []
+    for run in runs:
+        name, shape = run.split(":")
+        segments, batch = (int(v) for v in shape.split("x"))
+        impl, label, settings = SWEEP[name]
+        bench.set_levers(**settings)
+        rows.append(bench.run(impl, segments, batch, label))
+    return rows
+
+
+def sweep(bench: Bench, segment_counts: list[int], batches: list[int], max_tokens: int,
+          impls: list[str]) -> list[dict]:
+    rows = []
+    for impl, label, settings in (SWEEP[name] for name in impls):
+        bench.set_levers(**settings)
+        for segments in segment_counts:
+            for batch in batches:
+                if batch * segments * bench.segment > max_tokens:
+                    break
+                row = bench.run(impl, segments, batch, label)
+                rows.append(row)
+                if row["oom"]:
+                    break
+    return rows
+
+
+def best_by_segments(rows: list[dict]) -> list[dict]:
+    """Per segment count: each implementation's best batch, and ours/reference."""
+    table = {}
+    for row in rows:
+        if row["oom"]:
+            continue
+        if row["impl"].startswith("independent"):
+            continue
+        if row["impl"].startswith("reference"):
+            key = "ref"
+        else:
+            key = "nockpt" if "no checkpointing" in row["impl"] else "ours"
+        entry = table.setdefault(row["segments"], {"segments": row["segments"]})
+        if row["tokens_per_s"] > entry.get(f"{key}_tokens_per_s", 0):
+            entry.update({f"{key}_batch": row["batch"], f"{key}_tokens_per_s": row["tokens_per_s"],
+                          f"{key}_peak_gib": row["peak_gib"]})
+    out = []
+    for segments in sorted(table):
+        entry = table[segments]
+        for key in ("ours", "nockpt"):
+            if "ref_tokens_per_s" in entry and f"{key}_tokens_per_s" in entry:
+                entry[f"{key}_speed_ratio"] = entry[f"{key}_tokens_per_s"] / entry["ref_tokens_per_s"]
+                if entry["ref_peak_gib"]:
+                    entry[f"{key}_memory_ratio"] = entry[f"{key}_peak_gib"] / entry["ref_peak_gib"]
+        out.append(entry)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--quantization", nargs="+", default=["4bit"], choices=["none", "4bit", "8bit"])
+    parser.add_argument("--sections", nargs="+", default=["levers", "sweep"],
+                        choices=["levers", "sweep", "profile", "compile", "lm_head"])
+    parser.add_argument("--runs", nargs="+", help="instead of the sweep grid: IMPL:SEGMENTSxBATCH ...")
+    parser.add_argument("--sweep-impls", nargs="+", default=["reference", "ours"], choices=sorted(SWEEP))
+    parser.add_argument("--segment-size", type=int, default=1024)
+    parser.add_argument("--memory-tokens", type=int, default=10)
+    parser.add_argument("--lever-shape", type=int, nargs=2, default=[4, 2], metavar=("SEGMENTS", "BATCH"))
+    parser.add_argument("--segments", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=65536, help="largest batch x length tried")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.segment_size, args.memory_tokens = min(args.segment_size, 32), min(args.memory_tokens, 4)
+    device = device_of(args)
+    env = environment(device)
+    env["bf16_matmul_tflops"] = bf16_matmul_tflops(device)
+    print(env, flush=True)
+    config = gpt_neo_config(args.tiny)
+    tables = {}
+    if "lm_head" in args.sections:
+        rows = [r for n in (1024, 2048) for r in lm_head_layouts(device, config.vocab_size, config.hidden_size, n)]
+        tables["lm_head"] = rows
+        print_table("LM head layouts (forward + backward + CE of one chunk)", rows, ["layout", "vocab", "rows", "ms"])
+    for quantization in args.quantization:
+        q = None if quantization == "none" else quantization
+        bench = Bench(config, q, device, args.segment_size, args.memory_tokens, env["bf16_matmul_tflops"],
+                      args.warmup, args.repeat)
+        name = bench.quantization
+        if "levers" in args.sections:
+            rows = levers(bench, *args.lever_shape)
+            tables[f"levers_{name}"] = rows
+            print_table(f"Levers, {name} backbone, {args.lever_shape[0]} segments x batch {args.lever_shape[1]}",
+                        rows, ["impl", "step_s", "tokens_per_s", "peak_gib", "mfu_pct"])
+        if "compile" in args.sections:
+            rows = levers(bench, *args.lever_shape, table=COMPILE_LEVERS)
+            tables[f"compile_{name}"] = rows
+            print_table(f"Compiled blocks, {name} backbone, {args.lever_shape[0]} segments x batch "
+                        f"{args.lever_shape[1]}", rows, ["impl", "step_s", "tokens_per_s", "peak_gib", "mfu_pct"])
+        if "profile" in args.sections:
+            profile(bench, *args.lever_shape)
+        if "sweep" in args.sections:
+            rows = planned(bench, args.runs) if args.runs else \
+                sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)
+            tables[f"sweep_{name}"] = rows
+            best = best_by_segments(rows)
+            tables[f"best_{name}"] = best
+            print_table(f"All runs, {name} backbone", rows,
+                        ["impl", "segments", "batch", "tokens_per_s", "peak_gib", "mfu_pct"])
+            print_table(f"Best batch per segment count, {name} backbone", best,
+                        ["segments", "ref_batch", "ref_tokens_per_s", "ref_peak_gib", "ours_batch",
+                         "ours_tokens_per_s", "ours_peak_gib", "ours_speed_ratio", "ours_memory_ratio",
+                         "nockpt_batch", "nockpt_tokens_per_s", "nockpt_peak_gib", "nockpt_speed_ratio"])
+        del bench
+        free()
+    write_json(args.out, env, tables)
+    return tables
+
+
+if __name__ == "__main__":
+    main()

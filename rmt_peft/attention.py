@@ -1,0 +1,98 @@
+"""An exact SDPA attention path for GPT-Neo, registered through transformers' attention interface.
+
+transformers ships GPT-Neo with eager attention only (plus flash-attn 2, which needs an extra
+package): scores in fp32, no 1/sqrt(head_dim) scaling, and a 256-token sliding window on the
+"local" layers. Eager materialises (batch, heads, q, k) fp32 scores and probabilities in every
+layer, which dominates activation memory and time at 1-2k-token segments. This module computes
+the same function with ``torch.nn.functional.scaled_dot_product_attention``:
+
+- ``scale=1.0`` (GPT-Neo does not scale scores);
+- SDPA's fused kernels accumulate q.k in fp32 and run the softmax in fp32, which is what eager's
+  upcast buys, without storing fp32 score matrices;
+- local layers AND the model's own sliding-window buffer (``module.bias``) into the mask, so the
+  window is exactly eager's;
+- with no padding a global layer runs ``is_causal=True`` (the flash kernel).
+
+``use_gpt_neo_sdpa(model)`` switches a loaded GPT-Neo model (plain, quantized or inside peft) to
+it: the attention function and its mask builder are registered as ``"gpt_neo_sdpa"`` in
+``AttentionInterface`` / ``AttentionMaskInterface``, the config names that implementation (so
+``create_causal_mask`` builds boolean SDPA masks, or none), and each eager self-attention module
+gets a subclass whose ``_attn`` dispatches through the interface. Weights and state dicts are
+unchanged. Attention weights are not returned (``output_attentions`` needs eager).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+
+GPT_NEO_SDPA = "gpt_neo_sdpa"
+
+
+def gpt_neo_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float = 1.0,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of one GPT-Neo layer. query/key/value: (batch, heads, q/k, head_dim);
+    attention_mask: a boolean (batch, 1, q, k) SDPA mask (True = attend) or None (causal, no
+    padding). Returns ((batch, q, heads, head_dim), None), the interface's layout."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    # The model's own causal(+window) table, aligned bottom-right as eager slices it.
+    table = module.bias[:, :, k_len - q_len:k_len, :k_len]
+    mask, is_causal = attention_mask, False
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"{GPT_NEO_SDPA} expects a boolean attention mask, got {mask.dtype}; "
+                        "switch the model with use_gpt_neo_sdpa()")
+    if module.attention_type == "local":
+        mask = table if mask is None else mask & table
+    elif mask is None:
+        if q_len == k_len:
+            is_causal = True
+        else:
+            mask = table
+    if mask is not None and attention_mask is not None:
+        # A query that sees no key (padding far inside a local window) would give NaN, and NaN
+        # values leak into real rows through 0 * NaN in probs @ values; let such rows see themselves.
+        # Real tokens always attend to themselves, so their rows do not change.
+        rows = torch.arange(k_len - q_len, k_len, device=mask.device)
+        mask = mask | (rows[:, None] == torch.arange(k_len, device=mask.device))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                         is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(GPT_NEO_SDPA, gpt_neo_sdpa_attention)
+AttentionMaskInterface.register(GPT_NEO_SDPA, sdpa_mask)
+
+
+class GPTNeoSdpaSelfAttention(GPTNeoSelfAttention):
+    """GPT-Neo self-attention whose score/softmax/value step runs through the attention interface."""
+
+    def _attn(self, query, key, value, attention_mask=None):
+        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        dropout = self.attn_dropout.p if self.training else 0.0
+        out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=1.0)
+        return out.transpose(1, 2), weights  # back to eager's (batch, heads, q, head_dim)
+
+
+def use_gpt_neo_sdpa(model: nn.Module, enable: bool = True) -> int:
+    """Switch every GPT-Neo eager self-attention inside ``model`` to the exact SDPA path
+    (``enable=False`` switches back to eager, e.g. for ``output_attentions``).
+
+    Returns the number of layers switched (0 if there is nothing to switch). Idempotent.
+    """
+    source, target = (GPTNeoSelfAttention, GPTNeoSdpaSelfAttention) if enable else \
+        (GPTNeoSdpaSelfAttention, GPTNeoSelfAttention)
+    switched, configs = 0, {}
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target
+            switched += 1
+            configs[id(module.config)] = module.config
+    for config in configs.values():
+        # Only the mask builder and the dispatch above read this name; eager modules were replaced.
+        config._attn_implementation = GPT_NEO_SDPA if enable else "eager"
+    return switched

@@ -1,0 +1,63 @@
+"""CPU-sized runs of every benchmark script, so they do not rot, plus checks of what the tables
+rest on: the reference loop computes the same loss as RMTModel, and the FLOP count."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import bptt_memory, stream, train, vs_full_attention
+from benchmarks.common import ReferenceRMT, build_backbone, gpt_neo_config, train_flops_per_token
+from rmt_peft.memory import MemoryConfig
+from rmt_peft.recurrent import RMTModel
+
+
+def test_reference_loop_computes_the_rmt_loss():
+    """The reference-style loop (full forward, hidden states, concatenated logits) and RMTModel
+    agree on an untrained model with the same initial memory: the speed-up is for the same work."""
+    config = gpt_neo_config(tiny=True)
+    backbone = build_backbone(config, None, torch.device("cpu"), attention="eager")
+    reference = ReferenceRMT(backbone, num_memory_tokens=4, segment_size=32)
+    ours = RMTModel(backbone, MemoryConfig(num_memory_tokens=4, segment_size=32))
+    with torch.no_grad():
+        ours.memory.memory_tokens.copy_(reference.memory)
+    ids = torch.randint(0, config.vocab_size, (2, 96))
+    with torch.no_grad():
+        assert torch.allclose(reference(ids), ours(ids, labels=ids).loss, atol=1e-5)
+
+
+def test_train_flops_match_a_hand_count():
+    config = gpt_neo_config(tiny=False)
+    d, v, layers, n = 2048, 50257, 24, 1044
+    matmul = layers * 12 * d * d + d * v
+    local = sum(min(i + 1, 256) for i in range(n)) / n
+    attention = 12 * 3 * 4 * d * ((n + 1) / 2) + 12 * 3 * 4 * d * local
+    assert train_flops_per_token(config, n) == pytest.approx(4 * matmul + attention)
+
+
+def test_train_bench_runs(tmp_path):
+    out = tmp_path / "train.json"
+    tables = train.main(["--tiny", "--quantization", "none", "--sections", "sweep", "--warmup", "0",
+                         "--repeat", "1", "--runs", "reference:2x1", "ours:2x1", "ours-nockpt:2x1",
+                         "--out", str(out)])
+    rows = tables["sweep_bf16"]  # "bf16" names the unquantized backbone (fp32 on the CPU)
+    assert [r["segments"] for r in rows] == [2, 2, 2] and all(r["tokens_per_s"] > 0 for r in rows)
+    best = tables["best_bf16"][0]
+    assert best["ours_speed_ratio"] == pytest.approx(best["ours_tokens_per_s"] / best["ref_tokens_per_s"])
+    assert json.loads(out.read_text())["environment"]["device"] == "cpu"
+
+
+def test_bptt_bench_runs():
+    rows = bptt_memory.main(["--tiny", "--quantization", "none", "--segments", "2", "--settings", "2"])
+    assert rows[0]["setting"] == "segment + layer checkpointing" and rows[0]["tokens_per_s"] > 0
+
+
+def test_stream_bench_runs():
+    rows = stream.main(["--tiny", "--tokens", "256", "--attached-tokens", "128", "--chunk", "50"])
+    assert [r["tokens"] for r in rows] == [64, 128, 128, 256, 256]
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_vs_full_attention_bench_runs():
+    summary = vs_full_attention.main(["--tiny", "--modes", "infer"])
+    assert [s["tokens"] for s in summary] == [128, 256]
+    assert all(s["time_full_over_rmt"] > 0 for s in summary)

@@ -1,0 +1,34 @@
+"""The speed-ups keep the model's function (CPU, tiny models)."""
+import copy
+
+import torch
+from transformers.activations import NewGELUActivation
+
+from rmt_peft.speedups import FusedTanhGelu, compile_blocks, speed_up, use_fused_gelu
+from rmt_peft.tiny_models import tiny_model
+
+
+def test_fused_gelu_is_gelu_new():
+    x = torch.randn(4096, dtype=torch.float64) * 4
+    assert torch.allclose(FusedTanhGelu()(x), NewGELUActivation()(x), atol=1e-12)
+
+
+def test_fused_gelu_swap_keeps_outputs_and_restores():
+    model = tiny_model("gpt_neo", num_layers=2)
+    fast = copy.deepcopy(model)
+    assert use_fused_gelu(fast) == 2 and use_fused_gelu(fast) == 0
+    ids = torch.randint(0, 128, (2, 40))
+    assert torch.allclose(fast(ids).logits, model(ids).logits, atol=1e-5)
+    assert use_fused_gelu(fast, enable=False) == 2
+    assert all(type(b.mlp.act) is NewGELUActivation for b in fast.transformer.h)
+
+
+def test_speed_up_and_compiled_blocks_keep_outputs():
+    model = tiny_model("gpt_neo", num_layers=2)
+    fast = copy.deepcopy(model)
+    assert speed_up(fast) == {"gpt_neo_sdpa": 2, "fused_gelu": 2}
+    assert compile_blocks(fast, backend="eager") == 2  # the wiring, without inductor's compile time
+    ids = torch.randint(0, 128, (1, 50))
+    assert torch.allclose(fast(ids).logits, model(ids).logits, atol=1e-4)
+    assert compile_blocks(fast, enable=False) == 2
+    assert all(b._compiled_call_impl is None for b in fast.transformer.h)
