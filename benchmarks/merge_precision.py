@@ -1,8 +1,8 @@
-import torch, sys, copy
 """Merged vs unmerged logits against the exact (fp32) computation, GPT-Neo-1.3B shape, random weights (GPU).
 
 Shows whether a bf16 merge differs from the unmerged model by more than bf16 rounding itself does.
 """
+import torch
 from transformers import GPTNeoConfig, AutoModelForCausalLM
 from rmt_peft import RMTModel, MemoryConfig
 def run(layers, seg=1024):
