@@ -11,7 +11,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # model_type -> config attribute holding the size of a learned absolute position table
 LEARNED_POSITION_LIMITS = {
@@ -79,6 +79,8 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     (set it to the compute dtype for FSDP / ZeRO-3). Before loading, bitsandbytes is tried on the
     target device; where it cannot run a RuntimeError names the quantization and the device.
     dtype: dtype of the weights that stay unquantized ("bfloat16", "float32", ...).
+    attn_implementation: as in transformers; "sdpa" for GPT-Neo (which transformers runs eager
+    only) selects our exact SDPA attention (``rmt_peft.attention``): same outputs, less memory.
 
     Training preparation is deliberate, not ``peft.prepare_model_for_kbit_training``:
     - ``gradient_checkpointing=True`` enables the model's per-layer activation checkpointing,
@@ -102,6 +104,10 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     load_kwargs = dict(kwargs)
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
+    gpt_neo_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") and \
+        AutoConfig.from_pretrained(name_or_path).model_type == "gpt_neo"
+    if gpt_neo_sdpa:  # transformers has no SDPA path for GPT-Neo: load eager, then switch (attention.py)
+        attn_implementation = "eager"
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
@@ -112,6 +118,10 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         check_bitsandbytes(quantization, target_device(device_map), quant_type)
         load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
+    if gpt_neo_sdpa:
+        from .attention import use_gpt_neo_sdpa
+
+        use_gpt_neo_sdpa(model)
     if qconfig is not None:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -109,3 +109,16 @@ def test_target_device_from_device_map():
 def test_missing_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(str(tmp_path / "nope"))
+
+
+def test_sdpa_for_gpt_neo_switches_to_the_exact_sdpa_attention(tmp_path):
+    from rmt_peft.attention import GPT_NEO_SDPA
+    from rmt_peft.tiny_models import save_tiny_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo")
+    eager = load_backbone(path)
+    sdpa = load_backbone(path, attn_implementation="sdpa")
+    assert sdpa.config._attn_implementation == GPT_NEO_SDPA
+    ids = torch.randint(2, 128, (2, 40))  # longer than the tiny model's 32-token local window
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-5)
