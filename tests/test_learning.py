@@ -36,7 +36,6 @@ def accuracy(rmt: RMTModel, segments: int, samples: int = 256) -> float:
 
 @pytest.mark.slow
 def test_memory_learns_and_generalises_while_no_memory_stays_at_chance():
-    torch.set_num_threads(1)  # tiny matrices: more threads only add contention
     with_memory = train_curriculum(4)
     assert accuracy(with_memory, 3) >= 0.9
     assert accuracy(with_memory, 8) >= 0.8  # trained on at most 3 segments

@@ -30,7 +30,6 @@ def test_stream_in_odd_chunks_equals_forward():
 
 
 def test_streaming_100k_tokens_holds_memory_flat():
-    torch.set_num_threads(1)
     rmt = RMTModel.from_backbone(tiny_model("gpt_neo", vocab_size=128), MemoryConfig(num_memory_tokens=4, segment_size=100))
     rss = []
     chunks_per_probe = 25  # probe every 25 x 1000 tokens

@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 import yaml
 
 TINY = {
@@ -17,15 +16,6 @@ TINY = {
                  "learning_rate": 2.0e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
                  "seed": 0, "disable_tqdm": True},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
