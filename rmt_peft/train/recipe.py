@@ -52,7 +52,10 @@ class ModelSection:
     """name_or_path: a Hub id, a local folder, or ``tiny:<arch>`` (a random tiny model built from
     a config, offline; ``config`` holds its ``rmt_peft.tiny_models.tiny_config`` arguments).
     tokenizer: a Hub id or folder, ``offline`` (the data package's offline tokenizer), or None:
-    the model's own tokenizer (tiny models: the offline one, when the task needs a tokenizer)."""
+    the model's own tokenizer (tiny models: the offline one, when the task needs a tokenizer).
+    fused_gelu: GPT-Neo / GPT-2's eight-kernel GELU as one kernel, same formula (about a third
+    less activation memory). compile_blocks: ``torch.compile`` each decoder block; pays on a GPU,
+    where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md)."""
 
     name_or_path: str = ""
     quantization: str | None = None
@@ -60,6 +63,8 @@ class ModelSection:
     attention: str | None = None
     config: dict = field(default_factory=dict)
     tokenizer: str | None = None
+    fused_gelu: bool = True
+    compile_blocks: bool = False
 
     @property
     def is_tiny(self) -> bool:

@@ -88,6 +88,7 @@ def build_backbone(recipe: Recipe, seed: int):
 def build_model(recipe: Recipe, seed: int):
     """Backbone (+ LoRA) wrapped in an RMTModel, in training mode."""
     from ..recurrent import RMTModel
+    from ..speedups import compile_blocks, use_fused_gelu
 
     backbone = build_backbone(recipe, seed)
     memory = recipe.memory
@@ -97,6 +98,10 @@ def build_model(recipe: Recipe, seed: int):
     torch.manual_seed(seed)
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora)
+    if recipe.model.fused_gelu:
+        use_fused_gelu(rmt.causal_lm)
+    if recipe.model.compile_blocks:
+        compile_blocks(rmt.causal_lm)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
         # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's

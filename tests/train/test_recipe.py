@@ -125,3 +125,18 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.curriculum.stages and recipe.output_dir
     assert yaml.safe_load(recipe.to_yaml())["model"]["name_or_path"] == recipe.model.name_or_path
+
+
+def test_fused_gelu_is_applied_and_can_be_turned_off(write_recipe):
+    from transformers.activations import NewGELUActivation
+
+    from rmt_peft.speedups import FusedTanhGelu
+    from rmt_peft.train.trainer import build_model
+
+    def count(recipe, kind):
+        return sum(type(m) is kind for m in build_model(recipe, seed=0).modules())
+
+    on = load_recipe(write_recipe())
+    off = load_recipe(write_recipe({"model.fused_gelu": False}))
+    assert count(on, FusedTanhGelu) == 2 and count(on, NewGELUActivation) == 0  # two tiny GPT-Neo layers
+    assert count(off, NewGELUActivation) == 2 and count(off, FusedTanhGelu) == 0
