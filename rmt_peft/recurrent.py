@@ -61,6 +61,34 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def _plan(attention_mask: torch.Tensor | None, targets: torch.Tensor | None,
+          bounds: list[tuple[int, int]]) -> tuple[bool, list[int | None]]:
+    """Whether the mask pads anything, and each segment's labelled-target count, read from the
+    device in one sync, so the segment loop (and its recompute in backward) never waits on it."""
+    checks = [] if attention_mask is None else [(attention_mask == 0).any().long()]
+    if targets is not None:
+        checks += [(targets[:, s:e] != IGNORE_INDEX).sum() for s, e in bounds]
+    values = torch.stack(checks).tolist() if checks else []
+    padded = bool(values.pop(0)) if attention_mask is not None else False
+    return padded, values if targets is not None else [None] * len(bounds)
+
+
+def _pad_rows(tensor: torch.Tensor | None, multiple: int = 64) -> torch.Tensor | None:
+    """Zero rows appended to a multiple of ``multiple`` rows (dim 0)."""
+    if tensor is None:
+        return None
+    pad = [0, 0] * (tensor.dim() - 1) + [0, -tensor.shape[0] % multiple]
+    return F.pad(tensor, pad)
+
+
+def _padded_head_pays(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """Pad only a frozen plain CUDA nn.Linear with a row count cuBLAS cannot align and no hooks (DeepSpeed
+    ZeRO-3 and accelerate offload gather or move the weight in hooks, which this would skip)."""
+    return (type(head) is nn.Linear and hidden.is_cuda and head.weight.is_cuda
+            and not head.weight.requires_grad and head.weight.shape[0] % 8 != 0 and not head._forward_pre_hooks and not head._forward_hooks
+            and not hasattr(head.weight, "ds_id"))
+
+
 class RMTModel(nn.Module):
     """Recurrent Memory Transformer around a causal LM (plain, quantized or with peft LoRA)."""
 
@@ -74,6 +102,7 @@ class RMTModel(nn.Module):
         std = memory_config.memory_init_std
         if std is None:
             std = float(embeddings.weight.detach().float().std())
+        self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device)
 
@@ -150,40 +179,71 @@ class RMTModel(nn.Module):
 
     # -- one segment ----------------------------------------------------------------------
     def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.causal_lm.get_output_embeddings()(hidden)
+        head = self.causal_lm.get_output_embeddings()
+        if _padded_head_pays(head, hidden):
+            # Same values as head(hidden). With an odd vocabulary (GPT-2/GPT-Neo: 50257) the
+            # logits and their gradient have rows of odd length, which keeps cuBLAS on slow
+            # kernels in forward and backward; padding the vocabulary to 50304 avoids both.
+            logits = F.linear(hidden, self._padded_head_weight(head.weight), _pad_rows(head.bias))
+            logits = logits[..., :head.weight.shape[0]]
+        else:
+            logits = head(hidden)
         cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _segment(self, memory, input_ids, attention_mask, target_ids, want_logits: bool):
-        """Run one segment. Returns (new memory, loss sum, labelled count, logits or None)."""
+    def _padded_head_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head weight padded once (not per loss chunk: each chunk saves its weight
+        for backward); rebuilt when the weight changes."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if self._padded_head is None or self._padded_head[0] != key:
+            self._padded_head = (key, _pad_rows(weight.detach()))  # a plain attribute, not in state dicts
+        return self._padded_head[1]
+
+    def _segment(self, memory, input_ids, attention_mask, target_ids, want_logits: bool,
+                 num_labelled: int | None = None):
+        """Run one segment. attention_mask None means no padding. ``num_labelled`` (the count of
+        labelled targets, if the caller knows it) spares a host sync. Returns (new memory, loss
+        sum, labelled count, logits or None)."""
         m = self.memory_config.num_memory_tokens
+        batch, n = input_ids.shape
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
         mask = attention_mask
         if m:
             read = (memory + self.memory.read_embedding).to(embeds.dtype)
             write = (memory + self.memory.write_embedding).to(embeds.dtype)
             embeds = torch.cat([read, embeds, write], dim=1)
-            ones = mask.new_ones(mask.shape[0], m)
-            mask = torch.cat([ones, mask, ones], dim=1)
-        # Positions count only attended tokens, so padding never shifts them (OPT does this
-        # itself; the others would not) and a padded sample computes what it would alone.
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            if mask is not None:
+                ones = mask.new_ones(batch, m)
+                mask = torch.cat([ones, mask, ones], dim=1)
+        if mask is None:
+            # No mask lets transformers skip building one (and its host sync) and use causal kernels.
+            positions = torch.arange(embeds.shape[1], device=embeds.device).expand(batch, -1)
+        else:
+            # Positions count only attended tokens, so padding never shifts them (OPT does this
+            # itself; the others would not) and a padded sample computes what it would alone.
+            positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         body = self.causal_lm.base_model
         hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                       use_cache=False).last_hidden_state
-        n = input_ids.shape[1]
-        new_memory = hidden[:, m + n:]
+        # A copy, not a view: a view would keep this segment's whole hidden state alive for as
+        # long as the memory lives (every segment of a checkpointed BPTT step).
+        new_memory = hidden[:, m + n:].clone()
         hidden = hidden[:, m:m + n]
 
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         count = torch.zeros((), dtype=torch.long, device=hidden.device)
         if target_ids is not None:
-            labelled = target_ids != IGNORE_INDEX
-            selected, targets = hidden[labelled], target_ids[labelled]
+            labelled = (target_ids != IGNORE_INDEX).flatten()
+            selected, targets = hidden.flatten(0, 1), target_ids.flatten()
+            if num_labelled is None:
+                num_labelled = int(labelled.sum())
+            if num_labelled < labelled.numel():  # gather without a host sync: the size is known
+                index = torch.nonzero_static(labelled, size=num_labelled).squeeze(1)
+                selected, targets = selected.index_select(0, index), targets.index_select(0, index)
             chunk = self.memory_config.loss_chunk_size
-            for i in range(0, targets.numel(), chunk):
+            for i in range(0, num_labelled, chunk):
                 logits = self._lm_logits(selected[i:i + chunk]).float()
                 loss_sum = loss_sum + F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
             count = labelled.sum()
@@ -204,15 +264,16 @@ class RMTModel(nn.Module):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         bounds = segment_bounds(length, cfg.segment_size, cfg.segment_alignment)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if return_logits is None:
             return_logits = labels is None
         targets = shift_labels(labels) if labels is not None else None
         if memory is None:
             memory = self.initial_memory(batch)
-        first_loss_segment = 0 if cfg.loss_segments is None else len(bounds) - cfg.loss_segments
+        first_loss_segment = 0 if cfg.loss_segments is None else max(0, len(bounds) - cfg.loss_segments)
         use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
+        padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
+        labelled = [None] * first_loss_segment + labelled
+        seg_mask = None
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         count = torch.zeros((), dtype=torch.long, device=input_ids.device)
@@ -220,16 +281,20 @@ class RMTModel(nn.Module):
         for index, (start, end) in enumerate(bounds):
             if cfg.bptt_depth is not None and index > 0 and index % (cfg.bptt_depth + 1) == 0:
                 memory = memory.detach()
-            seg_mask = attention_mask[:, start:end]
+            if padded:
+                seg_mask = attention_mask[:, start:end]
             seg_targets = targets[:, start:end] if targets is not None and index >= first_loss_segment else None
-            args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits)
+            args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits, labelled[index])
             if use_checkpoint:
                 new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False)
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
-            # A sample whose segment is all padding has ended: its memory stays as it was.
-            active = seg_mask.bool().any(dim=1)[:, None, None]
-            memory = torch.where(active, new_memory.to(memory.dtype), memory)
+            if padded:
+                # A sample whose segment is all padding has ended: its memory stays as it was.
+                active = seg_mask.bool().any(dim=1)[:, None, None]
+                memory = torch.where(active, new_memory.to(memory.dtype), memory)
+            else:
+                memory = new_memory.to(memory.dtype)
             loss_sum, count = loss_sum + s_loss, count + s_count
             nan = torch.full_like(s_loss, float("nan"))
             seg_losses.append(torch.where(s_count > 0, s_loss / s_count.clamp(min=1), nan).detach())
@@ -288,6 +353,9 @@ class RMTModel(nn.Module):
 
 @dataclass
 class StreamResult:
+    """The state after a stream: final memory, tokens and segments read, and with
+    ``compute_loss`` the mean token loss and each segment's loss (empty without it)."""
+
     memory: torch.Tensor
     num_tokens: int
     num_segments: int
@@ -318,6 +386,9 @@ class MemoryStream:
         self.segment_losses: list[float] = []
         self._loss_sum = 0.0
         self._count = 0
+        self._segments = 0
+        self._all_labelled = True
+        self._pending: list[torch.Tensor] = []  # (loss sum, count) per segment, still on the device
 
     def feed(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Add (batch, n) tokens; labels default to the tokens themselves (language modelling)."""
@@ -325,8 +396,10 @@ class MemoryStream:
             input_ids = input_ids.unsqueeze(0)
         if labels is None:
             labels = input_ids
-        elif labels.dim() == 1:
-            labels = labels.unsqueeze(0)
+        else:
+            self._all_labelled = False  # labels may hold IGNORE_INDEX: count them on the device
+            if labels.dim() == 1:
+                labels = labels.unsqueeze(0)
         self._ids.append(input_ids)
         self._labels.append(labels)
         self._buffered += input_ids.shape[1]
@@ -340,9 +413,19 @@ class MemoryStream:
         """Read what is left (a short last segment) and return the final state."""
         if self._buffered:
             self._run(self._buffered, last=True)
+        self._collect()
         loss = self._loss_sum / self._count if self.compute_loss and self._count else None
-        return StreamResult(self.memory, self.num_tokens, len(self.segment_losses) or 0, loss,
-                            list(self.segment_losses))
+        return StreamResult(self.memory, self.num_tokens, self._segments, loss, list(self.segment_losses))
+
+    def _collect(self) -> None:
+        """Bring pending segment losses to the host: one sync per batch of segments, not per segment."""
+        if not self._pending:
+            return
+        for loss_sum, count in torch.stack(self._pending).tolist():
+            self.segment_losses.append(loss_sum / count if count else float("nan"))
+            self._loss_sum += loss_sum
+            self._count += int(count)
+        self._pending = []
 
     @torch.no_grad()
     def _run(self, n: int, last: bool = False) -> list[torch.Tensor]:
@@ -353,15 +436,19 @@ class MemoryStream:
             if last:
                 targets = torch.cat([targets, targets.new_full((targets.shape[0], 1), IGNORE_INDEX)], dim=1)
         seg = ids[:, :n]
+        num_labelled = None
+        if targets is not None and self._all_labelled:
+            num_labelled = targets.numel() - (targets.shape[0] if last else 0)
         new_memory, loss_sum, count, logits = self.model._segment(
-            self.memory, seg, torch.ones_like(seg), targets, self.return_logits)
+            self.memory, seg, None, targets, self.return_logits, num_labelled)
         self.memory = new_memory.to(self.memory.dtype)
         self._ids, self._labels = [ids[:, n:]], [labels[:, n:]]
         self._buffered -= n
-        c = int(count)
-        self.segment_losses.append(float(loss_sum) / c if c else float("nan"))
-        self._loss_sum += float(loss_sum)
-        self._count += c
+        self._segments += 1
+        if self.compute_loss:
+            self._pending.append(torch.stack([loss_sum.double(), count.double()]))
+            if len(self._pending) >= 64:
+                self._collect()
         return [logits] if logits is not None else []
 
 

@@ -209,3 +209,49 @@ def test_segment_bounds():
     assert segment_bounds(10, 4, "right") == [(0, 2), (2, 6), (6, 10)]
     assert segment_bounds(8, 4, "right") == [(0, 4), (4, 8)]
     assert segment_bounds(3, 4) == [(0, 3)]
+
+
+def test_padded_head_weight_gives_the_same_logits_and_follows_the_weight():
+    """The LM head's vocabulary is padded for aligned GPU kernels; the logits and the input
+    gradient must equal the unpadded head's, and an updated weight must not be served stale."""
+    model = RMTModel(tiny_model("gpt_neo", vocab_size=101), MemoryConfig(num_memory_tokens=2, segment_size=8))
+    weight = model.causal_lm.get_output_embeddings().weight
+    weight.requires_grad_(False)
+    padded = model._padded_head_weight(weight)
+    assert padded.shape[0] == 128 and torch.equal(padded[101:], torch.zeros_like(padded[101:]))
+    hidden = torch.randn(3, weight.shape[1], requires_grad=True)
+    logits = torch.nn.functional.linear(hidden, padded)[..., :101]
+    torch.testing.assert_close(logits, hidden @ weight.T)
+    (grad,) = torch.autograd.grad(logits.square().sum(), hidden)
+    torch.testing.assert_close(grad, 2 * (hidden @ weight.T) @ weight)
+    assert model._padded_head_weight(weight) is padded  # cached
+    weight.mul_(2)
+    torch.testing.assert_close(model._padded_head_weight(weight)[:101], weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the padded LM head is used on CUDA only")
+def test_gpu_padded_head_keeps_logits_loss_and_gradients():
+    backbone = tiny_model("gpt_neo", vocab_size=101).cuda()
+    backbone.requires_grad_(False)
+    rmt = RMTModel(backbone, MemoryConfig(num_memory_tokens=0, segment_size=32))
+    ids = torch.randint(0, 101, (2, 32), device="cuda")
+    hidden = torch.randn(2, 32, 64, device="cuda", requires_grad=True)
+    logits = rmt._lm_logits(hidden)
+    assert rmt._padded_head is not None  # the padded path ran
+    torch.testing.assert_close(logits, hidden @ backbone.lm_head.weight.T, rtol=1e-4, atol=1e-4)
+    (grad,) = torch.autograd.grad(logits.square().sum(), hidden)
+    reference = hidden @ backbone.lm_head.weight.T
+    (expected,) = torch.autograd.grad(reference.square().sum(), hidden)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(rmt(ids, labels=ids).loss, backbone(ids, labels=ids).loss, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_does_not_hold_the_segment_hidden_state():
+    """The next memory must own its (batch, m, hidden) storage: a view into the segment's hidden
+    states would keep them alive across all segments of a checkpointed BPTT step."""
+    rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16,
+                                                       checkpoint_segments=True)).train()
+    ids = torch.randint(0, 128, (1, 48))
+    memory = rmt(ids, labels=ids).memory
+    assert memory.untyped_storage().nbytes() == memory.numel() * memory.element_size()
