@@ -32,6 +32,8 @@ DEEPSPEED_CONFIG_DIR = os.path.join(REPO_ROOT, "deepspeed_configs")
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 TRAINERS = ("rmt", "sft")
 # TrainingArguments fields the engine sets itself (per stage / for our batches).
 ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the model does not take",
@@ -55,7 +57,9 @@ class ModelSection:
     the model's own tokenizer (tiny models: the offline one, when the task needs a tokenizer).
     fused_gelu: GPT-Neo / GPT-2's eight-kernel GELU as one kernel, same formula (about a third
     less activation memory). compile_blocks: ``torch.compile`` each decoder block; pays on a GPU,
-    where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md)."""
+    where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md). compile_mode:
+    torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
+    CUDA graphs, +4-11% on NF4 backbones in BENCHMARKS.md)."""
 
     name_or_path: str = ""
     quantization: str | None = None
@@ -65,6 +69,7 @@ class ModelSection:
     tokenizer: str | None = None
     fused_gelu: bool = True
     compile_blocks: bool = False
+    compile_mode: str | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -470,6 +475,13 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     _need(model.quantization in QUANTIZATIONS,
           f"model.quantization={model.quantization!r} is not allowed; allowed: {list(QUANTIZATIONS)}")
     _need(model.dtype in DTYPES, f"model.dtype={model.dtype!r} is not allowed; allowed: {list(DTYPES)}")
+    _need(model.compile_mode in COMPILE_MODES,
+          f"model.compile_mode={model.compile_mode!r} is not allowed; allowed: {list(COMPILE_MODES)}")
+    _need(model.compile_mode is None or model.compile_blocks,
+          f"model.compile_mode={model.compile_mode!r} needs model.compile_blocks=true")
+    _need(model.compile_mode not in CUDA_GRAPH_MODES or not recipe.memory.checkpoint_segments,
+          f"model.compile_mode={model.compile_mode!r} captures CUDA graphs, which torch cannot record inside "
+          "memory.checkpoint_segments' recompute; use compile_mode=null (or default) with checkpointed segments")
     _need(model.attention in ATTENTIONS,
           f"model.attention={model.attention!r} is not allowed; allowed: {list(ATTENTIONS)}")
     _need(data.padding_side in ("left", "right"),

@@ -101,7 +101,8 @@ def build_model(recipe: Recipe, seed: int):
     if recipe.model.fused_gelu:
         use_fused_gelu(rmt.causal_lm)
     if recipe.model.compile_blocks:
-        compile_blocks(rmt.causal_lm)
+        mode = recipe.model.compile_mode
+        compile_blocks(rmt.causal_lm, **({"mode": mode} if mode else {}))
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
         # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's
