@@ -48,12 +48,15 @@ class Bench:
                            (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))}
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
-                   fused_gelu: bool = False, autocast: bool = False, compile: bool = False):
+                   fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False):
+        """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode."""
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast = autocast
         if compile != self.compiled:
-            compile_blocks(self.peft, enable=compile)
+            compile_blocks(self.peft, enable=False)
+            if compile:
+                compile_blocks(self.peft, **({"mode": compile} if isinstance(compile, str) else {}))
             self.compiled = compile
         self.ours.memory_config.checkpoint_segments = checkpoint_segments
         self.independent.memory_config.checkpoint_segments = checkpoint_segments
@@ -161,20 +164,45 @@ def lm_head_layouts(device: torch.device, vocab: int, hidden: int, rows: int, re
     return out
 
 
-def profile(bench: Bench, segments: int, batch: int) -> None:
-    """Where one step's time goes: the top kernels and the CPU time that launches them."""
+def profile(bench: Bench, runs: list[str]) -> list[dict]:
+    """Where one step's time goes, for each IMPL:SEGMENTSxBATCH run: GPU kernel time against the
+    step's wall time (the rest is the GPU waiting on Python, launches or host syncs) and the top kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for impl in ("ours", "independent"):
-        bench.set_levers("sdpa")
-        bench.run(impl, segments, batch, f"{impl} (warm-up for the profile)")
+    rows = []
+    for run in runs:
+        name, (segments, batch) = parse_run(run)
+        impl, label, settings = SWEEP[name]
+        bench.set_levers(**settings)
+        bench.run(impl, segments, batch, f"{label} (warm-up for the profile)")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
-            bench.run(impl, segments, batch, f"{impl} (profiled)")
+        warmup, repeat = bench.warmup, bench.repeat
+        bench.warmup, bench.repeat = 0, 1
+        try:
+            with torch_profile(activities=activities) as prof:
+                row = bench.run(impl, segments, batch, f"{label} (profiled)")
+        finally:
+            bench.warmup, bench.repeat = warmup, repeat
+        events = prof.key_averages()
+        kernel_s = None
+        if bench.device.type == "cuda":  # kernels only: an op's row repeats its kernels' time
+            kernel_s = sum(e.self_device_time_total for e in events
+                           if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+        rows.append({"impl": label, "segments": segments, "batch": batch, "step_s": row["step_s"],
+                     "gpu_kernel_s": kernel_s,
+                     "gpu_busy_pct": 100 * kernel_s / row["step_s"] if kernel_s else None})
         sort = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
-        print(f"\n### Profile: {impl}, {segments} segments x batch {batch}")
-        print(prof.key_averages().table(sort_by=sort, row_limit=22, max_name_column_width=60))
+        print(f"\n### Profile: {label}, {segments} segments x batch {batch}")
+        print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    return rows
+
+
+def parse_run(run: str) -> tuple[str, tuple[int, int]]:
+    """IMPL:SEGMENTSxBATCH -> (IMPL, (segments, batch))."""
+    name, shape = run.split(":")
+    segments, batch = (int(v) for v in shape.split("x"))
+    return name, (segments, batch)
 
 
 SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", dict(attention="eager")),
@@ -185,16 +213,21 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                            dict(FAST, compile=True, checkpoint_segments=True)),
          "ours-compiled-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks, no checkpointing)",
                                   dict(FAST, compile=True)),
+         "independent": ("independent", "independent segments (SDPA, fused GELU, autocast, no checkpointing)",
+                         FAST),
          "independent-compiled": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
-                                  "blocks, no checkpointing)", dict(FAST, compile=True))}
+                                  "blocks, no checkpointing)", dict(FAST, compile=True)),
+         "ours-graphs-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks + CUDA graphs, "
+                                "no checkpointing)", dict(FAST, compile="reduce-overhead")),
+         "independent-graphs": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
+                                "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead"))}
 
 
 def planned(bench: Bench, runs: list[str]) -> list[dict]:
     """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8)."""
     rows = []
     for run in runs:
-        name, shape = run.split(":")
-        segments, batch = (int(v) for v in shape.split("x"))
+        name, (segments, batch) = parse_run(run)
         impl, label, settings = SWEEP[name]
         bench.set_levers(**settings)
         rows.append(bench.run(impl, segments, batch, label))
@@ -251,6 +284,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", nargs="+", default=["levers", "sweep"],
                         choices=["levers", "sweep", "profile", "compile", "lm_head"])
     parser.add_argument("--runs", nargs="+", help="instead of the sweep grid: IMPL:SEGMENTSxBATCH ...")
+    parser.add_argument("--profile-runs", nargs="+", help="runs to profile, IMPL:SEGMENTSxBATCH ...")
     parser.add_argument("--sweep-impls", nargs="+", default=["reference", "ours"], choices=sorted(SWEEP))
     parser.add_argument("--segment-size", type=int, default=1024)
     parser.add_argument("--memory-tokens", type=int, default=10)
@@ -264,6 +298,9 @@ def main(argv=None) -> dict:
     if args.tiny:
         args.segment_size, args.memory_tokens = min(args.segment_size, 32), min(args.memory_tokens, 4)
     device = device_of(args)
+    # One process compiles the same block code for several models, shapes and modes; torch's
+    # default limit (8 graphs per code object) would silently send the later runs to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(device)
     env["bf16_matmul_tflops"] = bf16_matmul_tflops(device)
     print(env, flush=True)
@@ -289,7 +326,11 @@ def main(argv=None) -> dict:
             print_table(f"Compiled blocks, {name} backbone, {args.lever_shape[0]} segments x batch "
                         f"{args.lever_shape[1]}", rows, ["impl", "step_s", "tokens_per_s", "peak_gib", "mfu_pct"])
         if "profile" in args.sections:
-            profile(bench, *args.lever_shape)
+            shape = "x".join(map(str, args.lever_shape))
+            rows = profile(bench, args.profile_runs or [f"ours-nockpt:{shape}", f"independent:{shape}"])
+            tables[f"profile_{name}"] = rows
+            print_table(f"GPU busy share of a step, {name} backbone", rows,
+                        ["impl", "segments", "batch", "step_s", "gpu_kernel_s", "gpu_busy_pct"])
         if "sweep" in args.sections:
             rows = planned(bench, args.runs) if args.runs else \
                 sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)

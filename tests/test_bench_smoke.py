@@ -61,3 +61,11 @@ def test_vs_full_attention_bench_runs():
     summary = vs_full_attention.main(["--tiny", "--modes", "infer"])
     assert [s["tokens"] for s in summary] == [128, 256]
     assert all(s["time_full_over_rmt"] > 0 for s in summary)
+
+
+def test_train_bench_profile_runs():
+    tables = train.main(["--tiny", "--quantization", "none", "--sections", "profile", "--warmup", "0",
+                         "--repeat", "1", "--profile-runs", "ours-nockpt:2x1", "independent:2x1"])
+    rows = tables["profile_bf16"]
+    assert [r["segments"] * r["batch"] for r in rows] == [2, 2] and all(r["step_s"] > 0 for r in rows)
+    assert all(r["gpu_kernel_s"] is None for r in rows)  # no GPU here
