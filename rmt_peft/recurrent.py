@@ -82,11 +82,12 @@ def _pad_rows(tensor: torch.Tensor | None, multiple: int = 64) -> torch.Tensor |
 
 
 def _padded_head_pays(head: nn.Module, hidden: torch.Tensor) -> bool:
-    """Pad only a frozen plain CUDA nn.Linear with a row count cuBLAS cannot align and no hooks (DeepSpeed
-    ZeRO-3 and accelerate offload gather or move the weight in hooks, which this would skip)."""
-    return (type(head) is nn.Linear and hidden.is_cuda and head.weight.is_cuda
-            and not head.weight.requires_grad and head.weight.shape[0] % 8 != 0 and not head._forward_pre_hooks and not head._forward_hooks
-            and not hasattr(head.weight, "ds_id"))
+    """Pad only a frozen plain CUDA nn.Linear with a row count cuBLAS cannot align and no hooks
+    (DeepSpeed ZeRO-3 and accelerate offload gather or move the weight in hooks, which this would skip)."""
+    weight = head.weight if type(head) is nn.Linear else None
+    return (weight is not None and hidden.is_cuda and weight.is_cuda and not weight.requires_grad
+            and weight.shape[0] % 8 != 0 and not head._forward_pre_hooks and not head._forward_hooks
+            and not hasattr(weight, "ds_id"))
 
 
 class RMTModel(nn.Module):
