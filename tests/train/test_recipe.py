@@ -144,3 +144,16 @@ def test_fused_gelu_is_applied_and_can_be_turned_off(write_recipe):
     off = load_recipe(write_recipe({"model.fused_gelu": False}))
     assert count(on, FusedTanhGelu) == 2 and count(on, NewGELUActivation) == 0  # two tiny GPT-Neo layers
     assert count(off, NewGELUActivation) == 2 and count(off, FusedTanhGelu) == 0
+
+
+def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
+    import rmt_peft.speedups
+    from rmt_peft.train.trainer import build_model
+
+    calls = []
+    monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(kwargs))
+    build_model(load_recipe(write_recipe({"model.compile_blocks": True})), seed=0)
+    build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_mode": "reduce-overhead"})),
+                seed=0)
+    build_model(load_recipe(write_recipe()), seed=0)
+    assert calls == [{}, {"mode": "reduce-overhead"}]
