@@ -8,7 +8,10 @@ Sections (``--sections``):
           without checkpointing (eager / SDPA), with segment checkpointing, with segment + layer
           checkpointing, and the same segments as independent sequences (no memory).
   sweep   reference vs ours (SDPA + segment checkpointing) over 1, 2, 4, ... segments, each at
-          the batch sizes that fit; the best batch per segment count and the ratio.
+          the batch sizes that fit; the best batch per segment count and the ratio. Or exact
+          ``--runs IMPL:SEGMENTSxBATCH``; IMPL names are the keys of SWEEP, among them
+          independent* (the segments as separate sequences without memory tokens) and
+          independent-memory* (each with the initial memory: the same positions, no recurrence).
 
     python -m benchmarks.train --quantization 4bit none --sections levers sweep --out train.json
 """
@@ -46,6 +49,7 @@ class Bench:
             model.train()
         self.optimizers = {name: optimizer_for(model) for name, model in
                            (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))}
+        self.optimizers["independent-memory"] = self.optimizers["ours"]
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False):
@@ -71,8 +75,10 @@ class Bench:
             return self.reference(ids)
         if impl == "ours":
             return self.ours(ids, labels=ids).loss
-        flat = ids.reshape(batch * segments, self.segment)  # independent sequences, no memory
-        return self.independent(flat, labels=flat).loss
+        flat = ids.reshape(batch * segments, self.segment)  # the segments as independent sequences
+        if impl == "independent-memory":  # each with the initial memory, no recurrence
+            return self.ours(flat, labels=flat).loss
+        return self.independent(flat, labels=flat).loss  # without memory tokens
 
     def run(self, impl: str, segments: int, batch: int, label: str) -> dict:
         optimizer = self.optimizers[impl]
@@ -217,6 +223,14 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                          FAST),
          "independent-compiled": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
                                   "blocks, no checkpointing)", dict(FAST, compile=True)),
+         "independent-memory": ("independent-memory", "independent segments with memory tokens (SDPA, fused GELU, "
+                                "autocast, no checkpointing)", FAST),
+         "independent-memory-compiled": ("independent-memory", "independent segments with memory tokens (SDPA, "
+                                         "fused GELU, autocast, compiled blocks, no checkpointing)",
+                                         dict(FAST, compile=True)),
+         "independent-memory-graphs": ("independent-memory", "independent segments with memory tokens (SDPA, "
+                                       "fused GELU, autocast, compiled blocks + CUDA graphs, no checkpointing)",
+                                       dict(FAST, compile="reduce-overhead")),
          "ours-graphs-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks + CUDA graphs, "
                                 "no checkpointing)", dict(FAST, compile="reduce-overhead")),
          "independent-graphs": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "

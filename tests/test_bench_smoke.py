@@ -38,9 +38,9 @@ def test_train_bench_runs(tmp_path):
     out = tmp_path / "train.json"
     tables = train.main(["--tiny", "--quantization", "none", "--sections", "sweep", "--warmup", "0",
                          "--repeat", "1", "--runs", "reference:2x1", "ours:2x1", "ours-nockpt:2x1",
-                         "--out", str(out)])
+                         "independent-memory:2x1", "--out", str(out)])
     rows = tables["sweep_bf16"]  # "bf16" names the unquantized backbone (fp32 on the CPU)
-    assert [r["segments"] for r in rows] == [2, 2, 2] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["segments"] for r in rows] == [2, 2, 2, 2] and all(r["tokens_per_s"] > 0 for r in rows)
     best = tables["best_bf16"][0]
     assert best["ours_speed_ratio"] == pytest.approx(best["ours_tokens_per_s"] / best["ref_tokens_per_s"])
     assert json.loads(out.read_text())["environment"]["device"] == "cpu"
