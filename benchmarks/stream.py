@@ -16,6 +16,7 @@ import torch
 
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
+from rmt_peft.speedups import compile_blocks
 
 from .common import (GIB, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      forward_flops_per_token, free, gpt_neo_config, lora_config, print_table, sync, write_json)
@@ -44,10 +45,8 @@ def stream_all(rmt: RMTModel, ids: torch.Tensor, chunk: int):
 @torch.no_grad()
 def segment_loop(rmt: RMTModel, ids: torch.Tensor):
     size, memory = rmt.memory_config.segment_size, rmt.initial_memory(ids.shape[0])
-    ones = torch.ones_like(ids[:, :size])
     for start in range(0, ids.shape[1], size):
-        seg = ids[:, start:start + size]
-        memory = rmt._segment(memory, seg, ones[:, :seg.shape[1]], None, False)[0]
+        memory = rmt._segment(memory, ids[:, start:start + size], None, None, False)[0]
     return memory
 
 
@@ -60,6 +59,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--attached-tokens", type=int, default=512_000,
                         help="tokens streamed with LoRA attached (slower: launch-bound), before merging")
+    parser.add_argument("--compile", choices=["none", "blocks"], default="none",
+                        help="compiled blocks (CUDA-graph modes serve training only, see compile_blocks)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
@@ -75,6 +76,9 @@ def main(argv=None) -> list[dict]:
                                                         segment_size=args.segment_size), lora=lora_config(),
                                  verbose=False)
     rmt.eval()
+    if args.compile == "blocks":
+        compile_blocks(rmt.causal_lm)
+    suffix = ", compiled blocks" if args.compile == "blocks" else ""
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=device)
     flops = forward_flops_per_token(config, args.segment_size + 2 * args.memory_tokens)
@@ -98,16 +102,17 @@ def main(argv=None) -> list[dict]:
         else:
             tokens = min(tokens, args.attached_tokens)
         stream_all(rmt, ids[:, :4 * args.segment_size], args.chunk)  # warm-up
-        _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size + 1], args.chunk), device)
+        # Exactly one segment: a different length would be a new shape for compiled blocks.
+        _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size], args.chunk), device)
         half = tokens // 2
         s_half, p_half = timed(lambda: stream_all(rmt, ids[:, :half], args.chunk), device)
-        record(f"stream, {lora_state}", half, s_half, p_half, one)
+        record(f"stream, {lora_state}{suffix}", half, s_half, p_half, one)
         s_all, p_all = timed(lambda: stream_all(rmt, ids[:, :tokens], args.chunk), device)
-        row = record(f"stream, {lora_state}", tokens, s_all, p_all, one)
+        row = record(f"stream, {lora_state}{suffix}", tokens, s_all, p_all, one)
         row["time_ratio_2x_tokens"] = s_all / s_half
         if lora_state == "LoRA merged":
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
-            record(f"segment loop (floor), {lora_state}", tokens, s_loop, p_loop, one)
+            record(f"segment loop (floor), {lora_state}{suffix}", tokens, s_loop, p_loop, one)
     print_table(f"Streaming {args.tokens} tokens, {q or 'bf16'} GPT-Neo-1.3B shape, segments of "
                 f"{args.segment_size}, chunks of {args.chunk}", rows,
                 ["run", "tokens", "seconds", "tokens_per_s", "peak_gib", "peak_vs_one_segment",

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .attention import use_gpt_neo_sdpa
@@ -45,16 +46,35 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> int:
     """``torch.compile`` each transformer block in place (``enable=False`` undoes it). The first
-    call of each new input shape compiles (tens of seconds on a GPU); later calls reuse it."""
+    call of each new input shape compiles (tens of seconds on a GPU); later calls reuse it.
+
+    With a CUDA-graph mode (``mode="reduce-overhead"`` or ``"max-autotune"``) the graphs serve
+    training calls only: without gradients, torch's graph trees overwrite a block's output while
+    the next block still reads it (a RuntimeError when streaming or evaluating), so calls under
+    ``torch.no_grad`` run the block eagerly."""
     blocks = transformer_blocks(model)
     for block in blocks:
-        if enable:
-            block.compile(**compile_kwargs)
-        else:
+        if not enable:
             block._compiled_call_impl = None
+        elif compile_kwargs.get("mode") in CUDA_GRAPH_MODES:
+            block._compiled_call_impl = _graphs_with_grad(block, torch.compile(block._call_impl, **compile_kwargs))
+        else:
+            block.compile(**compile_kwargs)
     return len(blocks)
+
+
+def _graphs_with_grad(block: nn.Module, compiled):
+    def call(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return block._call_impl(*args, **kwargs)
+
+    return call
 
 
 def speed_up(model: nn.Module, compile: bool = False) -> dict[str, int]:

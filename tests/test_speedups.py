@@ -35,12 +35,28 @@ def test_speed_up_and_compiled_blocks_keep_outputs():
     assert all(b._compiled_call_impl is None for b in fast.transformer.h)
 
 
+def test_cuda_graph_blocks_step_aside_without_gradients():
+    """No compilation happens for calls under no_grad (CPU: nothing compiles at all then)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("gpt_neo", num_layers=2)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert compile_blocks(model, mode="reduce-overhead") == 2
+        frames = counters["frames"]["total"]
+        torch.testing.assert_close(model(ids).logits, expected)
+    assert counters["frames"]["total"] == frames
+    assert all(b._compiled_call_impl is not None for b in model.transformer.h)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_gpu_cuda_graph_blocks_train_like_eager():
     """compile_blocks(mode="reduce-overhead") replays CUDA graphs across segments and steps; the
     losses and gradients of BPTT must stay those of the eager model. (With checkpoint_segments
-    torch fails to record the graphs, an error; recipes reject that combination.)"""
-    from rmt_peft import MemoryConfig, RMTModel
+    torch fails to record the graphs, an error; recipes reject that combination.) Calls without
+    gradients run eagerly: graph trees would overwrite block outputs still in use."""
+    from rmt_peft import MemoryConfig, RMTModel, stream_tokens
 
     torch.manual_seed(0)
     config = MemoryConfig(num_memory_tokens=2, segment_size=16)
@@ -60,3 +76,12 @@ def test_gpu_cuda_graph_blocks_train_like_eager():
             grads.append(torch.cat([p.grad.flatten() for p in model.memory.parameters()]))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    # Without gradients (evaluation, streaming) the graphs step aside instead of failing.
+    eager.eval()
+    graphs.eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 128, (2, 48), device="cuda")
+        torch.testing.assert_close(graphs(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+        long_ids = torch.randint(0, 128, (1, 160), device="cuda")
+        streamed = stream_tokens(graphs, long_ids.split(50, dim=1)).memory
+        torch.testing.assert_close(streamed, eager.read(long_ids), rtol=1e-4, atol=1e-4)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..memory import MemoryConfig
+from ..speedups import CUDA_GRAPH_MODES
 
 TINY_PREFIX = "tiny:"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +34,6 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 TRAINERS = ("rmt", "sft")
 # TrainingArguments fields the engine sets itself (per stage / for our batches).
 ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the model does not take",
