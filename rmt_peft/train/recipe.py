@@ -59,7 +59,8 @@ class ModelSection:
     less activation memory). compile_blocks: ``torch.compile`` each decoder block; pays on a GPU,
     where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md). compile_mode:
     torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
-    CUDA graphs, +4-11% on NF4 backbones in BENCHMARKS.md)."""
+    CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
+    the blocks eagerly then)."""
 
     name_or_path: str = ""
     quantization: str | None = None
