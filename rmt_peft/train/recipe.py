@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 from ..memory import MemoryConfig
 from ..speedups import CUDA_GRAPH_MODES
 
@@ -44,7 +45,7 @@ SFT_OWNED = {"max_length": "each curriculum stage truncates to its number of seg
 INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot run; the message names the key, the value and what is allowed."""
 
 
