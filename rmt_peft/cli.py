@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from .errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:  # a mistake in the input: one line naming it, no traceback
+        print(f"rmt-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
