@@ -24,8 +24,10 @@ class MemoryConfig:
     num_memory_tokens: memory size in tokens; 0 is the no-memory baseline (segments are
         processed independently).
     segment_size: input tokens per segment (memory positions come on top).
-    bptt_depth: None for full backpropagation through time; k >= 0 detaches the memory every
-        k+1 segments, so a loss back-propagates through at most k memory transitions.
+    bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
+        last k memory transitions only (the memory entering segment i is detached unless
+        i >= n - k, for n segments), so the loss of the last segment back-propagates through
+        exactly k transitions. Aligned to the end because memory tasks put their loss there.
     checkpoint_segments: recompute each segment in the backward pass (non-reentrant activation
         checkpointing), so training memory does not grow with the number of segments.
     segment_alignment: "left" cuts segments from the first token (the last segment may be

@@ -280,7 +280,9 @@ class RMTModel(nn.Module):
         count = torch.zeros((), dtype=torch.long, device=input_ids.device)
         seg_losses, seg_counts, all_logits = [], [], []
         for index, (start, end) in enumerate(bounds):
-            if cfg.bptt_depth is not None and index > 0 and index % (cfg.bptt_depth + 1) == 0:
+            if cfg.bptt_depth is not None and 0 < index < len(bounds) - cfg.bptt_depth:
+                # Truncation is aligned to the end, where memory tasks put their loss (the
+                # reference's k2): only the last bptt_depth transitions keep their gradient.
                 memory = memory.detach()
             if padded:
                 seg_mask = attention_mask[:, start:end]

@@ -255,3 +255,39 @@ def test_memory_does_not_hold_the_segment_hidden_state():
     ids = torch.randint(0, 128, (1, 48))
     memory = rmt(ids, labels=ids).memory
     assert memory.untyped_storage().nbytes() == memory.numel() * memory.element_size()
+
+
+def _seven_segment_grads(bptt_depth):
+    """Gradients of the loss on the last segment of 7, and of the memory written by segment n-2."""
+    torch.manual_seed(0)
+    cfg = MemoryConfig(num_memory_tokens=2, segment_size=4, bptt_depth=bptt_depth)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo"), cfg, verbose=False).train()
+    ids = torch.randint(2, 128, (2, 7 * 4))
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    written = {}
+    original = rmt._segment
+
+    def spy(memory, input_ids, *args):
+        out = original(memory, input_ids, *args)
+        if len(written) < 7:
+            written[len(written)] = out[0]
+            out[0].retain_grad()
+        return out
+
+    rmt._segment = spy
+    rmt(ids, labels=labels).loss.backward()
+    return rmt.memory.memory_tokens.grad, written[5].grad  # segment 5 = n-2 writes the last one's memory
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_truncated_bptt_keeps_the_last_transitions_of_a_loss_at_the_end(depth):
+    tokens_grad, last_written_grad = _seven_segment_grads(depth)
+    assert last_written_grad is not None and last_written_grad.abs().sum() > 0
+    assert tokens_grad is None or tokens_grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("depth", [6, None])
+def test_truncated_bptt_spanning_every_transition_reaches_the_initial_memory(depth):
+    tokens_grad, _ = _seven_segment_grads(depth)
+    assert tokens_grad is not None and tokens_grad.abs().sum() > 0
