@@ -6,7 +6,8 @@ An adapter folder is a standard PEFT LoRA adapter with our memory beside it, so
     adapter_config.json        peft (records base_model_name_or_path)
     adapter_model.safetensors  peft: the LoRA weights
     memory_config.json         MemoryConfig.to_dict()
-    memory.safetensors         memory_tokens, read_embedding, write_embedding (fp32); its header
+    memory.safetensors         memory_tokens, read_embedding, write_embedding (+ gate_weight, gate_bias for
+                               memory_update="gated"), fp32; its header
                                records the backbone's model_type and hidden size, the base model
                                and the quantization the memory was trained with, for checks on load
     README.md                  model card with Hub metadata (base_model, library_name, tags)
@@ -33,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .memory import MemoryConfig
+from .memory import MemoryConfig, memory_tensor_shapes
 
 if TYPE_CHECKING:
     from .recurrent import RMTModel
@@ -44,7 +45,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-MEMORY_NAMES = ("memory_tokens", "read_embedding", "write_embedding")
 FORMAT = "rmt-peft/1"
 
 
@@ -139,7 +139,7 @@ def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None
             causal_lm.save_pretrained(tmp)
         with open(os.path.join(tmp, MEMORY_CONFIG_FILE), "w") as f:
             json.dump(rmt.memory_config.to_dict(), f, indent=2)
-        tensors = {n: getattr(rmt.memory, n).detach().float().cpu().contiguous() for n in MEMORY_NAMES}
+        tensors = {n: t.detach().float().cpu().contiguous() for n, t in rmt.memory.state_dict().items()}
         save_file(tensors, os.path.join(tmp, MEMORY_WEIGHTS_FILE), metadata=metadata)
         for path in extra_files:
             shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
@@ -180,13 +180,15 @@ def read_memory(folder: str) -> tuple[MemoryConfig, dict[str, torch.Tensor], dic
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if sorted(tensors) != sorted(MEMORY_NAMES):
-        raise ValueError(f"{path} holds tensors {sorted(tensors)}; expected {sorted(MEMORY_NAMES)}")
     if metadata.get("format") != FORMAT or "hidden_size" not in metadata:
         raise ValueError(f"{path} has no {FORMAT} metadata (format, model_type, hidden_size); it was not "
                          f"written by RMTModel.save_pretrained of this version")
-    expected = (memory_config.num_memory_tokens, int(metadata["hidden_size"]))
+    shapes = memory_tensor_shapes(memory_config, int(metadata["hidden_size"]))
+    if sorted(tensors) != sorted(shapes):
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}; {MEMORY_CONFIG_FILE} (memory_update="
+                         f"{memory_config.memory_update!r}) expects {sorted(shapes)}")
     for name, tensor in tensors.items():
+        expected = shapes[name]
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} but {MEMORY_CONFIG_FILE} says "
                              f"num_memory_tokens={memory_config.num_memory_tokens} and the backbone's hidden size "

@@ -8,6 +8,7 @@ computes exactly the reference RMT (Bulatov et al., arXiv 2207.06881 / 2304.1106
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 ALIGNMENTS = ("left", "right")
+MEMORY_UPDATES = ("replace", "gated")
 
 
 @dataclass
@@ -38,6 +40,15 @@ class MemoryConfig:
         like the reference implementation.
     loss_chunk_size: labelled positions per chunk of the loss, so full-vocabulary fp32 logits
         never exist for a whole segment.
+    memory_update: "replace" (the paper): the write outputs are the next memory; "gated": the
+        next memory is ``memory + g * (write - memory)`` with a learned gate ``g`` in (0, 1) per
+        memory token, computed from the write output, so keeping the memory unchanged is an
+        exact path the model can learn (no final-norm rescaling compounding over thousands of
+        segments).
+    memory_gate_bias: the gate's initial bias (``g = sigmoid(bias)`` at init): 0 starts at 0.5.
+    memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
+        RMS) is added to the memory passed between segments, so the model learns a memory that
+        recovers from perturbations instead of one that drifts; 0 turns it off.
     """
 
     num_memory_tokens: int = 10
@@ -48,6 +59,9 @@ class MemoryConfig:
     loss_segments: int | None = None
     memory_init_std: float | None = None
     loss_chunk_size: int = 1024
+    memory_update: str = "replace"
+    memory_gate_bias: float = 0.0
+    memory_noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -68,6 +82,11 @@ class MemoryConfig:
              "memory_init_std", "expected None (embedding std) or a positive number")
         need(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1,
              "loss_chunk_size", "expected an integer >= 1")
+        need(self.memory_update in MEMORY_UPDATES, "memory_update", f"expected one of {MEMORY_UPDATES}")
+        need(isinstance(self.memory_gate_bias, (int, float)) and math.isfinite(self.memory_gate_bias),
+             "memory_gate_bias", "expected a finite number")
+        need(isinstance(self.memory_noise_std, (int, float)) and 0 <= self.memory_noise_std < math.inf,
+             "memory_noise_std", "expected a number >= 0 (0 = no noise)")
 
     @property
     def positions_per_segment(self) -> int:
@@ -86,16 +105,45 @@ class MemoryConfig:
         return cls(**values)
 
 
+def memory_tensor_shapes(config: MemoryConfig, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of ``MemoryParameters`` for ``config`` (what a saved memory holds)."""
+    m = config.num_memory_tokens
+    shapes = {"memory_tokens": (m, hidden_size), "read_embedding": (m, hidden_size), "write_embedding": (m, hidden_size)}
+    if config.memory_update == "gated":
+        shapes.update(gate_weight=(hidden_size,), gate_bias=(m,))
+    return shapes
+
+
 class MemoryParameters(nn.Module):
-    """The initial memory and the read/write embeddings, each (num_memory_tokens, hidden)."""
+    """The initial memory and the read/write embeddings, each (num_memory_tokens, hidden); with
+    ``update="gated"`` also the write gate (a weight over the hidden size and a bias per token)."""
 
     def __init__(self, num_memory_tokens: int, hidden_size: int, init_std: float,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 update: str = "replace", gate_bias: float = 0.0):
         super().__init__()
         shape = (num_memory_tokens, hidden_size)
         self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.write_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if update == "gated":
+            self.gate_weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+            self.gate_bias = nn.Parameter(torch.full((num_memory_tokens,), float(gate_bias), dtype=dtype,
+                                                     device=device))
 
     def initial_memory(self, batch_size: int) -> torch.Tensor:
         return self.memory_tokens.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def update(self, memory: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """The next memory from the current one and the write outputs (batch, tokens, hidden)."""
+        if not hasattr(self, "gate_weight"):
+            return written.to(memory.dtype)
+        written = written.to(memory.dtype)
+        gate = torch.sigmoid(written @ self.gate_weight.to(memory.dtype) + self.gate_bias.to(memory.dtype))
+        return memory + gate.unsqueeze(-1) * (written - memory)
+
+
+def perturb(memory: torch.Tensor, std: float) -> torch.Tensor:
+    """``memory`` plus Gaussian noise of ``std`` times each memory token's RMS."""
+    rms = memory.detach().float().pow(2).mean(dim=-1, keepdim=True).sqrt().to(memory.dtype)
+    return memory + std * rms * torch.randn_like(memory)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import causal_lm_of, check_position_limit
-from .memory import MemoryConfig, MemoryParameters
+from .memory import MemoryConfig, MemoryParameters, perturb
 
 IGNORE_INDEX = -100
 
@@ -105,7 +105,8 @@ class RMTModel(nn.Module):
             std = float(embeddings.weight.detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
-                                       device=embeddings.weight.device)
+                                       device=embeddings.weight.device, update=memory_config.memory_update,
+                                       gate_bias=memory_config.memory_gate_bias)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -230,7 +231,10 @@ class RMTModel(nn.Module):
                       use_cache=False).last_hidden_state
         # A copy, not a view: a view would keep this segment's whole hidden state alive for as
         # long as the memory lives (every segment of a checkpointed BPTT step).
-        new_memory = hidden[:, m + n:].clone()
+        if m and self.memory_config.memory_update != "replace":
+            new_memory = self.memory.update(memory, hidden[:, m + n:])
+        else:
+            new_memory = hidden[:, m + n:].clone()
         hidden = hidden[:, m:m + n]
 
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -272,6 +276,7 @@ class RMTModel(nn.Module):
             memory = self.initial_memory(batch)
         first_loss_segment = 0 if cfg.loss_segments is None else max(0, len(bounds) - cfg.loss_segments)
         use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
+        noisy = cfg.memory_noise_std > 0 and cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
         padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
         labelled = [None] * first_loss_segment + labelled
         seg_mask = None
@@ -298,6 +303,8 @@ class RMTModel(nn.Module):
                 memory = torch.where(active, new_memory.to(memory.dtype), memory)
             else:
                 memory = new_memory.to(memory.dtype)
+            if noisy and index + 1 < len(bounds):
+                memory = perturb(memory, cfg.memory_noise_std)
             loss_sum, count = loss_sum + s_loss, count + s_count
             nan = torch.full_like(s_loss, float("nan"))
             seg_losses.append(torch.where(s_count > 0, s_loss / s_count.clamp(min=1), nan).detach())

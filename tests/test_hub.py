@@ -168,6 +168,23 @@ def test_memory_not_matching_its_config(neo_adapter, tmp_path):
         RMTModel.from_pretrained(folder)
 
 
+def test_gated_memory_round_trip(bases, tmp_path):
+    backbone = load_backbone(bases["gpt_neo"], dtype="float32")
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=4, segment_size=8, memory_update="gated"),
+                                 lora={"target_modules": "all-linear", "r": 4}, verbose=False)
+    rmt.memory.gate_weight.data.normal_()
+    folder = rmt.save_pretrained(str(tmp_path / "gated"))
+    assert sorted(load_file(os.path.join(folder, "memory.safetensors"))) == [
+        "gate_bias", "gate_weight", "memory_tokens", "read_embedding", "write_embedding"]
+    loaded = RMTModel.from_pretrained(folder)
+    torch.testing.assert_close(logits(loaded), logits(rmt.eval()))
+    config_path = os.path.join(folder, "memory_config.json")
+    json.dump({**json.load(open(config_path)), "memory_update": "replace"}, open(config_path, "w"))
+    with pytest.raises(ValueError, match=r"holds tensors .*gate_bias.*memory_update='replace'\) expects"):
+        RMTModel.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("missing", ["memory.safetensors", "memory_config.json", "adapter_model.safetensors"])
 def test_missing_file(neo_adapter, tmp_path, missing):
     folder = copy_of(neo_adapter[1], tmp_path)

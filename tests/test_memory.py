@@ -1,6 +1,9 @@
 import pytest
+import torch
 
-from rmt_peft import MemoryConfig
+from rmt_peft import MemoryConfig, RMTModel
+from rmt_peft.memory import perturb
+from rmt_peft.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -23,3 +26,54 @@ def test_round_trip_and_unknown_fields():
     assert cfg.positions_per_segment == 2048
     with pytest.raises(ValueError, match=r"unknown MemoryConfig field\(s\) \['num_mem_tokens'\]"):
         MemoryConfig.from_dict({"num_mem_tokens": 3})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("memory_update", "sum", "memory_update='sum' is invalid: expected one of ('replace', 'gated')"),
+    ("memory_noise_std", -0.1, "memory_noise_std=-0.1 is invalid"),
+    ("memory_gate_bias", float("nan"), "memory_gate_bias=nan is invalid"),
+])
+def test_bad_memory_update_values_name_the_field(field, value, message):
+    with pytest.raises(ValueError) as err:
+        MemoryConfig(**{field: value})
+    assert message in str(err.value)
+
+
+def _rmt(**memory):
+    torch.manual_seed(0)
+    return RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=3, segment_size=5, **memory),
+                                  verbose=False)
+
+
+IDS = torch.randint(2, 128, (2, 15), generator=torch.Generator().manual_seed(1))
+
+
+def test_gated_update_is_a_convex_step_between_the_old_memory_and_the_write():
+    replace, gated = _rmt(), _rmt(memory_update="gated")
+    gated.memory.gate_weight.data.normal_(0, 0.1)  # a gate that depends on the write output
+    with torch.no_grad():
+        old = gated.initial_memory(2)
+        written = replace(IDS[:, :5]).memory  # the same backbone and memory: what "replace" writes
+        new = gated(IDS[:, :5]).memory
+        gate = torch.sigmoid(written @ gated.memory.gate_weight + gated.memory.gate_bias)[..., None]
+    torch.testing.assert_close(new, old + gate * (written - old), rtol=1e-5, atol=1e-6)
+
+
+def test_closed_gate_keeps_the_memory_and_open_gate_replaces_it():
+    with torch.no_grad():
+        closed = _rmt(memory_update="gated", memory_gate_bias=-40.0)
+        torch.testing.assert_close(closed(IDS).memory, closed.initial_memory(2))
+        opened = _rmt(memory_update="gated", memory_gate_bias=40.0)
+        torch.testing.assert_close(opened(IDS).memory, _rmt()(IDS).memory, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_noise_only_in_training_and_relative_to_the_memory_scale():
+    noisy, plain = _rmt(memory_noise_std=0.5), _rmt()
+    with torch.no_grad():
+        torch.testing.assert_close(noisy.eval()(IDS).memory, plain.eval()(IDS).memory)
+    # training (with gradients): the memory passed on is perturbed; dropout is 0 in tiny models
+    torch.testing.assert_close(plain.train()(IDS).memory, plain.eval()(IDS).memory)
+    assert not torch.allclose(noisy.train()(IDS).memory, plain.train()(IDS).memory)
+    memory = torch.randn(64, 8, 256) * torch.logspace(-2, 2, 8)[None, :, None]
+    ratio = (perturb(memory, 0.3) - memory).pow(2).mean(-1).sqrt() / memory.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(ratio.mean(0), torch.full((8,), 0.3), rtol=0.05, atol=0)
