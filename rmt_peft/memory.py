@@ -46,6 +46,11 @@ class MemoryConfig:
         exact path the model can learn (no final-norm rescaling compounding over thousands of
         segments).
     memory_gate_bias: the gate's initial bias (``g = sigmoid(bias)`` at init): 0 starts at 0.5.
+    memory_stability_weight: in training, adds this weight times the memory's mean relative
+        squared change from one segment to the next (every transition after the first) to the
+        loss. A memory trained on a few segments keeps its facts but drifts over thousands of
+        updates into states the readout never saw; this pulls the states it reaches towards
+        fixed points of the update. 0 turns it off.
     memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
         RMS) is added to the memory passed between segments, so the model learns a memory that
         recovers from perturbations instead of one that drifts; 0 turns it off.
@@ -62,6 +67,7 @@ class MemoryConfig:
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
+    memory_stability_weight: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -87,6 +93,8 @@ class MemoryConfig:
              "memory_gate_bias", "expected a finite number")
         need(isinstance(self.memory_noise_std, (int, float)) and 0 <= self.memory_noise_std < math.inf,
              "memory_noise_std", "expected a number >= 0 (0 = no noise)")
+        need(isinstance(self.memory_stability_weight, (int, float)) and 0 <= self.memory_stability_weight < math.inf,
+             "memory_stability_weight", "expected a number >= 0 (0 = off)")
 
     @property
     def positions_per_segment(self) -> int:
@@ -141,6 +149,12 @@ class MemoryParameters(nn.Module):
         written = written.to(memory.dtype)
         gate = torch.sigmoid(written @ self.gate_weight.to(memory.dtype) + self.gate_bias.to(memory.dtype))
         return memory + gate.unsqueeze(-1) * (written - memory)
+
+
+def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and memory tokens of |new - old|^2 / |old|^2 (fp32)."""
+    old, new = old.float(), new.float()
+    return ((new - old).pow(2).sum(-1) / old.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
 def perturb(memory: torch.Tensor, std: float) -> torch.Tensor:

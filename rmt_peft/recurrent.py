@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import causal_lm_of, check_position_limit
-from .memory import MemoryConfig, MemoryParameters, perturb
+from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
 
 IGNORE_INDEX = -100
 
@@ -34,13 +34,16 @@ class RMTOutput(ModelOutput):
     """loss: mean token loss over all labelled positions; logits: (batch, tokens, vocab) with
     memory positions removed (None when labels were given, unless asked for); memory: the final
     memory (batch, num_memory_tokens, hidden); segment_losses / segment_token_counts: per
-    segment (NaN where a segment has no labelled token), detached, for metrics."""
+    segment (NaN where a segment has no labelled token), detached, for metrics; memory_drift:
+    with ``memory_stability_weight`` in training, the mean relative squared change of the memory
+    per transition after the first (part of ``loss``, times the weight)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     memory: torch.Tensor | None = None
     segment_losses: torch.Tensor | None = None
     segment_token_counts: torch.Tensor | None = None
+    memory_drift: torch.Tensor | None = None
 
 
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
@@ -276,7 +279,10 @@ class RMTModel(nn.Module):
             memory = self.initial_memory(batch)
         first_loss_segment = 0 if cfg.loss_segments is None else max(0, len(bounds) - cfg.loss_segments)
         use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
-        noisy = cfg.memory_noise_std > 0 and cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
+        learning = cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
+        noisy = learning and cfg.memory_noise_std > 0
+        stabilize = learning and cfg.memory_stability_weight > 0 and labels is not None and len(bounds) > 1
+        drift = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
         labelled = [None] * first_loss_segment + labelled
         seg_mask = None
@@ -303,6 +309,11 @@ class RMTModel(nn.Module):
                 memory = torch.where(active, new_memory.to(memory.dtype), memory)
             else:
                 memory = new_memory.to(memory.dtype)
+            if stabilize and index > 0:
+                # Against the memory before its noise: the update should return perturbed states to
+                # where they were (an attractor), not carry the perturbation on.
+                drift = drift + relative_change(clean, memory)
+            clean = memory
             if noisy and index + 1 < len(bounds):
                 memory = perturb(memory, cfg.memory_noise_std)
             loss_sum, count = loss_sum + s_loss, count + s_count
@@ -312,15 +323,19 @@ class RMTModel(nn.Module):
             if return_logits:
                 all_logits.append(s_logits)
 
-        loss = None
+        loss = memory_drift = None
         if labels is not None:
             loss = loss_sum / count.clamp(min=1)
+        if stabilize:
+            memory_drift = drift / (len(bounds) - 1)
+            loss = loss + cfg.memory_stability_weight * memory_drift
         return RMTOutput(
             loss=loss,
             logits=torch.cat(all_logits, dim=1) if return_logits else None,
             memory=memory,
             segment_losses=torch.stack(seg_losses),
             segment_token_counts=torch.stack(seg_counts),
+            memory_drift=memory_drift.detach() if memory_drift is not None else None,
         )
 
     # -- inference ------------------------------------------------------------------------

@@ -77,3 +77,43 @@ def test_memory_noise_only_in_training_and_relative_to_the_memory_scale():
     memory = torch.randn(64, 8, 256) * torch.logspace(-2, 2, 8)[None, :, None]
     ratio = (perturb(memory, 0.3) - memory).pow(2).mean(-1).sqrt() / memory.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(ratio.mean(0), torch.full((8,), 0.3), rtol=0.05, atol=0)
+
+
+def _by_hand(rmt, ids, segment, shift=0.0):
+    """Memories segment by segment through separate calls, the entering memory shifted by
+    ``shift`` (a deterministic stand-in for the training noise); returns (clean memories, drift)."""
+    memory, clean, changes = None, [], []
+    for start in range(0, ids.shape[1], segment):
+        entering = memory if memory is None or not shift else memory + shift
+        memory = rmt(ids[:, start:start + segment], memory=entering, return_logits=False).memory
+        if clean:
+            old, new = clean[-1], memory
+            changes.append(((new - old).pow(2).sum(-1) / old.pow(2).sum(-1)).mean())
+        clean.append(memory)
+    return clean, torch.stack(changes).mean()
+
+
+def test_stability_loss_is_the_weighted_mean_relative_change_of_the_memory(monkeypatch):
+    weight = 3.0
+    plain, stable = _rmt(), _rmt(memory_stability_weight=weight)
+    labels = IDS.clone()
+    out = stable.train()(IDS, labels=labels)
+    base = plain.train()(IDS, labels=labels)
+    with torch.no_grad():
+        _, drift = _by_hand(plain.eval(), IDS, 5)
+    torch.testing.assert_close(out.memory_drift, drift, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.loss, base.loss + weight * drift, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the task loss alone
+        torch.testing.assert_close(stable.eval()(IDS, labels=labels).loss, plain.eval()(IDS, labels=labels).loss)
+
+
+def test_stability_with_noise_compares_against_the_memory_before_its_noise(monkeypatch):
+    import rmt_peft.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "perturb", lambda memory, std: memory + 0.5)
+    rmt = _rmt(memory_stability_weight=1.0, memory_noise_std=0.1)
+    out = rmt.train()(IDS, labels=IDS)
+    with torch.no_grad():
+        clean, drift = _by_hand(rmt.eval(), IDS, 5, shift=0.5)
+    torch.testing.assert_close(out.memory, clean[-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.memory_drift, drift, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,350 @@
+"""Does the memory last? Train from a random init on a few segments, test on up to 4,096.
+
+Each run trains a tiny GPT-Neo (built from a config, nothing downloaded) with a segment
+curriculum on one memory task, then measures answer accuracy at 1, 2, 4, ... segments by
+reading every segment but the last into memory (``RMTModel.read``, constant memory) and
+answering in the last one. Variants (``VARIANTS``) change one lever at a time, so curves on the
+same budget say what each lever buys; ``baseline`` is the same model with no memory tokens.
+
+Tasks: ``memorize`` (the fact opens the first segment), ``detect`` (the fact anywhere) and
+``reasoning`` (two facts anywhere, bAbI task 4 relations), from babilong.py with offline generated
+noise, and ``token`` (the quickstart's raw-token task, token_memory.py).
+
+    python -m benchmarks.learning --tasks memorize detect reasoning --variants paper gated \\
+        --seeds 0 1 2 --jobs 12 --out-dir results/learning          # one H200: a few minutes
+    python -m benchmarks.learning --preset cpu --variants paper gated --out-dir /tmp/learning
+
+Writes ``runs.json`` (every run: config, loss curve, accuracy by length, time) and
+``accuracy.png`` (accuracy against segments, mean and range over seeds, one panel per task).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rmt_peft import MemoryConfig, RMTModel
+from rmt_peft.data.babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
+from rmt_peft.data.token_memory import TokenMemoryTask
+from rmt_peft.data.tokenizer import offline_tokenizer
+from rmt_peft.eval.metrics import exact_match
+from rmt_peft.tiny_models import tiny_model
+
+TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
+         "token": "token_memory"}
+
+
+@dataclass
+class RunConfig:
+    """One training run: the task, the model, the memory levers and the curriculum."""
+
+    task: str = "memorize"
+    variant: str = "paper"
+    seed: int = 0
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 640            # >= the offline tokenizer (594) for the text tasks
+    segment_size: int = 32
+    num_memory_tokens: int = 8
+    memory_update: str = "replace"
+    memory_gate_bias: float = 0.0
+    memory_noise_std: float = 0.0
+    memory_stability_weight: float = 0.0
+    bptt_depth: int | None = None
+    max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
+    steps_per_stage: int = 300
+    mix: bool = True                 # each batch draws its segment count from 1..stage
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 50           # at the start of every stage
+    max_grad_norm: float = 1.0
+    eval_segments: list[int] = field(default_factory=lambda: [2 ** k for k in range(13)])
+    eval_samples: int = 128
+    token_values: int = 10           # token task: distinct values to recall (chance 1 / token_values)
+
+
+# One lever at a time against "paper" (the paper's setting: replace, full BPTT, curriculum to 7).
+VARIANTS: dict[str, dict] = {
+    "paper": {},
+    "baseline": {"num_memory_tokens": 0},
+    "no_mix": {"mix": False},
+    "gated": {"memory_update": "gated"},
+    "noise": {"memory_noise_std": 0.1},
+    "noise0.3": {"memory_noise_std": 0.3},
+    "noise1": {"memory_noise_std": 1.0},
+    "gated_noise": {"memory_update": "gated", "memory_noise_std": 0.1},
+    "gated_noise0.3": {"memory_update": "gated", "memory_noise_std": 0.3},
+    "stable0.1": {"memory_stability_weight": 0.1},
+    "stable1": {"memory_stability_weight": 1.0},
+    "stable3": {"memory_stability_weight": 3.0},
+    "stable10": {"memory_stability_weight": 10.0},
+    "stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3},
+    "stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3},
+    "stable10_noise0.1": {"memory_stability_weight": 10.0, "memory_noise_std": 0.1},
+    "stable1_noise0.1": {"memory_stability_weight": 1.0, "memory_noise_std": 0.1},
+    "gated_stable": {"memory_update": "gated", "memory_stability_weight": 1.0},
+    "gated_stable10": {"memory_update": "gated", "memory_stability_weight": 10.0},
+    "gated_closed": {"memory_update": "gated", "memory_gate_bias": -2.0},
+    "long_stages": {"steps_per_stage": 600, "learning_rate": 2e-4},
+    "bptt2": {"bptt_depth": 2},
+    "mem16": {"num_memory_tokens": 16},
+    "lr2e-4": {"learning_rate": 2e-4},
+    "lr1e-3": {"learning_rate": 1e-3},
+    "train16": {"max_train_segments": 16, "steps_per_stage": 130},  # same number of steps, longer inputs
+    "gated_train16": {"memory_update": "gated", "max_train_segments": 16, "steps_per_stage": 130},
+}
+
+# Sizes: "gpu" is the H200 benchmark; "cpu" is the quickstart's scale (2 cores, about a minute a run).
+PRESETS = {
+    "gpu": {},
+    "cpu": {"hidden_size": 64, "num_layers": 2, "vocab_size": 64, "segment_size": 8, "num_memory_tokens": 4,
+            "max_train_segments": 3, "steps_per_stage": 150, "batch_size": 32, "learning_rate": 2e-3,
+            "warmup_steps": 0, "eval_segments": [1, 2, 4, 8, 16, 32, 64, 128], "eval_samples": 256},
+}
+
+
+# -- data ---------------------------------------------------------------------------------------
+class Samples:
+    """Deterministic samples of ``cfg.task`` with n segments; ``split`` keeps train and test apart."""
+
+    def __init__(self, cfg: RunConfig, split: str):
+        self.cfg, self.split = cfg, split
+        self.tokenizer = offline_tokenizer() if cfg.task != "token" else None
+        self._sets: dict[int, object] = {}
+
+    def dataset(self, segments: int, num_samples: int):
+        key = (segments, num_samples)
+        if key not in self._sets:
+            seed = self.cfg.seed * 1000 + (0 if self.split == "train" else 500) + segments
+            if self.cfg.task == "token":
+                self._sets[key] = TokenMemoryTask(num_samples, segments, self.cfg.segment_size,
+                                                  num_values=self.cfg.token_values, vocab_size=self.cfg.vocab_size,
+                                                  seed=seed)
+            else:
+                task = TASKS[self.cfg.task]
+                options = ReasoningTaskOptions() if task == "babilong_reasoning" else MemoryTaskOptions()
+                self._sets[key] = MemoryTaskDataset(task, options, tokenizer=self.tokenizer,
+                                                    segment_size=self.cfg.segment_size, num_segments=segments,
+                                                    num_samples=num_samples, seed=seed)
+        return self._sets[key]
+
+    def batch(self, segments: int, indices: list[int], num_samples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.dataset(segments, num_samples)
+        items = [data[i] for i in indices]
+        ids = torch.stack([x["input_ids"] for x in items]).to(device)
+        labels = torch.stack([x["labels"] for x in items]).to(device)
+        return ids, labels
+
+
+# -- one run ------------------------------------------------------------------------------------
+def build_model(cfg: RunConfig, device) -> RMTModel:
+    positions = cfg.segment_size + 2 * cfg.num_memory_tokens
+    backbone = tiny_model("gpt_neo", seed=cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                          num_layers=cfg.num_layers, num_heads=cfg.num_heads, max_positions=max(64, positions))
+    memory = MemoryConfig(num_memory_tokens=cfg.num_memory_tokens, segment_size=cfg.segment_size,
+                          bptt_depth=cfg.bptt_depth, memory_update=cfg.memory_update,
+                          memory_gate_bias=cfg.memory_gate_bias, memory_noise_std=cfg.memory_noise_std,
+                          memory_stability_weight=cfg.memory_stability_weight)
+    torch.manual_seed(cfg.seed)
+    return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
+
+
+def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
+    """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss."""
+    data = Samples(cfg, "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    pool = cfg.steps_per_stage * cfg.batch_size  # samples per segment count: never repeated in a run
+    drawn: dict[int, int] = {}
+    curve, window = [], []
+    model.train()
+    step = 0
+    for stage in range(1, cfg.max_train_segments + 1):
+        for stage_step in range(cfg.steps_per_stage):
+            lr = cfg.learning_rate * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n = rng.randint(1, stage) if cfg.mix else stage
+            start = drawn.get(n, 0) % pool
+            drawn[n] = start + cfg.batch_size
+            ids, labels = data.batch(n, list(range(start, start + cfg.batch_size)), pool, device)
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.append((loss.detach(), norm.detach()))
+            step += 1
+            if step % 50 == 0 or stage_step + 1 == cfg.steps_per_stage:
+                losses, norms = torch.stack([w[0] for w in window]).tolist(), torch.stack([w[1] for w in window]).tolist()
+                window = []
+                curve.append({"step": step, "stage": stage, "loss": statistics.fmean(losses),
+                              "grad_norm": statistics.fmean(norms)})
+                if not all(map(math.isfinite, losses)):
+                    raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
+    return curve
+
+
+@torch.no_grad()
+def accuracy(cfg: RunConfig, model: RMTModel, segments: int, device) -> float:
+    """Exact match of the answer: the memory reads segments 1..n-1, the last one is answered."""
+    model.eval()
+    data = Samples(cfg, "test")
+    seg = cfg.segment_size
+    batch = min(cfg.eval_samples, 128)
+    correct = 0.0
+    for first in range(0, cfg.eval_samples, batch):
+        indices = list(range(first, min(first + batch, cfg.eval_samples)))
+        ids, labels = data.batch(segments, indices, cfg.eval_samples, device)
+        memory = model.read(ids[:, :-seg]) if segments > 1 else None
+        logits = model(ids[:, -seg:], memory=memory, return_logits=True).logits
+        correct += exact_match(logits.float(), labels[:, -seg:]).sum().item()
+        del ids, labels
+    return correct / cfg.eval_samples
+
+
+def run_one(cfg: RunConfig) -> dict:
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(cfg.seed)
+    model = build_model(cfg, device)
+    started = time.time()
+    result = {"config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else "cpu", "status": "ok"}
+    try:
+        result["curve"] = train(cfg, model, device)
+    except FloatingPointError as err:
+        result.update(status="diverged", error=str(err))
+        return result
+    result["train_seconds"] = time.time() - started
+    started = time.time()
+    result["accuracy"] = {str(n): accuracy(cfg, model, n, device) for n in cfg.eval_segments}
+    result["eval_seconds"] = time.time() - started
+    return result
+
+
+# -- the grid, the table and the plot -------------------------------------------------------------
+def configs(args) -> list[RunConfig]:
+    base = dict(PRESETS[args.preset])
+    base.update(json.loads(args.set) if args.set else {})
+    out = []
+    for task in args.tasks:
+        for variant in args.variants:
+            for seed in args.seeds:
+                values = {**base, **VARIANTS[variant], "task": task, "variant": variant, "seed": seed}
+                if task == "token":
+                    values.setdefault("vocab_size", 64)
+                out.append(RunConfig(**values))
+    return out
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """task -> variant -> segments -> accuracies over seeds."""
+    table: dict = {}
+    for run in runs:
+        cfg = run["config"]
+        for n, acc in run.get("accuracy", {}).items():
+            table.setdefault(cfg["task"], {}).setdefault(cfg["variant"], {}).setdefault(n, []).append(acc)
+    return table
+
+
+def format_table(table) -> str:
+    lines = []
+    for task, variants in table.items():
+        lengths = sorted({int(n) for v in variants.values() for n in v})
+        lines.append(f"{task}: accuracy by segments (mean over seeds, min-max)")
+        lines.append(f"{'variant':>14} | " + " | ".join(f"{n:>11}" for n in lengths))
+        for variant, by_n in variants.items():
+            cells = []
+            for n in lengths:
+                accs = by_n.get(str(n), [])
+                cells.append(f"{statistics.fmean(accs):.2f} {min(accs):.2f}-{max(accs):.2f}"[:11].rjust(11) if accs
+                             else " " * 11)
+            lines.append(f"{variant:>14} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(table, path: str, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
+    for ax, (task, variants) in zip(axes[0], table.items()):
+        for variant, by_n in variants.items():
+            lengths = sorted(by_n, key=int)
+            x = [int(n) for n in lengths]
+            mean = [statistics.fmean(by_n[n]) for n in lengths]
+            line, = ax.plot(x, mean, marker="o", label=f"{variant} ({len(by_n[lengths[0]])} seeds)")
+            ax.fill_between(x, [min(by_n[n]) for n in lengths], [max(by_n[n]) for n in lengths],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("segments read")
+        ax.set_ylabel("answer accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["memorize"], choices=sorted(TASKS))
+    parser.add_argument("--variants", nargs="+", default=["paper", "baseline"], choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
+    parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\'')
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes; they share the GPU)")
+    parser.add_argument("--out-dir", default="learning")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    grid = configs(args)
+    started = time.time()
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            runs = []
+            for result in pool.imap_unordered(run_one, grid):
+                runs.append(result)
+                print(_one_line(result), flush=True)
+    else:
+        runs = []
+        for cfg in grid:
+            runs.append(run_one(cfg))
+            print(_one_line(runs[-1]), flush=True)
+    table = summarize(runs)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.time() - started,
+              "argv": argv, "runs": runs, "accuracy": table}
+    with open(os.path.join(args.out_dir, "runs.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    if table:
+        plot(table, os.path.join(args.out_dir, "accuracy.png"), title=f"{runs[0]['device']}, {report['date']}")
+        print(format_table(table))
+    return report
+
+
+def _one_line(result: dict) -> str:
+    cfg = result["config"]
+    head = f"{cfg['task']}/{cfg['variant']}/seed{cfg['seed']}"
+    if result["status"] != "ok":
+        return f"{head}: {result['status']}: {result.get('error')}"
+    accs = " ".join(f"{n}:{a:.2f}" for n, a in result["accuracy"].items())
+    return f"{head}: train {result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s | {accs}"
+
+
+if __name__ == "__main__":
+    main()
