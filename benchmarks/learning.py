@@ -60,6 +60,7 @@ class RunConfig:
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
     memory_stability_weight: float = 0.0
+    memory_stability_tolerance: float = 0.0
     bptt_depth: int | None = None
     max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
     steps_per_stage: int = 300
@@ -89,8 +90,13 @@ VARIANTS: dict[str, dict] = {
     "stable3": {"memory_stability_weight": 3.0},
     "stable10": {"memory_stability_weight": 10.0},
     "stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3},
+    "tolerant": {"memory_stability_weight": 1.0, "memory_stability_tolerance": 0.05, "memory_noise_std": 0.3},
+    "tolerant0.01": {"memory_stability_weight": 1.0, "memory_stability_tolerance": 0.01, "memory_noise_std": 0.3},
     "stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3},
     "stable10_noise0.1": {"memory_stability_weight": 10.0, "memory_noise_std": 0.1},
+    "stable10_noise0.5": {"memory_stability_weight": 10.0, "memory_noise_std": 0.5},
+    "stable30_noise": {"memory_stability_weight": 30.0, "memory_noise_std": 0.3},
+    "gated_stable_noise": {"memory_update": "gated", "memory_stability_weight": 10.0, "memory_noise_std": 0.3},
     "stable1_noise0.1": {"memory_stability_weight": 1.0, "memory_noise_std": 0.1},
     "gated_stable": {"memory_update": "gated", "memory_stability_weight": 1.0},
     "gated_stable10": {"memory_update": "gated", "memory_stability_weight": 10.0},
@@ -107,6 +113,9 @@ VARIANTS: dict[str, dict] = {
 # Sizes: "gpu" is the H200 benchmark; "cpu" is the quickstart's scale (2 cores, about a minute a run).
 PRESETS = {
     "gpu": {},
+    "cpu_text": {"hidden_size": 64, "num_layers": 2, "max_train_segments": 3, "steps_per_stage": 150,
+                 "batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 0,
+                 "eval_segments": [1, 2, 4, 8, 16, 32, 64, 128], "eval_samples": 256},
     "cpu": {"hidden_size": 64, "num_layers": 2, "vocab_size": 64, "segment_size": 8, "num_memory_tokens": 4,
             "max_train_segments": 3, "steps_per_stage": 150, "batch_size": 32, "learning_rate": 2e-3,
             "warmup_steps": 0, "eval_segments": [1, 2, 4, 8, 16, 32, 64, 128], "eval_samples": 256},
@@ -154,7 +163,8 @@ def build_model(cfg: RunConfig, device) -> RMTModel:
     memory = MemoryConfig(num_memory_tokens=cfg.num_memory_tokens, segment_size=cfg.segment_size,
                           bptt_depth=cfg.bptt_depth, memory_update=cfg.memory_update,
                           memory_gate_bias=cfg.memory_gate_bias, memory_noise_std=cfg.memory_noise_std,
-                          memory_stability_weight=cfg.memory_stability_weight)
+                          memory_stability_weight=cfg.memory_stability_weight,
+                          memory_stability_tolerance=cfg.memory_stability_tolerance)
     torch.manual_seed(cfg.seed)
     return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
 
@@ -167,6 +177,7 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     pool = cfg.steps_per_stage * cfg.batch_size  # samples per segment count: never repeated in a run
     drawn: dict[int, int] = {}
     curve, window = [], []
+    started = time.time()
     model.train()
     step = 0
     for stage in range(1, cfg.max_train_segments + 1):
@@ -192,6 +203,8 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
                               "grad_norm": statistics.fmean(norms)})
                 if not all(map(math.isfinite, losses)):
                     raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
+        print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: stage {stage} done, step {step}, loss "
+              f"{curve[-1]['loss']:.3f}, {time.time() - started:.0f}s", flush=True)
     return curve
 
 
@@ -237,14 +250,14 @@ def run_one(cfg: RunConfig) -> dict:
 def configs(args) -> list[RunConfig]:
     base = dict(PRESETS[args.preset])
     base.update(json.loads(args.set) if args.set else {})
+    pairs = [tuple(r.split("/")) for r in args.runs] if args.runs else [(t, v) for t in args.tasks for v in args.variants]
+    for task, variant in pairs:
+        if task not in TASKS or variant not in VARIANTS:
+            raise SystemExit(f"--runs {task}/{variant}: tasks are {sorted(TASKS)}, variants {sorted(VARIANTS)}")
     out = []
-    for task in args.tasks:
-        for variant in args.variants:
-            for seed in args.seeds:
-                values = {**base, **VARIANTS[variant], "task": task, "variant": variant, "seed": seed}
-                if task == "token":
-                    values.setdefault("vocab_size", 64)
-                out.append(RunConfig(**values))
+    for task, variant in pairs:
+        for seed in args.seeds:
+            out.append(RunConfig(**{**base, **VARIANTS[variant], "task": task, "variant": variant, "seed": seed}))
     return out
 
 
@@ -306,12 +319,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["memorize"], choices=sorted(TASKS))
     parser.add_argument("--variants", nargs="+", default=["paper", "baseline"], choices=sorted(VARIANTS))
+    parser.add_argument("--runs", nargs="+", default=[], metavar="TASK/VARIANT",
+                        help="explicit task/variant pairs instead of --tasks x --variants")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\'')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes; they share the GPU)")
     parser.add_argument("--out-dir", default="learning")
     args = parser.parse_args(argv)
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
     os.makedirs(args.out_dir, exist_ok=True)
     grid = configs(args)
     started = time.time()
@@ -321,19 +339,28 @@ def main(argv: list[str] | None = None) -> dict:
             for result in pool.imap_unordered(run_one, grid):
                 runs.append(result)
                 print(_one_line(result), flush=True)
+                write_report(args.out_dir, runs, started, argv)  # a run killed at its time limit keeps these
     else:
         runs = []
         for cfg in grid:
             runs.append(run_one(cfg))
             print(_one_line(runs[-1]), flush=True)
-    table = summarize(runs)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.time() - started,
-              "argv": argv, "runs": runs, "accuracy": table}
-    with open(os.path.join(args.out_dir, "runs.json"), "w") as f:
-        json.dump(report, f, indent=1)
+            write_report(args.out_dir, runs, started, argv)
+    report = write_report(args.out_dir, runs, started, argv)
+    table = report["accuracy"]
     if table:
         plot(table, os.path.join(args.out_dir, "accuracy.png"), title=f"{runs[0]['device']}, {report['date']}")
         print(format_table(table))
+    return report
+
+
+def write_report(out_dir: str, runs: list[dict], started: float, argv) -> dict:
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.time() - started,
+              "argv": argv, "runs": runs, "accuracy": summarize(runs)}
+    tmp = os.path.join(out_dir, "runs.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "runs.json"))
     return report
 
 

@@ -51,6 +51,9 @@ class MemoryConfig:
         loss. A memory trained on a few segments keeps its facts but drifts over thousands of
         updates into states the readout never saw; this pulls the states it reaches towards
         fixed points of the update. 0 turns it off.
+    memory_stability_tolerance: 0 penalises the relative squared change r itself; tau > 0
+        penalises r / (r + tau) instead: small drifts cost steeply (slope 1 / tau) while a large
+        deliberate write (a new fact, r >> tau) costs at most the weight and is not held back.
     memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
         RMS) is added to the memory passed between segments, so the model learns a memory that
         recovers from perturbations instead of one that drifts; 0 turns it off.
@@ -68,6 +71,7 @@ class MemoryConfig:
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
     memory_stability_weight: float = 0.0
+    memory_stability_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -95,6 +99,8 @@ class MemoryConfig:
              "memory_noise_std", "expected a number >= 0 (0 = no noise)")
         need(isinstance(self.memory_stability_weight, (int, float)) and 0 <= self.memory_stability_weight < math.inf,
              "memory_stability_weight", "expected a number >= 0 (0 = off)")
+        need(isinstance(self.memory_stability_tolerance, (int, float)) and 0 <= self.memory_stability_tolerance < math.inf,
+             "memory_stability_tolerance", "expected a number >= 0 (0 = the plain relative squared change)")
 
     @property
     def positions_per_segment(self) -> int:
@@ -151,10 +157,14 @@ class MemoryParameters(nn.Module):
         return memory + gate.unsqueeze(-1) * (written - memory)
 
 
-def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and memory tokens of |new - old|^2 / |old|^2 (fp32)."""
+def relative_change(old: torch.Tensor, new: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
+    """Mean over batch and memory tokens of r = |new - old|^2 / |old|^2 (fp32), or of
+    r / (r + tolerance) when tolerance > 0."""
     old, new = old.float(), new.float()
-    return ((new - old).pow(2).sum(-1) / old.pow(2).sum(-1).clamp(min=1e-12)).mean()
+    change = (new - old).pow(2).sum(-1) / old.pow(2).sum(-1).clamp(min=1e-12)
+    if tolerance > 0:
+        change = change / (change + tolerance)
+    return change.mean()
 
 
 def perturb(memory: torch.Tensor, std: float) -> torch.Tensor:
