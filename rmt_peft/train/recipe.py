@@ -24,13 +24,12 @@ from typing import Any
 
 import yaml
 
+from .. import resources
 from ..errors import UserError
 from ..memory import MemoryConfig
 from ..speedups import CUDA_GRAPH_MODES
 
 TINY_PREFIX = "tiny:"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEEPSPEED_CONFIG_DIR = os.path.join(REPO_ROOT, "deepspeed_configs")
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -308,17 +307,16 @@ def _training_type(tp):
 
 # -- deepspeed ------------------------------------------------------------------------------
 def resolve_deepspeed(value):
-    """A DeepSpeed config: a dict, a json file, or a name in deepspeed_configs/ ("zero2", ...)."""
+    """A DeepSpeed config: a dict, a json file, or a shipped name ("zero2", ``rmt-peft recipes``)."""
     if value is None or isinstance(value, dict):
         return value
     if os.path.exists(value):
         return value
-    named = os.path.join(DEEPSPEED_CONFIG_DIR, value if value.endswith(".json") else value + ".json")
-    if os.path.exists(named):
+    named = resources.path(resources.DEEPSPEED_CONFIGS, value)
+    if named is not None:
         return named
-    shipped = sorted(n[:-5] for n in os.listdir(DEEPSPEED_CONFIG_DIR)) if os.path.isdir(DEEPSPEED_CONFIG_DIR) else []
     raise RecipeError(f"training.deepspeed={value!r} is neither a file nor a shipped config; allowed: a json "
-                      f"file, a mapping, or one of {shipped}")
+                      f"file, a mapping, or one of {resources.names(resources.DEEPSPEED_CONFIGS)}")
 
 
 def read_deepspeed_config(value) -> dict | None:
@@ -358,9 +356,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def resolve_recipe(path: str) -> str:
+    """``path`` when it exists, else the shipped recipe it names (``quickstart``, ``recipes/quickstart.yaml``)."""
+    if os.path.exists(path):
+        return path
+    shipped = resources.recipe_path(path)
+    if shipped is None:
+        raise RecipeError(f"recipe file {path!r} does not exist; give a YAML file or a shipped recipe: "
+                          f"{resources.names(resources.RECIPES)} (rmt-peft recipes)")
+    return shipped
+
+
 def read_yaml(path: str) -> dict:
-    if not os.path.exists(path):
-        raise RecipeError(f"recipe file {path!r} does not exist")
+    path = resolve_recipe(path)
     if os.path.isdir(path):
         raise RecipeError(f"recipe {path!r} is a folder; expected a YAML file")
     try:

@@ -13,6 +13,7 @@ Run folder: ``stage-<k>/`` (checkpoints, see curriculum.py), ``final/`` (adapter
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +26,8 @@ from transformers import Trainer, TrainingArguments
 
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
                          stage_dir)
+from ..errors import UserError
+from ..log import logger
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -48,13 +51,25 @@ def build_tokenizer(recipe: Recipe):
         return offline_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    with not_found_is_user_error("model.tokenizer", name):
+        return AutoTokenizer.from_pretrained(name)
+
+
+@contextlib.contextmanager
+def not_found_is_user_error(key: str, name: str):
+    """A model or tokenizer that cannot be found (a typo, or a Hub id not cached while offline)
+    is a mistake in the recipe: one line naming the key, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = " (offline: HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get(
+            "HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise UserError(f"{key}={name!r} could not be loaded{offline}: {reason}") from err
 
 
 def gathered(params):
     """Context in which ZeRO-3-partitioned ``params`` are whole on every rank (a no-op otherwise)."""
-    import contextlib
-
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
@@ -81,8 +96,9 @@ def build_backbone(recipe: Recipe, seed: int):
     kwargs = {}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
-    return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
-                         attn_implementation=model.attention, **kwargs)
+    with not_found_is_user_error("model.name_or_path", model.name_or_path):
+        return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
+                             attn_implementation=model.attention, **kwargs)
 
 
 def build_model(recipe: Recipe, seed: int):
@@ -97,7 +113,8 @@ def build_model(recipe: Recipe, seed: int):
         memory = dataclasses.replace(memory, memory_init_std=embedding_std(backbone))
     torch.manual_seed(seed)
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
-    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora)
+    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, verbose=False)
+    logger.info(rmt.trainable_summary())
     if recipe.model.fused_gelu:
         use_fused_gelu(rmt.causal_lm)
     if recipe.model.compile_blocks:
@@ -246,8 +263,10 @@ def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: in
                        max_segments: int = 1) -> TrainingArguments:
     """The stage's TrainingArguments (SFTConfig for trl: inputs truncated to the stage's segments)."""
     kwargs = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     for key in CHECKPOINTING_KEYS:  # enabled on the backbone by build_model, not by the Trainer
-        kwargs[key] = False  # (SFTConfig would default it to true)
+        if key in fields:  # activation_checkpointing is new after transformers 5.17
+            kwargs[key] = False  # (SFTConfig would default it to true)
         kwargs.pop(f"{key}_kwargs", None)
     kwargs.update(output_dir=output_dir, max_steps=max_steps, seed=seed, remove_unused_columns=False)
     kwargs.setdefault("report_to", "tensorboard")

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks (gloo) through the real launcher and
-scripts/train.py, against one process on the same data: a 1-segment stage, then 3-segment BPTT
+the module entry (``deepspeed --module rmt_peft.train``, from a folder outside the checkout), against one process on the same data: a 1-segment stage, then 3-segment BPTT
 with LoRA reused in every segment under non-reentrant checkpointing (whole segments with ZeRO-2,
 per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The backbone
 loads from a folder, so under ZeRO-3 it is partitioned while loading (the memory's init std is
@@ -66,9 +66,9 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
         out = tmp_path / config
         # both launches at once: most of their time is start-up (imports), which overlaps well
         runs[config] = out, subprocess.Popen(
-            [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
+            [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rmt_peft.train",
              path, f"training.deepspeed={config}", f"training.output_dir={out}", checkpointing],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for config, (out, process) in runs.items():
         output, _ = process.communicate(timeout=400)
         assert process.returncode == 0, output[-5000:]
