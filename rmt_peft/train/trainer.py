@@ -24,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
-from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
-                         stage_dir)
 from ..errors import UserError
 from ..log import logger
+from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
+                         stage_dir)
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
+from .tracking import continue_curve
 
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -383,6 +384,7 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         if model is None:
             prepare(args)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
+        continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
         checkpoint = point.checkpoint if point and index == point.state.stage else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps = trainer.state.global_step
