@@ -55,14 +55,32 @@ def adapter_folder(source: str) -> str:
                             f"{MEMORY_CONFIG_FILE}) nor a training run (no final/ folder)")
 
 
+# training state a checkpoint or a stage's end/ may hold beside the adapter: never exported
+RESUME_FILES = {"trainable.safetensors", "curriculum.json", "trainer_state.json", "training_args.bin",
+                "optimizer.pt", "scheduler.pt", "scaler.pt"}
+
+
+def exported_files(folder: str) -> list[str]:
+    """Top-level files of an adapter ``folder`` that a user needs (no resume state)."""
+    return [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))
+            and n not in RESUME_FILES and not (n.startswith("rng_state") and n.endswith(".pth"))]
+
+
 def extra_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a merged model keeps (tokenizer files, ...)."""
     from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE
 
     replaced = {CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHTS_FILES,
                 "config.json", "generation_config.json"}
-    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n not in replaced and not n.startswith("model")]
+    return [os.path.join(folder, n) for n in exported_files(folder) if n not in replaced and not n.startswith("model")]
+
+
+def run_folder(adapter: str) -> str | None:
+    """The training run an adapter folder belongs to (its parent holds the run's recipe.yaml), or None."""
+    from .hub import RUN_RECIPE_FILE
+
+    parent = os.path.dirname(os.path.abspath(adapter))
+    return parent if os.path.isfile(os.path.join(parent, RUN_RECIPE_FILE)) else None
 
 
 def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
@@ -91,12 +109,12 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
                                        base_model=base_model, **options)
         merged = hub.merge(rmt, resolve_dtype(dtype))
         hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
+        hub.write_model_card(to, push_to_hub or os.path.basename(os.path.abspath(to)), run_dir=run_folder(folder))
     else:
         with hub.atomic_directory(to) as tmp:
-            for name in sorted(os.listdir(folder)):
-                if os.path.isfile(os.path.join(folder, name)):
-                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
-            hub.write_model_card(tmp, push_to_hub)
+            for name in exported_files(folder):
+                shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+            hub.write_model_card(tmp, push_to_hub, run_dir=run_folder(folder))
     if push_to_hub:
         hub.push_folder(to, push_to_hub, private=private or None, token=token)
     return to

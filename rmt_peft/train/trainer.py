@@ -173,9 +173,9 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model, folder: str, base_model: str, should_save: bool = True) -> None:
-    """The adapter (rmt.save_pretrained) + the trainable tensors by parameter name, for an exact
-    resume. Called on every rank: under ZeRO-3 gathering the parameters is a collective."""
+def save_adapter(model, folder: str, base_model: str, should_save: bool = True, for_resume: bool = True) -> None:
+    """The adapter (rmt.save_pretrained) + (``for_resume``) the trainable tensors by parameter name,
+    for an exact resume. Called on every rank: under ZeRO-3 gathering the parameters is a collective."""
     params = trainable_parameters(model)
     with gathered(params.values()):
         if should_save:
@@ -183,7 +183,8 @@ def save_adapter(model, folder: str, base_model: str, should_save: bool = True) 
             tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
             if sum(t.numel() for t in tensors.values()) == 0:  # e.g. ZeRO-3 partitions saved ungathered
                 raise RuntimeError(f"refusing to save an empty adapter to {folder}")
-            save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
+            if for_resume:
+                save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
 
 
 def load_trainable(model, folder: str) -> None:
@@ -403,7 +404,8 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
         prepare(args)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
-    trainer.save_model(os.path.join(out, "final"))
+    # final/: what a user loads, not resume state
+    save_adapter(trainer.model, os.path.join(out, "final"), trainer.base_model, trainer.args.should_save, False)
 
     evaluation = {}
     if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
@@ -492,6 +494,9 @@ def run(recipe: Recipe, log=print) -> dict:
             with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
     if is_main_process():
+        from ..hub import write_model_card
+
+        write_model_card(os.path.join(recipe.output_dir, "final"), run_dir=recipe.output_dir)  # with the results
         log(format_table(summary))
     return summary
 
