@@ -14,6 +14,26 @@ try:
 except PackageNotFoundError:  # a checkout on PYTHONPATH that was never installed
     __version__ = "0.0.0+unknown"
 
+# The lowest transformers that passes the tests (pyproject.toml says the same); an older one fails
+# in the middle of a run, so it is refused here, at import, with what to do. Read from the package
+# metadata: importing transformers here would slow every ``rmt-peft --help``.
+MIN_TRANSFORMERS = "5.17.0"
+
+
+def _check_transformers() -> None:
+    from packaging.version import Version
+
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        return  # the import that needs it will say so
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"rmt-peft needs transformers>={MIN_TRANSFORMERS}, found {found}: "
+                          f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+
+_check_transformers()
+
 # public name -> the module that defines it
 _EXPORTS = {"MemoryConfig": "memory", "RMTModel": "recurrent", "RMTOutput": "recurrent",
             "MemoryStream": "recurrent", "StreamResult": "recurrent", "segment_bounds": "recurrent",

@@ -515,7 +515,8 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
                   else f"`{base}`" if base else "its backbone")
     built = "" if hub_base or not base else (f"\n`{base}` is not a Hub model (a local folder, or a model built from "
                                              f"a config), so the card names no `base_model`.\n")
-    load_base = "" if hub_base or kind != "lora" else ', base_model="PATH/OF/THE/BASE"'
+    base_hint = ("" if hub_base or kind != "lora" else
+                 "# the base is not a Hub model: where it is not at its recorded path, add base_model=PATH\n")
     peft_note = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
                  "(without the memory, the model does not read long inputs).\n" if kind == "lora" else "")
     data_line = f" on the `{task}` task" + (f" ({', '.join(datasets)})" if datasets else "") if task else ""
@@ -548,7 +549,7 @@ Final evaluation of the training run, by input length in segments:
 import torch
 from rmt_peft import RMTModel
 
-rmt = RMTModel.from_pretrained("{name}"{load_quant}{load_base})
+{base_hint}rmt = RMTModel.from_pretrained("{name}"{load_quant})
 input_ids = torch.tensor([[...]])  # token ids of any length; the model reads them segment by segment
 out = rmt(input_ids)
 new_tokens = rmt.generate(input_ids, max_new_tokens=32)

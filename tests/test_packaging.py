@@ -93,3 +93,17 @@ def test_installed_package_trains_on_two_ranks_from_another_folder(installed, tm
     logs = result.stdout + result.stderr
     assert logs.count("stage 0: [1] segment(s)") == 1  # the main process speaks, the other rank does not
     assert "gemm_4bit_forward" not in logs and "Setting accelerator to CPU" not in logs
+
+
+def test_a_transformers_older_than_the_lowest_tested_is_refused_at_import(tmp_path):
+    from rmt_peft import MIN_TRANSFORMERS
+
+    old = tmp_path / "transformers-5.16.0.dist-info"  # what the package metadata of 5.16 says
+    old.mkdir()
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.16.0\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    result = subprocess.run([sys.executable, "-c", "import rmt_peft"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ImportError: rmt-peft needs transformers>={MIN_TRANSFORMERS}, found 5.16.0" in result.stderr
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert f'"transformers>={MIN_TRANSFORMERS}"' in f.read()  # one lower bound, stated twice
