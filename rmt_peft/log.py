@@ -5,7 +5,8 @@ stderr, as transformers logs) and transformers' logging to the same level. Under
 (torchrun / deepspeed: the environment holds RANK) only rank 0 speaks; the other ranks report
 errors only, so every stage header and parameter summary appears once. Known third-party noise is
 filtered unless ``-v``: bitsandbytes' warning that its optional CPU kernel package (``kernels``) is
-missing, and DeepSpeed's "Setting accelerator to CPU" on machines without a GPU.
+missing, and DeepSpeed's "Setting accelerator to CPU" on machines without a GPU. ``-q`` also
+turns off progress bars and the Trainer's printed log dicts (``quiet_trainer``).
 """
 from __future__ import annotations
 
@@ -72,3 +73,17 @@ def setup(verbosity: int = 0) -> None:
                                      NOISE.get(name, ()) if verbosity < 1 else ()))
     if not main or verbosity < 0:
         warnings.filterwarnings("ignore")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' and the Hub's bars (read at import)
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def quiet_trainer(trainer) -> None:
+    """With ``-q`` (or on a rank other than 0) the Trainer prints no progress bar and no log dicts."""
+    if logger.getEffectiveLevel() > logging.INFO:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)

@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
 from ..errors import UserError
-from ..log import logger
+from ..log import logger, quiet_trainer
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
                          stage_dir)
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
@@ -386,6 +386,7 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             prepare(args)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
         continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
+        quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
         checkpoint = point.checkpoint if point and index == point.state.stage else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps = trainer.state.global_step
