@@ -2,8 +2,8 @@
 with -v)."""
 import os
 import subprocess
+import resource
 import sys
-import time
 
 import pytest
 
@@ -31,11 +31,15 @@ def test_help_of_every_command_imports_nothing_heavy_and_is_fast():
                    f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().splitlines()[-1] == "HEAVY []"
-    for command in commands:  # a whole process: interpreter start + parser, on a shared machine
-        start = time.perf_counter()
+    for command in commands:  # a whole process: interpreter start + parser
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = python(["-m", "rmt_peft.cli", command, "--help"])
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         assert result.returncode == 0 and "usage: rmt-peft" in result.stdout
-        assert time.perf_counter() - start < 2.0, command
+        # CPU time, not wall time: on a loaded shared machine waiting for a core is not our cost
+        # (importing torch + transformers alone takes about 4 s of CPU)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 1.0, (command, cpu)
 
 
 def test_version(capsys):
