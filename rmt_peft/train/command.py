@@ -7,8 +7,8 @@ them and copies one out to edit). Overrides are ``dotted.key=value`` with YAML v
 without loading any weights and exits 0 when it is valid, 2 when it is not (the message names
 the key, the value and what is allowed). ``train`` accepts the ``--local_rank`` that the
 deepspeed launcher appends (``python -m rmt_peft.train`` is the launchers' entry). A start
-that fails before training begins removes the output folder it created, so the same
-``output_dir`` can be used again. Heavy imports happen inside the handlers so ``--help`` stays fast.
+that fails before training begins (nothing written but recipe.yaml) removes the output folder it
+created, so the same ``output_dir`` can be used again. Heavy imports happen inside the handlers so ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -80,14 +80,13 @@ def train_command(args) -> int:
 
 
 def remove_failed_start(out: str) -> None:
-    """Remove ``out`` (created by this run) when nothing was trained into it yet: no checkpoint,
-    no finished stage (trainer_state.json / curriculum.json), no final adapter."""
+    """Remove ``out`` (created by this run) when the run failed before writing anything but its
+    recipe.yaml: a failed start. Anything else (logs, checkpoints, a record of a divergence) stays."""
     if not os.path.isdir(out):
         return
-    for _, _, files in os.walk(out):
-        if {"trainer_state.json", "curriculum.json", "summary.json"} & set(files):
-            return  # something to resume from or to look at
-    shutil.rmtree(out, ignore_errors=True)
+    written = [os.path.relpath(os.path.join(root, f), out) for root, _, files in os.walk(out) for f in files]
+    if set(written) <= {"recipe.yaml"}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def recipes_command(args) -> int:
