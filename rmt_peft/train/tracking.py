@@ -5,7 +5,8 @@ wraps the stage Trainer's reporting callbacks (``report_to``: TensorBoardCallbac
 WandbCallback, ...) so that what they log carries the run's global step (the steps of the
 earlier stages plus the stage's own) and the stage as scalars (``curriculum_stage``,
 ``curriculum_num_segments``). TensorBoard writes every stage into one folder,
-``OUTPUT_DIR/logs`` (one run; a resumed run continues it); W&B keeps its one run per process.
+``OUTPUT_DIR/logs`` (one run; a resumed run continues it); W&B keeps one run until ``end_run``
+(the 0-memory baseline then starts its own, as it has its own ``OUTPUT_DIR/baseline/logs``).
 Only ``on_log`` sees the shifted step: checkpoint names and the Trainer's own state stay the
 stage's.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 LOG_DIR = "logs"
 
@@ -45,3 +47,11 @@ def continue_curve(trainer, output_dir: str, steps_before: int, stage: int, segm
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(output_dir, LOG_DIR)  # else TENSORBOARD_LOGGING_DIR's
             callbacks[i] = ContinuedCurve(callback, steps_before, scalars)
+
+
+def end_run() -> None:
+    """Finish the W&B run of a finished training, so the next one in this process (the baseline)
+    starts its own run instead of restarting the step counter inside this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -29,7 +29,7 @@ from ..log import logger, quiet_trainer
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
                          stage_dir)
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
-from .tracking import continue_curve
+from .tracking import continue_curve, end_run
 
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -487,6 +487,7 @@ def run(recipe: Recipe, log=print) -> dict:
     accuracy table is printed and written to summary.json."""
     summary = train_recipe(recipe, log)
     if recipe.eval.baseline:
+        end_run()  # the baseline reports as a run of its own
         base = train_recipe(baseline_recipe(recipe), log)
         summary["baseline"] = base
         summary["accuracy"] = {"memory": {n: m["accuracy"] for n, m in summary["eval"].items()},
