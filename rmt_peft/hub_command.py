@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
 
@@ -83,6 +84,26 @@ def run_folder(adapter: str) -> str | None:
     return parent if os.path.isfile(os.path.join(parent, RUN_RECIPE_FILE)) else None
 
 
+def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
+    """A backbone built from a config (``tiny:<arch>``) has no checkpoint: rebuild its frozen random
+    weights (same architecture, config and seed as in training) from the run's recipe.yaml into
+    ``into``; None for any other base (loaded from its name)."""
+    from .hub import read_run
+    from .train.recipe import TINY_PREFIX
+
+    if not base.startswith(TINY_PREFIX):
+        return None
+    recipe, _ = read_run(run_folder(folder))
+    if not recipe:
+        raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
+                         f"merging rebuilds them from the run's recipe.yaml, which is not beside it: export the "
+                         f"run's OUTPUT_DIR, or pass --base-model")
+    from .tiny_models import save_tiny_model
+
+    seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
+    return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **(recipe["model"].get("config") or {}))
+
+
 def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
            token: str | None = None, base_model: str | None = None, quantization: str = "as-trained",
            dtype: str = "bfloat16") -> str:
@@ -105,9 +126,11 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
         if quantization == "as-trained":
             quantization = metadata.get("quantization", "none")
             options = json.loads(metadata.get("quantization_options") or "{}")
-        rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
-                                       base_model=base_model, **options)
-        merged = hub.merge(rmt, resolve_dtype(dtype))
+        with tempfile.TemporaryDirectory() as rebuilt:
+            base_model = base_model or rebuild_config_base(folder, metadata.get("base_model", ""), rebuilt)
+            rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
+                                           base_model=base_model, **options)
+            merged = hub.merge(rmt, resolve_dtype(dtype))
         hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
         hub.write_model_card(to, push_to_hub or os.path.basename(os.path.abspath(to)), run_dir=run_folder(folder))
     else:

@@ -47,3 +47,25 @@ def test_card_base_model_is_a_hub_repo_id_or_left_out(tmp_path):
         assert hub.hub_repo_id(local) is None, local
     assert hub.recipe_datasets({"data": {"options": {"noise": "quality"}}}) == ["tasksource/QuALITY"]
     assert hub.recipe_datasets({"data": {"options": {"path": "json", "data_files": "qa.jsonl"}}}) == []
+
+
+def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_path):
+    import torch
+
+    from rmt_peft import RMTModel
+    from rmt_peft.tiny_models import save_tiny_model
+
+    recipe = load_recipe(write_recipe({"lora": "attention", "curriculum.segments": [1], "curriculum.steps_per_stage": 2,
+                                       "eval.num_segments": [1], "training.learning_rate": 0.05}))
+    run(recipe, log=lambda *_: None)
+    merged = tmp_path / "merged"
+    assert main(["export", recipe.output_dir, "--to", str(merged), "--merge", "--dtype", "float32"]) == 0
+    # the reference: the adapter on the frozen tiny backbone rebuilt independently (training seed 0)
+    base = save_tiny_model(str(tmp_path / "base"), "gpt_neo", seed=0, vocab_size=64, max_positions=64)
+    trained = RMTModel.from_pretrained(os.path.join(recipe.output_dir, "final"), base_model=base)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained(input_ids=ids, return_logits=True).logits
+        got = RMTModel.from_pretrained(str(merged))(input_ids=ids, return_logits=True).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert "base_model" not in ModelCard.load(str(merged / "README.md")).data.to_dict()
