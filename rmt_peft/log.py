@@ -22,8 +22,6 @@ NOISE = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
     "DeepSpeed": ("Setting accelerator to CPU",),
 }
-
-
 _USER_HF_VERBOSITY = os.environ.get("TRANSFORMERS_VERBOSITY")  # the user's own choice wins
 
 
@@ -65,7 +63,7 @@ def setup(verbosity: int = 0) -> None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity(hf_level)
-    for name in (*NOISE, "DeepSpeed"):
+    for name in NOISE:  # (also: DeepSpeed's other messages on ranks other than 0, or with -q)
         third_party = logging.getLogger(name)
         for old in [f for f in third_party.filters if isinstance(f, _Quiet)]:
             third_party.removeFilter(old)
