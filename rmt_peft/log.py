@@ -52,8 +52,7 @@ def setup(verbosity: int = 0) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._rmt_peft = True
-    logger.addHandler(handler)
-    logger.propagate = False
+    logger.addHandler(handler)  # (still propagates: pytest's caplog and a user's root handlers see it)
     # transformers: its default (warning) normally, info with -v (every config and file it reads);
     # read from the environment when it is imported later, set directly when it already is.
     hf_level = logging.INFO if verbosity > 0 and main else max(level, logging.WARNING)
