@@ -1,10 +1,64 @@
-"""rmt-peft: Recurrent Memory Transformer on frozen (8-bit / 4-bit) backbones with LoRA."""
-from . import hub
-from .adapters import lora_config, trainable_summary
-from .backbones import load_backbone
-from .memory import MemoryConfig
-from .recurrent import MemoryStream, RMTModel, RMTOutput, StreamResult, segment_bounds, stream_tokens
+"""rmt-peft: Recurrent Memory Transformer on frozen (8-bit / 4-bit) backbones with LoRA.
 
-__all__ = ["MemoryConfig", "RMTModel", "RMTOutput", "MemoryStream", "StreamResult", "load_backbone",
-           "segment_bounds", "stream_tokens", "lora_config", "trainable_summary", "hub"]
-__version__ = "0.1.0"
+The public names below load on first use (PEP 562), so ``import rmt_peft`` and ``rmt-peft --help``
+do not import torch and transformers until something needs them.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+try:
+    __version__ = version("rmt-peft")
+except PackageNotFoundError:  # a checkout on PYTHONPATH that was never installed
+    __version__ = "0.0.0+unknown"
+
+# The lowest transformers that passes the tests (pyproject.toml says the same); an older one fails
+# in the middle of a run, so it is refused here, at import, with what to do. Read from the package
+# metadata: importing transformers here would slow every ``rmt-peft --help``.
+MIN_TRANSFORMERS = "5.17.0"
+
+
+def _check_transformers() -> None:
+    from packaging.version import Version
+
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        return  # the import that needs it will say so
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"rmt-peft needs transformers>={MIN_TRANSFORMERS}, found {found}: "
+                          f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+
+_check_transformers()
+
+# public name -> the module that defines it
+_EXPORTS = {"MemoryConfig": "memory", "RMTModel": "recurrent", "RMTOutput": "recurrent",
+            "MemoryStream": "recurrent", "StreamResult": "recurrent", "segment_bounds": "recurrent",
+            "stream_tokens": "recurrent", "load_backbone": "backbones", "lora_config": "adapters",
+            "trainable_summary": "adapters"}
+
+__all__ = [*_EXPORTS, "hub", "__version__"]
+
+if TYPE_CHECKING:
+    from . import hub
+    from .adapters import lora_config, trainable_summary
+    from .backbones import load_backbone
+    from .memory import MemoryConfig
+    from .recurrent import MemoryStream, RMTModel, RMTOutput, StreamResult, segment_bounds, stream_tokens
+
+
+def __getattr__(name: str):
+    if name == "hub":
+        return importlib.import_module(".hub", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rmt_peft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

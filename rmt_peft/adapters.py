@@ -1,6 +1,8 @@
 """LoRA on a frozen backbone through peft, with target presets per architecture.
 
 Users pick *what* to adapt ("attention" or "all-linear") rather than each model's module names.
+For an architecture without presets, "all-linear" is peft's own keyword (every linear layer but
+the output layer) and "attention" asks for explicit target_modules.
 ``lora_config`` turns a preset name, a dict of ``peft.LoraConfig`` fields or a ready LoraConfig
 into a LoraConfig for one architecture; ``attach_lora`` freezes the backbone and adds LoRA;
 ``trainable_summary`` counts what trains (LoRA, memory, the rest) against the total.
@@ -44,8 +46,10 @@ def lora_targets(preset: str, architecture: str):
     if preset not in PRESETS:
         raise ValueError(f"LoRA preset {preset!r} is not known; allowed: {PRESETS}")
     if architecture not in LORA_TARGETS:
-        raise ValueError(f"no LoRA presets for architecture {architecture!r}; known: {sorted(LORA_TARGETS)}; "
-                         f"give target_modules explicitly")
+        if preset == "all-linear":  # peft's own keyword: every linear layer but the output layer
+            return "all-linear"
+        raise ValueError(f"no 'attention' LoRA preset for architecture {architecture!r} (presets: "
+                         f"{sorted(LORA_TARGETS)}); use 'all-linear' (peft's) or give target_modules explicitly")
     return LORA_TARGETS[architecture][preset]
 
 

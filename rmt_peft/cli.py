@@ -1,7 +1,11 @@
-"""The ``rmt-peft`` command: train | validate | eval | export | flops.
+"""The ``rmt-peft`` command: train | validate | recipes | eval | export | flops.
 
 Each subcommand lives beside the code it drives; a module named here exposes
-``register(subparsers)`` (adds its parser, cheap imports only) and the parser's ``func``.
+``register(subparsers)`` (adds its parser, cheap imports only: ``--help`` must not import torch)
+and the parser's ``func``. Options of every command: ``-v`` (more output, tracebacks of user
+errors), ``-q`` (errors only). A mistake in the input (``rmt_peft.errors.UserError``: a bad
+recipe, a missing file, a Hub model that is not cached offline) ends the command with one line on
+stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -10,28 +14,46 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
-    "rmt_peft.train.command",   # train, validate
+    "rmt_peft.train.command",   # train, validate, recipes
     "rmt_peft.eval.command",    # eval
     "rmt_peft.hub_command",     # export
     "rmt_peft.flops",           # flops
 ]
 
 
+def verbosity_options(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="more output: transformers' info logs, third-party warnings, tracebacks of user errors")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rmt-peft", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rmt-peft {__version__}")
+    verbosity_options(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in sub.choices.values():  # -v / -q after the command name too (SUPPRESS keeps the first)
+        verbosity_options(command, argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import log
     from .errors import UserError
 
+    log.setup(args.verbosity)
     try:
         return int(args.func(args) or 0)
-    except UserError as err:  # a mistake in the input: one line naming it, no traceback
+    except UserError as err:  # a mistake in the input: one line naming it; the traceback with -v
+        if args.verbosity > 0:
+            raise
         print(f"rmt-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -366,45 +367,177 @@ def push_to_hub(rmt: "RMTModel", repo_id: str, private: bool | None = None, toke
 
 
 # -- the model card -----------------------------------------------------------------------
-def write_model_card(folder: str, repo_id: str | None = None) -> str:
-    """Write README.md for a saved folder from its files (Hub metadata + memory settings + usage)."""
-    from huggingface_hub import ModelCardData
+RUN_RECIPE_FILE = "recipe.yaml"     # beside final/ in a training run (rmt_peft.train)
+RUN_SUMMARY_FILE = "summary.json"
+DATASET_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
+
+
+def hub_repo_id(name: str | None) -> str | None:
+    """``name`` when it is a valid Hub repo id; None for local paths and models built from a config
+    (``tiny:gpt_neo``), which a card's ``base_model`` must not name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def read_run(run_dir: str | None) -> tuple[dict, dict]:
+    """(recipe, summary) of a training run folder; empty dicts for what it does not hold."""
+    import yaml
+
+    recipe, summary = {}, {}
+    if run_dir and os.path.isfile(os.path.join(run_dir, RUN_RECIPE_FILE)):
+        with open(os.path.join(run_dir, RUN_RECIPE_FILE)) as f:
+            recipe = yaml.safe_load(f) or {}
+    if run_dir and os.path.isfile(os.path.join(run_dir, RUN_SUMMARY_FILE)):
+        with open(os.path.join(run_dir, RUN_SUMMARY_FILE)) as f:
+            summary = json.load(f)
+    return recipe, summary
+
+
+def recipe_datasets(recipe: dict) -> list[str]:
+    """Hub datasets a recipe reads: noise / document presets and ``path`` options that are repo ids."""
+    from .data.noise import PRESETS
+
+    found = []
+
+    def visit(value):
+        if isinstance(value, str) and value in PRESETS:
+            found.append(PRESETS[value][0])
+        elif isinstance(value, dict):
+            if value.get("source") in PRESETS:
+                found.append(PRESETS[value["source"]][0])
+            path = value.get("path")
+            if isinstance(path, str) and path not in DATASET_BUILDERS and hub_repo_id(path):
+                found.append(path)
+            for inner in value.values():
+                if isinstance(inner, dict):
+                    visit(inner)
+        return found
+
+    options = (recipe.get("data") or {}).get("options") or {}
+    visit(options)
+    for value in options.values():
+        visit(value)
+    return sorted(set(found))
+
+
+def eval_results(model_name: str, task: str, datasets: list[str], summary: dict):
+    """model-index entries: accuracy and perplexity of the final evaluation per number of segments."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for segments, metrics in sorted(summary.get("eval", {}).items(), key=lambda kv: (not kv[0].isdigit(), kv[0])):
+        what = f"{segments} segment(s)" if segments.isdigit() else "held-out split"
+        for metric in ("accuracy", "perplexity"):
+            value = metrics.get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            results.append(EvalResult(task_type="text-generation", dataset_type=datasets[0] if datasets else task,
+                                      dataset_name=f"{task} ({what})", metric_type=metric,
+                                      metric_value=round(float(value), 4), dataset_config=segments))
+    return results or None
+
+
+def _results_table(summary: dict) -> str:
+    rows = summary.get("eval") or {}
+    if not rows:
+        return "No evaluation was recorded with this model (`summary.json` of its training run).\n"
+    baseline = (summary.get("baseline") or {}).get("eval") or {}
+    head = "| segments | accuracy | loss | perplexity |" + (" accuracy without memory |" if baseline else "")
+    lines = [head, "|---" * (5 if baseline else 4) + "|"]
+    for n in sorted(rows, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
+        m = rows[n]
+        line = f"| {n} | {m['accuracy']:.4f} | {m['loss']:.4f} | {m['perplexity']:.4g} |"
+        if baseline:
+            line += f" {baseline[n]['accuracy']:.4f} |" if n in baseline else " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _hyperparameters(recipe: dict) -> str:
+    import yaml
+
+    if not recipe:
+        return ""
+    training, model = recipe.get("training") or {}, recipe.get("model") or {}
+    stages = (recipe.get("curriculum") or {}).get("stages") or []
+    rows = {"backbone": model.get("name_or_path"), "quantization": model.get("quantization") or "none",
+            "dtype": model.get("dtype"), "LoRA": json.dumps(recipe.get("lora")),
+            "task": (recipe.get("data") or {}).get("task"),
+            "curriculum (segments x steps)": ", ".join(f"{s.get('num_segments')} x {s.get('max_steps')}"
+                                                       for s in stages)}
+    for key in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "max_grad_norm", "bf16", "seed", "deepspeed"):
+        if key in training:
+            rows[key] = training[key]
+    table = "\n".join(f"| {k} | `{v}` |" for k, v in rows.items() if v is not None)
+    return (f"## Training\n\n| hyper-parameter | value |\n|---|---|\n{table}\n\n"
+            f"<details><summary>The whole recipe (<code>rmt-peft train recipe.yaml</code>)</summary>\n\n"
+            f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n\n</details>\n\n")
+
+
+def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | None = None) -> str:
+    """Write README.md for a saved ``folder`` through ``huggingface_hub.ModelCard``: Hub metadata
+    (base_model when it is a Hub repo id, datasets, tags, model-index with the evaluation of the
+    training run in ``run_dir``), results, hyper-parameters, memory settings and usage code."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     kind = folder_kind(folder)
     memory_config, _, metadata = read_memory(folder)
+    recipe, summary = read_run(run_dir)
     base = metadata.get("base_model") or None
     quantization = metadata.get("quantization", "none")
     tags = ["rmt-peft", "recurrent-memory-transformer", "long-context", "text-generation"]
     tags += ["lora"] if kind == "lora" else []
     tags += [quantization] if quantization != "none" else []
-    # The Hub's base_model must be a repo id: a local path would be rejected or link nowhere.
-    hub_base = base if base and not os.path.isabs(base) and not os.path.exists(base) else None
-    data = ModelCardData(base_model=hub_base, library_name="peft" if kind == "lora" else "transformers",
-                         tags=tags, pipeline_tag="text-generation")
-    name = repo_id or os.path.basename(os.path.abspath(folder)).split(".tmp-")[0].lstrip(".")
+    folder_name = os.path.basename(os.path.abspath(folder)).split(".tmp-")[0].lstrip(".")
+    if folder_name == "final" and run_dir:  # a run's final/: the run is what the user named
+        folder_name = os.path.basename(os.path.abspath(run_dir))
+    name = repo_id or folder_name
+    task = (recipe.get("data") or {}).get("task")
+    datasets = recipe_datasets(recipe) if recipe else []
+    hub_base = hub_repo_id(base)
+    data = ModelCardData(base_model=hub_base, datasets=datasets or None, model_name=name,
+                         eval_results=eval_results(name, task, datasets, summary) if task else None,
+                         library_name="peft" if kind == "lora" else "transformers", tags=tags,
+                         pipeline_tag="text-generation")
     options = json.loads(metadata.get("quantization_options") or "{}")
     load_quant = "".join(f", {k}={v!r}" for k, v in {"quantization": quantization, **options}.items()
                          if quantization != "none").replace("'", '"')
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in memory_config.to_dict().items())
     what = ("LoRA adapter (standard PEFT files) plus the trained memory" if kind == "lora"
             else "full model weights plus the trained memory")
-    trained_on = (f"a {quantization} (bitsandbytes) copy of `{base}`" if quantization != "none"
+    trained_on = (f"a {quantization} (bitsandbytes) copy of `{base}`" if quantization != "none" and base
                   else f"`{base}`" if base else "its backbone")
+    built = "" if hub_base or not base else (f"\n`{base}` is not a Hub model (a local folder, or a model built from "
+                                             f"a config), so the card names no `base_model`.\n")
+    base_hint = ("" if hub_base or kind != "lora" else
+                 "# the base is not a Hub model: where it is not at its recorded path, add base_model=PATH\n")
     peft_note = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
                  "(without the memory, the model does not read long inputs).\n" if kind == "lora" else "")
-    card = f"""---
-{data.to_yaml()}
----
-
+    data_line = f" on the `{task}` task" + (f" ({', '.join(datasets)})" if datasets else "") if task else ""
+    files = ", ".join(f"`{n}`" for n in sorted(set(os.listdir(folder)) | {CARD_FILE}))
+    body = f"""
 # {name}
 
 A Recurrent Memory Transformer (Bulatov et al., [arXiv 2304.11062](https://arxiv.org/abs/2304.11062))
-trained with rmt-peft on {trained_on}: {what}.
+trained with [rmt-peft](https://pypi.org/project/rmt-peft/){data_line} on {trained_on}: {what}.
 The input is read in segments of {memory_config.segment_size} tokens; {memory_config.num_memory_tokens}
 memory tokens carry what was read from one segment to the next, so inputs may be longer than the
 backbone's context.
+{built}
+## Results
 
-## Memory settings
+Final evaluation of the training run, by input length in segments:
+
+{_results_table(summary)}
+{_hyperparameters(recipe)}## Memory settings
 
 | setting | value |
 |---|---|
@@ -412,19 +545,21 @@ backbone's context.
 | backbone | `{metadata.get('model_type')}`, hidden size {metadata.get('hidden_size')} |
 | trained with quantization | {quantization} |
 
-## How to load
+## How to use
 
 ```python
+import torch
 from rmt_peft import RMTModel
 
-rmt = RMTModel.from_pretrained("{name}"{load_quant})
-out = rmt(input_ids)           # any length; read segment by segment
+{base_hint}rmt = RMTModel.from_pretrained("{name}"{load_quant})
+input_ids = torch.tensor([[...]])  # token ids of any length; the model reads them segment by segment
+out = rmt(input_ids)
 new_tokens = rmt.generate(input_ids, max_new_tokens=32)
 ```
 {peft_note}
-Files: {", ".join(sorted(set(os.listdir(folder)) | {CARD_FILE}))}.
+Files: {files}.
 """
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")  # parses and checks the metadata
     path = os.path.join(folder, CARD_FILE)
-    with open(path, "w") as f:
-        f.write(card)
+    card.save(path)
     return path

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
 
@@ -55,14 +56,52 @@ def adapter_folder(source: str) -> str:
                             f"{MEMORY_CONFIG_FILE}) nor a training run (no final/ folder)")
 
 
+# training state a checkpoint or a stage's end/ may hold beside the adapter: never exported
+RESUME_FILES = {"trainable.safetensors", "curriculum.json", "trainer_state.json", "training_args.bin",
+                "optimizer.pt", "scheduler.pt", "scaler.pt"}
+
+
+def exported_files(folder: str) -> list[str]:
+    """Top-level files of an adapter ``folder`` that a user needs (no resume state)."""
+    return [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))
+            and n not in RESUME_FILES and not (n.startswith("rng_state") and n.endswith(".pth"))]
+
+
 def extra_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a merged model keeps (tokenizer files, ...)."""
     from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE
 
     replaced = {CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHTS_FILES,
                 "config.json", "generation_config.json"}
-    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n not in replaced and not n.startswith("model")]
+    return [os.path.join(folder, n) for n in exported_files(folder) if n not in replaced and not n.startswith("model")]
+
+
+def run_folder(adapter: str) -> str | None:
+    """The training run an adapter folder belongs to (its parent holds the run's recipe.yaml), or None."""
+    from .hub import RUN_RECIPE_FILE
+
+    parent = os.path.dirname(os.path.abspath(adapter))
+    return parent if os.path.isfile(os.path.join(parent, RUN_RECIPE_FILE)) else None
+
+
+def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
+    """A backbone built from a config (``tiny:<arch>``) has no checkpoint: rebuild its frozen random
+    weights (same architecture, config and seed as in training) from the run's recipe.yaml into
+    ``into``; None for any other base (loaded from its name)."""
+    from .hub import read_run
+    from .train.recipe import TINY_PREFIX
+
+    if not base.startswith(TINY_PREFIX):
+        return None
+    recipe, _ = read_run(run_folder(folder))
+    if not recipe:
+        raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
+                         f"merging rebuilds them from the run's recipe.yaml, which is not beside it: export the "
+                         f"run's OUTPUT_DIR, or pass --base-model")
+    from .tiny_models import save_tiny_model
+
+    seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
+    return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **(recipe["model"].get("config") or {}))
 
 
 def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
@@ -87,16 +126,18 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
         if quantization == "as-trained":
             quantization = metadata.get("quantization", "none")
             options = json.loads(metadata.get("quantization_options") or "{}")
-        rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
-                                       base_model=base_model, **options)
-        merged = hub.merge(rmt, resolve_dtype(dtype))
+        with tempfile.TemporaryDirectory() as rebuilt:
+            base_model = base_model or rebuild_config_base(folder, metadata.get("base_model", ""), rebuilt)
+            rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
+                                           base_model=base_model, **options)
+            merged = hub.merge(rmt, resolve_dtype(dtype))
         hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
+        hub.write_model_card(to, push_to_hub or os.path.basename(os.path.abspath(to)), run_dir=run_folder(folder))
     else:
         with hub.atomic_directory(to) as tmp:
-            for name in sorted(os.listdir(folder)):
-                if os.path.isfile(os.path.join(folder, name)):
-                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
-            hub.write_model_card(tmp, push_to_hub)
+            for name in exported_files(folder):
+                shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+            hub.write_model_card(tmp, push_to_hub, run_dir=run_folder(folder))
     if push_to_hub:
         hub.push_folder(to, push_to_hub, private=private or None, token=token)
     return to

@@ -8,4 +8,4 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # tiny models: one thread per process is faster than two fighting over 2 cores
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/rmt-peft train recipes/quickstart.yaml "training.output_dir=runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
+exec .venv/bin/rmt-peft train quickstart "training.output_dir=runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"

@@ -7,7 +7,7 @@ from peft import LoraConfig
 from transformers.pytorch_utils import Conv1D
 
 from rmt_peft import MemoryConfig, RMTModel, load_backbone
-from rmt_peft.adapters import attach_lora, lora_config, trainable_summary
+from rmt_peft.adapters import LORA_TARGETS, attach_lora, lora_config, trainable_summary
 from rmt_peft.tiny_models import ARCHITECTURES, save_tiny_model, tiny_model
 
 MEMORY = MemoryConfig(num_memory_tokens=4, segment_size=8)
@@ -43,7 +43,7 @@ def test_lora_config_from_preset_dict_and_config():
     assert lora_config(given, "opt") is given
     with pytest.raises(ValueError, match="LoRA preset 'mlp' is not known"):
         lora_config("mlp", "opt")
-    with pytest.raises(ValueError, match="no LoRA presets for architecture 'bloom'"):
+    with pytest.raises(ValueError, match="no 'attention' LoRA preset for architecture 'bloom'"):
         lora_config("attention", "bloom")
     with pytest.raises(TypeError, match="lora must be"):
         lora_config(8, "opt")
@@ -97,3 +97,18 @@ def test_training_steps_on_quantized_backbone(tmp_path, quantization):
     assert not torch.equal(rmt.memory_tokens.detach(), memory_before)
     for name, value in frozen_before.items():
         assert torch.equal(dict(rmt.named_parameters())[name].detach(), value), name
+
+
+def test_all_linear_falls_through_to_peft_for_an_architecture_without_presets():
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    def bloom():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))
+
+    assert bloom().config.model_type not in LORA_TARGETS
+    all_linear, _ = linear_layers(bloom())
+    peft_model = attach_lora(bloom(), "all-linear")
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}
+    assert wrapped == all_linear and len(all_linear) == 8  # 4 linear layers in each of 2 blocks

@@ -1,13 +1,23 @@
-"""``rmt-peft train RECIPE [key=value ...]`` and ``rmt-peft validate RECIPE [key=value ...]``.
+"""``rmt-peft train RECIPE [key=value ...]``, ``rmt-peft validate RECIPE [key=value ...]`` and
+``rmt-peft recipes [NAME [--to FILE]]``.
 
-Overrides are ``dotted.key=value`` with YAML values, e.g. ``training.learning_rate=1e-4``
-``curriculum.segments=[1,2,4]``. ``validate`` checks the recipe without loading any weights and
-exits 0 when it is valid, 2 when it is not (the message names the key, the value and what is
-allowed). Heavy imports happen inside the handlers so ``rmt-peft --help`` stays fast.
+RECIPE is a YAML file or the name of a shipped recipe (``quickstart``; ``rmt-peft recipes`` lists
+them and copies one out to edit). Overrides are ``dotted.key=value`` with YAML values, e.g.
+``training.learning_rate=1e-4`` ``curriculum.segments=[1,2,4]``. ``validate`` checks the recipe
+without loading any weights and exits 0 when it is valid, 2 when it is not (the message names
+the key, the value and what is allowed). ``train`` accepts the ``--local_rank`` that the
+deepspeed launcher appends (``python -m rmt_peft.train`` is the launchers' entry). A start
+that fails before training begins (nothing written but recipe.yaml) removes the output folder it
+created, so the same ``output_dir`` can be used again. Heavy imports happen inside the handlers so ``--help`` stays fast.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
 import sys
+
+RECIPE_HELP = "a recipe YAML file, or the name of a shipped one (rmt-peft recipes), e.g. quickstart"
 
 
 def register(subparsers) -> None:
@@ -15,10 +25,17 @@ def register(subparsers) -> None:
             ("train", train_command, "train from a YAML recipe (curriculum, Trainer, DeepSpeed)"),
             ("validate", validate_command, "check a recipe without loading any model weights")):
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
+        parser.add_argument("recipe", help=RECIPE_HELP)
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="dotted.key=value overrides, values parsed as YAML (training.max_steps=10)")
         parser.set_defaults(func=func)
+        if name == "train":  # appended by the deepspeed launcher; the rank is read from LOCAL_RANK
+            parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    text = "list the shipped recipes and DeepSpeed configs, or copy one out to edit"
+    parser = subparsers.add_parser("recipes", help=text, description=text)
+    parser.add_argument("name", nargs="?", help="a shipped recipe or DeepSpeed config to copy")
+    parser.add_argument("--to", metavar="FILE", help="where to copy it (default: NAME.yaml / NAME.json here)")
+    parser.set_defaults(func=recipes_command)
 
 
 def _load(args):
@@ -27,20 +44,19 @@ def _load(args):
     try:
         return load_recipe(args.recipe, args.overrides)
     except RecipeError as err:
-        print(f"invalid recipe {args.recipe}: {err}", file=sys.stderr)
-        return None
+        raise RecipeError(f"invalid recipe {args.recipe}: {err}") from err
 
 
 def validate_command(args) -> int:
     recipe = _load(args)
-    if recipe is None:
-        return 2
     from .recipe import model_config, stage_segments
 
     stages = ", ".join(f"{stage_segments(s)}x{s.max_steps or 'max'}" for s in recipe.curriculum.stages)
     print(f"{args.recipe}: valid ({recipe.model.name_or_path}, task {recipe.data.task}, "
           f"{recipe.memory.num_memory_tokens} memory tokens, segment {recipe.memory.segment_size}, "
           f"stages [segments x steps] {stages}, output {recipe.output_dir})")
+    if recipe.training.get("deepspeed"):
+        print(f"deepspeed: {recipe.training['deepspeed']}")
     if model_config(recipe.model) is None:
         print(f"note: the config of {recipe.model.name_or_path} could not be read here (offline?): the position "
               f"limit is checked when the model loads")
@@ -49,14 +65,51 @@ def validate_command(args) -> int:
 
 def train_command(args) -> int:
     recipe = _load(args)
-    if recipe is None:
-        return 2
-    from .recipe import RecipeError
+    from ..log import is_main_process, logger
     from .trainer import run
 
+    out = recipe.output_dir
+    fresh = not os.path.isdir(out) or not os.listdir(out)
     try:
-        run(recipe)
-    except RecipeError as err:
-        print(f"cannot run {args.recipe}: {err}", file=sys.stderr)
-        return 2
+        run(recipe, log=logger.info)
+    except BaseException:
+        if fresh and is_main_process():
+            remove_failed_start(out)
+        raise
+    return 0
+
+
+def remove_failed_start(out: str) -> None:
+    """Remove ``out`` (created by this run) when the run failed before writing anything but its
+    recipe.yaml: a failed start. Anything else (logs, checkpoints, a record of a divergence) stays."""
+    if not os.path.isdir(out):
+        return
+    written = [os.path.relpath(os.path.join(root, f), out) for root, _, files in os.walk(out) for f in files]
+    if set(written) <= {"recipe.yaml"}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def recipes_command(args) -> int:
+    from .. import resources
+    from ..errors import UserError
+
+    if args.name is None:
+        print("recipes (rmt-peft train NAME, or rmt-peft recipes NAME to copy one out and edit it):")
+        for name in resources.names(resources.RECIPES):
+            description = resources.describe_recipe(resources.path(resources.RECIPES, name))
+            print(f"  {name:<22} {description}")
+        print("DeepSpeed configs (training.deepspeed=NAME): " + ", ".join(resources.names(resources.DEEPSPEED_CONFIGS)))
+        return 0
+    for kind in (resources.RECIPES, resources.DEEPSPEED_CONFIGS):
+        source = resources.path(kind, args.name)
+        if source is not None:
+            break
+    else:
+        raise UserError(f"{args.name!r} is not a shipped recipe or DeepSpeed config; allowed: "
+                        f"{resources.names(resources.RECIPES) + resources.names(resources.DEEPSPEED_CONFIGS)}")
+    target = args.to or os.path.basename(source)
+    if os.path.exists(target):
+        raise UserError(f"--to {target} already exists; nothing is overwritten: choose another file")
+    shutil.copyfile(source, target)
+    print(f"wrote {target} (from {source}); run it with: rmt-peft train {target}")
     return 0

@@ -24,13 +24,12 @@ from typing import Any
 
 import yaml
 
+from .. import resources
 from ..errors import UserError
 from ..memory import MemoryConfig
 from ..speedups import CUDA_GRAPH_MODES
 
 TINY_PREFIX = "tiny:"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEEPSPEED_CONFIG_DIR = os.path.join(REPO_ROOT, "deepspeed_configs")
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -42,6 +41,14 @@ ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the mod
 SFT_OWNED = {"max_length": "each curriculum stage truncates to its number of segments x memory.segment_size",
              "packing": "packed samples would share one memory across unrelated documents",
              "padding_free": "the memory model reads padded batches segment by segment"}
+# TrainingArguments fields the curriculum engine does not honour: rejected with the reason.
+UNSUPPORTED = {"num_train_epochs": "the curriculum counts optimizer steps: give curriculum.steps_per_stage or a "
+                                   "stage's max_steps (training.max_steps caps all stages together)",
+               "push_to_hub": "the Trainer would push every stage's checkpoints; upload the trained adapter with "
+                              "rmt-peft export OUTPUT_DIR --to DIR --push-to-hub REPO_ID",
+               "fsdp": "FSDP is not supported; shard with training.deepspeed (zero2, zero3, zero3_offload)"}
+# what the curriculum's stages can be decided on: the evaluations during training report these
+CURRICULUM_METRICS = ("eval_loss", "eval_accuracy")
 INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
 
 
@@ -289,14 +296,34 @@ def check_training(values, trainer: str = "rmt") -> dict:
     for name, value in values.items():
         if name in owned:
             raise RecipeError(f"training.{name} cannot be set: {owned[name]}")
+        if name in UNSUPPORTED and (value or name == "num_train_epochs"):
+            raise RecipeError(f"training.{name}={value!r} is not supported: {UNSUPPORTED[name]}")
         if name == "resume_from_checkpoint" and isinstance(value, bool):
             out[name] = value  # true: the latest checkpoint in output_dir
             continue
         tp = fields_[name].type
         out[name] = _coerce(value, _training_type(tp), f"training.{name}")
+    check_report_to(out.get("report_to"))
     if not out.get("output_dir"):
         raise RecipeError("training.output_dir is required: the folder of checkpoints, final/ and summary.json")
     return out
+
+
+def check_report_to(value) -> None:
+    """Every ``training.report_to`` integration must be one transformers knows and installed here
+    (the Trainer would fail at start); "all" and "none" are always fine."""
+    if value in (None, "all", "none", ["all"], ["none"]):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in [value] if isinstance(value, str) else value:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(f"training.report_to: {name!r} is not an integration transformers knows; allowed: "
+                              f"{sorted(INTEGRATION_TO_CALLBACK) + ['all', 'none']}")
+        if name not in get_available_reporting_integrations():
+            raise RecipeError(f"training.report_to: {name!r} is not installed here (pip install {name}); "
+                              f"installed: {get_available_reporting_integrations()}, or 'none'")
 
 
 def _training_type(tp):
@@ -308,17 +335,16 @@ def _training_type(tp):
 
 # -- deepspeed ------------------------------------------------------------------------------
 def resolve_deepspeed(value):
-    """A DeepSpeed config: a dict, a json file, or a name in deepspeed_configs/ ("zero2", ...)."""
+    """A DeepSpeed config: a dict, a json file, or a shipped name ("zero2", ``rmt-peft recipes``)."""
     if value is None or isinstance(value, dict):
         return value
     if os.path.exists(value):
         return value
-    named = os.path.join(DEEPSPEED_CONFIG_DIR, value if value.endswith(".json") else value + ".json")
-    if os.path.exists(named):
+    named = resources.path(resources.DEEPSPEED_CONFIGS, value)
+    if named is not None:
         return named
-    shipped = sorted(n[:-5] for n in os.listdir(DEEPSPEED_CONFIG_DIR)) if os.path.isdir(DEEPSPEED_CONFIG_DIR) else []
     raise RecipeError(f"training.deepspeed={value!r} is neither a file nor a shipped config; allowed: a json "
-                      f"file, a mapping, or one of {shipped}")
+                      f"file, a mapping, or one of {resources.names(resources.DEEPSPEED_CONFIGS)}")
 
 
 def read_deepspeed_config(value) -> dict | None:
@@ -358,9 +384,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def resolve_recipe(path: str) -> str:
+    """``path`` when it exists, else the shipped recipe it names (``quickstart``, ``recipes/quickstart.yaml``)."""
+    if os.path.exists(path):
+        return path
+    shipped = resources.recipe_path(path)
+    if shipped is None:
+        raise RecipeError(f"recipe file {path!r} does not exist; give a YAML file or a shipped recipe: "
+                          f"{resources.names(resources.RECIPES)} (rmt-peft recipes)")
+    return shipped
+
+
 def read_yaml(path: str) -> dict:
-    if not os.path.exists(path):
-        raise RecipeError(f"recipe file {path!r} does not exist")
+    path = resolve_recipe(path)
     if os.path.isdir(path):
         raise RecipeError(f"recipe {path!r} is a folder; expected a YAML file")
     try:
@@ -522,6 +558,9 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         _need(stage.metric is not None or (stage.threshold is None and stage.patience is None),
               f"{key}: threshold/patience need a metric (e.g. eval_accuracy or eval_loss)")
         _need(stage.patience is None or stage.patience >= 1, f"{key}.patience={stage.patience} must be >= 1")
+        _need(stage.metric is None or stage.metric in CURRICULUM_METRICS or f"eval_{stage.metric}" in CURRICULUM_METRICS,
+              f"{key}.metric={stage.metric!r} is not reported by the evaluations during training; allowed: "
+              f"{list(CURRICULUM_METRICS)} (or without the eval_ prefix)")
         if stage.metric is not None:
             _need(train.get("eval_strategy", "no") != "no",
                   f"{key}.metric={stage.metric!r} is computed by evaluations during training; set "

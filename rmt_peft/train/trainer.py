@@ -13,6 +13,7 @@ Run folder: ``stage-<k>/`` (checkpoints, see curriculum.py), ``final/`` (adapter
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,9 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
+from ..errors import UserError
+from ..log import logger, quiet_trainer
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
                          stage_dir)
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
+from .tracking import continue_curve, end_run
 
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -48,13 +52,25 @@ def build_tokenizer(recipe: Recipe):
         return offline_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    with not_found_is_user_error("model.tokenizer", name):
+        return AutoTokenizer.from_pretrained(name)
+
+
+@contextlib.contextmanager
+def not_found_is_user_error(key: str, name: str):
+    """A model or tokenizer that cannot be found (a typo, or a Hub id not cached while offline)
+    is a mistake in the recipe: one line naming the key, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = " (offline: HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get(
+            "HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise UserError(f"{key}={name!r} could not be loaded{offline}: {reason}") from err
 
 
 def gathered(params):
     """Context in which ZeRO-3-partitioned ``params`` are whole on every rank (a no-op otherwise)."""
-    import contextlib
-
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
@@ -81,8 +97,9 @@ def build_backbone(recipe: Recipe, seed: int):
     kwargs = {}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
-    return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
-                         attn_implementation=model.attention, **kwargs)
+    with not_found_is_user_error("model.name_or_path", model.name_or_path):
+        return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
+                             attn_implementation=model.attention, **kwargs)
 
 
 def build_model(recipe: Recipe, seed: int):
@@ -97,7 +114,8 @@ def build_model(recipe: Recipe, seed: int):
         memory = dataclasses.replace(memory, memory_init_std=embedding_std(backbone))
     torch.manual_seed(seed)
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
-    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora)
+    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, verbose=False)
+    logger.info(rmt.trainable_summary())
     if recipe.model.fused_gelu:
         use_fused_gelu(rmt.causal_lm)
     if recipe.model.compile_blocks:
@@ -155,9 +173,9 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model, folder: str, base_model: str, should_save: bool = True) -> None:
-    """The adapter (rmt.save_pretrained) + the trainable tensors by parameter name, for an exact
-    resume. Called on every rank: under ZeRO-3 gathering the parameters is a collective."""
+def save_adapter(model, folder: str, base_model: str, should_save: bool = True, for_resume: bool = True) -> None:
+    """The adapter (rmt.save_pretrained) + (``for_resume``) the trainable tensors by parameter name,
+    for an exact resume. Called on every rank: under ZeRO-3 gathering the parameters is a collective."""
     params = trainable_parameters(model)
     with gathered(params.values()):
         if should_save:
@@ -165,7 +183,8 @@ def save_adapter(model, folder: str, base_model: str, should_save: bool = True) 
             tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
             if sum(t.numel() for t in tensors.values()) == 0:  # e.g. ZeRO-3 partitions saved ungathered
                 raise RuntimeError(f"refusing to save an empty adapter to {folder}")
-            save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
+            if for_resume:
+                save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
 
 
 def load_trainable(model, folder: str) -> None:
@@ -246,8 +265,10 @@ def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: in
                        max_segments: int = 1) -> TrainingArguments:
     """The stage's TrainingArguments (SFTConfig for trl: inputs truncated to the stage's segments)."""
     kwargs = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     for key in CHECKPOINTING_KEYS:  # enabled on the backbone by build_model, not by the Trainer
-        kwargs[key] = False  # (SFTConfig would default it to true)
+        if key in fields:  # activation_checkpointing is new after transformers 5.17
+            kwargs[key] = False  # (SFTConfig would default it to true)
         kwargs.pop(f"{key}_kwargs", None)
     kwargs.update(output_dir=output_dir, max_steps=max_steps, seed=seed, remove_unused_columns=False)
     kwargs.setdefault("report_to", "tensorboard")
@@ -364,6 +385,8 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         if model is None:
             prepare(args)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
+        continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
+        quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
         checkpoint = point.checkpoint if point and index == point.state.stage else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps = trainer.state.global_step
@@ -382,7 +405,8 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
         prepare(args)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
-    trainer.save_model(os.path.join(out, "final"))
+    # final/: what a user loads, not resume state
+    save_adapter(trainer.model, os.path.join(out, "final"), trainer.base_model, trainer.args.should_save, False)
 
     evaluation = {}
     if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
@@ -463,6 +487,7 @@ def run(recipe: Recipe, log=print) -> dict:
     accuracy table is printed and written to summary.json."""
     summary = train_recipe(recipe, log)
     if recipe.eval.baseline:
+        end_run()  # the baseline reports as a run of its own
         base = train_recipe(baseline_recipe(recipe), log)
         summary["baseline"] = base
         summary["accuracy"] = {"memory": {n: m["accuracy"] for n, m in summary["eval"].items()},
@@ -471,6 +496,9 @@ def run(recipe: Recipe, log=print) -> dict:
             with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
     if is_main_process():
+        from ..hub import write_model_card
+
+        write_model_card(os.path.join(recipe.output_dir, "final"), run_dir=recipe.output_dir)  # with the results
         log(format_table(summary))
     return summary
 

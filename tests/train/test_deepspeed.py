@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks (gloo) through the real launcher and
-scripts/train.py, against one process on the same data: a 1-segment stage, then 3-segment BPTT
+the module entry (``deepspeed --module rmt_peft.train``, from a folder outside the checkout), against one process on the same data: a 1-segment stage, then 3-segment BPTT
 with LoRA reused in every segment under non-reentrant checkpointing (whole segments with ZeRO-2,
 per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The backbone
 loads from a folder, so under ZeRO-3 it is partitioned while loading (the memory's init std is
@@ -56,7 +56,8 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
     summary = train_recipe(single, log=lambda *_: None)
     reference = losses(single.output_dir)
     assert len(reference) == STEPS and reference[0] != reference[-1]
-    trained = load_file(os.path.join(single.output_dir, "final", TRAINABLE_FILE))
+    # the end of the last stage: the weights of final/, with parameter names
+    trained = load_file(os.path.join(single.output_dir, "stage-1", "end", TRAINABLE_FILE))
 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -66,16 +67,16 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
         out = tmp_path / config
         # both launches at once: most of their time is start-up (imports), which overlaps well
         runs[config] = out, subprocess.Popen(
-            [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
+            [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rmt_peft.train",
              path, f"training.deepspeed={config}", f"training.output_dir={out}", checkpointing],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for config, (out, process) in runs.items():
         output, _ = process.communicate(timeout=400)
         assert process.returncode == 0, output[-5000:]
         assert losses(out) == pytest.approx(reference, rel=1e-4), config
         adapter = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
         assert adapter and all(t.numel() > 0 for t in adapter.values()), config
-        saved = load_file(os.path.join(out, "final", TRAINABLE_FILE))
+        saved = load_file(os.path.join(out, "stage-1", "end", TRAINABLE_FILE))
         assert saved.keys() == trained.keys()
         for name, tensor in trained.items():
             torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{config}: {name}")

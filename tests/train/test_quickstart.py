@@ -1,20 +1,18 @@
 """The quickstart recipe end to end (fewer steps): the memory model beats the 0-memory baseline."""
 import json
-import os
 
 import pytest
 
 from rmt_peft.train.recipe import load_recipe
 from rmt_peft.train.trainer import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow
 def test_quickstart_memory_beats_the_no_memory_baseline(tmp_path):
     out = tmp_path / "quickstart"
     lines = []
-    recipe = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"), [
+    recipe = load_recipe("quickstart", [
         f"training.output_dir={out}", "curriculum.steps_per_stage=40", "training.learning_rate=5e-3",
         "data.num_train_samples=1280", "eval.num_segments=[1,3,4]", "eval.num_samples=128",
         "training.report_to=none", "training.disable_tqdm=true"])

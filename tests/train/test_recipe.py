@@ -1,16 +1,14 @@
 """Recipes: loading, overrides with YAML types, and validation messages that name key, value and
 what is allowed. Nothing here loads model weights."""
-import glob
 import os
 
 import pytest
 import yaml
 
+from rmt_peft import resources
 from rmt_peft.cli import main
 from rmt_peft.train.recipe import RecipeError, load_recipe
 from rmt_peft.train.trainer import check_output_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def error_of(path, overrides=()):
@@ -123,10 +121,9 @@ def test_validate_command_exit_status(write_recipe, capsys):
     assert "segment_size" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))),
-                         ids=os.path.basename)
-def test_every_shipped_recipe_validates(path):
-    recipe = load_recipe(path)
+@pytest.mark.parametrize("name", resources.names(resources.RECIPES))
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
     assert recipe.curriculum.stages and recipe.output_dir
     assert yaml.safe_load(recipe.to_yaml())["model"]["name_or_path"] == recipe.model.name_or_path
 

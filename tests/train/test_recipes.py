@@ -3,7 +3,6 @@ tiny local model of the same architecture (with the offline tokenizer) and its d
 offline generators; everything else (LoRA preset, memory, curriculum, quantization, checkpointing,
 evaluation) is the recipe's own."""
 import json
-import os
 
 import pytest
 
@@ -12,7 +11,6 @@ from rmt_peft.tiny_models import save_tiny_model
 from rmt_peft.train.recipe import load_recipe
 from rmt_peft.train.trainer import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # recipe -> (tiny architecture standing in for its model, the data option that names a Hub source)
 RECIPES = {
     "babilong_memorize": ("gpt2", "data.options.noise=generated"),
@@ -39,7 +37,7 @@ def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
                  "training.disable_tqdm=true", f"training.output_dir={out}"]
     if offline_data:
         overrides.append(offline_data)
-    recipe = load_recipe(os.path.join(ROOT, "recipes", f"{name}.yaml"), overrides)
+    recipe = load_recipe(name, overrides)
     run(recipe, log=lambda *_: None)
 
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,86 @@
+"""What the commands print while they run: one verbosity for rmt-peft and transformers, main process only.
+
+``setup(verbosity)`` (-1 = ``-q``, 0 = default, 1 = ``-v``) sets the ``rmt_peft`` logger (messages on
+stderr, as transformers logs) and transformers' logging to the same level. Under a launcher
+(torchrun / deepspeed: the environment holds RANK) only rank 0 speaks; the other ranks report
+errors only, so every stage header and parameter summary appears once. Known third-party noise is
+filtered unless ``-v``: bitsandbytes' warning that its optional CPU kernel package (``kernels``) is
+missing, and DeepSpeed's "Setting accelerator to CPU" on machines without a GPU. ``-q`` also
+turns off progress bars and the Trainer's printed log dicts (``quiet_trainer``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+logger = logging.getLogger("rmt_peft")
+
+# logger name -> message starts that say nothing a user can act on
+NOISE = {
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "DeepSpeed": ("Setting accelerator to CPU",),
+}
+_USER_HF_VERBOSITY = os.environ.get("TRANSFORMERS_VERBOSITY")  # the user's own choice wins
+
+
+class _Quiet(logging.Filter):
+    """Drops records below ``min_level`` and records whose message starts with one of ``starts``.
+    A filter, not a level: DeepSpeed resets its logger's level when it is imported."""
+
+    def __init__(self, min_level: int, starts: tuple[str, ...] = ()):
+        super().__init__()
+        self.min_level, self.starts = min_level, starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.min_level and not str(record.msg).startswith(self.starts)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no launcher at all (launchers put RANK in the environment before Python starts)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup(verbosity: int = 0) -> None:
+    """Configure the process's logging for a command (see the module docstring)."""
+    main = is_main_process()
+    level = logging.ERROR if not main or verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logger.setLevel(level)
+    for old in [h for h in logger.handlers if getattr(h, "_rmt_peft", False)]:
+        logger.removeHandler(old)  # bound to the sys.stderr of an earlier command (tests swap it)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._rmt_peft = True
+    logger.addHandler(handler)  # (still propagates: pytest's caplog and a user's root handlers see it)
+    # transformers: its default (warning) normally, info with -v (every config and file it reads);
+    # read from the environment when it is imported later, set directly when it already is.
+    hf_level = logging.INFO if verbosity > 0 and main else max(level, logging.WARNING)
+    if _USER_HF_VERBOSITY is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(hf_level).lower()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(hf_level)
+    for name in NOISE:  # (also: DeepSpeed's other messages on ranks other than 0, or with -q)
+        third_party = logging.getLogger(name)
+        for old in [f for f in third_party.filters if isinstance(f, _Quiet)]:
+            third_party.removeFilter(old)
+        third_party.addFilter(_Quiet(logging.ERROR if not main or verbosity < 0 else 0,
+                                     NOISE.get(name, ()) if verbosity < 1 else ()))
+    if not main or verbosity < 0:
+        warnings.filterwarnings("ignore")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' and the Hub's bars (read at import)
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def quiet_trainer(trainer) -> None:
+    """With ``-q`` (or on a rank other than 0) the Trainer prints no progress bar and no log dicts."""
+    if logger.getEffectiveLevel() > logging.INFO:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)

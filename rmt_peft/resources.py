@@ -1,0 +1,56 @@
+"""Files that ship inside the package: the recipes (``rmt_peft/recipes/*.yaml``) and the DeepSpeed
+configs (``rmt_peft/deepspeed_configs/*.json``), read through ``importlib.resources`` so they are
+found from any folder, in a checkout as in an installed wheel.
+
+A recipe is named by its file name without ``.yaml`` (``quickstart``); ``recipes/quickstart.yaml``
+(the path in a checkout before the recipes moved into the package) names it too, so commands
+written for a checkout keep working anywhere. Cheap to import: ``rmt-peft --help`` uses it.
+"""
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+RECIPES = "recipes"
+DEEPSPEED_CONFIGS = "deepspeed_configs"
+SUFFIXES = {RECIPES: ".yaml", DEEPSPEED_CONFIGS: ".json"}
+
+
+def _folder(kind: str):
+    return resources.files("rmt_peft") / kind
+
+
+def names(kind: str) -> list[str]:
+    """Sorted names (file names without suffix) of the shipped ``kind`` files."""
+    suffix = SUFFIXES[kind]
+    return sorted(f.name[:-len(suffix)] for f in _folder(kind).iterdir() if f.name.endswith(suffix))
+
+
+def path(kind: str, name: str) -> str | None:
+    """The file of the shipped ``name`` (with or without its suffix), or None when none ships."""
+    suffix = SUFFIXES[kind]
+    stem = name[:-len(suffix)] if name.endswith(suffix) else name
+    if stem not in names(kind):
+        return None
+    # a regular install (wheel or checkout) keeps package data as files: a real path
+    return os.fspath(_folder(kind) / (stem + suffix))
+
+
+def recipe_path(value: str) -> str | None:
+    """The shipped recipe that ``value`` names: ``quickstart``, ``quickstart.yaml`` or
+    ``recipes/quickstart.yaml``; None when it names none (``value`` is then a path of the user's)."""
+    folder, name = os.path.split(os.path.normpath(value))
+    if folder not in ("", RECIPES):
+        return None
+    return path(RECIPES, name)
+
+
+def describe_recipe(file: str) -> str:
+    """The first line of a recipe's leading comment (what it trains)."""
+    with open(file, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") and line.strip("# \n"):
+                return line.strip("# \n")
+            if not line.startswith("#"):
+                break
+    return ""

@@ -1,0 +1,33 @@
+"""``rmt-peft train``: a model that cannot load is one line, a failed start leaves no folder behind,
+and a run that failed after training began keeps what it wrote."""
+import os
+
+import pytest
+import yaml
+
+import rmt_peft.train.trainer as trainer
+from rmt_peft.cli import main
+
+
+def test_uncached_hub_model_offline_is_a_user_error_and_leaves_no_folder(write_recipe, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_recipe({"model": {"name_or_path": "rmt-peft-tests/not-a-cached-model"}})
+    out = yaml.safe_load(open(path))["training"]["output_dir"]
+    assert main(["train", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("rmt-peft train: error: "), err
+    assert "model.name_or_path='rmt-peft-tests/not-a-cached-model' could not be loaded (offline" in err
+    assert not os.path.exists(out)  # the same output_dir works for the next try
+    assert main(["train", path]) == 2 and "already holds files" not in capsys.readouterr().err
+
+
+def test_a_run_that_fails_after_training_began_keeps_its_folder(write_recipe, monkeypatch):
+    def broken(recipe):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(trainer, "final_segments", broken)  # after every stage has trained
+    path = write_recipe({"curriculum.steps_per_stage": 1, "training.report_to": "tensorboard"})
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        main(["train", path])
+    out = yaml.safe_load(open(path))["training"]["output_dir"]
+    assert os.path.isdir(os.path.join(out, "logs")) and os.path.isdir(os.path.join(out, "stage-1", "end"))
