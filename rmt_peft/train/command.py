@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+EXIT_DIVERGED = 3  # the divergence guard stopped the run (a user error is 2)
+
 
 def register(subparsers) -> None:
     for name, func, help_text in (
@@ -51,6 +53,7 @@ def train_command(args) -> int:
     recipe = _load(args)
     if recipe is None:
         return 2
+    from ..errors import TrainingDiverged
     from .recipe import RecipeError
     from .trainer import run
 
@@ -59,4 +62,7 @@ def train_command(args) -> int:
     except RecipeError as err:
         print(f"cannot run {args.recipe}: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # summary.json in the output folder records it
+        print(f"rmt-peft train: {err} (recorded in {recipe.output_dir}/summary.json)", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
