@@ -77,3 +77,5 @@ def set_base_learning_rate(optimizer, scheduler, lr: float) -> None:
             group["initial_lr"] = lr
     if hasattr(scheduler, "base_lrs"):
         scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    if hasattr(scheduler, "_last_lr"):  # what the Trainer logs as the step's learning rate
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -450,13 +450,12 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             except TrainingDiverged as err:
                 event = {"stage": index, "step": err.step, "reason": err.reason,
                          "learning_rate": finite(args.learning_rate)}
+                if trainer.args.should_save:
+                    set_aside_suspect_checkpoints(stage_dir(out, index), err.first_bad_step, log)
                 if recipe.guard.on_divergence != "rollback" or len(state.rollbacks) >= recipe.guard.max_rollbacks:
                     record_divergence(recipe, state, event, err.first_bad_step, trainer.args.should_save)
                     raise
                 checkpoint = latest_checkpoint(stage_dir(out, index), log, before=err.first_bad_step)
-                for step, path in checkpoints(stage_dir(out, index)):
-                    if step >= err.first_bad_step and trainer.args.should_save:
-                        shutil.rmtree(path, ignore_errors=True)  # saved while the gradients were exploding
                 state.lr_scale *= recipe.guard.rollback_lr_factor
                 event["rolled_back_to"] = checkpoint or f"the start of stage {index}"
                 state.rollbacks.append(event)
@@ -513,6 +512,17 @@ def finite(value: float | None) -> float | None:
 def eval_entry(accuracy: float, loss: float) -> dict:
     return {"accuracy": finite(accuracy), "loss": finite(loss),
             "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 50 else None}
+
+
+def set_aside_suspect_checkpoints(folder: str, first_bad_step: int, log) -> None:
+    """Rename the checkpoints saved while the gradients were already exploding (step >=
+    ``first_bad_step``) to ``suspect-checkpoint-<step>``: a resume never picks them, nothing is deleted."""
+    for step, path in checkpoints(folder):
+        if step >= first_bad_step:
+            target = os.path.join(folder, f"suspect-{os.path.basename(path)}")
+            shutil.rmtree(target, ignore_errors=True)  # from an earlier rollback over the same steps
+            os.rename(path, target)
+            log(f"warning: {path} was saved after the divergence began; renamed to {target}")
 
 
 def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first_bad_step: int,
