@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..errors import TrainingDiverged, UserError
 from ..fileio import atomic_path, remove_temp_files, write_json, write_text
-from .curriculum import (END_DIR, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
+from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
                          checkpoints, find_resume_point, latest_checkpoint, stage_budget, stage_dir)
 from .guard import DivergenceGuard, set_base_learning_rate
 from .lock import LOCK_FILE, RunLock
@@ -329,8 +329,9 @@ def is_main_process() -> bool:
 
 
 def saved_progress(folder: str) -> bool:
-    """True when a run in ``folder`` saved anything worth keeping (a checkpoint, a stage's end,
-    final/, summary.json); a start that failed before that leaves only recipe.yaml and logs."""
+    """True when a run in ``folder`` saved anything worth keeping (a finished checkpoint or stage
+    end, final/, summary.json); a start that failed before that leaves recipe.yaml, logs and
+    unfinished saves only."""
     if not os.path.isdir(folder):
         return False
     for name in os.listdir(folder):
@@ -338,7 +339,8 @@ def saved_progress(folder: str) -> bool:
         if name in ("final", "summary.json"):
             return True
         if re.fullmatch(r"stage-\d+", name) and os.path.isdir(path):
-            if any(n == END_DIR or n.startswith("checkpoint-") for n in os.listdir(path)):
+            if any((n == END_DIR or n.startswith("checkpoint-")) and os.path.exists(os.path.join(path, n, STATE_FILE))
+                   for n in os.listdir(path)):
                 return True
         if name == "baseline" and saved_progress(path):
             return True
