@@ -134,9 +134,12 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
     parts = []
     for i, n in enumerate(segments):
         count = max(1, num_samples // len(segments))
-        ds = registry_build(recipe.data.task, recipe.data.options, tokenizer=tokenizer,
-                            segment_size=recipe.memory.segment_size, num_segments=n,
-                            num_samples=count, seed=seed * 1000 + n)
+        try:
+            ds = registry_build(recipe.data.task, recipe.data.options, tokenizer=tokenizer,
+                                segment_size=recipe.memory.segment_size, num_segments=n,
+                                num_samples=count, seed=seed * 1000 + n)
+        except (ValueError, OSError) as err:  # the data readers name the file, line or option
+            raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments: {err}") from err
         if len(ds) == 0:
             raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments produced no usable samples; "
                               f"check data.options")
