@@ -34,18 +34,27 @@ def diverged(reason: str, step: int, first_bad_step: int | None = None) -> Train
 
 @dataclass
 class DivergenceGuard:
-    """The state of the checks for one stage (a Trainer): ``check_loss`` per micro-batch and
-    ``check_grad_norm`` per optimizer step raise ``TrainingDiverged``."""
+    """The state of the checks for one stage (a Trainer): ``note_loss`` per micro-batch, then
+    ``check_step`` per optimizer step (before the optimizer) raises ``TrainingDiverged``. Raising
+    only there keeps the ranks of a distributed run together: a NaN loss on one rank makes the
+    all-reduced gradient norm NaN on every rank, so every rank stops at the same step."""
 
     spike_factor: float | None = 20.0
     spike_steps: int = 20
     level: float | None = None
     spikes: int = 0
     spike_start: int | None = None
+    bad_loss: float | None = None
 
-    def check_loss(self, loss: float, step: int) -> None:
-        if not math.isfinite(loss):
-            raise diverged(f"the loss is {loss}", step)
+    def note_loss(self, loss: float) -> None:
+        if not math.isfinite(loss) and self.bad_loss is None:
+            self.bad_loss = loss
+
+    def check_step(self, norm: float | None, step: int) -> None:
+        if self.bad_loss is not None:
+            raise diverged(f"the loss is {self.bad_loss}", step)
+        if norm is not None:
+            self.check_grad_norm(norm, step)
 
     def check_grad_norm(self, norm: float, step: int) -> None:
         if not math.isfinite(norm):

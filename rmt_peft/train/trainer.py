@@ -38,6 +38,7 @@ from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_seg
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+TORCH_SAVE_FAILURES = ("unexpected pos", "file write failed", "No space left")  # torch.save's zip writer
 
 
 # -- building -------------------------------------------------------------------------------
@@ -208,14 +209,15 @@ class RMTTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
-            self.guard.check_loss(float(loss), self.state.global_step + 1)
+            self.guard.note_loss(float(loss))
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The Trainer's gradient norm of the step, checked before the optimizer applies it."""
+        """The Trainer's gradient norm of the step, checked (with the step's losses) before the
+        optimizer applies it."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if self.guard is not None and grad_norm is not None:
-            self.guard.check_grad_norm(float(grad_norm), self.state.global_step + 1)
+        if self.guard is not None:
+            self.guard.check_step(None if grad_norm is None else float(grad_norm), self.state.global_step + 1)
         return grad_norm
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -385,6 +387,14 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         from ..fileio import disk_error
 
         raise disk_error(err, getattr(err, "filename", None) or recipe.output_dir) from err
+    except RuntimeError as err:
+        if not any(sign in str(err) for sign in TORCH_SAVE_FAILURES):
+            raise
+        # torch.save (optimizer.pt, ...) reports a full disk as a RuntimeError of its zip writer; the
+        # unfinished checkpoint has no curriculum.json, so a resume skips it
+        raise UserError(f"writing a checkpoint in {recipe.output_dir} failed ({str(err).splitlines()[0][:120]}); "
+                        f"is the disk full? Free some space and resume with "
+                        f"training.resume_from_checkpoint=true") from err
     finally:
         if lock is not None:
             lock.release()
