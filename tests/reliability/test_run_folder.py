@@ -120,3 +120,18 @@ def test_a_failed_start_leaves_the_folder_usable_and_disk_full_is_one_line(write
     assert not [n for n in os.listdir(os.path.join(out, "stage-0", "checkpoint-2")) if ".tmp-" in n]
     # the stage-0 checkpoint save failed: nothing was kept, so a fresh start is allowed
     assert main(["train", path]) == 0
+
+
+@pytest.mark.slow
+def test_torch_save_failing_on_a_full_disk_is_one_line_and_the_run_resumes(write_recipe, monkeypatch, capsys):
+    import torch
+
+    path = write_recipe(TWO_STAGES, name="run.yaml")
+
+    def full(*args, **kwargs):  # what torch's zip writer raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2304 vs 2198")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full)
+        assert main(["train", path]) == 2
+    assert "is the disk full?" in error_line(capsys)
+    assert main(["train", path, "training.resume_from_checkpoint=true"]) == 0
