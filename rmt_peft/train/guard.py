@@ -11,12 +11,14 @@ its last good checkpoint with the learning rate times ``guard.rollback_lr_factor
 The running level is an exponential average (about ten steps long) of the gradient norms that
 were not spikes, started afresh in each stage (a stage with more segments may legitimately run
 higher). A norm that grows gradually moves the level along; only a sudden jump that lasts counts.
-Cost: one host sync per optimizer step, to read the norm.
+Cost: one host sync per optimizer step, reading the step's losses and gradient norm together.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from ..errors import TrainingDiverged
 
@@ -44,17 +46,26 @@ class DivergenceGuard:
     level: float | None = None
     spikes: int = 0
     spike_start: int | None = None
-    bad_loss: float | None = None
+    losses: list = field(default_factory=list)  # the step's micro-batch losses, read in check_step
 
-    def note_loss(self, loss: float) -> None:
-        if not math.isfinite(loss) and self.bad_loss is None:
-            self.bad_loss = loss
+    def note_loss(self, loss) -> None:
+        """Keep a micro-batch's loss (a tensor stays on its device until ``check_step``)."""
+        self.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
 
-    def check_step(self, norm: float | None, step: int) -> None:
-        if self.bad_loss is not None:
-            raise diverged(f"the loss is {self.bad_loss}", step)
+    def check_step(self, norm, step: int) -> None:
+        """Check the step's losses and its gradient norm (a tensor, a float or None), in one sync."""
+        items = [*self.losses, norm]
+        self.losses = []
+        tensors = [x for x in items if isinstance(x, torch.Tensor)]
+        if tensors:  # everything still on the device, read at once
+            read = iter(torch.stack([t.to(tensors[0].device, torch.float32).reshape(()) for t in tensors]).tolist())
+            items = [next(read) if isinstance(x, torch.Tensor) else x for x in items]
+        *losses, norm = items
+        bad = [loss for loss in losses if not math.isfinite(loss)]
+        if bad:
+            raise diverged(f"the loss is {bad[0]}", step)
         if norm is not None:
-            self.check_grad_norm(norm, step)
+            self.check_grad_norm(float(norm), step)
 
     def check_grad_norm(self, norm: float, step: int) -> None:
         if not math.isfinite(norm):

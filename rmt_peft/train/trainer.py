@@ -209,7 +209,7 @@ class RMTTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
-            self.guard.note_loss(float(loss))
+            self.guard.note_loss(loss)
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -217,7 +217,7 @@ class RMTTrainerMixin:
         optimizer applies it."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if self.guard is not None:
-            self.guard.check_step(None if grad_norm is None else float(grad_norm), self.state.global_step + 1)
+            self.guard.check_step(grad_norm, self.state.global_step + 1)
         return grad_norm
 
     def _load_optimizer_and_scheduler(self, checkpoint):

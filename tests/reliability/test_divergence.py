@@ -35,8 +35,12 @@ def test_non_finite_values_and_lasting_spikes_are_divergence_but_gradual_growth_
     guard.note_loss(3.0)
     with pytest.raises(TrainingDiverged, match="loss is nan"):
         guard.check_step(1.0, step=1)
+    guard.note_loss(torch.tensor(2.0))  # the Trainer's losses and norms are tensors, read in one sync
+    guard.note_loss(torch.tensor(float("inf"), dtype=torch.bfloat16))
+    with pytest.raises(TrainingDiverged, match="loss is inf"):
+        guard.check_step(torch.tensor(1.0), step=2)
     with pytest.raises(TrainingDiverged, match="gradient norm is inf"):
-        guard.check_grad_norm(float("inf"), step=1)
+        guard.check_step(torch.tensor(float("inf")), step=3)
 
     guard = DivergenceGuard(spike_factor=10, spike_steps=3)
     for step in range(1, 41):  # grows 8% a step: 20x over the run, the running level follows
