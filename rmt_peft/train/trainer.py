@@ -379,9 +379,9 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
     """Run the recipe's curriculum, save ``final/``, evaluate, write ``summary.json``; the output
     folder is locked for the run (lock.py). Raises TrainingDiverged when the guard stops the run."""
     lock = RunLock(recipe.output_dir) if is_main_process() else None
-    if lock is not None:
-        lock.acquire()
     try:
+        if lock is not None:
+            lock.acquire()
         return _train_recipe(recipe, log)
     except OSError as err:  # a full disk or a folder that became read-only while training
         from ..fileio import disk_error
