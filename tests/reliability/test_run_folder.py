@@ -93,6 +93,10 @@ def test_one_run_per_folder_and_a_stale_lock_does_not_block_resume(write_recipe,
     with RunLock(recipe.output_dir):  # a live owner: this process
         assert main(["train", path, "training.resume_from_checkpoint=true"]) == 2
         assert f"in use by a running run (pid {os.getpid()}" in capsys.readouterr().err
+        fresh = write_recipe(TWO_STAGES, name="fresh.yaml")
+        with RunLock(load_recipe(fresh).output_dir):  # two fresh starts: the second finds the first's lock
+            assert main(["train", fresh]) == 2
+        assert "in use" in capsys.readouterr().err
         with pytest.raises(UserError, match="in use"):
             RunLock(recipe.output_dir).acquire()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
