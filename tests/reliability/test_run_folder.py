@@ -47,6 +47,15 @@ def error_line(capsys) -> str:
     return err.strip().splitlines()[-1]
 
 
+def test_a_lock_whose_pid_was_reused_by_another_process_is_stale(tmp_path):
+    # this process is alive, but it started later than the owner the lock names: a reused pid
+    with open(tmp_path / LOCK_FILE, "w") as f:
+        json.dump({"pid": os.getpid(), "host": os.uname().nodename, "start": 1}, f)
+    with RunLock(str(tmp_path)) as lock:
+        assert lock.held and json.load(open(tmp_path / LOCK_FILE))["start"] != 1
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_json_is_written_whole_and_never_with_nan(tmp_path):
     path = tmp_path / "summary.json"
     write_json(str(path), {"loss": 1.5})
