@@ -126,7 +126,11 @@ class StageCallback(TrainerCallback):
 def damage(folder: str) -> str | None:
     """Why a checkpoint or ``end/`` folder cannot be resumed from (a missing or unreadable file), or
     None when it can. ``curriculum.json`` is written last and atomically, so its presence marks a
-    finished save; the weight file's header is read too, catching a file cut short by a full disk."""
+    finished save. Cheap structural reads catch files cut short (a full disk, a copy that broke
+    off): the headers of the safetensors files, the zip directory at the end of the Trainer's
+    torch.save files (optimizer, scheduler, RNG states), the Trainer's JSON state."""
+    import zipfile
+
     from safetensors import safe_open
 
     try:
@@ -139,6 +143,16 @@ def damage(folder: str) -> str | None:
             f.keys()
     except Exception as err:  # missing, or safetensors' own error types for every kind of damage
         return f"{path} is missing or damaged ({err})"
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith((".pt", ".pth")):
+                zipfile.ZipFile(path).close()
+            elif name == "trainer_state.json":
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            return f"{path} is damaged ({err})"
     return None
 
 

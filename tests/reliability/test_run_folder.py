@@ -66,17 +66,18 @@ def test_json_is_written_whole_and_never_with_nan(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(write_recipe, monkeypatch):
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(write_recipe, monkeypatch, damaged):
     recipe = killed_run(write_recipe, monkeypatch, stage=1, step=3)
     out = recipe.output_dir
     bad = os.path.join(out, "stage-1", "checkpoint-2")
-    with open(os.path.join(bad, "trainable.safetensors"), "r+b") as f:
+    with open(os.path.join(bad, damaged), "r+b") as f:
         f.truncate(100)  # cut short, as a full disk leaves it
     stray = os.path.join(out, "stage-1", ".curriculum.json.tmp-abc")
     open(stray, "w").close()  # a writer killed before its rename
     lines = []
     summary = train_recipe(recipe, log=lines.append)
-    assert any("skipping checkpoint" in line and "trainable.safetensors" in line for line in lines)
+    assert any("skipping checkpoint" in line and damaged in line for line in lines)
     assert any(stray in line for line in lines) and not os.path.exists(stray)
     assert [s["steps"] for s in summary["stages"]] == [4, 4]  # stage 1 trained again from stage 0's end
 
