@@ -9,6 +9,10 @@ and copied with a fresh model card; no model is loaded. With --merge the backbon
 memory.safetensors), LoRA is merged into a bf16 copy and full weights are written: the result
 loads with ``RMTModel.from_pretrained`` without peft. Other files of the source folder
 (tokenizer files, for instance) travel along. --push-to-hub uploads the written folder.
+
+Export never deletes what it did not write: a --to folder that exists and is not empty is refused
+unless --overwrite is given, and a --to folder that is the source, holds it, or lies inside the
+adapter folder is always refused. The folder is written beside the target and renamed into place.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
                    help="a training run's OUTPUT_DIR (uses OUTPUT_DIR/final) or an adapter folder")
-    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (replaced atomically)")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="folder to write (must be new or empty; written beside it, then renamed into place)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --to folder (never the source run or a folder holding it)")
     p.add_argument("--merge", action="store_true", help="merge LoRA into a bf16 copy of the backbone")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the written folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -104,15 +111,38 @@ def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
     return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **(recipe["model"].get("config") or {}))
 
 
+def inside(path: str, folder: str) -> bool:
+    """True when ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_target(source: str, folder: str, to: str, overwrite: bool) -> None:
+    """Refuse a --to that would replace the source (or a folder holding it), the inside of the
+    adapter folder, or, without --overwrite, any existing non-empty folder."""
+    from .errors import UserError
+
+    for path in (source, folder):
+        if inside(path, to):
+            raise UserError(f"--to {to} is the source {path} or a folder holding it: exporting there would replace "
+                            f"it; choose another folder (--overwrite does not change this)")
+    if inside(to, folder):
+        raise UserError(f"--to {to} lies inside the adapter folder {folder}; choose a folder outside it")
+    if os.path.exists(to) and not os.path.isdir(to):
+        raise UserError(f"--to {to} is a file; expected a folder")
+    if os.path.isdir(to) and os.listdir(to) and not overwrite:
+        raise UserError(f"--to {to} already holds files; nothing is overwritten: choose a new folder, or give "
+                        f"--overwrite to replace its content")
+
+
 def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
            token: str | None = None, base_model: str | None = None, quantization: str = "as-trained",
-           dtype: str = "bfloat16") -> str:
+           dtype: str = "bfloat16", overwrite: bool = False) -> str:
     """What the ``export`` command does; returns the written folder."""
     from . import hub
 
     folder = adapter_folder(source)
-    if os.path.abspath(folder) == os.path.abspath(to):
-        raise ValueError(f"--to {to} is the source folder itself; choose another folder")
+    check_target(source, folder, to, overwrite)
     kind = hub.folder_kind(folder)
     hub.read_memory(folder)  # raises when the memory does not match its config
     if merge:
@@ -146,10 +176,11 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
 def run_export(args) -> int:
     try:
         to = export(args.source, args.to, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private,
-                    token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype)
+                    token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype,
+                    overwrite=args.overwrite)
     except (OSError, ValueError, RuntimeError) as err:  # bad input: the message says what is wrong
         print(f"rmt-peft export: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     what = "merged model" if args.merge else "adapter"
     print(f"wrote {what} to {to}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0

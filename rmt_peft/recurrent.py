@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import causal_lm_of, check_position_limit
+from .inputs import check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
 
 IGNORE_INDEX = -100
@@ -259,6 +260,12 @@ class RMTModel(nn.Module):
         return new_memory, loss_sum, count, logits
 
     # -- the recurrence -------------------------------------------------------------------
+    def check_inputs(self, input_ids, attention_mask=None, labels=None, memory=None) -> None:
+        """ValueError naming the argument for inputs forward / generate cannot process (inputs.py)."""
+        embeddings = self.causal_lm.get_input_embeddings()  # its sizes stay whole under ZeRO-3
+        check_inputs(input_ids, attention_mask, labels, memory, vocab_size=embeddings.num_embeddings,
+                     memory_shape=(self.memory_config.num_memory_tokens, embeddings.embedding_dim))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 return_logits: bool | None = None) -> RMTOutput:
@@ -267,9 +274,8 @@ class RMTModel(nn.Module):
         ``memory`` continues from an earlier state (default: the learned initial memory).
         ``return_logits`` defaults to True without labels and False with them.
         """
+        self.check_inputs(input_ids, attention_mask, labels, memory)
         cfg = self.memory_config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         bounds = segment_bounds(length, cfg.segment_size, cfg.segment_alignment)
         if return_logits is None:
@@ -283,6 +289,7 @@ class RMTModel(nn.Module):
         noisy = learning and cfg.memory_noise_std > 0
         stabilize = learning and cfg.memory_stability_weight > 0 and labels is not None and len(bounds) > 1
         drift = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        clean = memory  # the memory before its training noise (what the stability loss compares with)
         padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
         labelled = [None] * first_loss_segment + labelled
         seg_mask = None
@@ -351,6 +358,7 @@ class RMTModel(nn.Module):
         """Read every segment but the last into memory, then ``generate`` from the last segment
         behind the read-memory prefix. Returns only the new tokens, like ``generate`` with
         ``inputs_embeds``. Batches should be left-padded (pair with segment_alignment="right")."""
+        self.check_inputs(input_ids, attention_mask)
         cfg = self.memory_config
         bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
         if attention_mask is None:

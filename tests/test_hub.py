@@ -285,9 +285,9 @@ def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch, cap
     assert (logits(merged) - logits(rmt)).abs().max() < 0.05 * logits(rmt).abs().max()
 
     capsys.readouterr()
-    assert cli_main(["export", str(out), "--to", str(tmp_path / "again"), "--merge"]) == 1
+    assert cli_main(["export", str(out), "--to", str(tmp_path / "again"), "--merge"]) == 2
     assert "nothing to merge" in capsys.readouterr().err
-    assert cli_main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 1
+    assert cli_main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
     assert "neither an adapter folder" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "again") and not os.path.exists(tmp_path / "x")
 

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -240,44 +241,80 @@ def import_leandojo(benchmark_json: str, corpus_jsonl: str, out_dir: str) -> tup
     (files with ``premises``) to ``out_dir/theorems.jsonl`` + ``out_dir/lemmas.jsonl``.
 
     Statement: ``theorem <full_name>`` and the initial goal (the first tactic's ``state_before``);
-    proof: ``by`` and the tactics; lemmas: the premises named in ``annotated_tactic``. Theorems
-    without traced tactics are counted skips. Returns (theorems written, lemmas written)."""
+    proof: ``by`` and the tactics; lemmas: the premises named in ``annotated_tactic``. Malformed
+    records are counted skips. Both files are written whole or not at all (temporary files renamed
+    at the end); inputs that yield no theorem or no lemma are a UserError naming the file.
+    Returns (theorems written, lemmas written)."""
+    from ..errors import UserError
+    from ..fileio import atomic_path
+
+    for path in (benchmark_json, corpus_jsonl):
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is not a file")
     skips = SkipCounter(f"LeanDojo {benchmark_json}")
-    os.makedirs(out_dir, exist_ok=True)
-    lemmas = 0
-    with open(os.path.join(out_dir, "lemmas.jsonl"), "w", encoding="utf-8") as out:
-        for number, record in _json_lines(corpus_jsonl, "corpus", skips):
-            for premise in record.get("premises") or []:
-                if isinstance(premise, dict) and premise.get("full_name") and premise.get("code"):
-                    out.write(json.dumps({"name": premise["full_name"], "statement": premise["code"]},
-                                         ensure_ascii=False) + "\n")
-                    lemmas += 1
-    with open(benchmark_json, encoding="utf-8") as handle:
-        benchmark = json.load(handle)
+    lemma_lines = []
+    for _, record in _json_lines(corpus_jsonl, "corpus", skips):
+        premises = record.get("premises")
+        for premise in premises if isinstance(premises, list) else []:
+            if isinstance(premise, dict) and isinstance(premise.get("full_name"), str) and premise["full_name"] \
+                    and isinstance(premise.get("code"), str) and premise["code"]:
+                lemma_lines.append(json.dumps({"name": premise["full_name"], "statement": premise["code"]},
+                                              ensure_ascii=False))
+            else:
+                skips.skip("premise without full_name and code strings")
+    if not lemma_lines:
+        raise UserError(f"{corpus_jsonl}: no premise with full_name and code could be read (a LeanDojo "
+                        f"corpus.jsonl has one JSON object with premises per line); {skips.summary()}")
+    try:
+        with open(benchmark_json, encoding="utf-8") as handle:
+            benchmark = json.load(handle)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{benchmark_json}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{benchmark_json}: not JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     if not isinstance(benchmark, list):
-        raise ValueError(f"{benchmark_json}: expected a JSON list of theorems (LeanDojo benchmark format)")
-    theorems = 0
-    with open(os.path.join(out_dir, "theorems.jsonl"), "w", encoding="utf-8") as out:
-        for record in benchmark:
-            tactics = record.get("traced_tactics") if isinstance(record, dict) else None
-            if not tactics:
-                skips.skip("theorem without traced_tactics", str(record.get("full_name") if isinstance(record, dict) else record)[:80])
-                continue
-            used = [p["full_name"] for t in tactics for p in (t.get("annotated_tactic") or [None, []])[1]
-                    if isinstance(p, dict) and p.get("full_name")]
-            out.write(json.dumps({
-                "name": record["full_name"],
-                "statement": f"theorem {record['full_name']}\n{tactics[0]['state_before']}",
-                "proof": "by\n" + "\n".join("  " + t["tactic"] for t in tactics),
-                "lemmas": list(dict.fromkeys(used)),
-            }, ensure_ascii=False) + "\n")
-            theorems += 1
+        raise UserError(f"{benchmark_json}: expected a JSON list of theorems (LeanDojo benchmark format), got "
+                        f"{type(benchmark).__name__}")
+    theorem_lines = [line for line in (_theorem_line(record, skips) for record in benchmark) if line]
+    if not theorem_lines:
+        raise UserError(f"{benchmark_json}: no theorem with full_name and traced_tactics (tactic, state_before) "
+                        f"could be read; {skips.summary()}")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, lines in (("lemmas.jsonl", lemma_lines), ("theorems.jsonl", theorem_lines)):
+        with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            out.write("\n".join(lines) + "\n")
     if skips.total:
         logger.warning("%s", skips.summary())
-    return theorems, lemmas
+    return len(theorem_lines), len(lemma_lines)
+
+
+def _theorem_line(record, skips: SkipCounter) -> str | None:
+    """One theorems.jsonl line from a LeanDojo benchmark record, or None (a counted skip)."""
+    name = record.get("full_name") if isinstance(record, dict) else None
+    tactics = record.get("traced_tactics") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not name:
+        skips.skip("theorem without a full_name string", str(record)[:80])
+        return None
+    if not isinstance(tactics, list) or not tactics:
+        skips.skip("theorem without traced_tactics", name)
+        return None
+    if not all(isinstance(t, dict) and isinstance(t.get("tactic"), str) for t in tactics) \
+            or not isinstance(tactics[0].get("state_before"), str):
+        skips.skip("traced tactic without tactic / state_before strings", name)
+        return None
+    used = []
+    for tactic in tactics:
+        annotated = tactic.get("annotated_tactic")
+        premises = annotated[1] if isinstance(annotated, list) and len(annotated) > 1 else []
+        used += [p["full_name"] for p in premises if isinstance(p, dict) and isinstance(p.get("full_name"), str)]
+    return json.dumps({"name": name, "statement": f"theorem {name}\n{tactics[0]['state_before']}",
+                       "proof": "by\n" + "\n".join("  " + t["tactic"] for t in tactics),
+                       "lemmas": list(dict.fromkeys(used))}, ensure_ascii=False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import UserError
+
     parser = argparse.ArgumentParser(prog="python -m rmt_peft.data.lean", description="Lean data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import-leandojo", help="LeanDojo benchmark -> theorems.jsonl + lemmas.jsonl")
@@ -285,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     importer.add_argument("corpus_jsonl")
     importer.add_argument("out_dir")
     args = parser.parse_args(argv)
-    theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
+    try:
+        theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
+    except UserError as error:  # one line naming the file, exit code 2 (as every rmt-peft command)
+        print(f"import-leandojo: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {theorems} theorems and {lemmas} lemmas to {args.out_dir}")
     return 0
 

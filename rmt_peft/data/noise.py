@@ -14,7 +14,9 @@ Pile's ArXiv subset of the paper's language-modelling experiment).
 
 Bad records are counted skips (see skips.py): empty documents, non-UTF-8 files, non-string fields.
 Documents are tokenized in pieces of at most ``PIECE_CHARS`` characters, so no step holds more than
-one document (and its tokens in pieces) in memory, however long the sample.
+one document (and its tokens in pieces) in memory, however long the sample. A document longer than
+``LONG_DOCUMENT_CHARS`` (a 100 MB single-line file, say) is never tokenized whole: each sample
+starts at a random character and tokenizes only the pieces it takes.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import torch
 from .skips import SkipCounter
 
 PIECE_CHARS = 16_384
+LONG_DOCUMENT_CHARS = 1 << 20  # about 250k tokens: beyond this, tokenize the pieces a sample takes
+PROBE_BYTES = 8192  # validation reads this much of a noise file to tell text from binary
 SOURCES = ("generated", "files", "dataset")
 # Hub datasets by short name: (path, config name, text field). Overridable with a dict spec.
 PRESETS = {
@@ -89,6 +93,8 @@ class TextSourceOptions:
             raise ValueError(f"source={self.source!r} is not known; allowed: {SOURCES} (or a preset {tuple(PRESETS)})")
         if self.source == "files" and not self.files:
             raise ValueError("source='files' needs files= (a path, a glob or a list of them)")
+        if self.source == "files":
+            check_text_files(self.files)
         if self.source == "dataset" and not (self.path or self.data_files):
             raise ValueError("source='dataset' needs path= (a Hub dataset or a builder such as 'text') "
                              "and/or data_files=")
@@ -184,21 +190,66 @@ class GeneratedText:
             index += 1
 
 
+def matching_files(files: str | list[str]) -> list[str]:
+    """The files ``files`` (paths or globs) name; FileNotFoundError naming a pattern that matches none."""
+    patterns = [files] if isinstance(files, str) else list(files)
+    paths: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"files: {pattern!r} is not a path or glob")
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise FileNotFoundError(f"files: no file matches {pattern!r}")
+        paths.extend(p for p in matched if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"files: {patterns} match only directories")
+    return paths
+
+
+def text_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a noise document (empty, binary, not UTF-8), read from its start only."""
+    import codecs
+
+    with open(path, "rb") as handle:
+        head = handle.read(PROBE_BYTES)
+    if not head.strip():
+        return "empty"
+    if b"\0" in head:
+        return "binary (NUL bytes)"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 text (byte {error.start})"
+    return None
+
+
+def check_text_files(files: str | list[str]) -> None:
+    """ValueError when ``files`` match nothing or no matching file starts with text (the first usable
+    file ends the check; later bad files are counted skips while reading)."""
+    try:
+        paths = matching_files(files)
+    except OSError as error:
+        raise ValueError(str(error)) from None
+    problems = []
+    for path in paths:
+        try:
+            problem = text_problem(path)
+        except OSError as error:
+            problem = f"unreadable ({error.strerror})"
+        if problem is None:
+            return
+        problems.append(f"{path}: {problem}")
+    raise ValueError(f"files: no usable text file among {len(paths)} ({'; '.join(problems[:3])}"
+                     f"{'; ...' if len(problems) > 3 else ''})")
+
+
 class FileText:
     """Local text files, one document per file, read when needed and decoded as strict UTF-8
     (a file with invalid bytes is a counted skip naming the file and the byte offset)."""
 
     def __init__(self, files: str | list[str]):
         patterns = [files] if isinstance(files, str) else list(files)
-        paths: list[str] = []
-        for pattern in patterns:
-            matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-            if not matched:
-                raise FileNotFoundError(f"files: no file matches {pattern!r}")
-            paths.extend(p for p in matched if os.path.isfile(p))
-        if not paths:
-            raise FileNotFoundError(f"files: {patterns} match only directories")
-        self.paths = paths
+        self.paths = matching_files(files)
         self._undecodable: set[int] = set()  # counted once, however often the noise cycles past them
         self.skips = SkipCounter(f"text files {patterns}")
         self.name = f"text files {patterns}"
@@ -213,11 +264,16 @@ class FileText:
         with open(path, "rb") as handle:
             raw = handle.read()
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             self._undecodable.add(index)
             self.skips.skip("not valid UTF-8", f"{path}: byte {error.start}")
             return None
+        if "\0" in text:
+            self._undecodable.add(index)
+            self.skips.skip("binary (NUL bytes)", path)
+            return None
+        return text
 
     def iter_documents(self) -> Iterator[str]:
         for index in range(len(self)):
@@ -307,15 +363,39 @@ class NoiseStream:
         self.empty = SkipCounter(f"noise from {source.name}")
         self._cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._cached = 0
+        self._long: dict[int, str] = {}  # the text of the last long document (see LONG_DOCUMENT_CHARS)
         if len(source) == 0:
             raise ValueError(f"noise source {source.name} has no documents")
+
+    def text(self, index: int) -> str | None:
+        if index in self._long:
+            return self._long[index]
+        text = self.source[index]
+        if text is not None and len(text) > LONG_DOCUMENT_CHARS:
+            self._long = {index: text}
+        return text
+
+    def long_document_pieces(self, index: int, rng: random.Random | None) -> Iterator[torch.Tensor] | None:
+        """Token pieces of a long document from a random character (from its start without ``rng``),
+        tokenized as they are taken; None for a document short enough to tokenize whole."""
+        if index in self._cache:
+            return None
+        text = self.text(index)
+        if text is None or len(text) <= LONG_DOCUMENT_CHARS:
+            return None
+        start = 0
+        if rng is not None:
+            start = text.find(" ", rng.randrange(len(text)))  # cut at a word boundary
+            start = 0 if start < 0 else start
+        return (torch.tensor(ids, dtype=torch.long) for ids in (encode(self.tokenizer, p) for p in pieces(text, start))
+                if ids)
 
     def document_tokens(self, index: int) -> list[torch.Tensor]:
         """Document ``index`` as token pieces ([] for an empty or undecodable document)."""
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        text = self.source[index]
+        text = self.text(index)
         tokens = [] if text is None else [torch.tensor(ids, dtype=torch.long)
                                           for ids in (encode(self.tokenizer, p) for p in pieces(text)) if ids]
         if text is not None and not tokens:
@@ -334,22 +414,28 @@ class NoiseStream:
         documents cyclically. Raises if many documents in a row (or a whole cycle) have no token."""
         count = len(self.source)
         index = rng.randrange(count)
-        tokens = self.document_tokens(index)
-        skip = rng.randrange(sum(len(t) for t in tokens)) if tokens else 0
+        tokens = self.long_document_pieces(index, rng)
+        if tokens is None:
+            tokens = self.document_tokens(index)
+        skip = rng.randrange(sum(len(t) for t in tokens)) if isinstance(tokens, list) and tokens else 0
         barren = 0  # consecutive documents without a token
         while True:
+            produced = False
             for piece in tokens:
+                produced = True
                 if skip >= len(piece):
                     skip -= len(piece)
                     continue
                 yield piece[skip:]
                 skip = 0
-            barren = 0 if tokens else barren + 1
+            barren = 0 if produced else barren + 1
             if barren >= min(count, 10_000):
                 raise ValueError(f"noise source {self.source.name}: {barren} documents in a row without any "
                                  f"token; {self.empty.summary()}; {self.source.skips.summary()}")
             index = (index + 1) % count
-            tokens = self.document_tokens(index)
+            tokens = self.long_document_pieces(index, None)
+            if tokens is None:
+                tokens = self.document_tokens(index)
 
 
 def take(chunks: Iterator[torch.Tensor], count: int, carry: list[torch.Tensor]) -> Iterator[torch.Tensor]:

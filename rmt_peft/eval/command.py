@@ -48,16 +48,19 @@ def parse_segments(text: str) -> list[int]:
 
 def locate(path: str) -> tuple[str, str | None]:
     """(adapter folder or Hub id, recipe.yaml path or None) of a run, an adapter folder or a Hub id."""
+    from ..errors import UserError
+
     if os.path.isfile(os.path.join(path, "recipe.yaml")) and os.path.isdir(os.path.join(path, "final")):
         return os.path.join(path, "final"), os.path.join(path, "recipe.yaml")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "memory_config.json")):
-            raise FileNotFoundError(f"{path} is neither a training run (recipe.yaml + final/) nor an adapter folder "
-                                    f"(memory_config.json)")
+            raise UserError(f"{path} is neither a training run (recipe.yaml + final/) nor an adapter folder "
+                            f"(memory_config.json)")
         parent = os.path.join(os.path.dirname(os.path.normpath(path)), "recipe.yaml")
         return path, parent if os.path.isfile(parent) else None
-    if os.path.exists(path) or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path} is not a folder")
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise UserError(f"{path} is not a folder (expected a training run, an adapter folder or a Hub id "
+                        f"like user/model)")
     return path, None  # a Hub id
 
 
@@ -105,6 +108,25 @@ def _base_model(adapter: str) -> str:
     return adapter  # full weights (or a Hub id): the folder holds its own tokenizer
 
 
+def check_weight_files(folder: str) -> None:
+    """A UserError naming the first .safetensors file of ``folder`` whose header cannot be read."""
+    from safetensors import safe_open
+
+    from ..errors import UserError
+
+    if not os.path.isdir(folder):
+        return  # a Hub id
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except Exception as err:  # safetensors' own error types, one per kind of damage
+                raise UserError(f"{path} is damaged or not a safetensors file ({err}); export or train it "
+                                f"again") from None
+
+
 def load_model(adapter: str, recipe, args, memory_overrides: dict):
     """RMTModel.from_pretrained with the recipe's quantization / dtype / attention unless flags say
     otherwise; ``memory_overrides`` (MemoryConfig fields) change how inputs are read."""
@@ -123,12 +145,19 @@ def load_model(adapter: str, recipe, args, memory_overrides: dict):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
-    rmt = RMTModel.from_pretrained(adapter, **kwargs)
+    from ..errors import UserError
+
+    check_weight_files(adapter)
+    try:
+        rmt = RMTModel.from_pretrained(adapter, **kwargs)
+    except OSError as err:  # a Hub id that is unknown or unreachable (offline), a base model that moved
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {adapter}: {first}") from None
     if device.type != "cuda":
         rmt.to(device)
     if memory_overrides:
         if "num_memory_tokens" in memory_overrides:
-            raise ValueError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
+            raise UserError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
                              "trained with that many tokens")
         rmt.memory_config = dataclasses.replace(rmt.memory_config, **memory_overrides)
         check_position_limit(rmt.causal_lm.config, rmt.memory_config)
@@ -143,24 +172,45 @@ def _recipe(path: str | None, overrides: list[str]):
     return load_recipe(path, overrides)
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """--samples / --batch-size / --chunk-size must be >= 1 when given (0 is not 'the default')."""
+    from ..errors import UserError
+
+    for flag in ("samples", "batch_size", "chunk_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: expected an integer >= 1")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..data.registry import build_dataset
+    from ..data.registry import TASKS, build_dataset, validate_options
+    from ..errors import UserError
     from .runner import EvalSettings, curve_for_task, evaluate
 
+    check_counts(args)
     adapter, recipe_path = locate(args.path)
     recipe = _recipe(recipe_path, list(args.overrides))
     if recipe is None and args.overrides:
-        raise ValueError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
+        raise UserError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
 
     task = args.task or (recipe.data.task if recipe is not None else None)
     if not task:
-        raise ValueError("no task: pass --task (the adapter has no recipe.yaml to take it from)")
+        raise UserError("no task: pass --task (the adapter has no recipe.yaml to take it from)")
+    if task not in TASKS:
+        raise UserError(f"--task {task!r} is not known; allowed: {list(TASKS)}")
     if args.task_options is not None:
         import yaml
 
-        options = yaml.safe_load(args.task_options) or {}
+        try:
+            options = yaml.safe_load(args.task_options) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"--task-options is not YAML / JSON: {err}") from None
     else:
         options = dict(recipe.data.options) if recipe is not None and recipe.data.task == task else {}
+    try:
+        validate_options(task, options)
+    except (ValueError, TypeError, OSError) as err:
+        raise UserError(f"--task-options / data.options of task {task!r}: {err}") from None
     eval_section = recipe.eval if recipe is not None else None
     if (args.curve or curve_for_task(task)) == "history":
         # Training may mix history sizes (arxiv_lm's history_sizes); the curve needs every sample
@@ -170,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         curve=args.curve or curve_for_task(task),
         segments=args.segments or (list(eval_section.num_segments) if eval_section and eval_section.num_segments
                                    else DEFAULT_SEGMENTS),
-        num_samples=args.samples or (eval_section.num_samples if eval_section and eval_section.num_samples
+        num_samples=args.samples if args.samples is not None else (eval_section.num_samples if eval_section and eval_section.num_samples
                                      else DEFAULT_SAMPLES),
         batch_size=args.batch_size or (eval_section.batch_size if eval_section and eval_section.batch_size else 1),
         chunk_size=args.chunk_size,

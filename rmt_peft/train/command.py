@@ -18,6 +18,7 @@ import shutil
 import sys
 
 RECIPE_HELP = "a recipe YAML file, or the name of a shipped one (rmt-peft recipes), e.g. quickstart"
+EXIT_DIVERGED = 3  # the divergence guard stopped the run (a user error is 2)
 
 
 def register(subparsers) -> None:
@@ -65,6 +66,7 @@ def validate_command(args) -> int:
 
 def train_command(args) -> int:
     recipe = _load(args)
+    from ..errors import TrainingDiverged
     from ..log import is_main_process, logger
     from .trainer import run
 
@@ -72,6 +74,9 @@ def train_command(args) -> int:
     fresh = not os.path.isdir(out) or not os.listdir(out)
     try:
         run(recipe, log=logger.info)
+    except TrainingDiverged as err:  # summary.json in the output folder records it
+        print(f"rmt-peft train: {err} (recorded in {recipe.output_dir}/summary.json)", file=sys.stderr)
+        return EXIT_DIVERGED
     except BaseException:
         if fresh and is_main_process():
             remove_failed_start(out)

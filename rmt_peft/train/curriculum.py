@@ -22,10 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import TrainerCallback
 
+from ..errors import UserError
+from ..fileio import write_json
 from .recipe import Stage
 
 STATE_FILE = "curriculum.json"
 END_DIR = "end"
+TRAINABLE_FILE = "trainable.safetensors"  # every trainable tensor by name (trainer.save_adapter)
 
 
 def stage_dir(output_dir: str, index: int) -> str:
@@ -35,8 +38,9 @@ def stage_dir(output_dir: str, index: int) -> str:
 @dataclass
 class CurriculumState:
     """Where a run is: ``stage`` (index), ``steps_before`` (optimizer steps of the stages before
-    it, for the global ``training.max_steps`` cap), the finished stages' records and the
-    plateau tracker of the current stage."""
+    it, for the global ``training.max_steps`` cap), the finished stages' records, the plateau
+    tracker of the current stage, and the divergence guard's rollbacks so far (``lr_scale``: the
+    learning rate's factor after them, kept by a resume)."""
 
     stage: int = 0
     steps_before: int = 0
@@ -44,16 +48,22 @@ class CurriculumState:
     best: float | None = None
     bad_evals: int = 0
     stop_reason: str | None = None
+    lr_scale: float = 1.0
+    rollbacks: list[dict] = field(default_factory=list)
 
     def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(asdict(self), f, indent=2)
+        write_json(os.path.join(folder, STATE_FILE), asdict(self))  # atomic: a kill leaves the old one or none
 
     @classmethod
     def load(cls, folder: str) -> "CurriculumState":
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            return cls(**json.load(f))
+        """The state saved in ``folder``; a UserError naming the file when it is damaged."""
+        path = os.path.join(folder, STATE_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); resume from an earlier checkpoint "
+                            f"with training.resume_from_checkpoint=<folder>, or delete {folder}") from err
 
 
 def stage_budget(stage: Stage, steps_before: int, total_max_steps: int | None) -> int:
@@ -113,12 +123,60 @@ class StageCallback(TrainerCallback):
             self.state.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
-def latest_checkpoint(folder: str) -> str | None:
+def damage(folder: str) -> str | None:
+    """Why a checkpoint or ``end/`` folder cannot be resumed from (a missing or unreadable file), or
+    None when it can. ``curriculum.json`` is written last and atomically, so its presence marks a
+    finished save. Cheap structural reads catch files cut short (a full disk, a copy that broke
+    off): the headers of the safetensors files, the zip directory at the end of the Trainer's
+    torch.save files (optimizer, scheduler, RNG states), the Trainer's JSON state."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        CurriculumState.load(folder)
+    except UserError as err:
+        return str(err)
+    path = os.path.join(folder, TRAINABLE_FILE)
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as err:  # missing, or safetensors' own error types for every kind of damage
+        return f"{path} is missing or damaged ({err})"
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith((".pt", ".pth")):
+                zipfile.ZipFile(path).close()
+            elif name == "trainer_state.json":
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            return f"{path} is damaged ({err})"
+    return None
+
+
+def checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of the Trainer checkpoints in a stage folder, newest first."""
     if not os.path.isdir(folder):
-        return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(folder)
-             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.exists(os.path.join(folder, name, STATE_FILE))]
-    return os.path.join(folder, max(steps)[1]) if steps else None
+        return []
+    return sorted(((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
+
+
+def latest_checkpoint(folder: str, log=print, before: int | None = None) -> str | None:
+    """The newest undamaged checkpoint in a stage folder (of a step < ``before`` when given);
+    damaged newer ones are named in the log."""
+    for step, path in checkpoints(folder):
+        if before is not None and step >= before:
+            continue
+        if not os.path.exists(os.path.join(path, STATE_FILE)):
+            continue  # a save that was cut off before it finished
+        problem = damage(path)
+        if problem is None:
+            return path
+        log(f"warning: skipping checkpoint {path}: {problem}")
+    return None
 
 
 @dataclass
@@ -131,16 +189,20 @@ class ResumePoint:
     weights: str | None = None
 
 
-def find_resume_point(output_dir: str, num_stages: int) -> ResumePoint:
+def find_resume_point(output_dir: str, num_stages: int, log=print) -> ResumePoint:
     """The furthest point a previous run reached: the latest checkpoint of the latest stage it
-    entered, or the end of the last stage it finished."""
+    entered, or the end of the last stage it finished. Damaged saves are skipped (and named in
+    the log) in favour of the previous good one."""
     for index in reversed(range(num_stages)):
         folder = stage_dir(output_dir, index)
         end = os.path.join(folder, END_DIR)
         if os.path.exists(os.path.join(end, STATE_FILE)):
-            state = CurriculumState.load(end)
-            return ResumePoint(state=state, weights=end)  # state.stage already points at the next stage
-        checkpoint = latest_checkpoint(folder)
+            problem = damage(end)
+            if problem is None:
+                return ResumePoint(state=CurriculumState.load(end), weights=end)  # its stage: the next one
+            log(f"warning: skipping {end}: {problem}")
+        checkpoint = latest_checkpoint(folder, log)
         if checkpoint is not None:
             return ResumePoint(state=CurriculumState.load(checkpoint), checkpoint=checkpoint)
     return ResumePoint(state=CurriculumState())
+

@@ -3,7 +3,8 @@
 Sections (each a dataclass below): ``model``, ``memory`` (``MemoryConfig`` fields), ``lora``
 (a preset name or ``peft.LoraConfig`` fields; null trains the memory only), ``data`` (a task of
 ``rmt_peft.data.registry`` and its options), ``curriculum`` (stages by number of segments),
-``training`` (``transformers.TrainingArguments`` fields, verbatim) and ``eval``.
+``training`` (``transformers.TrainingArguments`` fields, verbatim), ``eval`` and ``guard`` (what a
+diverging run does).
 
 ``load_recipe(path, overrides)`` applies ``dotted.key=value`` overrides (values parsed as YAML)
 and validates everything that can be checked without loading weights: unknown keys, wrong
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -49,6 +51,10 @@ UNSUPPORTED = {"num_train_epochs": "the curriculum counts optimizer steps: give 
                "fsdp": "FSDP is not supported; shard with training.deepspeed (zero2, zero3, zero3_offload)"}
 # what the curriculum's stages can be decided on: the evaluations during training report these
 CURRICULUM_METRICS = ("eval_loss", "eval_accuracy")
+TRAINING_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps")
+TRAINING_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "save_total_limit",
+                         "dataloader_num_workers")
 INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
 
 
@@ -141,6 +147,22 @@ class EvalSection:
 
 
 @dataclass
+class GuardSection:
+    """The divergence guard (rmt_peft/train/guard.py): a non-finite loss or gradient norm, or a
+    gradient norm above spike_factor x its running level for spike_steps optimizer steps in a row,
+    is a divergence. on_divergence: "stop" (the run ends with TrainingDiverged, summary.json says
+    status diverged) or "rollback" (the stage resumes from its last good checkpoint, or its start,
+    with the learning rate times rollback_lr_factor; at most max_rollbacks times, then stop).
+    spike_factor: null checks only for non-finite values."""
+
+    on_divergence: str = "stop"
+    spike_factor: float | None = 20.0
+    spike_steps: int = 20
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     memory: MemoryConfig
@@ -150,6 +172,7 @@ class Recipe:
     training: dict
     eval: EvalSection
     trainer: str = "rmt"
+    guard: GuardSection = field(default_factory=GuardSection)
     source: str | None = None   # the file it came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +197,10 @@ class Recipe:
         return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
-SECTIONS = ("model", "memory", "lora", "data", "curriculum", "training", "eval")
+SECTIONS = ("model", "memory", "lora", "data", "curriculum", "training", "eval", "guard")
 SECTION_TYPES = {"model": ModelSection, "memory": MemoryConfig, "data": DataSection,
-                 "curriculum": CurriculumSection, "eval": EvalSection}
+                 "curriculum": CurriculumSection, "eval": EvalSection, "guard": GuardSection}
+ON_DIVERGENCE = ("stop", "rollback")
 
 
 def _plain(value):
@@ -609,5 +633,31 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                 _need(config.vocab_size >= size,
                       f"model.config.vocab_size={config.vocab_size} is smaller than the offline tokenizer "
                       f"({size} tokens) that task {data.task!r} needs; set model.config.vocab_size >= {size}")
+    # training values TrainingArguments would accept but that cannot train (checked here, not mid-run)
+    for name in TRAINING_POSITIVE:
+        value = train.get(name)
+        _need(value is None or 0 < value < math.inf, f"training.{name}={value!r} must be a finite number > 0")
+    for name in TRAINING_NON_NEGATIVE:
+        value = train.get(name)
+        _need(value is None or 0 <= value < math.inf, f"training.{name}={value!r} must be a finite number >= 0")
+
+    guard = recipe.guard
+    _need(guard.on_divergence in ON_DIVERGENCE,
+          f"guard.on_divergence={guard.on_divergence!r} is not allowed; allowed: {list(ON_DIVERGENCE)}")
+    _need(guard.spike_factor is None or guard.spike_factor > 1,
+          f"guard.spike_factor={guard.spike_factor!r} must be > 1 (or null: check only for NaN / inf)")
+    _need(guard.spike_steps >= 1, f"guard.spike_steps={guard.spike_steps} must be >= 1")
+    _need(0 < guard.rollback_lr_factor < 1, f"guard.rollback_lr_factor={guard.rollback_lr_factor} must be in (0, 1)")
+    _need(guard.max_rollbacks >= 0, f"guard.max_rollbacks={guard.max_rollbacks} must be >= 0")
+    _need(guard.on_divergence != "rollback" or ds is None,
+          "guard.on_divergence='rollback' is not supported with training.deepspeed (DeepSpeed restores the "
+          "checkpoint's learning rate); use 'stop' and resume with a lower training.learning_rate")
+
     out = train["output_dir"]
     _need(not os.path.isfile(out), f"training.output_dir={out!r} is a file; expected a folder")
+    from ..fileio import check_writable
+
+    try:
+        check_writable(out, "training.output_dir")
+    except UserError as err:
+        raise RecipeError(str(err)) from None

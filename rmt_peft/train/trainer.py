@@ -9,31 +9,39 @@ Trainer's own. ``train_recipe`` runs the curriculum: one Trainer per stage on th
 each stage starts from the previous stage's weights with a fresh optimizer and schedule.
 
 Run folder: ``stage-<k>/`` (checkpoints, see curriculum.py), ``final/`` (adapter),
-``summary.json`` (final evaluation per number of segments), ``recipe.yaml`` (resolved recipe).
+``summary.json`` (``status``, the stages, final evaluation per number of segments),
+``recipe.yaml`` (resolved recipe), ``.rmt-peft.lock`` while a run owns the folder (lock.py).
+Every file is written atomically (fileio.py); a resume continues exactly where the run stopped,
+in any stage; the divergence guard (guard.py) checks every optimizer step.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import json
 import math
 import os
+import re
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
+from ..fileio import atomic_path, remove_temp_files, write_json, write_text
 from ..log import logger, quiet_trainer
-from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, find_resume_point, stage_budget,
-                         stage_dir)
+from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
+                         checkpoints, find_resume_point, latest_checkpoint, stage_budget, stage_dir)
+from .guard import DivergenceGuard, set_base_learning_rate
+from .lock import LOCK_FILE, RunLock
 from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
 from .tracking import continue_curve, end_run
 
-TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+TORCH_SAVE_FAILURES = ("unexpected pos", "file write failed", "No space left")  # torch.save's zip writer
 
 
 # -- building -------------------------------------------------------------------------------
@@ -144,9 +152,12 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
     parts = []
     for i, n in enumerate(segments):
         count = max(1, num_samples // len(segments))
-        ds = registry_build(recipe.data.task, recipe.data.options, tokenizer=tokenizer,
-                            segment_size=recipe.memory.segment_size, num_segments=n,
-                            num_samples=count, seed=seed * 1000 + n)
+        try:
+            ds = registry_build(recipe.data.task, recipe.data.options, tokenizer=tokenizer,
+                                segment_size=recipe.memory.segment_size, num_segments=n,
+                                num_samples=count, seed=seed * 1000 + n)
+        except (ValueError, OSError) as err:  # the data readers name the file, line or option
+            raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments: {err}") from err
         if len(ds) == 0:
             raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments produced no usable samples; "
                               f"check data.options")
@@ -184,7 +195,8 @@ def save_adapter(model, folder: str, base_model: str, should_save: bool = True, 
             if sum(t.numel() for t in tensors.values()) == 0:  # e.g. ZeRO-3 partitions saved ungathered
                 raise RuntimeError(f"refusing to save an empty adapter to {folder}")
             if for_resume:
-                save_file(tensors, os.path.join(folder, TRAINABLE_FILE))
+                with atomic_path(os.path.join(folder, TRAINABLE_FILE)) as tmp:
+                    save_file(tensors, tmp)
 
 
 def load_trainable(model, folder: str) -> None:
@@ -205,9 +217,31 @@ def load_trainable(model, folder: str) -> None:
 
 class RMTTrainerMixin:
     """What an RMTModel changes in a Trainer (transformers' or trl's SFTTrainer): its loss on the
-    inputs it takes, exact-match accuracy in evaluation, adapter-only saves and loads."""
+    inputs it takes, exact-match accuracy in evaluation, adapter-only saves and loads, the
+    divergence guard's checks before every optimizer step (guard.py)."""
 
     base_model: str = ""
+    guard: DivergenceGuard | None = None
+    base_learning_rate: float | None = None  # set by a rollback: replaces the resumed checkpoint's
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            self.guard.note_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of the step, checked (with the step's losses) before the
+        optimizer applies it."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.guard is not None:
+            self.guard.check_step(grad_norm, self.state.global_step + 1)
+        return grad_norm
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint and self.base_learning_rate is not None:
+            set_base_learning_rate(self.optimizer, self.lr_scheduler, self.base_learning_rate)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
@@ -312,13 +346,30 @@ def write_recipe(recipe: Recipe, args: TrainingArguments) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if args.should_save:
-        os.makedirs(recipe.output_dir, exist_ok=True)
-        with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w") as f:
-            f.write(recipe.to_yaml())
+        write_text(os.path.join(recipe.output_dir, "recipe.yaml"), recipe.to_yaml())
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def saved_progress(folder: str) -> bool:
+    """True when a run in ``folder`` saved anything worth keeping (a finished checkpoint or stage
+    end, final/, summary.json); a start that failed before that leaves recipe.yaml, logs and
+    unfinished saves only."""
+    if not os.path.isdir(folder):
+        return False
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name in ("final", "summary.json"):
+            return True
+        if re.fullmatch(r"stage-\d+", name) and os.path.isdir(path):
+            if any((n == END_DIR or n.startswith("checkpoint-")) and os.path.exists(os.path.join(path, n, STATE_FILE))
+                   for n in os.listdir(path)):
+                return True
+        if name == "baseline" and saved_progress(path):
+            return True
+    return False
 
 
 def check_output_dir(recipe: Recipe, resume: bool) -> None:
@@ -327,7 +378,12 @@ def check_output_dir(recipe: Recipe, resume: bool) -> None:
         if not os.path.exists(os.path.join(out, "recipe.yaml")):
             raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume")
         return
-    if os.path.isdir(out) and os.listdir(out):
+    if not os.path.isdir(out):
+        return
+    names = set(os.listdir(out)) - {LOCK_FILE}
+    # a start that failed before saving anything left recipe.yaml, stage folders with logs: start over
+    left_by_failed_start = all(n in ("recipe.yaml", "baseline") or re.fullmatch(r"stage-\d+", n) for n in names)
+    if names and not (left_by_failed_start and not saved_progress(out)):
         raise RecipeError(f"training.output_dir={out!r} already holds files (another run?); nothing is "
                           f"overwritten: choose a new output_dir, resume with training.resume_from_checkpoint=true, "
                           f"or delete the folder")
@@ -340,32 +396,65 @@ def final_segments(recipe: Recipe) -> list[int]:
 
 
 def train_recipe(recipe: Recipe, log=print) -> dict:
-    """Run the recipe's curriculum, save ``final/``, evaluate, write ``summary.json``."""
+    """Run the recipe's curriculum, save ``final/``, evaluate, write ``summary.json``; the output
+    folder is locked for the run (lock.py). Raises TrainingDiverged when the guard stops the run."""
+    lock = RunLock(recipe.output_dir) if is_main_process() else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        return _train_recipe(recipe, log)
+    except OSError as err:  # a full disk or a folder that became read-only while training
+        from ..fileio import disk_error
+
+        raise disk_error(err, getattr(err, "filename", None) or recipe.output_dir) from err
+    except RuntimeError as err:
+        if not any(sign in str(err) for sign in TORCH_SAVE_FAILURES):
+            raise
+        # torch.save (optimizer.pt, ...) reports a full disk as a RuntimeError of its zip writer; the
+        # unfinished checkpoint has no curriculum.json, so a resume skips it
+        raise UserError(f"writing a checkpoint in {recipe.output_dir} failed ({str(err).splitlines()[0][:120]}); "
+                        f"is the disk full? Free some space and resume with "
+                        f"training.resume_from_checkpoint=true") from err
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_recipe(recipe: Recipe, log) -> dict:
     resume = recipe.training.get("resume_from_checkpoint")
     check_output_dir(recipe, bool(resume))  # on every rank, before any rank writes
     out = recipe.output_dir
+    if is_main_process():
+        for path in remove_temp_files(out):
+            log(f"removed {path}, left by an interrupted write")
 
     base_seed = int(recipe.training.get("seed", 42))
     stages = recipe.curriculum.stages
     point = None
     if isinstance(resume, str):  # a given checkpoint (or a stage's end/ folder)
+        problem = damage(resume)
+        if problem is not None:
+            raise UserError(f"training.resume_from_checkpoint={resume!r}: {problem}")
         point = ResumePoint(state=CurriculumState.load(resume), **{
             "weights" if os.path.basename(os.path.normpath(resume)) == END_DIR else "checkpoint": resume})
     elif resume:
-        point = find_resume_point(out, len(stages))
-    state = point.state if point else CurriculumState()
+        point = find_resume_point(out, len(stages), log)
+    # A copy: the loop below advances `state`, while only the stage the run stopped in resumes
+    # from point.checkpoint (the later stages start from the previous stage's end).
+    state = copy.deepcopy(point.state) if point else CurriculumState()
+    resume_stage = point.state.stage if point and point.checkpoint else None
 
     total = recipe.training.get("max_steps")
     model = collator = tokenizer = trainer = None
 
-    def prepare(args):
+    def prepare(args, weights):
         """Build the model once the first TrainingArguments exist: under ZeRO-3 they make
         transformers partition the backbone while it loads (deepspeed.zero.Init)."""
         nonlocal model, collator, tokenizer
         write_recipe(recipe, args)
         model = build_model(recipe, base_seed)
-        if point and point.weights:
-            load_trainable(model, point.weights)
+        if weights:
+            load_trainable(model, weights)
         tokenizer = build_tokenizer(recipe)
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
@@ -380,18 +469,46 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             break
         segments = stage_segments(stage)
         log(f"stage {index}: {segments} segment(s), up to {budget} steps")
-        release_deepspeed(trainer)
-        args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index, max(segments))
-        if model is None:
-            prepare(args)
-        trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
-        continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
-        quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
-        checkpoint = point.checkpoint if point and index == point.state.stage else None
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        checkpoint = point.checkpoint if index == resume_stage else None
+        while True:  # once, or again after each rollback of the divergence guard
+            release_deepspeed(trainer)
+            args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index, max(segments))
+            args.learning_rate *= state.lr_scale
+            if model is None:
+                prepare(args, point.weights if point else None)
+            trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
+            continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
+            quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
+            trainer.guard = DivergenceGuard(recipe.guard.spike_factor, recipe.guard.spike_steps)
+            trainer.base_learning_rate = args.learning_rate if state.lr_scale != 1 else None
+            try:
+                result = trainer.train(resume_from_checkpoint=checkpoint)
+                break
+            except TrainingDiverged as err:
+                event = {"stage": index, "step": err.step, "reason": err.reason,
+                         "learning_rate": finite(args.learning_rate)}
+                if trainer.args.should_save:
+                    set_aside_suspect_checkpoints(stage_dir(out, index), err.first_bad_step, log)
+                if recipe.guard.on_divergence != "rollback" or len(state.rollbacks) >= recipe.guard.max_rollbacks:
+                    record_divergence(recipe, state, event, err.first_bad_step, trainer.args.should_save)
+                    raise
+                checkpoint = latest_checkpoint(stage_dir(out, index), log, before=err.first_bad_step)
+                state.lr_scale *= recipe.guard.rollback_lr_factor
+                event["rolled_back_to"] = checkpoint or f"the start of stage {index}"
+                state.rollbacks.append(event)
+                log(f"warning: {err}; rolling back to {event['rolled_back_to']} with learning rate "
+                    f"{args.learning_rate * recipe.guard.rollback_lr_factor:.3g}")
+                if checkpoint is not None:
+                    saved = CurriculumState.load(checkpoint)
+                    state.best, state.bad_evals = saved.best, saved.bad_evals
+                elif index == 0:
+                    model = None  # the stage's start is the initialisation: build it again (same seed)
+                else:
+                    load_trainable(model, os.path.join(stage_dir(out, index - 1), END_DIR))
+                    state.best, state.bad_evals = None, 0
         steps = trainer.state.global_step
         state.finished.append({"stage": index, "num_segments": stage.num_segments, "steps": steps,
-                               "train_loss": result.training_loss,
+                               "train_loss": finite(result.training_loss),
                                "reason": state.stop_reason or f"step budget ({budget})"})
         state.stage, state.steps_before = index + 1, state.steps_before + steps
         state.best, state.bad_evals, state.stop_reason = None, 0, None
@@ -403,7 +520,7 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
     if trainer is None:  # nothing left to train (resumed after the last stage): evaluate what was trained
         segments = final_segments(recipe)
         args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
-        prepare(args)
+        prepare(args, point.weights if point else None)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
     # final/: what a user loads, not resume state
     save_adapter(trainer.model, os.path.join(out, "final"), trainer.base_model, trainer.args.should_save, False)
@@ -411,21 +528,52 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
     evaluation = {}
     if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
         metrics = trainer.evaluate(metric_key_prefix="final")
-        evaluation["all"] = {"accuracy": metrics["final_accuracy"], "loss": metrics["final_loss"],
-                             "perplexity": math.exp(metrics["final_loss"]) if metrics["final_loss"] < 50 else float("inf")}
+        evaluation["all"] = eval_entry(metrics["final_accuracy"], metrics["final_loss"])
     for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
         ds = build_dataset(recipe, tokenizer, [n], recipe.eval.num_samples or recipe.data.num_eval_samples,
                            recipe.data.seed + 2)
         metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"final_{n}")
-        loss = metrics[f"final_{n}_loss"]
-        evaluation[str(n)] = {"accuracy": metrics[f"final_{n}_accuracy"], "loss": loss,
-                              "perplexity": math.exp(loss) if loss < 50 else float("inf")}
-    summary = {"num_memory_tokens": recipe.memory.num_memory_tokens, "segment_size": recipe.memory.segment_size,
-               "stages": state.finished, "eval": evaluation}
+        evaluation[str(n)] = eval_entry(metrics[f"final_{n}_accuracy"], metrics[f"final_{n}_loss"])
+    summary = {"status": "completed", "num_memory_tokens": recipe.memory.num_memory_tokens,
+               "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
+               "eval": evaluation}
     if trainer.args.should_save:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(out, "summary.json"), summary)
     return summary
+
+
+def finite(value: float | None) -> float | None:
+    """``value``, or None when it is NaN or infinite (JSON has no such numbers)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def eval_entry(accuracy: float, loss: float) -> dict:
+    return {"accuracy": finite(accuracy), "loss": finite(loss),
+            "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 50 else None}
+
+
+def set_aside_suspect_checkpoints(folder: str, first_bad_step: int, log) -> None:
+    """Rename the checkpoints saved while the gradients were already exploding (step >=
+    ``first_bad_step``) to ``suspect-checkpoint-<step>``: a resume never picks them, nothing is deleted."""
+    for step, path in checkpoints(folder):
+        if step >= first_bad_step:
+            target = os.path.join(folder, f"suspect-{os.path.basename(path)}")
+            shutil.rmtree(target, ignore_errors=True)  # from an earlier rollback over the same steps
+            os.rename(path, target)
+            log(f"warning: {path} was saved after the divergence began; renamed to {target}")
+
+
+def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first_bad_step: int,
+                      should_save: bool) -> None:
+    """summary.json of a run the guard stopped: what broke, where, and the last good save."""
+    good = latest_checkpoint(stage_dir(recipe.output_dir, event["stage"]), log=lambda *_: None,
+                             before=first_bad_step)
+    summary = {"status": "diverged", **event, "last_good_checkpoint": good, "stages": state.finished,
+               "rollbacks": state.rollbacks,
+               "hint": "resume with training.resume_from_checkpoint=true and a lower training.learning_rate "
+                       "(or guard.on_divergence=rollback)"}
+    if should_save:
+        write_json(os.path.join(recipe.output_dir, "summary.json"), summary)
 
 
 def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: list[int], callback):
@@ -476,8 +624,11 @@ def instruction_datasets(recipe: Recipe):
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
-    """The same run with 0 memory tokens (segments processed independently), in OUTPUT_DIR/baseline."""
+    """The same run with 0 memory tokens (segments processed independently), in OUTPUT_DIR/baseline.
+    A resume resumes the baseline too when it had started, and starts it otherwise."""
     training = {**recipe.training, "output_dir": os.path.join(recipe.output_dir, "baseline")}
+    if training.get("resume_from_checkpoint"):
+        training["resume_from_checkpoint"] = os.path.exists(os.path.join(training["output_dir"], "recipe.yaml"))
     return dataclasses.replace(recipe, memory=dataclasses.replace(recipe.memory, num_memory_tokens=0),
                                training=training, eval=dataclasses.replace(recipe.eval, baseline=False))
 
@@ -488,19 +639,34 @@ def run(recipe: Recipe, log=print) -> dict:
     summary = train_recipe(recipe, log)
     if recipe.eval.baseline:
         end_run()  # the baseline reports as a run of its own
-        base = train_recipe(baseline_recipe(recipe), log)
-        summary["baseline"] = base
-        summary["accuracy"] = {"memory": {n: m["accuracy"] for n, m in summary["eval"].items()},
-                               "baseline": {n: m["accuracy"] for n, m in base["eval"].items()}}
-        if is_main_process():
-            with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+        lock = RunLock(recipe.output_dir) if is_main_process() else None  # the baseline lives inside the run
+        if lock is not None:
+            lock.acquire()
+        try:
+            base = train_recipe(baseline_recipe(recipe), log)
+        except TrainingDiverged as err:
+            summary["status"] = "baseline diverged"
+            summary["baseline"] = {"status": "diverged", "reason": str(err)}
+            raise
+        else:
+            summary["baseline"] = base
+            summary["accuracy"] = {"memory": {n: m["accuracy"] for n, m in summary["eval"].items()},
+                                   "baseline": {n: m["accuracy"] for n, m in base["eval"].items()}}
+        finally:
+            if is_main_process():
+                write_json(os.path.join(recipe.output_dir, "summary.json"), summary)
+            if lock is not None:
+                lock.release()
     if is_main_process():
         from ..hub import write_model_card
 
         write_model_card(os.path.join(recipe.output_dir, "final"), run_dir=recipe.output_dir)  # with the results
         log(format_table(summary))
     return summary
+
+
+def number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_table(summary: dict) -> str:
@@ -510,8 +676,8 @@ def format_table(summary: dict) -> str:
     header = f"{'segments':>8} | {f'accuracy ({m} memory)':>22}" + (f" | {'accuracy (0 memory)':>20}" if base else "")
     lines = [header, "-" * len(header)]
     for n in rows:
-        line = f"{n:>8} | {summary['eval'][n]['accuracy']:>22.3f}"
+        line = f"{n:>8} | {number(summary['eval'][n]['accuracy']):>22}"
         if base:
-            line += f" | {base[n]['accuracy']:>20.3f}"
+            line += f" | {number(base[n]['accuracy']):>20}"
         lines.append(line)
     return "\n".join(lines)

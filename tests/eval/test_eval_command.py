@@ -8,6 +8,7 @@ from peft import LoraConfig
 from rmt_peft.backbones import load_backbone
 from rmt_peft.cli import main
 from rmt_peft.data.token_memory import TokenMemoryTask
+from rmt_peft.errors import UserError
 from rmt_peft.eval.command import locate, parse_segments
 from rmt_peft.eval.metrics import exact_match
 from rmt_peft.memory import MemoryConfig
@@ -31,7 +32,7 @@ def save_adapter(tmp_path, name, memory):
 def test_parse_segments_and_locate(tmp_path):
     assert parse_segments("1,2,4,...,64") == [1, 2, 4, 8, 16, 32, 64]
     assert parse_segments("4,1,2") == [1, 2, 4]
-    with pytest.raises(FileNotFoundError, match="neither a training run"):
+    with pytest.raises(UserError, match="neither a training run"):
         locate(str(tmp_path))
     (tmp_path / "final").mkdir()
     (tmp_path / "recipe.yaml").write_text("{}")
@@ -67,7 +68,7 @@ def test_eval_adapter_with_baseline(tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path):
+def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path, capsys):
     import yaml
 
     save_adapter(tmp_path, "run", memory=2)
@@ -88,5 +89,6 @@ def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path):
     assert metrics["task_options"] == {"num_values": 4} and metrics["seed"] == 1003
     assert [p["num_samples"] for p in metrics["results"]["run"]] == [3, 3]
     assert metrics["models"]["baseline"]["num_memory_tokens"] == 0
-    with pytest.raises(ValueError, match="num_memory_tokens cannot be overridden"):
-        main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"]) == 2
+    assert "num_memory_tokens cannot be overridden" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+"""A tiny three-stage recipe (GPT-Neo from a config, token_memory task) for the reliability tests:
+every run takes a few seconds on one CPU thread."""
+import copy
+
+import pytest
+import yaml
+
+TINY = {
+    "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 64, "max_positions": 64}},
+    "memory": {"num_memory_tokens": 4, "segment_size": 8},
+    "lora": None,
+    "data": {"task": "token_memory", "options": {"vocab_size": 64}, "num_train_samples": 64,
+             "num_eval_samples": 16},
+    "curriculum": {"segments": [1, 2, 3], "steps_per_stage": 4},
+    "eval": {"num_segments": [3], "num_samples": 16},
+    "training": {"output_dir": "OUT", "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
+                 "learning_rate": 1.0e-2, "lr_scheduler_type": "linear", "logging_steps": 1,
+                 "save_strategy": "steps", "save_steps": 2, "report_to": "none", "seed": 0, "disable_tqdm": True},
+}
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(changes: dict of dotted keys, name) -> path of a tiny recipe writing to tmp_path/<name stem>."""
+    def write(changes=None, name="recipe.yaml"):
+        raw = copy.deepcopy(TINY)
+        raw["training"]["output_dir"] = str(tmp_path / name.split(".")[0])
+        for key, value in (changes or {}).items():
+            node = raw
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+    return write
