@@ -136,6 +136,22 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
+    """Build one sample of the longest input of every curriculum stage from ``first_stage`` on, and
+    of the final evaluation, before any training: a data source that cannot fill a later stage
+    fails now, naming the stage and the shortfall, instead of after hours of the earlier ones."""
+    checks = [(f"curriculum stage {i} ({max(stage_segments(stage))} segments)", max(stage_segments(stage)))
+              for i, stage in enumerate(recipe.curriculum.stages) if i >= first_stage]
+    if recipe.trainer == "rmt":
+        checks.append((f"eval.num_segments ({max(final_segments(recipe))} segments)", max(final_segments(recipe))))
+    for what, n in dict.fromkeys(checks):
+        try:
+            build_dataset(recipe, tokenizer, [n], 1, recipe.data.seed)[0]
+        except (ValueError, IndexError) as err:
+            raise RecipeError(f"{what}: data.task={recipe.data.task!r} cannot fill {n} segments of "
+                              f"{recipe.memory.segment_size} tokens: {err}") from None
+
+
 @dataclasses.dataclass
 class Collator:
     """Pads a batch (``rmt_peft.data.collate``) and keeps only what RMTModel.forward takes."""
@@ -363,6 +379,7 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index, max(segments))
         if model is None:
             prepare(args)
+            check_stage_data(recipe, tokenizer, index)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
         checkpoint = point.checkpoint if point and index == point.state.stage else None
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -21,6 +21,7 @@ RECIPES = {
     "arxiv_gpt2": ("gpt2", "data.options.documents=generated"),
     "arxiv_gpt2_baseline": ("gpt2", "data.options.documents=generated"),
     "lean_gptneo_1.3b": ("gpt_neo", None),
+    "lean_gptneo_1.3b_baseline": ("gpt_neo", None),
 }
 
 
