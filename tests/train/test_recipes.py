@@ -23,6 +23,8 @@ RECIPES = {
     # one window of 32 history tokens + a 64-token target, evaluated at that one length
     "arxiv_gpt2_context": ("gpt2", "data.options.documents=generated", "data.options.history_tokens=32",
                            "eval.num_segments=[1]"),
+    "babilong_detect_opt_1.3b": ("opt", "data.options.noise=generated"),
+    "babilong_reasoning_opt_6.7b_8bit": ("opt", "data.options.noise=generated"),  # 8-bit on CPU, as in the recipe
     "lean_gptneo_1.3b": ("gpt_neo", None),
     "lean_gptneo_1.3b_baseline": ("gpt_neo", None),
 }
@@ -54,3 +56,7 @@ def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
     assert (final / "memory_config.json").exists() and (final / "adapter_config.json").exists()
     memory = json.loads((final / "memory_config.json").read_text())
     assert memory["num_memory_tokens"] == recipe.memory.num_memory_tokens
+    # the backbone really was loaded as the recipe says (8-bit / 4-bit recipes stay quantized here)
+    from rmt_peft.hub import read_metadata
+
+    assert read_metadata(str(final))["quantization"] == (recipe.model.quantization or "none")
