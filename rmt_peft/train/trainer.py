@@ -137,14 +137,16 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
 
 
 def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
-    """Build one sample of the longest input of every curriculum stage from ``first_stage`` on, and
+    """Build one sample of every input length of the curriculum stages from ``first_stage`` on and
     of the final evaluation, before any training: a data source that cannot fill a later stage
     fails now, naming the stage and the shortfall, instead of after hours of the earlier ones."""
-    checks = [(f"curriculum stage {i} ({max(stage_segments(stage))} segments)", max(stage_segments(stage)))
-              for i, stage in enumerate(recipe.curriculum.stages) if i >= first_stage]
-    if recipe.trainer == "rmt":
-        checks.append((f"eval.num_segments ({max(final_segments(recipe))} segments)", max(final_segments(recipe))))
-    for what, n in dict.fromkeys(checks):
+    checks: dict[int, str] = {}  # segments -> the first place that needs them
+    for i, stage in enumerate(recipe.curriculum.stages):
+        for n in stage_segments(stage) if i >= first_stage else []:
+            checks.setdefault(n, f"curriculum stage {i} ({n} segments)")
+    for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
+        checks.setdefault(n, f"eval.num_segments ({n} segments)")
+    for n, what in checks.items():  # in curriculum order: the first stage that cannot be filled is named
         try:
             build_dataset(recipe, tokenizer, [n], 1, recipe.data.seed)[0]
         except (ValueError, IndexError) as err:
