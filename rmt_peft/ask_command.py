@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .errors import UserError
-    from .eval.command import _recipe, load_model, load_tokenizer, locate
+    from .eval.command import load_model, load_tokenizer, locate
     from .memory_state import MemoryState
 
     if args.max_new_tokens < 1:
@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         adapter, recipe_path = locate(args.path)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    recipe = _recipe(recipe_path, [])
+    recipe = None
+    if recipe_path is not None:
+        from .train.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
     # The stream cuts segments from the first token: the state after a document is then the same
     # whatever question follows (right alignment would cut the document by the question's length).
     rmt = load_model(adapter, recipe, args, {"segment_alignment": "left"})
