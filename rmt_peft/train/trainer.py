@@ -140,11 +140,13 @@ def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
     """Build one sample of every input length of the curriculum stages from ``first_stage`` on and
     of the final evaluation, before any training: a data source that cannot fill a later stage
     fails now, naming the stage and the shortfall, instead of after hours of the earlier ones."""
+    if recipe.trainer != "rmt":  # trl's trainers prepare (and report on) their own rows
+        return
     checks: dict[int, str] = {}  # segments -> the first place that needs them
     for i, stage in enumerate(recipe.curriculum.stages):
         for n in stage_segments(stage) if i >= first_stage else []:
             checks.setdefault(n, f"curriculum stage {i} ({n} segments)")
-    for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
+    for n in final_segments(recipe):
         checks.setdefault(n, f"eval.num_segments ({n} segments)")
     for n, what in checks.items():  # in curriculum order: the first stage that cannot be filled is named
         try:
