@@ -52,6 +52,8 @@ def _check_data(args, recipe) -> int:
     from .recipe import RecipeError
     from .trainer import build_tokenizer, check_stage_data
 
+    if recipe.trainer != "rmt":  # trl's trainers prepare their own rows when training starts
+        return 0
     try:
         tokenizer = build_tokenizer(recipe)
     except OSError:
