@@ -69,8 +69,8 @@ def text_pieces(path: str, chars: int | None = None):
         yield carry, read
 
 
-def read_document(rmt, tokenizer, path: str, progress: bool):
-    """Stream ``path`` through ``rmt``; returns the MemoryState after it."""
+def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
+    """Stream ``path`` through ``rmt`` (loaded from ``model``); returns the MemoryState after it."""
     import torch
     from tqdm.auto import tqdm
 
@@ -91,7 +91,7 @@ def read_document(rmt, tokenizer, path: str, progress: bool):
                 stream.feed(torch.tensor([ids], dtype=torch.long, device=device))
             bar.update(size)
             bar.set_postfix(tokens=stream.num_tokens, refresh=False)
-    return MemoryState.from_stream(stream, document=os.path.basename(path))
+    return MemoryState.from_stream(stream, document=os.path.basename(path), model=model)
 
 
 def questions(args) -> Iterable[str]:
@@ -125,8 +125,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(None, adapter, recipe, args.tokenizer)
     if args.memory:
         state = MemoryState.load_for(args.memory, rmt)
+        read_by = state.info.get("model")
+        if read_by and os.path.abspath(read_by) != os.path.abspath(args.path):
+            # Same memory config, maybe another model: a memory is only meaningful to the model that wrote it.
+            print(f"note: {args.memory} was read by {read_by}, not {args.path}", file=sys.stderr)
     else:
-        state = read_document(rmt, tokenizer, args.document, progress=not args.no_progress)
+        state = read_document(rmt, tokenizer, args.document, not args.no_progress, args.path)
     if args.save_memory:
         state.save(args.save_memory)
         print(f"saved the memory of {state.num_tokens} tokens to {args.save_memory}", file=sys.stderr)
