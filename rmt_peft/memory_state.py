@@ -23,8 +23,9 @@ from .errors import UserError
 from .memory import MemoryConfig
 
 FORMAT = "rmt-peft-memory/1"
-# The MemoryConfig fields that decide what a memory means; the others only change training.
-READING_FIELDS = ("num_memory_tokens", "segment_size", "segment_alignment")
+# The MemoryConfig fields that decide what a memory means; the others only change training
+# (memory_update: "replace" or "gated" writes, read as None from a config without the field).
+READING_FIELDS = ("num_memory_tokens", "segment_size", "segment_alignment", "memory_update")
 
 
 @dataclass
@@ -49,9 +50,9 @@ class MemoryState:
 
     def check(self, memory_config: MemoryConfig, hidden_size: int, where: str = "the memory state") -> None:
         """UserError unless a model with ``memory_config`` and ``hidden_size`` reads like the one that made it."""
-        differ = [f"{name}: {getattr(self.memory_config, name)!r} in {where}, {getattr(memory_config, name)!r} "
-                  f"in the model" for name in READING_FIELDS
-                  if getattr(self.memory_config, name) != getattr(memory_config, name)]
+        differ = [f"{name}: {getattr(self.memory_config, name, None)!r} in {where}, "
+                  f"{getattr(memory_config, name, None)!r} in the model" for name in READING_FIELDS
+                  if getattr(self.memory_config, name, None) != getattr(memory_config, name, None)]
         if self.memory.shape[-1] != hidden_size:
             differ.append(f"hidden size: {self.memory.shape[-1]} in {where}, {hidden_size} in the model")
         if differ:

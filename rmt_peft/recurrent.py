@@ -332,7 +332,7 @@ class RMTModel(nn.Module):
 
         ``memory`` (batch or 1, num_memory_tokens, hidden) continues from an earlier state instead
         of the learned initial memory: read a document once with ``rmt.read(document)``, a
-        ``MemoryStream`` or ``memory_state.load_memory``, then ask many questions. With left
+        ``MemoryStream`` or ``MemoryState.load_for``, then ask many questions. With left
         alignment, ``generate(question, memory=rmt.read(document))`` gives the same tokens and
         scores as ``generate(document + question)`` when the document is a whole number of segments.
         """
