@@ -87,7 +87,8 @@ class BabilongHubDataset(Dataset):
     def __init__(self, options: BabilongHubOptions, *, tokenizer, segment_size: int, num_segments: int,
                  num_samples: int, seed: int = 0):
         if tokenizer is None:
-            raise ValueError("babilong_hub needs a tokenizer (for offline use: rmt_peft.data.tokenizer.offline_tokenizer())")
+            raise ValueError("babilong_hub needs a tokenizer "
+                             "(for offline use: rmt_peft.data.tokenizer.offline_tokenizer())")
         self.options, self.num_samples = options, num_samples
         self.max_length = num_segments * segment_size
         self.config = options.config_for(self.max_length)

@@ -51,7 +51,8 @@ def test_samples_are_input_question_answer_with_the_answer_labelled(babilong_fol
     seen = set()
     for i in range(2):
         sample = data[i]
-        row = next(r for r in ROWS["0k"]["qa1"] if encode(tokenizer, " " + r["target"]) == sample["answer_ids"].tolist())
+        answer = sample["answer_ids"].tolist()
+        row = next(r for r in ROWS["0k"]["qa1"] if encode(tokenizer, " " + r["target"]) == answer)
         seen.add(row["target"])
         expected = (encode(tokenizer, row["input"]) + encode(tokenizer, " " + row["question"])
                     + encode(tokenizer, " " + row["target"]))
