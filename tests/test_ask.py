@@ -1,7 +1,6 @@
 """`rmt-peft ask`: answers from a stored memory equal answers after reading document + question,
 and a document of a million tokens is read in constant memory."""
 import io
-import json
 import os
 import subprocess
 import sys
