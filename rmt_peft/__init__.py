@@ -36,7 +36,7 @@ _check_transformers()
 
 # public name -> the module that defines it
 _EXPORTS = {"MemoryConfig": "memory", "RMTModel": "recurrent", "RMTOutput": "recurrent",
-            "MemoryStream": "recurrent", "StreamResult": "recurrent", "segment_bounds": "recurrent",
+            "MemoryStream": "recurrent", "MemoryState": "memory_state", "StreamResult": "recurrent", "segment_bounds": "recurrent",
             "stream_tokens": "recurrent", "load_backbone": "backbones", "lora_config": "adapters",
             "trainable_summary": "adapters"}
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .adapters import lora_config, trainable_summary
     from .backbones import load_backbone
     from .memory import MemoryConfig
+    from .memory_state import MemoryState
     from .recurrent import MemoryStream, RMTModel, RMTOutput, StreamResult, segment_bounds, stream_tokens
 
 

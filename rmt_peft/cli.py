@@ -1,4 +1,4 @@
-"""The ``rmt-peft`` command: train | validate | recipes | eval | export | flops.
+"""The ``rmt-peft`` command: train | validate | recipes | eval | export | ask | flops.
 
 Each subcommand lives beside the code it drives; a module named here exposes
 ``register(subparsers)`` (adds its parser, cheap imports only: ``--help`` must not import torch)
@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "rmt_peft.train.command",   # train, validate, recipes
     "rmt_peft.eval.command",    # eval
     "rmt_peft.hub_command",     # export
+    "rmt_peft.ask_command",     # ask
     "rmt_peft.flops",           # flops
 ]
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import causal_lm_of, check_position_limit
+from .errors import UserError
 from .inputs import check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
 
@@ -354,19 +355,27 @@ class RMTModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+                 memory: torch.Tensor | None = None, **generate_kwargs):
         """Read every segment but the last into memory, then ``generate`` from the last segment
-        behind the read-memory prefix. Returns only the new tokens, like ``generate`` with
-        ``inputs_embeds``. Batches should be left-padded (pair with segment_alignment="right")."""
+        behind the read-memory prefix. Returns what the backbone's ``generate`` returns with
+        ``inputs_embeds``: only the new tokens (or a ``GenerateOutput`` with scores when asked).
+        Batches should be left-padded (pair with segment_alignment="right").
+
+        ``memory`` (batch or 1, num_memory_tokens, hidden) continues from an earlier state instead
+        of the learned initial memory: read a document once with ``rmt.read(document)``, a
+        ``MemoryStream`` or ``MemoryState.load_for``, then ask many questions. With left
+        alignment, ``generate(question, memory=rmt.read(document))`` gives the same tokens and
+        scores as ``generate(document + question)`` when the document is a whole number of segments.
+        """
         self.check_inputs(input_ids, attention_mask)
         cfg = self.memory_config
         bounds = segment_bounds(input_ids.shape[1], cfg.segment_size, cfg.segment_alignment)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         last = bounds[-1][0]
-        memory = self.initial_memory(input_ids.shape[0])
+        memory = self._start_memory(memory, input_ids.shape[0])
         if last > 0:
-            memory = self.read(input_ids[:, :last], attention_mask[:, :last])
+            memory = self.read(input_ids[:, :last], attention_mask[:, :last], memory=memory)
         ids, mask = input_ids[:, last:], attention_mask[:, last:]
         embeds = self.causal_lm.get_input_embeddings()(ids)
         m = cfg.num_memory_tokens
@@ -377,6 +386,18 @@ class RMTModel(nn.Module):
         if new_tokens is not None:
             check_position_limit(self.causal_lm.config, cfg, extra=new_tokens, used=embeds.shape[1])
         return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+    def _start_memory(self, memory: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The memory a read starts from: the learned initial one, or ``memory`` (a batch of one
+        serves every sample) on the parameters' device and dtype."""
+        if memory is None:
+            return self.initial_memory(batch)
+        expected = (self.memory_config.num_memory_tokens, self.memory.memory_tokens.shape[1])
+        if memory.dim() != 3 or tuple(memory.shape[1:]) != expected or memory.shape[0] not in (1, batch):
+            raise UserError(f"memory of shape {tuple(memory.shape)} does not fit this model: expected "
+                            f"(1 or {batch}, {expected[0]}, {expected[1]}) = (batch, num_memory_tokens, hidden)")
+        reference = self.memory.memory_tokens
+        return memory.to(reference.device, reference.dtype).expand(batch, -1, -1)
 
     def stream(self, batch_size: int = 1, compute_loss: bool = False,
                return_logits: bool = False) -> "MemoryStream":
@@ -449,6 +470,22 @@ class MemoryStream:
         self._collect()
         loss = self._loss_sum / self._count if self.compute_loss and self._count else None
         return StreamResult(self.memory, self.num_tokens, self._segments, loss, list(self.segment_losses))
+
+    @property
+    def pending(self) -> torch.Tensor:
+        """The tokens fed but not read yet (at most one segment): the start of the next segment."""
+        if not self._ids:
+            return torch.zeros(self.memory.shape[0], 0, dtype=torch.long, device=self.memory.device)
+        return torch.cat(self._ids, dim=1)
+
+    def generate(self, input_ids: torch.Tensor, **generate_kwargs):
+        """Generate after what was fed, without reading it again: ``rmt.generate`` on the pending
+        tokens + ``input_ids`` from the stream's memory, which gives the same tokens and scores as
+        ``rmt.generate(everything fed + input_ids)`` (left alignment). The stream is unchanged."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        ids = torch.cat([self.pending.to(input_ids.device), input_ids], dim=1)
+        return self.model.generate(ids, memory=self.memory, **generate_kwargs)
 
     def _collect(self) -> None:
         """Bring pending segment losses to the host: one sync per batch of segments, not per segment."""

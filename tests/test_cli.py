@@ -23,7 +23,7 @@ def python(code_or_args, **kwargs):
 
 def test_help_of_every_command_imports_nothing_heavy_and_is_fast():
     commands = sorted(build_parser()._subparsers._group_actions[0].choices)
-    assert {"train", "validate", "recipes", "eval", "export", "flops"} <= set(commands)
+    assert {"train", "validate", "recipes", "eval", "export", "ask", "flops"} <= set(commands)
     probe = python("import sys\nfrom rmt_peft.cli import main\n"
                    f"for c in {commands!r}:\n"
                    "    try: main([c, '--help'])\n"

@@ -12,6 +12,12 @@ has at least ``max(history_sizes)`` segments before it in its document, so the s
 scored with any history size. Per-position loss inside the target (Fig. 8) needs nothing more: the
 target is the last ``segment_size`` labels.
 
+``history_tokens`` builds the paper's plain-context baselines instead (GPT-2 with 0 / 128 / 768
+tokens of history, no memory): a sample is one segment, the ``history_tokens`` tokens before a
+target of ``segment_size - history_tokens`` tokens, labelled on the target only; documents are cut
+on the target grid, so with target 124 and history 768 the targets are those of a memory model
+with 124-token segments.
+
 The generated source's documents also depend on the dataset ``seed``, so a train and an eval set
 built with different seeds share no document (for real data, pick the split in ``documents``).
 Documents are read lazily, only until ``num_samples`` targets are found (a streaming Hub dataset is
@@ -39,11 +45,14 @@ logger = logging.getLogger("rmt_peft.data")
 class ArxivLMOptions:
     """``documents``: a text source (noise.py: "generated", "arxiv", "pg19", or a dict).
     ``history_sizes``: the H values to mix (each in 0 .. num_segments - 1); None: H = num_segments - 1.
-    ``max_documents``: stop reading after this many documents (None: as many as needed)."""
+    ``max_documents``: stop reading after this many documents (None: as many as needed).
+    ``history_tokens``: plain-context samples (one segment: this many history tokens + the target);
+    None: history in segments, read through memory."""
 
     documents: str | dict = "generated"
     history_sizes: list[int] | None = None
     max_documents: int | None = None
+    history_tokens: int | None = None
 
     def __post_init__(self):
         self.document_source = TextSourceOptions.parse(self.documents, "documents")
@@ -54,6 +63,12 @@ class ArxivLMOptions:
             self.history_sizes = list(self.history_sizes)
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"max_documents={self.max_documents} must be >= 1 or None")
+        if self.history_tokens is not None:
+            if not isinstance(self.history_tokens, int) or self.history_tokens < 0:
+                raise ValueError(f"history_tokens={self.history_tokens!r} must be an integer >= 0 or None")
+            if self.history_sizes is not None:
+                raise ValueError("history_tokens (plain context) and history_sizes (history in segments) "
+                                 "exclude each other; set one")
 
 
 class HistoryLMDataset(Dataset):
@@ -69,6 +84,14 @@ class HistoryLMDataset(Dataset):
         sizes = options.history_sizes or [num_segments - 1]
         if max(sizes) > num_segments - 1:
             raise ValueError(f"history_sizes={sizes} allow at most num_segments - 1 = {num_segments - 1}")
+        self.history_tokens = options.history_tokens
+        if self.history_tokens is not None:
+            if num_segments != 1 or segment_size - self.history_tokens < 2:
+                raise ValueError(f"history_tokens={self.history_tokens} puts history and target in one segment: "
+                                 f"needs num_segments=1 (got {num_segments}) and segment_size >= history_tokens + 2 "
+                                 f"(got {segment_size})")
+            segment_size -= self.history_tokens  # the target; documents are cut on its grid
+            sizes = [-(-self.history_tokens // segment_size)]  # whole targets before the first one
         self.history_sizes, self.segment_size, self.num_samples, self.seed = sizes, segment_size, num_samples, seed
         self.max_history = max(sizes)
         self.documents: list[torch.Tensor] = []       # token ids, cut to whole segments
@@ -119,9 +142,12 @@ class HistoryLMDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         doc, target = self.targets[self.order[index % len(self.order)]]
-        history = self.history_size(index)
-        start, end = (target - history) * self.segment_size, (target + 1) * self.segment_size
-        input_ids = self.documents[doc][start:end].long()
+        end = (target + 1) * self.segment_size
+        if self.history_tokens is not None:
+            context = self.history_tokens
+        else:
+            context = self.history_size(index) * self.segment_size
+        input_ids = self.documents[doc][end - self.segment_size - context:end].long()
         labels = input_ids.clone()
-        labels[:history * self.segment_size] = IGNORE_INDEX
+        labels[:context] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}

@@ -13,6 +13,10 @@ Input files (UTF-8 JSON Lines; the shipped example lives in rmt_peft/data/exampl
   "lemmas": ["Nat.add_zero", "Nat.add_comm"]}`` per line (``lemmas``: names in the pool);
 * lemma pool: ``{"name": "Nat.add_comm", "statement": "theorem Nat.add_comm (n m : ℕ) : ..."}`` per line.
 
+``theorems="generated"`` and ``lemmas="generated"`` make Lean-shaped data offline instead
+(``generated_lean``: a pool of ``generated_lemmas`` lemmas about ℕ and theorems whose proofs
+rewrite with some of them), large enough for every stage of the lean_gptneo_1.3b recipe.
+
 ``import_leandojo`` converts a LeanDojo benchmark (``random/train.json`` + ``corpus.jsonl``) to
 these files: ``python -m rmt_peft.data.lean import-leandojo BENCHMARK.json corpus.jsonl OUT_DIR``.
 
@@ -41,6 +45,7 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
 EXAMPLE_THEOREMS = os.path.join(EXAMPLES, "lean_theorems.jsonl")
 EXAMPLE_LEMMAS = os.path.join(EXAMPLES, "lean_lemmas.jsonl")
 MISSING_LEMMAS = ("skip", "error")
+GENERATED = "generated"
 LOSS_ON = ("all", "proof")
 logger = logging.getLogger("rmt_peft.data")
 
@@ -118,9 +123,50 @@ def read_theorems(path: str, pool: dict[str, str], missing_lemmas: str = "skip")
     return theorems
 
 
+VARIABLES = "abcdmnkxyz"
+OPERATIONS = {"add": "+", "mul": "*", "sub": "-"}
+NAME_PARTS = ["comm", "assoc", "zero", "one", "succ", "left", "right", "cancel", "distrib", "self"]
+
+
+def _expression(rng: random.Random, names: str, depth: int) -> str:
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice(names + "01") if rng.random() < 0.9 else f"Nat.succ {rng.choice(names)}"
+    op = rng.choice(list(OPERATIONS.values()))
+    left, right = _expression(rng, names, depth - 1), _expression(rng, names, depth - 1)
+    return f"({left} {op} {right})" if depth > 1 and rng.random() < 0.5 else f"{left} {op} {right}"
+
+
+def _statement(rng: random.Random, name: str) -> str:
+    names = "".join(rng.sample(VARIABLES, rng.randint(1, 4)))
+    binders = f"({' '.join(names)} : ℕ)"
+    relation = rng.choice(["=", "=", "≤", "<"])
+    return f"theorem {name} {binders} : {_expression(rng, names, 3)} {relation} {_expression(rng, names, 3)}"
+
+
+def generated_lean(num_lemmas: int = 4000, seed: int = 0) -> tuple[dict[str, str], list[Theorem]]:
+    """Lean-shaped data made up offline: ``num_lemmas`` lemmas (``theorem Nat.mul_comm_17 (a b : ℕ)
+    : a * b = b * a``-like statements, not true ones) and ``num_lemmas // 4`` theorems whose proofs
+    rewrite with 1-3 pool lemmas (``by / rw [Nat.add_zero_3, ...] / simp``). Deterministic in ``seed``."""
+    rng = random.Random(f"lean-generated/{seed}")
+    pool: dict[str, str] = {}
+    for i in range(num_lemmas):
+        op = rng.choice(list(OPERATIONS))
+        name = f"Nat.{op}_{rng.choice(NAME_PARTS)}_{i}"
+        pool[name] = _statement(rng, name)
+    names = list(pool)
+    theorems = []
+    for i in range(max(1, num_lemmas // 4)):
+        used = tuple(rng.sample(names, rng.randint(1, 3)))
+        name = f"{rng.choice(list(OPERATIONS))}_{rng.choice(NAME_PARTS)}_thm_{i}"
+        steps = [f"  rw [{', '.join(used)}]"] + rng.sample(["  simp", "  ring", "  omega", "  exact rfl"], 1)
+        theorems.append(Theorem(name, _statement(rng, name), "by\n" + "\n".join(steps), used))
+    return pool, theorems
+
+
 @dataclass
 class LeanOptions:
-    """``theorems`` / ``lemmas``: the JSONL files (default: the shipped example).
+    """``theorems`` / ``lemmas``: the JSONL files (default: the shipped example), or both
+    "generated" (``generated_lean`` with ``generated_lemmas`` lemmas, offline).
     ``missing_lemmas``: "skip" or "error" for theorems naming lemmas not in the pool.
     ``loss_on``: "all" tokens or the "proof" only."""
 
@@ -128,14 +174,20 @@ class LeanOptions:
     lemmas: str = EXAMPLE_LEMMAS
     missing_lemmas: str = "skip"
     loss_on: str = "all"
+    generated_lemmas: int = 4000
 
     def __post_init__(self):
         if self.missing_lemmas not in MISSING_LEMMAS:
             raise ValueError(f"missing_lemmas={self.missing_lemmas!r} is not allowed; allowed: {MISSING_LEMMAS}")
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on={self.loss_on!r} is not allowed; allowed: {LOSS_ON}")
+        if not isinstance(self.generated_lemmas, int) or self.generated_lemmas < 1:
+            raise ValueError(f"generated_lemmas={self.generated_lemmas!r} must be an integer >= 1")
+        if (self.theorems == GENERATED) != (self.lemmas == GENERATED):
+            raise ValueError(f"theorems={self.theorems!r} and lemmas={self.lemmas!r}: use 'generated' for both "
+                             "or files for both")
         for field_name in ("theorems", "lemmas"):
-            if not os.path.isfile(getattr(self, field_name)):
+            if getattr(self, field_name) != GENERATED and not os.path.isfile(getattr(self, field_name)):
                 raise FileNotFoundError(f"{field_name}={getattr(self, field_name)!r} is not a file")
 
 
@@ -157,13 +209,17 @@ class LeanDataset(Dataset):
         self.num_segments = num_segments
         self.max_length = num_segments * segment_size
         self.min_length = (num_segments - 1) * segment_size + 1
-        self.pool = read_lemma_pool(options.lemmas)
+        if options.theorems == GENERATED:
+            self.pool, theorems = generated_lean(options.generated_lemmas)
+        else:
+            self.pool = read_lemma_pool(options.lemmas)
+            theorems = read_theorems(options.theorems, self.pool, options.missing_lemmas)
         self.names = sorted(self.pool)
         self._lemma_ids: dict[str, torch.Tensor] = {}
         self._theorem_ids: dict[Theorem, tuple[torch.Tensor, torch.Tensor]] = {}
         skips = SkipCounter(f"theorems {options.theorems} at {self.max_length} tokens")
         self.theorems = []
-        for theorem in read_theorems(options.theorems, self.pool, options.missing_lemmas):
+        for theorem in theorems:
             if self._base_length(theorem) > self.max_length:
                 skips.skip(f"statement + used lemmas + proof longer than {self.max_length} tokens", theorem.name)
             else:
@@ -217,9 +273,10 @@ class LeanDataset(Dataset):
                 misses += 1
         if total < self.min_length:
             raise ValueError(f"lean sample {index} (theorem {theorem.name!r}): the lemma pool {self.options.lemmas} "
-                             f"fills only {total} tokens, fewer than the {self.min_length} needed for "
-                             f"{self.num_segments} segments; "
-                             "use fewer segments or a larger pool")
+                             f"({len(self.names)} lemmas) fills only {total} tokens, {self.min_length - total} "
+                             f"short of the {self.min_length} needed for {self.num_segments} segments of "
+                             f"{self.max_length // self.num_segments}; use fewer segments, a larger pool or "
+                             "lemmas=generated")
         rng.shuffle(chosen)
         return LeanLayout(theorem, tuple(chosen), (total - len(self._text_ids(theorem)[1]), total))
 
@@ -314,18 +371,39 @@ def _theorem_line(record, skips: SkipCounter) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
+    from . import lean_import
 
-    parser = argparse.ArgumentParser(prog="python -m rmt_peft.data.lean", description="Lean data tools")
+    parser = argparse.ArgumentParser(prog="python -m rmt_peft.data.lean", description="Lean data tools: "
+                                     "import public Lean data as theorems.jsonl + lemmas.jsonl")
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import-leandojo", help="LeanDojo benchmark -> theorems.jsonl + lemmas.jsonl")
     importer.add_argument("benchmark_json")
     importer.add_argument("corpus_jsonl")
     importer.add_argument("out_dir")
+    minictx = commands.add_parser("import-minictx", help="miniCTX JSONL -> theorems.jsonl + lemmas.jsonl")
+    minictx.add_argument("jsonl")
+    minictx.add_argument("out_dir")
+    records = commands.add_parser("import-records", help="JSON / JSONL theorem records (statement, proof, "
+                                  "premises) -> theorems.jsonl + lemmas.jsonl")
+    records.add_argument("path")
+    records.add_argument("out_dir")
+    records.add_argument("--preset", default="plain", choices=sorted(lean_import.PRESETS),
+                         help="field names: plain (statement/proof/premises/name) or workbook "
+                              "(formal_statement, proof or formal_proof)")
+    for field_name in ("statement", "proof", "premises", "name"):
+        records.add_argument(f"--{field_name}-field", help=f"the records' {field_name} field (overrides --preset)")
     args = parser.parse_args(argv)
     try:
-        theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
+        if args.command == "import-leandojo":
+            theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
+        elif args.command == "import-minictx":
+            theorems, lemmas = lean_import.import_minictx(args.jsonl, args.out_dir)
+        else:
+            theorems, lemmas = lean_import.import_records(
+                args.path, args.out_dir, args.preset, args.statement_field, args.proof_field, args.premises_field,
+                args.name_field)
     except UserError as error:  # one line naming the file, exit code 2 (as every rmt-peft command)
-        print(f"import-leandojo: error: {error}", file=sys.stderr)
+        print(f"{args.command}: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {theorems} theorems and {lemmas} lemmas to {args.out_dir}")
     return 0

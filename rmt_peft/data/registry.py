@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from .arxiv_lm import ArxivLMOptions, HistoryLMDataset
 from .babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
+from .babilong_hub import BabilongHubDataset, BabilongHubOptions
 from .lean import LeanDataset, LeanOptions
 from .token_memory import IGNORE_INDEX, TokenMemoryTask
 
@@ -80,6 +81,7 @@ TASKS: dict[str, Task] = {
     "babilong_memorize": Task(MemoryTaskOptions, _memory_task("babilong_memorize")),
     "babilong_detect": Task(MemoryTaskOptions, _memory_task("babilong_detect")),
     "babilong_reasoning": Task(ReasoningTaskOptions, _memory_task("babilong_reasoning")),
+    "babilong_hub": Task(BabilongHubOptions, lambda options, **kwargs: BabilongHubDataset(options, **kwargs)),
     "arxiv_lm": Task(ArxivLMOptions, lambda options, **kwargs: HistoryLMDataset(options, **kwargs)),
     "lean": Task(LeanOptions, lambda options, **kwargs: LeanDataset(options, **kwargs)),
 }

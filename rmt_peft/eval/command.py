@@ -1,4 +1,4 @@
-"""``rmt-peft eval RUN_OR_ADAPTER_DIR``: the task's curve for a trained run (and its baseline).
+"""``rmt-peft eval RUN_OR_ADAPTER_DIR``: the task's curve for a trained run (and its baselines).
 
 RUN_OR_ADAPTER_DIR is a training run (``recipe.yaml`` + ``final/``), an adapter folder (the run's
 ``recipe.yaml`` is taken from its parent when there is one) or a Hub id. The recipe supplies the
@@ -239,17 +239,21 @@ def run(args: argparse.Namespace) -> int:
         # Training with eval.baseline puts the 0-memory run in RUN/baseline: compare with it.
         trained = os.path.join(args.path, "baseline")
         if os.path.isfile(os.path.join(trained, "recipe.yaml")):
-            args.baseline = trained
+            args.baseline = [trained]
     names: list[str] = []
     models = {}
     paths = [(args.path, adapter, recipe)]
-    if args.baseline:
-        base_adapter, base_recipe_path = locate(args.baseline)
-        paths.append((args.baseline, base_adapter, _recipe(base_recipe_path, [])))
+    for baseline in args.baseline or []:
+        base_adapter, base_recipe_path = locate(baseline)
+        paths.append((baseline, base_adapter, _recipe(base_recipe_path, [])))
     for path, folder, folder_recipe in paths:
         name = model_name(path, names)
         names.append(name)
         models[name] = load_model(folder, folder_recipe, args, memory_overrides)
+        context = (folder_recipe.data.options or {}).get("history_tokens") if folder_recipe is not None else None
+        if context is not None and path != args.path:
+            # A plain-context baseline (arxiv_gpt2_context.yaml): history in its window, not in memory.
+            settings.plain_context[name] = context
     rmt = next(iter(models.values()))
     tokenizer = load_tokenizer(task, adapter, recipe, args.tokenizer)
     segment_size = rmt.memory_config.segment_size
@@ -260,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or (os.path.join(args.path, "eval") if os.path.isdir(args.path) else "eval")
     settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
-                      "task_options": options, "seed": seed, "overrides": list(args.overrides)}
+                      "task_options": options, "seed": seed, "overrides": list(args.overrides),
+                      "plain_context": settings.plain_context}
     metrics = evaluate(models, build, settings, out)
     summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
     print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
@@ -293,8 +298,10 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, help=f"samples per length (default: recipe or {DEFAULT_SAMPLES})")
     p.add_argument("--batch-size", type=int, help="memory tasks: samples read together (default 1)")
     p.add_argument("--chunk-size", type=int, help="tokens pushed into the stream at a time (default 16 segments)")
-    p.add_argument("--baseline", metavar="DIR", help="a no-memory run / adapter evaluated on the same samples "
-                                                     "(default: RUN/baseline when the recipe trained one)")
+    p.add_argument("--baseline", metavar="DIR", action="append",
+                   help="a no-memory run / adapter evaluated on the same samples; repeat for more (Fig. 8: the "
+                        "plain-context runs of arxiv_gpt2_context.yaml) (default: RUN/baseline when the recipe "
+                        "trained one)")
     p.add_argument("--out", help="output folder (default: RUN_OR_ADAPTER_DIR/eval)")
     p.add_argument("--seed", type=int, help=f"sample seed (default: the recipe's data.seed + {EVAL_SEED_OFFSET})")
     p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")

@@ -7,7 +7,10 @@ model reads the ``h`` segments just before the target (streamed, constant memory
 the target, so every history size scores the same target tokens. Scored tokens are positions
 1 .. S-1 of the target (each predicted from the target's own preceding tokens plus the memory);
 position 0 has no in-segment context and no prediction at h = 0, so it is left out everywhere.
-A no-memory model (``num_memory_tokens = 0``) gives the flat baseline.
+A no-memory model (``num_memory_tokens = 0``) gives the flat baseline. A plain-context model
+(``context_tokens``: GPT-2 with 0 / 128 / 768 history tokens in its window, Fig. 8) reads the
+``context_tokens`` tokens before the target in the same window as the target, whatever the history
+size: its line is flat too, at the level its context buys.
 
 Length curve: each sample of ``n`` segments is streamed whole with its labels; the loss over all
 labelled tokens and over the last segment's tokens (targets inside the last segment) give the two
@@ -36,6 +39,7 @@ class HistoryCurve:
     """``perplexity[h]`` over the target; ``position_loss[h][i]``: mean loss of target token i+1."""
 
     history_sizes: list[int]
+    context_tokens: int | None = None  # a plain-context model: history tokens in its window
     perplexity: dict[int, float] = field(default_factory=dict)
     loss: dict[int, float] = field(default_factory=dict)
     position_loss: dict[int, list[float]] = field(default_factory=dict)
@@ -62,22 +66,42 @@ def target_token_losses(rmt: RMTModel, input_ids: torch.Tensor, history: int,
     return losses.cpu()
 
 
+@torch.no_grad()
+def context_token_losses(rmt: RMTModel, input_ids: torch.Tensor, target_size: int, context_tokens: int) -> torch.Tensor:
+    """Per-token losses (batch, S-1) of positions 1..S-1 of the last ``target_size`` tokens of
+    ``input_ids``, read in one window after the ``context_tokens`` tokens before them."""
+    window = context_tokens + target_size
+    if window > input_ids.shape[1]:
+        raise ValueError(f"a plain context of {context_tokens} tokens needs samples of at least {window} tokens, "
+                         f"got {input_ids.shape[1]}: evaluate more segments of history")
+    if window > rmt.memory_config.segment_size:
+        raise ValueError(f"a plain context of {context_tokens} tokens + a target of {target_size} does not fit "
+                         f"the model's segment of {rmt.memory_config.segment_size} tokens")
+    ids = input_ids[:, -window:]
+    logits = rmt(ids, return_logits=True).logits[:, context_tokens:]
+    target = ids[:, context_tokens:]
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target[:, 1:], reduction="none").cpu()
+
+
 def history_curve(rmt: RMTModel, samples: Sequence[dict], history_sizes: Sequence[int], num_samples: int,
-                  chunk_size: int | None = None, progress: bool = True, bar: tqdm | None = None) -> HistoryCurve:
+                  chunk_size: int | None = None, progress: bool = True, bar: tqdm | None = None,
+                  context_tokens: int | None = None, target_size: int | None = None) -> HistoryCurve:
     """Perplexity and per-position loss of the target segment for each history size
-    (``bar``: a progress bar to advance instead of a new one)."""
+    (``bar``: a progress bar to advance instead of a new one). ``context_tokens``: score a
+    plain-context model on targets of ``target_size`` tokens (the samples' segment size) instead."""
     rmt.eval()
     device = rmt.memory_tokens.device
     count = min(num_samples, len(samples))
-    curve = HistoryCurve(list(history_sizes), num_samples=count)
+    curve = HistoryCurve(list(history_sizes), context_tokens=context_tokens, num_samples=count)
     sums = {h: None for h in history_sizes}
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=count * len(history_sizes), desc="history", unit="sample", disable=not progress)
     for index in range(count):
         ids = samples[index]["input_ids"].unsqueeze(0).to(device)
+        plain = None if context_tokens is None else context_token_losses(rmt, ids, target_size, context_tokens)
         for h in history_sizes:
-            losses = target_token_losses(rmt, ids, h, chunk_size)[0].double()
+            losses = (plain if plain is not None else target_token_losses(rmt, ids, h, chunk_size))[0].double()
             sums[h] = losses if sums[h] is None else sums[h] + losses
             bar.update(1)
     if own_bar:

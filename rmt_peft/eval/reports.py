@@ -115,7 +115,9 @@ def write_history(out_dir: str, curves: dict) -> dict[str, str]:
             pos_rows += [{"model": model, "history": h, "position": i + 1, "loss": loss}
                          for i, loss in enumerate(curve.position_loss[h])]
         longest = max(curve.history_sizes)
-        pos_lines[f"{model} (history {longest})"] = [
+        label = (f"{model} (history {longest})" if curve.context_tokens is None
+                 else f"{model} (plain context, {curve.context_tokens} tokens)")
+        pos_lines[label] = [
             {"position": i + 1, "loss": loss} for i, loss in enumerate(curve.position_loss[longest])]
     return {
         "perplexity_csv": write_csv(os.path.join(out_dir, "perplexity_vs_history.csv"), ppl_rows),

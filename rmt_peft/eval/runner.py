@@ -51,6 +51,7 @@ class EvalSettings:
     chunk_size: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded as is in metrics.json
+    plain_context: dict[str, int] = field(default_factory=dict)  # history curve: model -> context tokens
 
     def __post_init__(self) -> None:
         if self.curve not in CURVES:
@@ -77,9 +78,12 @@ def evaluate(models: dict[str, RMTModel], build: DatasetBuilder, settings: EvalS
         total = len(models) * s.num_samples * len(s.segments)
     bar = tqdm(total=total, desc=f"eval {s.curve}", unit="sample", disable=not s.progress)
     if s.curve == "history":
+        # Samples are cut in the first model's segments; plain-context models score the same targets.
+        target_size = next(iter(models.values())).memory_config.segment_size
         for name, rmt in models.items():
             bar.set_postfix(model=name)
-            results[name] = history_curve(rmt, samples, histories, s.num_samples, s.chunk_size, bar=bar)
+            results[name] = history_curve(rmt, samples, histories, s.num_samples, s.chunk_size, bar=bar,
+                                          context_tokens=s.plain_context.get(name), target_size=target_size)
         files = reports.write_history(out_dir, results)
     else:
         for n in s.segments:

@@ -61,6 +61,32 @@ def validate_command(args) -> int:
     if model_config(recipe.model) is None:
         print(f"note: the config of {recipe.model.name_or_path} could not be read here (offline?): the position "
               f"limit is checked when the model loads")
+    return _check_data(args, recipe)
+
+
+def _check_data(args, recipe) -> int:
+    """Whether the data fills every stage (needs the tokenizer; without it, training checks first)."""
+    from .recipe import RecipeError
+    from .trainer import build_tokenizer, check_stage_data
+
+    if recipe.trainer != "rmt":  # trl's trainers prepare their own rows when training starts
+        return 0
+    try:
+        tokenizer = build_tokenizer(recipe)
+    except OSError:
+        print("note: the tokenizer could not be loaded here (offline?): whether the data fills every stage is "
+              "checked when training starts")
+        return 0
+    try:
+        check_stage_data(recipe, tokenizer)
+    except RecipeError as err:
+        print(f"invalid recipe {args.recipe}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a Hub data source while offline, for instance
+        print(f"note: the data could not be read here ({err}): whether it fills every stage is checked when "
+              "training starts")
+        return 0
+    print("data: every stage can be filled")
     return 0
 
 

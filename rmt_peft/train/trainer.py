@@ -165,6 +165,26 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
+    """Build one sample of every input length of the curriculum stages from ``first_stage`` on and
+    of the final evaluation, before any training: a data source that cannot fill a later stage
+    fails now, naming the stage and the shortfall, instead of after hours of the earlier ones."""
+    if recipe.trainer != "rmt":  # trl's trainers prepare (and report on) their own rows
+        return
+    checks: dict[int, str] = {}  # segments -> the first place that needs them
+    for i, stage in enumerate(recipe.curriculum.stages):
+        for n in stage_segments(stage) if i >= first_stage else []:
+            checks.setdefault(n, f"curriculum stage {i} ({n} segments)")
+    for n in final_segments(recipe):
+        checks.setdefault(n, f"eval.num_segments ({n} segments)")
+    for n, what in checks.items():  # in curriculum order: the first stage that cannot be filled is named
+        try:
+            build_dataset(recipe, tokenizer, [n], 1, recipe.data.seed)[0]
+        except (ValueError, IndexError) as err:
+            raise RecipeError(f"{what}: data.task={recipe.data.task!r} cannot fill {n} segments of "
+                              f"{recipe.memory.segment_size} tokens: {err}") from None
+
+
 @dataclasses.dataclass
 class Collator:
     """Pads a batch (``rmt_peft.data.collate``) and keeps only what RMTModel.forward takes."""
@@ -476,6 +496,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             args.learning_rate *= state.lr_scale
             if model is None:
                 prepare(args, point.weights if point else None)
+                check_stage_data(recipe, tokenizer, index)
             trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
             continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
             quiet_trainer(trainer)  # -q: no progress bars or printed log dicts

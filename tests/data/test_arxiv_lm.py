@@ -97,3 +97,23 @@ def test_generated_documents_differ_between_dataset_seeds(tokenizer):
                              num_samples=5, seed=1)
     for i in range(5):
         assert not any(find(doc, other[i]["input_ids"]) for doc in documents)
+
+
+@pytest.mark.parametrize("history_tokens", [0, 20, 48])
+def test_plain_context_samples_put_history_tokens_before_a_target_on_the_grid(tokenizer, history_tokens):
+    # The plain-context baseline: one window of history_tokens + a SEGMENT-token target.
+    data = HistoryLMDataset(ArxivLMOptions(history_tokens=history_tokens), tokenizer=tokenizer,
+                            segment_size=SEGMENT + history_tokens, num_segments=1, num_samples=12, seed=0)
+    documents = [document_ids(tokenizer, GeneratedText()[i]) for i in range(5)]
+    for i in range(12):
+        sample = data[i]
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert ids.shape == (SEGMENT + history_tokens,)
+        d, start = next((d, s) for d, doc in enumerate(documents) for s in find(doc, ids.tolist()))
+        assert (start + history_tokens) % SEGMENT == 0  # the target is a segment of the memory model's grid
+        assert (labels[:history_tokens] == -100).all() and torch.equal(labels[history_tokens:], ids[history_tokens:])
+    with pytest.raises(ValueError, match="needs num_segments=1"):
+        HistoryLMDataset(ArxivLMOptions(history_tokens=8), tokenizer=tokenizer, segment_size=40, num_segments=2,
+                         num_samples=1)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ArxivLMOptions(history_tokens=8, history_sizes=[1])

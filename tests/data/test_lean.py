@@ -4,7 +4,9 @@ import logging
 import pytest
 import torch
 
-from rmt_peft.data.lean import EXAMPLE_LEMMAS, EXAMPLE_THEOREMS, LeanDataset, LeanOptions, import_leandojo, main
+from rmt_peft.data.lean import (EXAMPLE_LEMMAS, EXAMPLE_THEOREMS, LeanDataset, LeanOptions, generated_lean,
+                                import_leandojo, main)
+from rmt_peft.data.lean_import import import_records
 
 from .tokens import find
 
@@ -115,3 +117,75 @@ def test_leandojo_import(tmp_path, tokenizer, capsys):
     x = data[1]["input_ids"].tolist()
     statement, proof = encode(tokenizer, theorem["statement"]), encode(tokenizer, "\n\n" + theorem["proof"])
     assert x[:len(statement)] == statement and x[-len(proof):] == proof
+
+
+def test_generated_lean_fills_every_stage_of_the_lean_recipe(tokenizer):
+    # recipes/lean_gptneo_1.3b.yaml: segments of 2028 tokens, stages of 1..4 segments (eval to 8).
+    pool, theorems = generated_lean(400)
+    assert len(pool) == 400 and len(theorems) == 100
+    assert all(set(t.lemmas) <= set(pool) and all(n in t.proof for n in t.lemmas) for t in theorems)
+    assert all(s.startswith(f"theorem {n} (") and " : ℕ) : " in s for n, s in pool.items())
+    assert generated_lean(400) == (pool, theorems)  # deterministic
+    data = build(tokenizer, segment_size=2028, num_segments=4, num_samples=3, theorems="generated",
+                 lemmas="generated")
+    for i in range(3):
+        x, theorem = data[i]["input_ids"], data.layout(i).theorem
+        assert 3 * 2028 < len(x) <= 4 * 2028
+        for name in theorem.lemmas:  # the lemmas the proof rewrites with are in the context
+            assert find(x, encode(tokenizer, "\n" + data.pool[name]))
+    with pytest.raises(ValueError, match="use 'generated' for both"):
+        LeanOptions(theorems="generated")
+
+
+def test_pool_too_small_names_the_shortfall(tokenizer):
+    with pytest.raises(ValueError, match=r"\(42 lemmas\) fills only \d+ tokens, \d+ short of the 6085 needed "
+                                         r"for 4 segments of 2028"):
+        build(tokenizer, segment_size=2028, num_segments=4)
+
+
+def test_minictx_import(tmp_path, tokenizer):
+    context = ("import Mathlib.Data.Real.Basic\n\ndef s (x : ℝ) : ℝ := x * x\n\n"
+               "@[simp] lemma s_zero : s 0 = 0 := by\n  simp [s]\n\ntheorem unused_thm (x : ℝ) : x = x := rfl\n\n")
+    entries = [
+        {"srcContext": context, "theoremStatement": "lemma s_eq_pow_two {x : ℝ} : s x = x ^ 2",
+         "theoremName": "s_eq_pow_two", "file": "Square.lean",
+         "proofMetadata": {"hasProof": True, "proof": "by\n  rw [s, pow_two]", "proofType": "tactic"}},
+        {"srcContext": "", "theoremStatement": "lemma open_problem : False", "theoremName": "open_problem",
+         "file": "Open.lean", "proofMetadata": {"hasProof": False}},
+    ]
+    (tmp_path / "mathlib.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\nnot json\n")
+    assert main(["import-minictx", str(tmp_path / "mathlib.jsonl"), str(tmp_path / "out")]) == 0
+    pool = {x["name"]: x["statement"] for x in read_jsonl(tmp_path / "out" / "lemmas.jsonl")}
+    assert pool == {"Square.lean:s": "def s (x : ℝ) : ℝ := x * x",
+                    "Square.lean:s_zero": "@[simp] lemma s_zero : s 0 = 0 := by\n  simp [s]",
+                    "Square.lean:unused_thm": "theorem unused_thm (x : ℝ) : x = x := rfl"}
+    (theorem,) = read_jsonl(tmp_path / "out" / "theorems.jsonl")
+    assert theorem == {"name": "s_eq_pow_two", "statement": "lemma s_eq_pow_two {x : ℝ} : s x = x ^ 2",
+                       "proof": "by\n  rw [s, pow_two]", "lemmas": ["Square.lean:s"]}
+    data = build(tokenizer, segment_size=96, num_segments=1, num_samples=1,
+                 theorems=str(tmp_path / "out" / "theorems.jsonl"), lemmas=str(tmp_path / "out" / "lemmas.jsonl"))
+    assert find(data[0]["input_ids"], encode(tokenizer, "\n" + pool["Square.lean:s"]))
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_records_import_with_presets_and_premises(tmp_path, layout):
+    records = [
+        {"name": "t1", "formal_statement": "theorem t1 (a : ℕ) : a + 0 = a", "proof": "by simp"},
+        {"name": "t2", "formal_statement": "theorem t2 (a b : ℕ) : a + b = b + a", "formal_proof": "by omega"},
+        {"name": "t3", "formal_statement": "theorem t3 : True"},  # no proof: skipped
+    ]
+    path = tmp_path / f"workbook.{layout}"
+    path.write_text(json.dumps(records) if layout == "json" else "\n".join(json.dumps(r) for r in records))
+    assert main(["import-records", str(path), str(tmp_path / "wb"), "--preset", "workbook"]) == 0
+    theorems = read_jsonl(tmp_path / "wb" / "theorems.jsonl")
+    assert [(t["name"], t["proof"], t["lemmas"]) for t in theorems] == [("t1", "by simp", []), ("t2", "by omega", [])]
+    assert {x["name"] for x in read_jsonl(tmp_path / "wb" / "lemmas.jsonl")} == {"t1", "t2"}
+
+    plain = [{"name": "uses", "statement": "theorem uses : 1 + 1 = 2", "proof": "by rw [two_eq]",
+              "premises": [{"name": "two_eq", "statement": "theorem two_eq : 2 = 1 + 1"}, "t_other"]},
+             {"name": "t_other", "statement": "theorem t_other : 0 = 0", "proof": "rfl", "premises": []}]
+    (tmp_path / "plain.jsonl").write_text("\n".join(json.dumps(r) for r in plain))
+    assert import_records(str(tmp_path / "plain.jsonl"), str(tmp_path / "p")) == (2, 3)
+    assert read_jsonl(tmp_path / "p" / "theorems.jsonl")[0]["lemmas"] == ["two_eq", "t_other"]
+    with pytest.raises(ValueError, match="preset='x' is not known"):
+        import_records(str(path), str(tmp_path / "x"), preset="x")

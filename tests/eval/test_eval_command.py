@@ -92,3 +92,62 @@ def test_eval_run_folder_takes_the_recipe_and_overrides(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "memory.num_memory_tokens=4", "--no-progress", "--device", "cpu"]) == 2
     assert "num_memory_tokens cannot be overridden" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_fig8_memory_against_plain_context_baselines(tmp_path):
+    """One eval call draws the paper's Fig. 8: loss by position in the target for the memory run and
+    for no-memory runs with 0 / 8 / 16 history tokens in their window (arxiv_gpt2_context.yaml)."""
+    import csv
+
+    import yaml
+
+    from rmt_peft.data.registry import build_dataset
+    from rmt_peft.data.tokenizer import offline_tokenizer
+    from rmt_peft.tiny_models import save_tiny_model
+
+    base = save_tiny_model(str(tmp_path / "base"), "gpt2", seed=1, vocab_size=640)
+
+    def run(name, memory, segment_size, options):
+        recipe = {"model": {"name_or_path": base, "tokenizer": "offline"},
+                  "memory": {"num_memory_tokens": memory, "segment_size": segment_size}, "lora": None,
+                  "data": {"task": "arxiv_lm", "options": {"documents": "generated", **options}},
+                  "training": {"output_dir": str(tmp_path / name), "max_steps": 1}, "eval": {"num_segments": [1]}}
+        torch.manual_seed(len(name))
+        rmt = RMTModel.from_backbone(load_backbone(base), MemoryConfig(num_memory_tokens=memory,
+                                                                        segment_size=segment_size), verbose=False)
+        rmt.save_pretrained(str(tmp_path / name / "final"))
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        return str(tmp_path / name)
+
+    memory_run = run("rmt", 2, 8, {})
+    contexts = {f"context{h}": h for h in (0, 8, 16)}
+    baselines = [run(name, 0, 8 + h, {"history_tokens": h}) for name, h in contexts.items()]
+    out = tmp_path / "fig8"
+    args = ["eval", memory_run, "--segments", "1,2,3", "--samples", "3", "--seed", "5", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    assert main(args + [a for b in baselines for a in ("--baseline", b)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["plain_context"] == contexts
+    assert (out / "loss_by_position.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "loss_by_position.csv")))
+    assert {r["model"] for r in rows} == {"rmt", *contexts}
+
+    # Independently: each baseline's backbone on its window (h tokens before the target + the target).
+    samples = build_dataset("arxiv_lm", {"documents": "generated"}, tokenizer=offline_tokenizer(), segment_size=8,
+                            num_segments=3, num_samples=3, seed=5)
+    for name, h in contexts.items():
+        backbone = RMTModel.from_pretrained(str(tmp_path / name / "final")).causal_lm
+        losses = []
+        for i in range(3):
+            window = samples[i]["input_ids"][-(8 + h):].unsqueeze(0)
+            logits = backbone(window).logits[0, h:-1]
+            losses.append(torch.nn.functional.cross_entropy(logits, window[0, h + 1:], reduction="none"))
+        expected = torch.stack(losses).double().mean(0)
+        for history in ("0", "1", "2"):  # the window is fixed: the same line whatever the history
+            got = [float(r["loss"]) for r in rows if r["model"] == name and r["history"] == history]
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.double), expected, rtol=1e-4, atol=1e-4)
+    # and the memory run's losses do depend on the history it reads
+    memory_rows = {h: [float(r["loss"]) for r in rows if r["model"] == "rmt" and r["history"] == h] for h in "02"}
+    assert memory_rows["0"] != memory_rows["2"]

@@ -154,3 +154,17 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
                 seed=0)
     build_model(load_recipe(write_recipe()), seed=0)
     assert calls == [{}, {"mode": "reduce-overhead"}]
+
+
+def test_validate_names_the_stage_a_data_source_cannot_fill(capsys):
+    from rmt_peft.data.lean import EXAMPLE_LEMMAS, EXAMPLE_THEOREMS
+
+    # The Lean recipe's generated data fills every stage (1..4 segments of 2028) and the eval lengths.
+    lean = "lean_gptneo_1.3b"
+    assert main(["validate", lean, "model.tokenizer=offline", "eval.num_segments=[1,4]"]) == 0
+    assert "every stage can be filled" in capsys.readouterr().out
+    # The 42 shipped example lemmas fill about one segment: the second stage is named, with the shortfall.
+    assert main(["validate", lean, "model.tokenizer=offline", f"data.options.theorems={EXAMPLE_THEOREMS}",
+                 f"data.options.lemmas={EXAMPLE_LEMMAS}"]) == 2
+    err = capsys.readouterr().err
+    assert "curriculum stage 1 (2 segments)" in err and "short of the 2029 needed for 2 segments" in err

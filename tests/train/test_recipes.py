@@ -18,14 +18,20 @@ RECIPES = {
     "babilong_reasoning": ("gpt2", "data.options.noise=generated"),
     "arxiv_gpt2": ("gpt2", "data.options.documents=generated"),
     "arxiv_gpt2_baseline": ("gpt2", "data.options.documents=generated"),
+    # one window of 32 history tokens + a 64-token target, evaluated at that one length
+    "arxiv_gpt2_context": ("gpt2", "data.options.documents=generated", "data.options.history_tokens=32",
+                           "eval.num_segments=[1]"),
+    "babilong_detect_opt_1.3b": ("opt", "data.options.noise=generated"),
+    "babilong_reasoning_opt_6.7b_8bit": ("opt", "data.options.noise=generated"),  # 8-bit on CPU, as in the recipe
     "lean_gptneo_1.3b": ("gpt_neo", None),
+    "lean_gptneo_1.3b_baseline": ("gpt_neo", None),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
-    arch, offline_data = RECIPES[name]
+    arch, offline_data, *extra = RECIPES[name]
     backbone = save_tiny_model(str(tmp_path / f"tiny-{arch}"), arch, vocab_size=640, max_positions=256)
     save_offline_tokenizer(backbone)
     out = tmp_path / "run"
@@ -37,14 +43,18 @@ def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
                  "training.disable_tqdm=true", f"training.output_dir={out}"]
     if offline_data:
         overrides.append(offline_data)
-    recipe = load_recipe(name, overrides)
+    recipe = load_recipe(name, overrides + extra)
     run(recipe, log=lambda *_: None)
 
     summary = json.loads((out / "summary.json").read_text())
     assert sum(stage["steps"] for stage in summary["stages"]) == 3  # training.max_steps caps the curriculum
-    assert set(summary["eval"]) == {"1", "2"}
+    assert set(summary["eval"]) == {str(n) for n in recipe.eval.num_segments}
     assert all(0 < m["loss"] < 20 for m in summary["eval"].values())
     final = out / "final"
     assert (final / "memory_config.json").exists() and (final / "adapter_config.json").exists()
     memory = json.loads((final / "memory_config.json").read_text())
     assert memory["num_memory_tokens"] == recipe.memory.num_memory_tokens
+    # the backbone really was loaded as the recipe says (8-bit / 4-bit recipes stay quantized here)
+    from rmt_peft.hub import read_metadata
+
+    assert read_metadata(str(final))["quantization"] == (recipe.model.quantization or "none")

@@ -1,0 +1,148 @@
+"""``rmt-peft ask``: read a document of any length once, then answer questions from the memory.
+
+    rmt-peft ask RUN_OR_ADAPTER --document FILE [--question TEXT ...] [--save-memory FILE]
+    rmt-peft ask RUN_OR_ADAPTER --memory FILE [--question TEXT ...]
+
+The document streams through the model one segment at a time (a progress bar on stderr; memory
+stays constant in its length: the text is read and tokenized in pieces cut at whitespace, and the
+reader holds one segment). Each answer is what ``generate(document + separator + question)``
+would give (greedy), without reading the document again. ``--save-memory`` keeps the state after
+the document (a small safetensors file) for later ``--memory`` calls. With no ``--question``,
+questions come from standard input, one per line. Answers go to standard output, one per line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable
+
+READ_CHARS = 1 << 20  # characters of the document read (and tokenized) at a time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ask", help="read a long document once, answer questions from its memory",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="RUN_OR_ADAPTER", help="a training run, an adapter folder or a Hub id")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--document", metavar="FILE", help="a UTF-8 text file of any length to read")
+    source.add_argument("--memory", metavar="FILE", help="a memory state saved by --save-memory (no re-reading)")
+    p.add_argument("--question", action="append", default=[], metavar="TEXT",
+                   help="a question (repeat for more); none: one question per line of standard input")
+    p.add_argument("--save-memory", metavar="FILE", help="save the state after the document (.safetensors)")
+    p.add_argument("--separator", default=" ", help="text between the document and each question (default: a space)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
+    p.add_argument("--dtype", help="default: the recipe's")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")
+    p.add_argument("--tokenizer", help="a tokenizer name / folder, or 'offline' (default: recipe, adapter, base)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def text_pieces(path: str, chars: int | None = None):
+    """The text of ``path`` in pieces of about ``chars`` characters, each cut before a whitespace run,
+    so that tokenizing the pieces one by one gives the tokens of the whole text (words and the
+    space that leads them stay together). Yields (piece, bytes read since the last piece)."""
+    chars = chars or READ_CHARS
+    carry, read = "", 0
+    with open(path, encoding="utf-8") as f:
+        while True:
+            block = f.read(chars)
+            if not block:
+                break
+            read += len(block.encode("utf-8"))
+            text = carry + block
+            cut = len(text)
+            while cut > 0 and not text[cut - 1].isspace():  # back over the last (maybe unfinished) word
+                cut -= 1
+            while cut > 0 and text[cut - 1].isspace():  # and the whitespace run before it
+                cut -= 1
+            if cut == 0:  # one word so far (no whitespace to cut at): keep reading
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut], read
+            read = 0
+    if carry or read:
+        yield carry, read
+
+
+def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
+    """Stream ``path`` through ``rmt`` (loaded from ``model``); returns the MemoryState after it."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.noise import encode
+    from .memory_state import MemoryState
+
+    if not os.path.isfile(path):
+        from .errors import UserError
+
+        raise UserError(f"--document {path} is not a file")
+    stream = rmt.stream()
+    device = rmt.memory.memory_tokens.device
+    with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="reading", disable=not progress,
+              file=sys.stderr) as bar:
+        for piece, size in text_pieces(path):
+            ids = encode(tokenizer, piece)
+            if ids:
+                stream.feed(torch.tensor([ids], dtype=torch.long, device=device))
+            bar.update(size)
+            bar.set_postfix(tokens=stream.num_tokens, refresh=False)
+    return MemoryState.from_stream(stream, document=os.path.basename(path), model=model)
+
+
+def questions(args) -> Iterable[str]:
+    """The --question texts, or the non-empty lines of standard input (read lazily)."""
+    if args.question:
+        return args.question
+    return (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import UserError
+    from .eval.command import load_model, load_tokenizer, locate
+    from .memory_state import MemoryState
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+    try:
+        adapter, recipe_path = locate(args.path)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    recipe = None
+    if recipe_path is not None:
+        from .train.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+    # The stream cuts segments from the first token: the state after a document is then the same
+    # whatever question follows (right alignment would cut the document by the question's length).
+    rmt = load_model(adapter, recipe, args, {"segment_alignment": "left"})
+    tokenizer = load_tokenizer(None, adapter, recipe, args.tokenizer)
+    if args.memory:
+        state = MemoryState.load_for(args.memory, rmt)
+        read_by = state.info.get("model")
+        if read_by and os.path.abspath(read_by) != os.path.abspath(args.path):
+            # Same memory config, maybe another model: a memory is only meaningful to the model that wrote it.
+            print(f"note: {args.memory} was read by {read_by}, not {args.path}", file=sys.stderr)
+    else:
+        state = read_document(rmt, tokenizer, args.document, not args.no_progress, args.path)
+    if args.save_memory:
+        state.save(args.save_memory)
+        print(f"saved the memory of {state.num_tokens} tokens to {args.save_memory}", file=sys.stderr)
+
+    from .data.noise import encode
+
+    device = rmt.memory.memory_tokens.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for question in questions(args):
+        ids = torch.tensor([encode(tokenizer, args.separator + question)], dtype=torch.long, device=device)
+        new = state.generate(rmt, ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(new[0], skip_special_tokens=True)
+        print(" ".join(answer.split()), flush=True)
+    return 0
