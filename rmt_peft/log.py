@@ -37,6 +37,19 @@ class _Quiet(logging.Filter):
         return record.levelno >= self.min_level and not str(record.msg).startswith(self.starts)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, never to the stream of an earlier
+    command that may be closed by now (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def is_main_process() -> bool:
     """Rank 0, or no launcher at all (launchers put RANK in the environment before Python starts)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -49,7 +62,7 @@ def setup(verbosity: int = 0) -> None:
     logger.setLevel(level)
     for old in [h for h in logger.handlers if getattr(h, "_rmt_peft", False)]:
         logger.removeHandler(old)  # bound to the sys.stderr of an earlier command (tests swap it)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._rmt_peft = True
     logger.addHandler(handler)  # (still propagates: pytest's caplog and a user's root handlers see it)

@@ -11,3 +11,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_command_logging():
+    """Each command runs in a process of its own in real use; a handler that an earlier test's
+    command set up (rmt_peft.log.setup) must not print into the next test's captured stderr."""
+    import logging
+
+    yield
+    package_logger = logging.getLogger("rmt_peft")
+    for handler in [h for h in package_logger.handlers if getattr(h, "_rmt_peft", False)]:
+        package_logger.removeHandler(handler)
