@@ -1,9 +1,11 @@
 """A tiny three-stage recipe (GPT-Neo from a config, token_memory task) for the reliability tests:
 every run takes a few seconds on one CPU thread."""
 import copy
+import os
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 TINY = {
     "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 64, "max_positions": 64}},
@@ -35,3 +37,14 @@ def write_recipe(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         return str(path)
     return write
+
+
+@pytest.fixture
+def final_weights():
+    """final_weights(output_dir) -> every tensor a user loads from final/ (model or adapter weights and
+    the memory), keyed by file and name."""
+    def read(output_dir):
+        final = os.path.join(output_dir, "final")
+        return {f"{name}:{key}": tensor for name in sorted(os.listdir(final)) if name.endswith(".safetensors")
+                for key, tensor in load_file(os.path.join(final, name)).items()}
+    return read

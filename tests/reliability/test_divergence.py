@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rmt_peft.cli import main
 from rmt_peft.errors import TrainingDiverged
@@ -71,7 +70,7 @@ def test_an_exploding_run_stops_with_exit_3_and_a_valid_summary(write_recipe, ca
 
 
 @pytest.mark.slow
-def test_rollback_to_the_stage_start_equals_a_run_at_the_lower_learning_rate(write_recipe):
+def test_rollback_to_the_stage_start_equals_a_run_at_the_lower_learning_rate(write_recipe, final_weights):
     # lr 1e3 explodes in stage 0 before any good save: the rollback rebuilds the initial weights and
     # trains again at 1e3 x 1e-4 = 0.1, which must give exactly a fresh run at lr 0.1
     changes = {**EXPLODING, "guard.on_divergence": "rollback", "guard.rollback_lr_factor": 1.0e-4,
@@ -82,8 +81,7 @@ def test_rollback_to_the_stage_start_equals_a_run_at_the_lower_learning_rate(wri
     assert summary["rollbacks"][0]["rolled_back_to"] == "the start of stage 0"
     fresh = load_recipe(write_recipe({**changes, "training.learning_rate": 0.1}, name="fresh.yaml"))
     train_recipe(fresh, **QUIET)
-    a = load_file(os.path.join(rolled.output_dir, "final", "trainable.safetensors"))
-    b = load_file(os.path.join(fresh.output_dir, "final", "trainable.safetensors"))
+    a, b = final_weights(rolled.output_dir), final_weights(fresh.output_dir)
     for name in a:
         assert torch.isfinite(a[name]).all()
         torch.testing.assert_close(a[name], b[name], msg=name)

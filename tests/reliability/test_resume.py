@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rmt_peft.train.curriculum import StageCallback
 from rmt_peft.train.recipe import load_recipe
@@ -23,10 +22,6 @@ class Killed(Exception):
 def losses(output_dir, stage, step=4):
     with open(os.path.join(output_dir, f"stage-{stage}", f"checkpoint-{step}", "trainer_state.json")) as f:
         return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
-
-
-def final_weights(output_dir):
-    return load_file(os.path.join(output_dir, "final", "trainable.safetensors"))
 
 
 def kill_at(patch, stage, step, where=""):
@@ -45,7 +40,7 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_killed_in_the_first_middle_or_last_stage_resumes_exactly(write_recipe, monkeypatch):
+def test_killed_in_the_first_middle_or_last_stage_resumes_exactly(write_recipe, monkeypatch, final_weights):
     full = load_recipe(write_recipe(name="full.yaml"))
     summary = train_recipe(full, **QUIET)
     reference = [losses(full.output_dir, k) for k in range(3)]
@@ -71,7 +66,7 @@ def test_killed_in_the_first_middle_or_last_stage_resumes_exactly(write_recipe, 
 
 
 @pytest.mark.slow
-def test_killed_in_the_baseline_run_resumes_it_and_keeps_the_memory_run(write_recipe, monkeypatch):
+def test_killed_in_the_baseline_run_resumes_it_and_keeps_the_memory_run(write_recipe, monkeypatch, final_weights):
     changes = {"curriculum.segments": [1, 2], "eval.baseline": True}
     full = load_recipe(write_recipe(changes, name="full.yaml"))
     summary = run(full, **QUIET)
