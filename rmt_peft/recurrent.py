@@ -104,22 +104,34 @@ class RMTModel(nn.Module):
         if std is None:
             std = float(embeddings.weight.detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
+        self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
-                      verbose: bool = True) -> "RMTModel":
+                      verbose: bool = True, *, speedups: bool = True, compile: bool | str = False) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
         and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
-        ``verbose`` prints the trainable parameter summary."""
+        ``verbose`` prints the trainable parameter summary.
+
+        ``speedups`` (default True) applies the exact speed-ups (``rmt_peft.speedups.speed_up``:
+        SDPA attention for GPT-Neo, the one-kernel GELU, the LM head padded on CUDA): same
+        outputs, less time and memory. False undoes them: the backbone computes as transformers
+        built it (e.g. eager attention, for ``output_attentions``). ``compile`` compiles each
+        decoder block (True, or a torch.compile mode such as "reduce-overhead"): 1.7-2.5x faster
+        training on a GPU, tens of seconds of compiling per new shape (docs/performance.md)."""
+        from .speedups import speed_up
+
         if lora is not None:
             from .adapters import attach_lora
 
             backbone = attach_lora(backbone, lora)
         model = cls(backbone, memory_config)
+        speed_up(model.causal_lm, compile=compile, enable=speedups)
+        model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())
         return model
@@ -181,7 +193,7 @@ class RMTModel(nn.Module):
     # -- one segment ----------------------------------------------------------------------
     def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.causal_lm.get_output_embeddings()
-        if _padded_head_pays(head, hidden):
+        if self.pad_lm_head and _padded_head_pays(head, hidden):
             # Same values as head(hidden). With an odd vocabulary (GPT-2/GPT-Neo: 50257) the
             # logits and their gradient have rows of odd length, which keeps cuBLAS on slow
             # kernels in forward and backward; padding the vocabulary to 50304 avoids both.

@@ -8,6 +8,11 @@
   kernel-launch overhead dominates at small batches; compiled blocks remove most of it.
 - ``use_gpt_neo_sdpa`` (rmt_peft.attention): the exact SDPA attention path for GPT-Neo.
 
+The exact ones (SDPA for GPT-Neo, the fused GELU, and the padded LM head inside ``RMTModel``) are
+on by default: ``load_backbone`` and ``RMTModel.from_backbone`` apply them, and
+``speedups=False`` in either keeps the model as transformers computes it. Compiled blocks are
+one argument away (``from_backbone(..., compile=True)``) and on by default in recipes on a GPU.
+
 ``speed_up(model)`` applies all that apply. Each function returns how many modules it changed.
 """
 from __future__ import annotations
@@ -77,10 +82,13 @@ def _graphs_with_grad(block: nn.Module, compiled):
     return call
 
 
-def speed_up(model: nn.Module, compile: bool = False) -> dict[str, int]:
-    """Apply the exact SDPA attention (GPT-Neo), the fused GELU and, if asked, compiled blocks."""
-    done = {"gpt_neo_sdpa": use_gpt_neo_sdpa(model), "fused_gelu": use_fused_gelu(model)}
+def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True) -> dict[str, int]:
+    """Apply the exact SDPA attention (GPT-Neo), the fused GELU and, if asked, compiled blocks
+    (``compile``: True, or a torch.compile mode such as "reduce-overhead"). ``enable=False``
+    undoes the SDPA attention and the fused GELU (``compile_blocks(model, enable=False)`` undoes
+    the compile)."""
+    done = {"gpt_neo_sdpa": use_gpt_neo_sdpa(model, enable), "fused_gelu": use_fused_gelu(model, enable)}
     if compile:
-        done["compiled_blocks"] = compile_blocks(model)
+        done["compiled_blocks"] = compile_blocks(model, **({"mode": compile} if isinstance(compile, str) else {}))
     return done
 
