@@ -400,6 +400,9 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
     if trainer.args.should_save:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
+    # accelerate refuses while this one's DeepSpeed state is alive.
+    release_deepspeed(trainer)
     return summary
 
 
