@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 ALIGNMENTS = ("left", "right")
+CHECKPOINT_POLICIES = ("recompute_all", "save_matmuls")
 
 
 @dataclass
@@ -36,6 +37,14 @@ class MemoryConfig:
         like the reference implementation.
     loss_chunk_size: labelled positions per chunk of the loss, so full-vocabulary fp32 logits
         never exist for a whole segment.
+    uncheckpointed_segments: with checkpoint_segments, the last N segments of a forward keep
+        their activations instead of being recomputed. Their backward comes first, so the last
+        one is free (the peak is one segment's activations either way) and each further one
+        costs one segment's activations; each saves one segment's recompute. Exact.
+    checkpoint_policy: with checkpoint_segments, "recompute_all" (memory flat in the number of
+        segments) or "save_matmuls" (selective checkpointing: the outputs of matmuls and
+        attention, except the LM head's, are kept and only the cheap rest is recomputed: faster,
+        memory grows with the segments by about half of what no checkpointing costs). Exact.
     """
 
     num_memory_tokens: int = 10
@@ -46,6 +55,8 @@ class MemoryConfig:
     loss_segments: int | None = None
     memory_init_std: float | None = None
     loss_chunk_size: int = 1024
+    uncheckpointed_segments: int = 1
+    checkpoint_policy: str = "recompute_all"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -66,6 +77,9 @@ class MemoryConfig:
              "memory_init_std", "expected None (embedding std) or a positive number")
         need(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1,
              "loss_chunk_size", "expected an integer >= 1")
+        need(isinstance(self.uncheckpointed_segments, int) and self.uncheckpointed_segments >= 0,
+             "uncheckpointed_segments", "expected an integer >= 0")
+        need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy", f"expected one of {CHECKPOINT_POLICIES}")
 
     @property
     def positions_per_segment(self) -> int:

@@ -263,6 +263,19 @@ class RMTModel(nn.Module):
         logits = self._lm_logits(hidden) if want_logits else None
         return new_memory, loss_sum, count, logits
 
+    def _checkpoint_policy(self) -> dict:
+        """torch.utils.checkpoint options for MemoryConfig.checkpoint_policy."""
+        if self.memory_config.checkpoint_policy == "recompute_all":
+            return {}
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        from .speedups import save_matmuls_policy
+
+        policy = save_matmuls_policy(self.causal_lm.get_output_embeddings().weight.shape[0])
+        return {"context_fn": partial(create_selective_checkpoint_contexts, policy)}
+
     # -- the recurrence -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, memory: torch.Tensor | None = None,
@@ -298,8 +311,9 @@ class RMTModel(nn.Module):
                 seg_mask = attention_mask[:, start:end]
             seg_targets = targets[:, start:end] if targets is not None and index >= first_loss_segment else None
             args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits, labelled[index])
-            if use_checkpoint:
-                new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False)
+            if use_checkpoint and index < len(bounds) - cfg.uncheckpointed_segments:
+                new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False,
+                                                                   **self._checkpoint_policy())
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
             if padded:
