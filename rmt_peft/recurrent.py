@@ -373,9 +373,10 @@ class RMTModel(nn.Module):
         return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     def stream(self, batch_size: int = 1, compute_loss: bool = False,
-               return_logits: bool = False) -> "MemoryStream":
-        """A reader for inputs of any length arriving in chunks (see ``MemoryStream``)."""
-        return MemoryStream(self, batch_size, compute_loss, return_logits)
+               return_logits: bool = False, cuda_graph: bool = False) -> "MemoryStream":
+        """A reader for inputs of any length arriving in chunks (see ``MemoryStream``).
+        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``)."""
+        return MemoryStream(self, batch_size, compute_loss, return_logits, cuda_graph)
 
 
 @dataclass
@@ -400,8 +401,13 @@ class MemoryStream:
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
-                 return_logits: bool = False):
+                 return_logits: bool = False, cuda_graph: bool = False):
         self.model = model
+        self._graph = None
+        if cuda_graph:
+            from .speedups import SegmentGraph
+
+            self._graph = SegmentGraph(model)
         self.compute_loss = compute_loss
         self.return_logits = return_logits
         self.memory = model.initial_memory(batch_size).detach()
@@ -466,8 +472,9 @@ class MemoryStream:
         num_labelled = None
         if targets is not None and self._all_labelled:
             num_labelled = targets.numel() - (targets.shape[0] if last else 0)
-        new_memory, loss_sum, count, logits = self.model._segment(
-            self.memory, seg, None, targets, self.return_logits, num_labelled)
+        segment = self.model._segment if self._graph is None or last else self._graph  # last: a short one
+        new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
+                                                      num_labelled)
         self.memory = new_memory.to(self.memory.dtype)
         self._ids, self._labels = [ids[:, n:]], [labels[:, n:]]
         self._buffered -= n

@@ -171,3 +171,56 @@ def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     weight = self.dequantized_weight
     bias = None if self.bias is None else self.bias.to(weight.dtype)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+# -- streaming: one segment as a CUDA graph --------------------------------------------------
+class SegmentGraph:
+    """``RMTModel._segment`` without gradients, captured once per input shape as a CUDA graph and
+    replayed for every further segment (``rmt.stream(cuda_graph=True)``).
+
+    Reading a long input is one short forward per segment, which leaves the GPU waiting on
+    Python (most of all with LoRA attached: peft adds host work to every layer). A replay
+    launches the whole segment at once and runs the same kernels on the same values. Only full,
+    unpadded segments whose labelled count is known are replayed (the short last one runs
+    eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
+
+    def __init__(self, model: nn.Module):
+        if not next(model.parameters()).is_cuda:
+            raise UserError("cuda_graph=True needs the model on a CUDA device; use cuda_graph=False on "
+                            f"{next(model.parameters()).device}")
+        self.model = model
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, memory, input_ids, attention_mask, target_ids, want_logits: bool,
+                 num_labelled: int | None = None):
+        if attention_mask is not None or (target_ids is not None and num_labelled is None):
+            return self.model._segment(memory, input_ids, attention_mask, target_ids, want_logits, num_labelled)
+        key = (tuple(input_ids.shape), tuple(memory.shape), memory.dtype, target_ids is not None, want_logits,
+               num_labelled)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(memory, input_ids, target_ids, want_logits, num_labelled)
+        graph, inputs, outputs = self.graphs[key]
+        for static, value in zip(inputs, (memory, input_ids, target_ids)):
+            if static is not None:
+                static.copy_(value)
+        graph.replay()
+        # copies: the next replay overwrites the outputs, and the stream keeps losses for later
+        return tuple(None if out is None else out.clone() for out in outputs)
+
+    def _capture(self, memory, input_ids, target_ids, want_logits, num_labelled):
+        inputs = tuple(None if t is None else t.clone() for t in (memory, input_ids, target_ids))
+
+        def run():
+            return self.model._segment(inputs[0], inputs[1], None, inputs[2], want_logits, num_labelled)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, compiling
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = run()
+        return graph, inputs, outputs
