@@ -267,14 +267,22 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                         dict(FAST, compile=True, dequant_cache=True))}
 
 
-def planned(bench: Bench, runs: list[str]) -> list[dict]:
-    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8)."""
+def planned(bench: Bench, runs: list[str], saved=lambda rows: None) -> list[dict]:
+    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8); ``saved(rows)``
+    after each, so a run cut short keeps what it measured. A run that fails is a row with its error."""
     rows = []
     for run in runs:
         name, (segments, batch) = parse_run(run)
         impl, label, settings = SWEEP[name]
-        bench.set_levers(**settings)
-        rows.append(bench.run(impl, segments, batch, label))
+        try:
+            bench.set_levers(**settings)
+            rows.append(bench.run(impl, segments, batch, label))
+        except Exception as err:  # e.g. a lever that torch cannot compile here: a result too
+            print(f"{run}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            rows.append({"impl": label, "segments": segments, "batch": batch, "oom": False,
+                         "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            free()
+        saved(rows)
     return rows
 
 
@@ -298,7 +306,7 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
     """Per segment count: each implementation's best batch, and ours/reference."""
     table = {}
     for row in rows:
-        if row["oom"]:
+        if row["oom"] or "error" in row:
             continue
         if row["impl"].startswith("independent"):
             continue
@@ -376,7 +384,9 @@ def main(argv=None) -> dict:
             print_table(f"GPU busy share of a step, {name} backbone", rows,
                         ["impl", "segments", "batch", "step_s", "gpu_kernel_s", "gpu_busy_pct"])
         if "sweep" in args.sections:
-            rows = planned(bench, args.runs) if args.runs else \
+            key = f"sweep_{name}"
+            rows = planned(bench, args.runs, lambda rows: write_json(args.out, env, {**tables, key: rows})) \
+                if args.runs else \
                 sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)
             tables[f"sweep_{name}"] = rows
             best = best_by_segments(rows)
