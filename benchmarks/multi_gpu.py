@@ -160,6 +160,7 @@ def row_of(name: str, quantization: str, result: dict | None, tail: str, args, r
     if result is None:
         lines = tail.strip().splitlines() or ["no output"]
         row["error"] = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300]
+        row["log_tail"] = tail[-2000:]
         return row
     steps = result["step_seconds"][args.warmup_steps:] or result["step_seconds"]
     seconds = statistics.median(steps)
@@ -193,7 +194,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--memory-tokens", type=int, default=10)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing (compiling)")
-    parser.add_argument("--run-timeout", type=int, default=600)
+    parser.add_argument("--run-timeout", type=int, default=300, help="seconds one training run may take")
     args = parser.parse_args(argv)
     if args.tiny:
         args.segment_size, args.memory_tokens = 8, 2

@@ -97,6 +97,7 @@ def main(argv=None) -> list[dict]:
             row["mfu_pct"] = 100 * flops * tokens / seconds / 1e12 / peak
         rows.append(row)
         print(row, flush=True)
+        write_json(args.out, env, {"stream": rows})  # after every row: a run cut short keeps them
         return row
 
     graphs = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
