@@ -94,7 +94,6 @@ def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True)
     return done
 
 
-
 # -- flat and fast: what segment checkpointing need not recompute ------------------------------
 def _saved_ops() -> set:
     aten = torch.ops.aten
