@@ -258,7 +258,8 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
          "ours-default": ("ours", "ours as from_backbone builds it (SDPA, fused GELU, padded head; no autocast, "
                           "no checkpointing)", dict(attention="sdpa", fused_gelu=True)),
          "ours-default-compiled": ("ours", "ours as from_backbone(compile=True) builds it (the README example; no "
-                                   "autocast, no checkpointing)", dict(attention="sdpa", fused_gelu=True, compile=True)),
+                                   "autocast, no checkpointing)",
+                                   dict(attention="sdpa", fused_gelu=True, compile=True)),
          # Flat and fast: segment checkpointing that recomputes less (all compiled, autocast).
          **{f"ours-compiled-{key}": ("ours", f"ours (compiled blocks, segment checkpointing, {label})",
                                      dict(FAST, compile=True, checkpoint_segments=True, **levers))

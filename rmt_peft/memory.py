@@ -79,7 +79,8 @@ class MemoryConfig:
              "loss_chunk_size", "expected an integer >= 1")
         need(isinstance(self.uncheckpointed_segments, int) and self.uncheckpointed_segments >= 0,
              "uncheckpointed_segments", "expected an integer >= 0")
-        need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy", f"expected one of {CHECKPOINT_POLICIES}")
+        need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy",
+             f"expected one of {CHECKPOINT_POLICIES}")
 
     @property
     def positions_per_segment(self) -> int:
