@@ -164,5 +164,9 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     build_model(load_recipe(write_recipe({"model.compile_blocks": True})), seed=0)
     build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_mode": "reduce-overhead"})),
                 seed=0)
-    build_model(load_recipe(write_recipe()), seed=0)
+    build_model(load_recipe(write_recipe()), seed=0)  # compile_blocks: null, and no GPU here
     assert calls == [{}, {"mode": "reduce-overhead"}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # null means: on where a GPU is
+    build_model(load_recipe(write_recipe()), seed=0)
+    build_model(load_recipe(write_recipe({"model.compile_blocks": False})), seed=0)
+    assert calls == [{}, {"mode": "reduce-overhead"}, {}]
