@@ -64,7 +64,9 @@ class ModelSection:
     the CPU (compiling costs more than it saves on tiny models). compile_mode:
     torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
     CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
-    the blocks eagerly then)."""
+    the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
+    dequantized in the compute dtype instead of dequantizing it on every call (same values;
+    2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``)."""
 
     name_or_path: str = ""
     quantization: str | None = None
@@ -75,6 +77,7 @@ class ModelSection:
     speedups: bool = True
     compile_blocks: bool | None = None
     compile_mode: str | None = None
+    cache_dequantized_weights: bool = False
 
     @property
     def is_tiny(self) -> bool:
@@ -496,6 +499,11 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     _need(model.compile_mode not in CUDA_GRAPH_MODES or not recipe.memory.checkpoint_segments,
           f"model.compile_mode={model.compile_mode!r} captures CUDA graphs, which torch cannot record inside "
           "memory.checkpoint_segments' recompute; use compile_mode=null (or default) with checkpointed segments")
+    _need(not model.cache_dequantized_weights or model.quantization == "4bit",
+          f"model.cache_dequantized_weights=true needs model.quantization='4bit' (got {model.quantization!r})")
+    _need(not (model.cache_dequantized_weights and recipe.zero_stage == 3),
+          "model.cache_dequantized_weights=true with ZeRO-3 is not possible: the cache needs whole weights, ZeRO-3 "
+          "partitions them; use ZeRO-2 or no cache")
     _need(model.attention in ATTENTIONS,
           f"model.attention={model.attention!r} is not allowed; allowed: {list(ATTENTIONS)}")
     _need(data.padding_side in ("left", "right"),

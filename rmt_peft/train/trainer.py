@@ -89,6 +89,7 @@ def build_model(recipe: Recipe, seed: int):
     """Backbone (+ LoRA) wrapped in an RMTModel, in training mode."""
     from ..attention import use_gpt_neo_sdpa
     from ..recurrent import RMTModel
+    from ..speedups import cache_dequantized_weights
 
     backbone = build_backbone(recipe, seed)
     memory = recipe.memory
@@ -102,6 +103,8 @@ def build_model(recipe: Recipe, seed: int):
                                  compile=compile)
     if recipe.model.attention == "eager":  # asked for by name: keep it (from_backbone switches GPT-Neo to SDPA)
         use_gpt_neo_sdpa(rmt.causal_lm, enable=False)
+    if recipe.model.cache_dequantized_weights:
+        cache_dequantized_weights(rmt.causal_lm)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
         # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's

@@ -51,6 +51,9 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
      ["model.compile_mode='reduce-overhead'", "compile_blocks=true"]),
     (["model.compile_blocks=true", "model.compile_mode=reduce-overhead", "memory.checkpoint_segments=true"],
      ["compile_mode='reduce-overhead'", "CUDA graphs", "checkpoint_segments"]),
+    ("model.cache_dequantized_weights=true", ["cache_dequantized_weights=true", "'4bit'", "None"]),
+    (["model.quantization=4bit", "model.dtype=bfloat16", "model.cache_dequantized_weights=true",
+      "training.deepspeed=zero3"], ["cache_dequantized_weights=true", "ZeRO-3", "ZeRO-2"]),
     ("data.task=poetry", ["data.task='poetry'", "token_memory"]),
     ("data.options.colour=red", ["colour", "num_values"]),
     ("memory.segment_size=60", ["segment_size=60", "68 positions", "64", "segment_size <= 56"]),
@@ -170,3 +173,13 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     build_model(load_recipe(write_recipe()), seed=0)
     build_model(load_recipe(write_recipe({"model.compile_blocks": False})), seed=0)
     assert calls == [{}, {"mode": "reduce-overhead"}, {}]
+
+
+def test_dequantized_weight_cache_reaches_the_4bit_backbone(write_recipe, tmp_path):
+    from rmt_peft.tiny_models import save_tiny_model
+    from rmt_peft.train.trainer import build_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", vocab_size=64, max_positions=64)
+    changes = {"model": {"name_or_path": path, "quantization": "4bit", "cache_dequantized_weights": True}}
+    model = build_model(load_recipe(write_recipe(changes)), seed=0)
+    assert sum(hasattr(m, "dequantized_weight") for m in model.modules()) == 12  # 6 linear layers x 2 blocks
