@@ -97,7 +97,9 @@ def save_backbone(tiny: bool, folder: str) -> dict:
 
     config = gpt_neo_config(tiny)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if tiny else torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"  # random init of 1.3B: seconds on a GPU
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if tiny else torch.bfloat16)
     model.save_pretrained(folder)
     del model
     free()
