@@ -109,7 +109,9 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
     wants_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") or (speedups and attn_implementation is None)
-    gpt_neo_sdpa = wants_sdpa and AutoConfig.from_pretrained(name_or_path).model_type == "gpt_neo"
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+                  if k in kwargs}  # reading the config needs what loading the model needs
+    gpt_neo_sdpa = wants_sdpa and AutoConfig.from_pretrained(name_or_path, **hub_kwargs).model_type == "gpt_neo"
     if gpt_neo_sdpa:  # transformers has no SDPA path for GPT-Neo: load eager, then switch (attention.py)
         attn_implementation = "eager"
     if attn_implementation is not None:
