@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -145,16 +146,24 @@ def launch(args, recipe_path: str, out: str, zero: int | None) -> tuple[dict | N
                    "--master_port", str(free_port()), "--module", "benchmarks.multi_gpu", "--worker",
                    recipe_path, *overrides, f"training.deepspeed=zero{zero}"]
     t0 = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, timeout=args.run_timeout)
+    # its own process group: a run past --run-timeout is killed with every rank the launcher started,
+    # so the next run finds the GPUs free
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=args.run_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        output += f"\nTimeoutError: the run took more than --run-timeout={args.run_timeout} s"
     wall = time.perf_counter() - t0
     path = os.path.join(out, RESULT_FILE)
     if process.returncode != 0 or not os.path.exists(path):
-        return None, process.stdout[-3000:]
+        return None, output[-3000:]
     with open(path) as f:
         result = json.load(f)
     result["wall_s"] = wall
-    return result, process.stdout[-3000:]
+    return result, output[-3000:]
 
 
 def row_of(name: str, quantization: str, result: dict | None, tail: str, args, reference: dict | None) -> dict:
