@@ -82,7 +82,7 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
             free()
         device_map = {"": device.index or 0} if device.type == "cuda" else None
         model = load_backbone(_SAVED[key], quantization=quantization, dtype=dtype, device_map=device_map,
-                              attn_implementation=native)
+                              attn_implementation=native, speedups=False)  # the levers are set per run
     if attention == "sdpa":
         use_gpt_neo_sdpa(model)
     return model

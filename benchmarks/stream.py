@@ -35,8 +35,8 @@ def timed(fn, device) -> tuple[float, float | None]:
     return seconds, peak
 
 
-def stream_all(rmt: RMTModel, ids: torch.Tensor, chunk: int):
-    reader = rmt.stream(batch_size=ids.shape[0])
+def stream_all(rmt: RMTModel, ids: torch.Tensor, chunk: int, cuda_graph: bool = False):
+    reader = rmt.stream(batch_size=ids.shape[0], cuda_graph=cuda_graph)
     for start in range(0, ids.shape[1], chunk):
         reader.feed(ids[:, start:start + chunk])
     return reader.finish()
@@ -61,6 +61,10 @@ def main(argv=None) -> list[dict]:
                         help="tokens streamed with LoRA attached (slower: launch-bound), before merging")
     parser.add_argument("--compile", choices=["none", "blocks"], default="none",
                         help="compiled blocks (CUDA-graph modes serve training only, see compile_blocks)")
+    parser.add_argument("--cuda-graph", choices=["off", "on", "both"], default="off",
+                        help="rmt.stream(cuda_graph=True): each segment replayed as a CUDA graph (GPU only); "
+                             "'both' measures with and without, side by side")
+    parser.add_argument("--no-floor", action="store_true", help="skip the segment-loop floor")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
@@ -93,30 +97,51 @@ def main(argv=None) -> list[dict]:
             row["mfu_pct"] = 100 * flops * tokens / seconds / 1e12 / peak
         rows.append(row)
         print(row, flush=True)
+        write_json(args.out, env, {"stream": rows})  # after every row: a run cut short keeps them
         return row
 
+    graphs = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
+    one = None
     for lora_state in ("LoRA attached", "LoRA merged"):
-        tokens = args.tokens
         if lora_state == "LoRA merged":
             rmt.backbone = rmt.backbone.merge_and_unload()
-        else:
-            tokens = min(tokens, args.attached_tokens)
-        stream_all(rmt, ids[:, :4 * args.segment_size], args.chunk)  # warm-up
-        # Exactly one segment: a different length would be a new shape for compiled blocks.
-        _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size], args.chunk), device)
-        half = tokens // 2
-        s_half, p_half = timed(lambda: stream_all(rmt, ids[:, :half], args.chunk), device)
-        record(f"stream, {lora_state}{suffix}", half, s_half, p_half, one)
-        s_all, p_all = timed(lambda: stream_all(rmt, ids[:, :tokens], args.chunk), device)
-        row = record(f"stream, {lora_state}{suffix}", tokens, s_all, p_all, one)
-        row["time_ratio_2x_tokens"] = s_all / s_half
-        if lora_state == "LoRA merged":
+        eager_memory = None
+        for graph in graphs:
+            # LoRA attached without graphs is launch-bound (slow): fewer tokens
+            tokens = min(args.tokens, args.attached_tokens) if lora_state == "LoRA attached" and not graph \
+                else args.tokens
+            label = f"stream, {lora_state}{suffix}{', CUDA graph' if graph else ''}"
+            try:
+                check = ids[:, :16 * args.segment_size + 1]  # 16 full segments (a last short one runs eagerly)
+                memory = stream_all(rmt, check, args.chunk, graph).memory  # also the warm-up
+                if eager_memory is None or not graph:
+                    eager_memory = memory if not graph else stream_all(rmt, check, args.chunk).memory
+                # Exactly one segment: a different length would be a new shape for compiled blocks.
+                _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size], args.chunk, graph), device)
+                half = tokens // 2
+                s_half, p_half = timed(lambda: stream_all(rmt, ids[:, :half], args.chunk, graph), device)
+                record(label, half, s_half, p_half, one)
+                s_all, p_all = timed(lambda: stream_all(rmt, ids[:, :tokens], args.chunk, graph), device)
+                row = record(label, tokens, s_all, p_all, one)
+                row["time_ratio_2x_tokens"] = s_all / s_half
+                # the graph replays the eager kernels: the memory after 16 segments must not move
+                row["memory_max_abs_diff_vs_eager"] = float((memory - eager_memory).abs().max())
+            except Exception as err:  # e.g. a capture torch refuses: a result too, the other runs go on
+                rows.append({"run": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                print(rows[-1], flush=True)
+                free()
+        if lora_state == "LoRA merged" and not args.no_floor:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
-            record(f"segment loop (floor), {lora_state}{suffix}", tokens, s_loop, p_loop, one)
+            record(f"segment loop (floor), {lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
+    merged = {r["run"].replace("merged", "attached"): r for r in rows if r["run"].startswith("stream, LoRA merged")}
+    for row in rows:  # LoRA attached against merged with the same switches: time per token (target <= 1.3)
+        twin = merged.get(row["run"])
+        if "attached" in row["run"] and twin and "tokens_per_s" in row and "tokens_per_s" in twin:
+            row["time_vs_merged"] = twin["tokens_per_s"] / row["tokens_per_s"]
     print_table(f"Streaming {args.tokens} tokens, {q or 'bf16'} GPT-Neo-1.3B shape, segments of "
                 f"{args.segment_size}, chunks of {args.chunk}", rows,
                 ["run", "tokens", "seconds", "tokens_per_s", "peak_gib", "peak_vs_one_segment",
-                 "time_ratio_2x_tokens", "mfu_pct"])
+                 "time_ratio_2x_tokens", "time_vs_merged", "memory_max_abs_diff_vs_eager", "mfu_pct", "error"])
     write_json(args.out, env, {"stream": rows})
     return rows
 

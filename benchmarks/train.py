@@ -22,7 +22,7 @@ import torch
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
-from rmt_peft.speedups import compile_blocks, use_fused_gelu
+from rmt_peft.speedups import cache_dequantized_weights, compile_blocks, use_fused_gelu
 
 from .common import (ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
@@ -38,7 +38,7 @@ class Bench:
         self.config, self.device, self.segment, self.m = config, device, segment, memory_tokens
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
-        self.autocast = self.compiled = False
+        self.autocast = self.compiled = self.dequant_cache = False
         backbone = build_backbone(config, quantization, device, attention="sdpa")
         self.peft = get_peft_model(backbone, lora_config())
         self.reference = ReferenceRMT(self.peft, memory_tokens, segment)
@@ -52,8 +52,17 @@ class Bench:
         self.optimizers["independent-memory"] = self.optimizers["ours"]
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
-                   fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False):
-        """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode."""
+                   fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
+                   uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False):
+        """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode.
+        uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
+        dequant_cache: speedups.cache_dequantized_weights (NF4 only)."""
+        if dequant_cache != self.dequant_cache:
+            cache_dequantized_weights(self.peft, enable=dequant_cache)
+            self.dequant_cache = dequant_cache
+        for model in (self.ours, self.independent):
+            model.memory_config.uncheckpointed_segments = uncheckpointed
+            model.memory_config.checkpoint_policy = policy
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast = autocast
@@ -211,6 +220,15 @@ def parse_run(run: str) -> tuple[str, tuple[int, int]]:
     return name, (segments, batch)
 
 
+FLAT_FAST = [  # (name suffix, label, set_levers keywords) on top of compiled segment checkpointing
+    ("keep1", "last segment kept", dict(uncheckpointed=1)),
+    ("keep2", "last 2 segments kept", dict(uncheckpointed=2)),
+    ("sac", "selective: matmul outputs saved, last segment kept", dict(uncheckpointed=1, policy="save_matmuls")),
+    ("cache", "dequantized-weight cache, last segment kept", dict(uncheckpointed=1, dequant_cache=True)),
+    ("cache-keep2", "dequantized-weight cache, last 2 segments kept", dict(uncheckpointed=2, dequant_cache=True)),
+    ("cache-sac", "dequantized-weight cache, selective, last segment kept",
+     dict(uncheckpointed=1, policy="save_matmuls", dequant_cache=True)),
+]
 SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", dict(attention="eager")),
          "ours": ("ours", "ours (SDPA, fused GELU, autocast, segment checkpointing)",
                   dict(FAST, checkpoint_segments=True)),
@@ -234,17 +252,38 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
          "ours-graphs-nockpt": ("ours", "ours (SDPA, fused GELU, autocast, compiled blocks + CUDA graphs, "
                                 "no checkpointing)", dict(FAST, compile="reduce-overhead")),
          "independent-graphs": ("independent", "independent segments (SDPA, fused GELU, autocast, compiled "
-                                "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead"))}
+                                "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead")),
+         # Fast by default: what RMTModel.from_backbone gives with no switch (SDPA, fused GELU, the
+         # padded head; no autocast), with compile=True (the README example) and without it.
+         "ours-default": ("ours", "ours as from_backbone builds it (SDPA, fused GELU, padded head; no autocast, "
+                          "no checkpointing)", dict(attention="sdpa", fused_gelu=True)),
+         "ours-default-compiled": ("ours", "ours as from_backbone(compile=True) builds it (the README example; no "
+                                   "autocast, no checkpointing)",
+                                   dict(attention="sdpa", fused_gelu=True, compile=True)),
+         # Flat and fast: segment checkpointing that recomputes less (all compiled, autocast).
+         **{f"ours-compiled-{key}": ("ours", f"ours (compiled blocks, segment checkpointing, {label})",
+                                     dict(FAST, compile=True, checkpoint_segments=True, **levers))
+            for key, label, levers in FLAT_FAST},
+         "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",
+                                        dict(FAST, compile=True, dequant_cache=True))}
 
 
-def planned(bench: Bench, runs: list[str]) -> list[dict]:
-    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8)."""
+def planned(bench: Bench, runs: list[str], saved=lambda rows: None) -> list[dict]:
+    """Exact runs, each IMPL:SEGMENTSxBATCH (e.g. reference:16x1 ours-compiled:32x8); ``saved(rows)``
+    after each, so a run cut short keeps what it measured. A run that fails is a row with its error."""
     rows = []
     for run in runs:
         name, (segments, batch) = parse_run(run)
         impl, label, settings = SWEEP[name]
-        bench.set_levers(**settings)
-        rows.append(bench.run(impl, segments, batch, label))
+        try:
+            bench.set_levers(**settings)
+            rows.append(bench.run(impl, segments, batch, label))
+        except Exception as err:  # e.g. a lever that torch cannot compile here: a result too
+            print(f"{run}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            rows.append({"impl": label, "segments": segments, "batch": batch, "oom": False,
+                         "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            free()
+        saved(rows)
     return rows
 
 
@@ -268,7 +307,7 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
     """Per segment count: each implementation's best batch, and ours/reference."""
     table = {}
     for row in rows:
-        if row["oom"]:
+        if row["oom"] or "error" in row:
             continue
         if row["impl"].startswith("independent"):
             continue
@@ -346,7 +385,9 @@ def main(argv=None) -> dict:
             print_table(f"GPU busy share of a step, {name} backbone", rows,
                         ["impl", "segments", "batch", "step_s", "gpu_kernel_s", "gpu_busy_pct"])
         if "sweep" in args.sections:
-            rows = planned(bench, args.runs) if args.runs else \
+            key = f"sweep_{name}"
+            rows = planned(bench, args.runs, lambda rows: write_json(args.out, env, {**tables, key: rows})) \
+                if args.runs else \
                 sweep(bench, args.segments, args.batches, args.max_tokens, args.sweep_impls)
             tables[f"sweep_{name}"] = rows
             best = best_by_segments(rows)

@@ -70,7 +70,8 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
                   device_map=None, attn_implementation: str | None = None, *,
                   quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype: str | torch.dtype | None = None, quant_storage: str | torch.dtype | None = None,
-                  gradient_checkpointing: bool = False, train: bool = False, **kwargs) -> PreTrainedModel:
+                  gradient_checkpointing: bool = False, train: bool = False, speedups: bool = True,
+                  **kwargs) -> PreTrainedModel:
     """Load a causal LM (GPT-Neo, OPT, GPT-2, GPT-NeoX/Pythia, Llama-style...) from the Hub or a folder.
 
     quantization: None, "8bit" (LLM.int8) or "4bit" via bitsandbytes; the quantized model is
@@ -81,6 +82,9 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     dtype: dtype of the weights that stay unquantized ("bfloat16", "float32", ...).
     attn_implementation: as in transformers; "sdpa" for GPT-Neo (which transformers runs eager
     only) selects our exact SDPA attention (``rmt_peft.attention``): same outputs, less memory.
+    speedups: True (default) applies the exact speed-ups of ``rmt_peft.speedups``: GPT-Neo gets
+    the SDPA attention unless ``attn_implementation`` names another, and GPT-Neo / GPT-2 the
+    one-kernel GELU. False loads the model exactly as transformers builds it.
 
     Training preparation is deliberate, not ``peft.prepare_model_for_kbit_training``:
     - ``gradient_checkpointing=True`` enables the model's per-layer activation checkpointing,
@@ -104,8 +108,10 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     load_kwargs = dict(kwargs)
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
-    gpt_neo_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") and \
-        AutoConfig.from_pretrained(name_or_path).model_type == "gpt_neo"
+    wants_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") or (speedups and attn_implementation is None)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+                  if k in kwargs}  # reading the config needs what loading the model needs
+    gpt_neo_sdpa = wants_sdpa and AutoConfig.from_pretrained(name_or_path, **hub_kwargs).model_type == "gpt_neo"
     if gpt_neo_sdpa:  # transformers has no SDPA path for GPT-Neo: load eager, then switch (attention.py)
         attn_implementation = "eager"
     if attn_implementation is not None:
@@ -122,6 +128,10 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         from .attention import use_gpt_neo_sdpa
 
         use_gpt_neo_sdpa(model)
+    if speedups:
+        from .speedups import use_fused_gelu
+
+        use_fused_gelu(model)
     if qconfig is not None:
         for p in model.parameters():
             p.requires_grad_(False)

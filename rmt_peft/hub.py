@@ -317,6 +317,12 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | to
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
+    from .speedups import FusedTanhGelu, use_fused_gelu
+
+    gpt_neo_sdpa = getattr(config, "_attn_implementation", None) == GPT_NEO_SDPA
+    if gpt_neo_sdpa:  # transformers builds GPT-Neo eager only; switched back below
+        config._attn_implementation = "eager"
     with torch.device(device):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
@@ -332,7 +338,13 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | to
     merged.name_or_path = peft_model.peft_config[adapter].base_model_name_or_path or source.name_or_path
     for p in merged.parameters():
         p.requires_grad_(False)
+    # the same exact speed-ups as the source, so the copy computes what it computed
+    if gpt_neo_sdpa:
+        use_gpt_neo_sdpa(merged)
+    if any(isinstance(m, FusedTanhGelu) for m in source.modules()):
+        use_fused_gelu(merged)
     out = type(rmt)(merged, rmt.memory_config)
+    out.pad_lm_head = rmt.pad_lm_head
     out.memory.load_state_dict({k: v.detach().to(device) for k, v in rmt.memory.state_dict().items()})
     return out.eval()
 

@@ -17,6 +17,7 @@ from torch import nn
 
 ALIGNMENTS = ("left", "right")
 MEMORY_UPDATES = ("replace", "gated")
+CHECKPOINT_POLICIES = ("recompute_all", "save_matmuls")
 
 
 @dataclass
@@ -57,6 +58,14 @@ class MemoryConfig:
     memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
         RMS) is added to the memory passed between segments, so the model learns a memory that
         recovers from perturbations instead of one that drifts; 0 turns it off.
+    uncheckpointed_segments: with checkpoint_segments, the last N segments of a forward keep
+        their activations instead of being recomputed. Their backward comes first, so the last
+        one is free (the peak is one segment's activations either way) and each further one
+        costs one segment's activations; each saves one segment's recompute. Exact.
+    checkpoint_policy: with checkpoint_segments, "recompute_all" (memory flat in the number of
+        segments) or "save_matmuls" (selective checkpointing: the outputs of matmuls and
+        attention, except the LM head's, are kept and only the cheap rest is recomputed: faster,
+        memory grows with the segments by about half of what no checkpointing costs). Exact.
     """
 
     num_memory_tokens: int = 10
@@ -72,6 +81,8 @@ class MemoryConfig:
     memory_noise_std: float = 0.0
     memory_stability_weight: float = 0.0
     memory_stability_tolerance: float = 0.0
+    uncheckpointed_segments: int = 1
+    checkpoint_policy: str = "recompute_all"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -101,6 +112,10 @@ class MemoryConfig:
              "memory_stability_weight", "expected a number >= 0 (0 = off)")
         need(isinstance(self.memory_stability_tolerance, (int, float)) and 0 <= self.memory_stability_tolerance < math.inf,
              "memory_stability_tolerance", "expected a number >= 0 (0 = the plain relative squared change)")
+        need(isinstance(self.uncheckpointed_segments, int) and self.uncheckpointed_segments >= 0,
+             "uncheckpointed_segments", "expected an integer >= 0")
+        need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy",
+             f"expected one of {CHECKPOINT_POLICIES}")
 
     @property
     def positions_per_segment(self) -> int:

@@ -109,6 +109,7 @@ class RMTModel(nn.Module):
         if std is None:
             std = float(embeddings.weight.detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
+        self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device, update=memory_config.memory_update,
                                        gate_bias=memory_config.memory_gate_bias)
@@ -116,16 +117,27 @@ class RMTModel(nn.Module):
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
-                      verbose: bool = True) -> "RMTModel":
+                      verbose: bool = True, *, speedups: bool = True, compile: bool | str = False) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
         and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
-        ``verbose`` prints the trainable parameter summary."""
+        ``verbose`` prints the trainable parameter summary.
+
+        ``speedups`` (default True) applies the exact speed-ups (``rmt_peft.speedups.speed_up``:
+        SDPA attention for GPT-Neo, the one-kernel GELU, the LM head padded on CUDA): same
+        outputs, less time and memory. False undoes them: the backbone computes as transformers
+        built it (e.g. eager attention, for ``output_attentions``). ``compile`` compiles each
+        decoder block (True, or a torch.compile mode such as "reduce-overhead"): 1.7-2.5x faster
+        training on a GPU, tens of seconds of compiling per new shape (docs/performance.md)."""
+        from .speedups import speed_up
+
         if lora is not None:
             from .adapters import attach_lora
 
             backbone = attach_lora(backbone, lora)
         model = cls(backbone, memory_config)
+        speed_up(model.causal_lm, compile=compile, enable=speedups)
+        model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())
         return model
@@ -187,7 +199,7 @@ class RMTModel(nn.Module):
     # -- one segment ----------------------------------------------------------------------
     def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.causal_lm.get_output_embeddings()
-        if _padded_head_pays(head, hidden):
+        if self.pad_lm_head and _padded_head_pays(head, hidden):
             # Same values as head(hidden). With an odd vocabulary (GPT-2/GPT-Neo: 50257) the
             # logits and their gradient have rows of odd length, which keeps cuBLAS on slow
             # kernels in forward and backward; padding the vocabulary to 50304 avoids both.
@@ -260,6 +272,19 @@ class RMTModel(nn.Module):
         logits = self._lm_logits(hidden) if want_logits else None
         return new_memory, loss_sum, count, logits
 
+    def _checkpoint_policy(self) -> dict:
+        """torch.utils.checkpoint options for MemoryConfig.checkpoint_policy."""
+        if self.memory_config.checkpoint_policy == "recompute_all":
+            return {}
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        from .speedups import save_matmuls_policy
+
+        policy = save_matmuls_policy(self.causal_lm.get_output_embeddings().weight.shape[0])
+        return {"context_fn": partial(create_selective_checkpoint_contexts, policy)}
+
     # -- the recurrence -------------------------------------------------------------------
     def check_inputs(self, input_ids, attention_mask=None, labels=None, memory=None) -> None:
         """ValueError naming the argument for inputs forward / generate cannot process (inputs.py)."""
@@ -307,8 +332,9 @@ class RMTModel(nn.Module):
                 seg_mask = attention_mask[:, start:end]
             seg_targets = targets[:, start:end] if targets is not None and index >= first_loss_segment else None
             args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits, labelled[index])
-            if use_checkpoint:
-                new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False)
+            if use_checkpoint and index < len(bounds) - cfg.uncheckpointed_segments:
+                new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False,
+                                                                   **self._checkpoint_policy())
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
             if padded:
@@ -400,9 +426,10 @@ class RMTModel(nn.Module):
         return memory.to(reference.device, reference.dtype).expand(batch, -1, -1)
 
     def stream(self, batch_size: int = 1, compute_loss: bool = False,
-               return_logits: bool = False) -> "MemoryStream":
-        """A reader for inputs of any length arriving in chunks (see ``MemoryStream``)."""
-        return MemoryStream(self, batch_size, compute_loss, return_logits)
+               return_logits: bool = False, cuda_graph: bool = False) -> "MemoryStream":
+        """A reader for inputs of any length arriving in chunks (see ``MemoryStream``).
+        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``)."""
+        return MemoryStream(self, batch_size, compute_loss, return_logits, cuda_graph)
 
 
 @dataclass
@@ -427,8 +454,13 @@ class MemoryStream:
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
-                 return_logits: bool = False):
+                 return_logits: bool = False, cuda_graph: bool = False):
         self.model = model
+        self._graph = None
+        if cuda_graph:
+            from .speedups import SegmentGraph
+
+            self._graph = SegmentGraph(model)
         self.compute_loss = compute_loss
         self.return_logits = return_logits
         self.memory = model.initial_memory(batch_size).detach()
@@ -509,8 +541,9 @@ class MemoryStream:
         num_labelled = None
         if targets is not None and self._all_labelled:
             num_labelled = targets.numel() - (targets.shape[0] if last else 0)
-        new_memory, loss_sum, count, logits = self.model._segment(
-            self.memory, seg, None, targets, self.return_logits, num_labelled)
+        segment = self.model._segment if self._graph is None or last else self._graph  # last: a short one
+        new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
+                                                      num_labelled)
         self.memory = new_memory.to(self.memory.dtype)
         self._ids, self._labels = [ids[:, n:]], [labels[:, n:]]
         self._buffered -= n

@@ -119,10 +119,11 @@ def test_rmt_with_lora_on_sdpa_matches_eager():
     cfg = MemoryConfig(num_memory_tokens=4, segment_size=40)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     torch.manual_seed(3)
-    rmt_e = RMTModel.from_backbone(eager, cfg, lora=lora)
+    rmt_e = RMTModel.from_backbone(eager, cfg, lora=lora, speedups=False)
     torch.manual_seed(3)
-    rmt_s = RMTModel.from_backbone(sdpa, cfg, lora=lora)
-    assert use_gpt_neo_sdpa(rmt_s) == 2
+    rmt_s = RMTModel.from_backbone(sdpa, cfg, lora=lora)  # SDPA (and the fused GELU) by default
+    assert sum(isinstance(m, GPTNeoSdpaSelfAttention) for m in rmt_s.modules()) == 2
+    assert not any(isinstance(m, GPTNeoSdpaSelfAttention) for m in rmt_e.modules())
     ids = torch.randint(0, 128, (2, 100))
     out_e, out_s = rmt_e(ids, labels=ids), rmt_s(ids, labels=ids)
     assert torch.allclose(out_s.loss, out_e.loss, atol=1e-5)

@@ -69,3 +69,18 @@ def test_train_bench_profile_runs():
     rows = tables["profile_bf16"]
     assert [r["segments"] * r["batch"] for r in rows] == [2, 2] and all(r["step_s"] > 0 for r in rows)
     assert all(r["gpu_kernel_s"] is None for r in rows)  # no GPU here
+
+
+@pytest.mark.slow
+def test_multi_gpu_bench_runs_on_cpu_ranks(tmp_path):
+    """The multi-GPU benchmark on 2 CPU ranks (gloo): the single-process run with gradient
+    accumulation and ZeRO-2 log the same losses, and both have a throughput."""
+    from benchmarks import multi_gpu
+
+    rows = multi_gpu.main(["--tiny", "--quantization", "none", "--zero", "2", "--steps", "2", "--warmup-steps", "1",
+                           "--batch", "2", "--segments", "2", "--out", str(tmp_path / "multi_gpu.json")])
+    single, zero2 = rows
+    assert "error" not in single and "error" not in zero2, rows
+    assert single["gpus"] == 1 and zero2["gpus"] == 2 and len(zero2["losses"]) == 2
+    assert zero2["max_rel_loss_diff"] < 1e-4
+    assert zero2["speedup_vs_single"] == pytest.approx(zero2["tokens_per_s"] / single["tokens_per_s"])

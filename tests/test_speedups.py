@@ -85,3 +85,57 @@ def test_gpu_cuda_graph_blocks_train_like_eager():
         long_ids = torch.randint(0, 128, (1, 160), device="cuda")
         streamed = stream_tokens(graphs, long_ids.split(50, dim=1)).memory
         torch.testing.assert_close(streamed, eager.read(long_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_speedups_are_on_by_default_and_keep_outputs(tmp_path):
+    """load_backbone and RMTModel.from_backbone apply SDPA (GPT-Neo) and the fused GELU without a
+    line of code; speedups=False gives transformers' own model, and both compute the same loss,
+    gradients and logits (also through LoRA, and after merging it)."""
+    from transformers.activations import NewGELUActivation
+
+    from rmt_peft import MemoryConfig, RMTModel, load_backbone
+    from rmt_peft.attention import GPTNeoSdpaSelfAttention
+    from rmt_peft.tiny_models import save_tiny_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
+    kinds = (FusedTanhGelu, NewGELUActivation, GPTNeoSdpaSelfAttention)
+
+    def count(model):
+        return [sum(type(m) is kind for m in model.modules()) for kind in kinds]
+
+    fast, plain = load_backbone(path), load_backbone(path, speedups=False)
+    assert count(fast) == [2, 0, 2] and count(plain) == [0, 2, 0]
+    assert count(load_backbone(path, attn_implementation="eager")) == [2, 0, 0]  # named: kept
+
+    config = MemoryConfig(num_memory_tokens=2, segment_size=16)
+    lora = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}  # random B: LoRA acts
+    models = []
+    for backbone, speedups in ((plain, True), (load_backbone(path, speedups=False), False)):
+        torch.manual_seed(0)
+        models.append(RMTModel.from_backbone(backbone, config, lora=lora, verbose=False, speedups=speedups).train())
+    (on, off), ids = models, torch.randint(0, 128, (2, 40))
+    assert count(on) == [2, 0, 2] and on.pad_lm_head and count(off) == [0, 2, 0] and not off.pad_lm_head
+    grads = []
+    for model in models:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        model.eval()
+    # fp32 rounding only (SDPA sums in another order): relative to the gradient's size
+    assert (grads[0] - grads[1]).norm() < 1e-4 * grads[1].norm()
+    with torch.no_grad():
+        torch.testing.assert_close(on(ids).logits, off(ids).logits, rtol=1e-4, atol=1e-5)
+        merged = on.merge_and_unload(dtype=torch.float32)
+        torch.testing.assert_close(merged(ids).logits, off(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_is_one_argument_away(monkeypatch):
+    """from_backbone(compile=...) reaches compile_blocks with the mode asked for."""
+    import rmt_peft.speedups
+    from rmt_peft import MemoryConfig, RMTModel
+
+    calls = []
+    monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(kwargs))
+    for compile in (False, True, "reduce-overhead"):
+        RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(2, 16), verbose=False, compile=compile)
+    assert calls == [{}, {"mode": "reduce-overhead"}]

@@ -2,6 +2,7 @@
 import gc
 
 import psutil
+import pytest
 import torch
 
 from rmt_peft import MemoryConfig, RMTModel, stream_tokens
@@ -48,3 +49,32 @@ def test_streaming_100k_tokens_holds_memory_flat():
     # Keeping each segment's logits would add ~48 MB over the run; the stream keeps none.
     growth = rss[-1] - rss[1]
     assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB while streaming"
+
+
+def test_cuda_graph_stream_needs_a_gpu():
+    from rmt_peft.errors import UserError
+
+    rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
+    with pytest.raises(UserError, match="cuda_graph=True needs the model on a CUDA device"):
+        rmt.stream(cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_cuda_graph_stream_matches_eager():
+    """Each full segment replayed as a CUDA graph: the same memory, loss and logits as the eager
+    stream, with LoRA attached (peft's host work is what the graph removes) and a short last segment."""
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo").cuda(), MemoryConfig(num_memory_tokens=2, segment_size=16),
+                                 lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False},
+                                 verbose=False).eval()
+    ids = torch.randint(0, 128, (2, 16 * 7 + 5), device="cuda")
+    results = []
+    for graph in (False, True):
+        reader = rmt.stream(batch_size=2, compute_loss=True, return_logits=True, cuda_graph=graph)
+        logits = [out for chunk in ids.split(23, dim=1) for out in reader.feed(chunk)]
+        results.append((reader.finish(), torch.cat(logits, dim=1)))
+    (eager, eager_logits), (graphed, graphed_logits) = results
+    assert graphed.num_segments == eager.num_segments == 8
+    torch.testing.assert_close(graphed.memory, eager.memory, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    assert graphed.loss == pytest.approx(eager.loss, rel=1e-5)

@@ -69,12 +69,17 @@ class ModelSection:
     a config, offline; ``config`` holds its ``rmt_peft.tiny_models.tiny_config`` arguments).
     tokenizer: a Hub id or folder, ``offline`` (the data package's offline tokenizer), or None:
     the model's own tokenizer (tiny models: the offline one, when the task needs a tokenizer).
-    fused_gelu: GPT-Neo / GPT-2's eight-kernel GELU as one kernel, same formula (about a third
-    less activation memory). compile_blocks: ``torch.compile`` each decoder block; pays on a GPU,
-    where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md). compile_mode:
+    speedups: the exact speed-ups (same outputs): SDPA attention for GPT-Neo (unless ``attention``
+    names another), GPT-Neo / GPT-2's eight-kernel GELU as one kernel, the LM head padded to a
+    multiple of 64 rows on CUDA; false keeps the model as transformers computes it.
+    compile_blocks: ``torch.compile`` each decoder block; null (default) = on when a CUDA GPU is
+    present, where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md), off on
+    the CPU (compiling costs more than it saves on tiny models). compile_mode:
     torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
     CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
-    the blocks eagerly then)."""
+    the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
+    dequantized in the compute dtype instead of dequantizing it on every call (same values;
+    2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``)."""
 
     name_or_path: str = ""
     quantization: str | None = None
@@ -82,13 +87,23 @@ class ModelSection:
     attention: str | None = None
     config: dict = field(default_factory=dict)
     tokenizer: str | None = None
-    fused_gelu: bool = True
-    compile_blocks: bool = False
+    speedups: bool = True
+    compile_blocks: bool | None = None
     compile_mode: str | None = None
+    cache_dequantized_weights: bool = False
 
     @property
     def is_tiny(self) -> bool:
         return self.name_or_path.startswith(TINY_PREFIX)
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """compile_blocks, with null resolved: on where a CUDA GPU is present."""
+        if self.compile_blocks is None:
+            import torch
+
+            return torch.cuda.is_available()
+        return self.compile_blocks
 
 
 @dataclass
@@ -539,11 +554,16 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     _need(model.dtype in DTYPES, f"model.dtype={model.dtype!r} is not allowed; allowed: {list(DTYPES)}")
     _need(model.compile_mode in COMPILE_MODES,
           f"model.compile_mode={model.compile_mode!r} is not allowed; allowed: {list(COMPILE_MODES)}")
-    _need(model.compile_mode is None or model.compile_blocks,
-          f"model.compile_mode={model.compile_mode!r} needs model.compile_blocks=true")
+    _need(model.compile_mode is None or model.compile_blocks is not False,
+          f"model.compile_mode={model.compile_mode!r} needs model.compile_blocks=true (or null: on a GPU)")
     _need(model.compile_mode not in CUDA_GRAPH_MODES or not recipe.memory.checkpoint_segments,
           f"model.compile_mode={model.compile_mode!r} captures CUDA graphs, which torch cannot record inside "
           "memory.checkpoint_segments' recompute; use compile_mode=null (or default) with checkpointed segments")
+    _need(not model.cache_dequantized_weights or model.quantization == "4bit",
+          f"model.cache_dequantized_weights=true needs model.quantization='4bit' (got {model.quantization!r})")
+    _need(not (model.cache_dequantized_weights and recipe.zero_stage == 3),
+          "model.cache_dequantized_weights=true with ZeRO-3 is not possible: the cache needs whole weights, ZeRO-3 "
+          "partitions them; use ZeRO-2 or no cache")
     _need(model.attention in ATTENTIONS,
           f"model.attention={model.attention!r} is not allowed; allowed: {list(ATTENTIONS)}")
     _need(data.padding_side in ("left", "right"),

@@ -107,13 +107,14 @@ def build_backbone(recipe: Recipe, seed: int):
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
     with not_found_is_user_error("model.name_or_path", model.name_or_path):
         return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
-                             attn_implementation=model.attention, **kwargs)
+                             attn_implementation=model.attention, speedups=model.speedups, **kwargs)
 
 
 def build_model(recipe: Recipe, seed: int):
     """Backbone (+ LoRA) wrapped in an RMTModel, in training mode."""
+    from ..attention import use_gpt_neo_sdpa
     from ..recurrent import RMTModel
-    from ..speedups import compile_blocks, use_fused_gelu
+    from ..speedups import cache_dequantized_weights
 
     backbone = build_backbone(recipe, seed)
     memory = recipe.memory
@@ -122,13 +123,14 @@ def build_model(recipe: Recipe, seed: int):
         memory = dataclasses.replace(memory, memory_init_std=embedding_std(backbone))
     torch.manual_seed(seed)
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
-    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, verbose=False)
+    compile = (recipe.model.compile_mode or True) if recipe.model.compiles_blocks else False
+    rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, speedups=recipe.model.speedups,
+                                 compile=compile, verbose=False)
     logger.info(rmt.trainable_summary())
-    if recipe.model.fused_gelu:
-        use_fused_gelu(rmt.causal_lm)
-    if recipe.model.compile_blocks:
-        mode = recipe.model.compile_mode
-        compile_blocks(rmt.causal_lm, **({"mode": mode} if mode else {}))
+    if recipe.model.attention == "eager":  # asked for by name: keep it (from_backbone switches GPT-Neo to SDPA)
+        use_gpt_neo_sdpa(rmt.causal_lm, enable=False)
+    if recipe.model.cache_dequantized_weights:
+        cache_dequantized_weights(rmt.causal_lm)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
         # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's
@@ -560,6 +562,9 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                "eval": evaluation}
     if trainer.args.should_save:
         write_json(os.path.join(out, "summary.json"), summary)
+    # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
+    # accelerate refuses while this one's DeepSpeed state is alive.
+    release_deepspeed(trainer)
     return summary
 
 

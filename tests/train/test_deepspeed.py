@@ -82,3 +82,39 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
             torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{config}: {name}")
         ds_summary = json.loads((out / "summary.json").read_text())
         assert ds_summary["eval"]["3"]["loss"] == pytest.approx(summary["eval"]["3"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "deepspeed")), reason="the deepspeed launcher is not installed")
+def test_quickstart_with_baseline_and_compiled_blocks_under_the_launcher(tmp_path):
+    """The quickstart recipe with eval.baseline trains the memory model and then the 0-memory
+    baseline in one process: under DeepSpeed that is a second Trainer (it failed with "You cannot
+    pass in a deepspeed_plugin when creating a second Accelerator"). Compiled blocks run under
+    DeepSpeed too. Both evaluations must match one process without DeepSpeed or compiling."""
+    from rmt_peft.train.trainer import run
+
+    recipe = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    overrides = ["curriculum.steps_per_stage=2", "data.num_train_samples=128", "eval.num_samples=16",
+                 "eval.num_segments=[1,3]", "training.per_device_eval_batch_size=16"]
+    single = load_recipe(recipe, overrides + [f"training.output_dir={tmp_path / 'single'}",
+                                              "training.per_device_train_batch_size=16",
+                                              "training.gradient_accumulation_steps=2"])
+    expected = run(single, log=lambda *_: None)
+
+    out = tmp_path / "zero2"
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
+         recipe, *overrides, "training.per_device_train_batch_size=16", "training.deepspeed=zero2",
+         f"training.output_dir={out}", "model.compile_blocks=true"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert process.returncode == 0, process.stdout[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for part in ("memory", "baseline"):
+        got = summary["eval"] if part == "memory" else summary["baseline"]["eval"]
+        want = expected["eval"] if part == "memory" else expected["baseline"]["eval"]
+        assert got.keys() == want.keys() == {"1", "3"}
+        for n in want:
+            assert got[n]["loss"] == pytest.approx(want[n]["loss"], rel=1e-4), (part, n)

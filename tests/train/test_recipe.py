@@ -3,6 +3,7 @@ what is allowed. Nothing here loads model weights."""
 import os
 
 import pytest
+import torch
 import yaml
 
 from rmt_peft import resources
@@ -44,9 +45,13 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     ("training.eval_strategy=sometimes", ["training.eval_strategy='sometimes'", "steps", "epoch"]),
     ("model.quantization=3bit", ["model.quantization='3bit'", "8bit", "4bit"]),
     ("model.compile_mode=fastest", ["model.compile_mode='fastest'", "reduce-overhead"]),
-    ("model.compile_mode=reduce-overhead", ["model.compile_mode='reduce-overhead'", "compile_blocks=true"]),
+    (["model.compile_blocks=false", "model.compile_mode=reduce-overhead"],
+     ["model.compile_mode='reduce-overhead'", "compile_blocks=true"]),
     (["model.compile_blocks=true", "model.compile_mode=reduce-overhead", "memory.checkpoint_segments=true"],
      ["compile_mode='reduce-overhead'", "CUDA graphs", "checkpoint_segments"]),
+    ("model.cache_dequantized_weights=true", ["cache_dequantized_weights=true", "'4bit'", "None"]),
+    (["model.quantization=4bit", "model.dtype=bfloat16", "model.cache_dequantized_weights=true",
+      "training.deepspeed=zero3"], ["cache_dequantized_weights=true", "ZeRO-3", "ZeRO-2"]),
     ("data.task=poetry", ["data.task='poetry'", "token_memory"]),
     ("data.options.colour=red", ["colour", "num_values"]),
     ("memory.segment_size=60", ["segment_size=60", "68 positions", "64", "segment_size <= 56"]),
@@ -128,19 +133,26 @@ def test_every_shipped_recipe_validates(name):
     assert yaml.safe_load(recipe.to_yaml())["model"]["name_or_path"] == recipe.model.name_or_path
 
 
-def test_fused_gelu_is_applied_and_can_be_turned_off(write_recipe):
+def test_speedups_are_applied_and_can_be_turned_off(write_recipe):
+    """model.speedups (default true): fused GELU and GPT-Neo's SDPA attention, with the same loss as
+    the model without them; model.attention=eager keeps eager attention."""
     from transformers.activations import NewGELUActivation
 
+    from rmt_peft.attention import GPTNeoSdpaSelfAttention
     from rmt_peft.speedups import FusedTanhGelu
     from rmt_peft.train.trainer import build_model
 
-    def count(recipe, kind):
-        return sum(type(m) is kind for m in build_model(recipe, seed=0).modules())
+    def kinds(model):
+        return [sum(type(m) is kind for m in model.modules())
+                for kind in (FusedTanhGelu, NewGELUActivation, GPTNeoSdpaSelfAttention)]
 
-    on = load_recipe(write_recipe())
-    off = load_recipe(write_recipe({"model.fused_gelu": False}))
-    assert count(on, FusedTanhGelu) == 2 and count(on, NewGELUActivation) == 0  # two tiny GPT-Neo layers
-    assert count(off, NewGELUActivation) == 2 and count(off, FusedTanhGelu) == 0
+    on, off = (build_model(load_recipe(write_recipe(changes)), seed=0) for changes in ({}, {"model.speedups": False}))
+    assert kinds(on) == [2, 0, 2] and on.pad_lm_head  # two tiny GPT-Neo layers
+    assert kinds(off) == [0, 2, 0] and not off.pad_lm_head
+    eager = build_model(load_recipe(write_recipe({"model.attention": "eager"})), seed=0)
+    assert kinds(eager) == [2, 0, 0]
+    ids = torch.randint(0, 64, (2, 24))
+    torch.testing.assert_close(on(ids, labels=ids).loss, off(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
@@ -152,8 +164,22 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     build_model(load_recipe(write_recipe({"model.compile_blocks": True})), seed=0)
     build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_mode": "reduce-overhead"})),
                 seed=0)
-    build_model(load_recipe(write_recipe()), seed=0)
+    build_model(load_recipe(write_recipe()), seed=0)  # compile_blocks: null, and no GPU here
     assert calls == [{}, {"mode": "reduce-overhead"}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # null means: on where a GPU is
+    build_model(load_recipe(write_recipe()), seed=0)
+    build_model(load_recipe(write_recipe({"model.compile_blocks": False})), seed=0)
+    assert calls == [{}, {"mode": "reduce-overhead"}, {}]
+
+
+def test_dequantized_weight_cache_reaches_the_4bit_backbone(write_recipe, tmp_path):
+    from rmt_peft.tiny_models import save_tiny_model
+    from rmt_peft.train.trainer import build_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", vocab_size=64, max_positions=64)
+    changes = {"model": {"name_or_path": path, "quantization": "4bit", "cache_dequantized_weights": True}}
+    model = build_model(load_recipe(write_recipe(changes)), seed=0)
+    assert sum(hasattr(m, "dequantized_weight") for m in model.modules()) == 12  # 6 linear layers x 2 blocks
 
 
 def test_validate_names_the_stage_a_data_source_cannot_fill(capsys):

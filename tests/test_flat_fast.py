@@ -1,0 +1,103 @@
+"""Segment checkpointing options that recompute less (MemoryConfig.uncheckpointed_segments,
+checkpoint_policy="save_matmuls") and the dequantized-weight cache for 4-bit backbones: each
+gives the loss and gradients of the plain run (CPU, tiny models)."""
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rmt_peft import MemoryConfig, RMTModel, load_backbone
+from rmt_peft.speedups import cache_dequantized_weights
+from rmt_peft.tiny_models import save_tiny_model, tiny_model
+
+LORA = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}  # random B: LoRA gets gradients
+PLAIN = MemoryConfig(num_memory_tokens=2, segment_size=16)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def loss_and_grads(model, ids):
+    """Loss, gradients of every trainable parameter, blocks run in forward + backward, matmuls in backward."""
+    model.zero_grad(set_to_none=True)
+    block = model.causal_lm.transformer.h[0]
+    calls = []
+    hook = block.register_forward_hook(lambda *_: calls.append(1))
+    loss = model(ids, labels=ids).loss
+    with CountMatmuls() as matmuls:
+        loss.backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, len(calls), matmuls.count
+
+
+@pytest.fixture(scope="module")
+def runs():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 64))  # 4 segments
+    model = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), PLAIN, lora=LORA, verbose=False).train()
+    out = {}
+    for name, changes in {"plain": {}, "all": {"checkpoint_segments": True, "uncheckpointed_segments": 0},
+                          "last kept": {"checkpoint_segments": True},
+                          "two kept": {"checkpoint_segments": True, "uncheckpointed_segments": 2},
+                          "save matmuls": {"checkpoint_segments": True, "uncheckpointed_segments": 0,
+                                           "checkpoint_policy": "save_matmuls"}}.items():
+        model.memory_config = dataclasses.replace(PLAIN, **changes)
+        out[name] = loss_and_grads(model, ids)
+    return out
+
+
+@pytest.mark.parametrize("name", ["all", "last kept", "two kept", "save matmuls"])
+def test_checkpointing_options_give_the_plain_loss_and_gradients(runs, name):
+    loss, grads = runs["plain"][:2]
+    got_loss, got_grads = runs[name][:2]
+    torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
+    assert got_grads.keys() == grads.keys()
+    for key in grads:
+        torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_they_recompute_less(runs):
+    # 4 segments: each checkpointed segment runs the block again in backward; kept ones do not
+    assert [runs[n][2] for n in ("plain", "all", "last kept", "two kept")] == [4, 8, 7, 6]
+    # save_matmuls recomputes the segments, but their matmuls come from what was saved
+    # (only the LM head's, and the backward's own, run): fewer than recompute_all
+    plain, everything, selective = (runs[n][3] for n in ("plain", "all", "save matmuls"))
+    assert runs["save matmuls"][2] == 8 and plain < selective < everything
+
+
+def test_bad_option_values_are_named():
+    with pytest.raises(ValueError, match="checkpoint_policy='save_all'.*recompute_all"):
+        MemoryConfig(checkpoint_policy="save_all")
+    with pytest.raises(ValueError, match="uncheckpointed_segments=-1"):
+        MemoryConfig(uncheckpointed_segments=-1)
+
+
+def test_dequantized_weight_cache_gives_the_4bit_loss_and_gradients(tmp_path):
+    """The cache multiplies with bitsandbytes' own dequantized weights: same loss and gradients
+    as the 4-bit layers, also through segment checkpointing; enable=False restores the layers."""
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
+    config = dataclasses.replace(PLAIN, checkpoint_segments=True, uncheckpointed_segments=0)
+    torch.manual_seed(0)
+    model = RMTModel.from_backbone(load_backbone(path, quantization="4bit", dtype="float32"), config, lora=LORA,
+                                   verbose=False).train()
+    ids = torch.randint(0, 128, (2, 48))
+    loss, grads = loss_and_grads(model, ids)[:2]
+    layers = cache_dequantized_weights(model)
+    assert layers == 12  # 6 linear layers x 2 blocks (the head stays unquantized)
+    cached = [m for m in model.modules() if hasattr(m, "dequantized_weight")]
+    assert len(cached) == 12 and all(m.dequantized_weight.dtype == torch.float32 for m in cached)
+    got_loss, got_grads = loss_and_grads(model, ids)[:2]
+    torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+    for key in grads:
+        torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert cache_dequantized_weights(model, enable=False) == 12
+    assert not any("dequantized_weight" in vars(m) or "forward" in vars(m) for m in model.modules())
