@@ -338,9 +338,10 @@ class RMTModel(nn.Module):
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
             if padded:
-                # A sample whose segment is all padding has ended: its memory stays as it was.
+                # A sample whose segment is all padding has ended (or not begun): its memory stays as
+                # it was, without training noise, so it neither drifts nor adds to the stability loss.
                 active = seg_mask.bool().any(dim=1)[:, None, None]
-                memory = torch.where(active, new_memory.to(memory.dtype), memory)
+                memory = torch.where(active, new_memory.to(memory.dtype), clean)
             else:
                 memory = new_memory.to(memory.dtype)
             if stabilize and index > 0:
@@ -349,7 +350,8 @@ class RMTModel(nn.Module):
                 drift = drift + relative_change(clean, memory, cfg.memory_stability_tolerance)
             clean = memory
             if noisy and index + 1 < len(bounds):
-                memory = perturb(memory, cfg.memory_noise_std)
+                perturbed = perturb(memory, cfg.memory_noise_std)
+                memory = torch.where(active, perturbed, memory) if padded else perturbed
             loss_sum, count = loss_sum + s_loss, count + s_count
             nan = torch.full_like(s_loss, float("nan"))
             seg_losses.append(torch.where(s_count > 0, s_loss / s_count.clamp(min=1), nan).detach())

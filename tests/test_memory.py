@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rmt_peft import MemoryConfig, RMTModel
-from rmt_peft.memory import perturb
+from rmt_peft.memory import perturb, relative_change
 from rmt_peft.tiny_models import tiny_model
 
 
@@ -117,3 +117,29 @@ def test_stability_with_noise_compares_against_the_memory_before_its_noise(monke
         clean, drift = _by_hand(rmt.eval(), IDS, 5, shift=0.5)
     torch.testing.assert_close(out.memory, clean[-1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.memory_drift, drift, rtol=1e-4, atol=1e-7)
+
+
+def test_stability_tolerance_saturates_the_penalty_of_large_writes():
+    old = torch.ones(2, 3, 4)
+    small, large = old * 1.01, old * 3.0  # relative squared change 1e-4 and 4 for every token
+    torch.testing.assert_close(relative_change(old, small), torch.tensor(1e-4), rtol=1e-3, atol=0)
+    torch.testing.assert_close(relative_change(old, small, 0.05), torch.tensor(1e-4 / (1e-4 + 0.05)), rtol=1e-3, atol=0)
+    torch.testing.assert_close(relative_change(old, large, 0.05), torch.tensor(4 / 4.05), rtol=1e-4, atol=0)
+
+
+def test_a_finished_padded_sample_gets_no_noise_and_no_stability_loss(monkeypatch):
+    import rmt_peft.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "perturb", lambda memory, std: memory + 0.5)
+    rmt = _rmt(memory_stability_weight=1.0, memory_noise_std=0.1).train()
+    long, short = IDS[:1], IDS[1:, :10]  # 3 segments, and 2 segments padded on the right to 3
+    ids = torch.cat([long, torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    out = rmt(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    with torch.no_grad():
+        long_memories, long_drift = _by_hand(rmt.eval(), long, 5, shift=0.5)
+        short_memories, short_drift = _by_hand(rmt, short, 5, shift=0.5)
+    torch.testing.assert_close(out.memory[1], short_memories[-1][0], rtol=1e-4, atol=1e-5)  # no noise after it ended
+    # transitions 1 (both samples) and 2 (the short sample has ended: 0), averaged over the batch
+    torch.testing.assert_close(out.memory_drift, (2 * long_drift + short_drift) / 4, rtol=1e-4, atol=1e-6)
