@@ -66,6 +66,7 @@ def validate_command(args) -> int:
 
 def _check_data(args, recipe) -> int:
     """Whether the data fills every stage (needs the tokenizer; without it, training checks first)."""
+    from ..errors import UserError
     from .recipe import RecipeError
     from .trainer import build_tokenizer, check_stage_data
 
@@ -73,7 +74,7 @@ def _check_data(args, recipe) -> int:
         return 0
     try:
         tokenizer = build_tokenizer(recipe)
-    except OSError:
+    except (OSError, UserError):  # UserError: a Hub tokenizer not in the cache while offline
         print("note: the tokenizer could not be loaded here (offline?): whether the data fills every stage is "
               "checked when training starts")
         return 0

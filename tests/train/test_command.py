@@ -31,3 +31,13 @@ def test_a_run_that_fails_after_training_began_keeps_its_folder(write_recipe, mo
         main(["train", path])
     out = yaml.safe_load(open(path))["training"]["output_dir"]
     assert os.path.isdir(os.path.join(out, "logs")) and os.path.isdir(os.path.join(out, "stage-1", "end"))
+
+
+def test_every_shipped_recipe_validates_offline_without_its_hub_tokenizer(capsys, monkeypatch):
+    from rmt_peft import resources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in resources.names(resources.RECIPES):
+        assert main(["validate", name]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert "valid (" in out and ("every stage can be filled" in out or "tokenizer could not be loaded" in out)
