@@ -94,7 +94,7 @@ def test_quickstart_with_baseline_and_compiled_blocks_under_the_launcher(tmp_pat
     DeepSpeed too. Both evaluations must match one process without DeepSpeed or compiling."""
     from rmt_peft.train.trainer import run
 
-    recipe = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    recipe = "quickstart"
     overrides = ["curriculum.steps_per_stage=2", "data.num_train_samples=128", "eval.num_samples=16",
                  "eval.num_segments=[1,3]", "training.per_device_eval_batch_size=16"]
     single = load_recipe(recipe, overrides + [f"training.output_dir={tmp_path / 'single'}",
@@ -106,7 +106,7 @@ def test_quickstart_with_baseline_and_compiled_blocks_under_the_launcher(tmp_pat
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "train.py"),
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rmt_peft.train",
          recipe, *overrides, "training.per_device_train_batch_size=16", "training.deepspeed=zero2",
          f"training.output_dir={out}", "model.compile_blocks=true"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
