@@ -84,3 +84,20 @@ def test_multi_gpu_bench_runs_on_cpu_ranks(tmp_path):
     assert single["gpus"] == 1 and zero2["gpus"] == 2 and len(zero2["losses"]) == 2
     assert zero2["max_rel_loss_diff"] < 1e-4
     assert zero2["speedup_vs_single"] == pytest.approx(zero2["tokens_per_s"] / single["tokens_per_s"])
+
+
+def test_learning_bench_writes_curves_for_every_task(tmp_path):
+    from benchmarks import learning
+
+    tiny = {"hidden_size": 64, "num_layers": 2, "num_memory_tokens": 2, "max_train_segments": 2,
+            "steps_per_stage": 2, "batch_size": 4, "eval_segments": [1, 3], "eval_samples": 4}
+    report = learning.main(["--runs", "memorize/paper", "detect/stable10_noise", "reasoning/baseline/1", "token/gated",
+                            "--set", json.dumps(tiny), "--out-dir", str(tmp_path)])
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert [(r["config"]["task"], r["config"]["variant"], r["config"]["seed"]) for r in runs] == [
+        ("memorize", "paper", 0), ("detect", "stable10_noise", 0), ("reasoning", "baseline", 1), ("token", "gated", 0)]
+    assert runs[1]["config"]["memory_stability_weight"] == 10.0 and runs[2]["config"]["num_memory_tokens"] == 0
+    for run in runs:  # accuracies are fractions of the 4 test samples, at each length asked for
+        assert set(run["accuracy"]) == {"1", "3"} and all(a * 4 == int(a * 4) for a in run["accuracy"].values())
+        assert report["accuracy"][run["config"]["task"]][run["config"]["variant"]]["3"] == [run["accuracy"]["3"]]
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
