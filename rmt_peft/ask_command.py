@@ -17,6 +17,8 @@ import os
 import sys
 from collections.abc import Iterable
 
+from .eval.command import add_model_options
+
 READ_CHARS = 1 << 20  # characters of the document read (and tokenized) at a time
 
 
@@ -32,12 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--save-memory", metavar="FILE", help="save the state after the document (.safetensors)")
     p.add_argument("--separator", default=" ", help="text between the document and each question (default: a space)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
-    p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
-    p.add_argument("--dtype", help="default: the recipe's")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")
-    p.add_argument("--tokenizer", help="a tokenizer name / folder, or 'offline' (default: recipe, adapter, base)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 

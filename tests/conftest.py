@@ -1,8 +1,11 @@
 """Tiny models on a shared 2-core CPU: one intra-op thread per test. Matmuls of 64-wide layers
 gain nothing from a second thread, and on a loaded machine OpenMP's spinning threads make them
 10-100x slower."""
+import copy
+
 import pytest
 import torch
+import yaml
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +26,27 @@ def fresh_command_logging():
     package_logger = logging.getLogger("rmt_peft")
     for handler in [h for h in package_logger.handlers if getattr(h, "_rmt_peft", False)]:
         package_logger.removeHandler(handler)
+
+
+@pytest.fixture
+def recipe_writer():
+    """recipe_writer(base, folder, output_dir) -> write; see make_recipe_writer."""
+    return make_recipe_writer
+
+
+def make_recipe_writer(base: dict, folder, output_dir):
+    """write(changes: dict of dotted keys, name) -> path of ``base`` with the changes, saved in
+    ``folder``; ``output_dir(name)`` gives its training.output_dir."""
+    def write(changes=None, name="recipe.yaml"):
+        raw = copy.deepcopy(base)
+        raw["training"]["output_dir"] = str(output_dir(name))
+        for key, value in (changes or {}).items():
+            node = raw
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        path = folder / name
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+    return write

@@ -304,10 +304,15 @@ def register(subparsers) -> None:
                         "trained one)")
     p.add_argument("--out", help="output folder (default: RUN_OR_ADAPTER_DIR/eval)")
     p.add_argument("--seed", type=int, help=f"sample seed (default: the recipe's data.seed + {EVAL_SEED_OFFSET})")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def add_model_options(p) -> None:
+    """How a run or adapter is loaded (shared by eval and ask)."""
     p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
     p.add_argument("--dtype", help="default: the recipe's")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")
     p.add_argument("--tokenizer", help="a tokenizer name / folder, or 'offline' (default: recipe, adapter, base)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)

@@ -1,10 +1,8 @@
 """A tiny three-stage recipe (GPT-Neo from a config, token_memory task) for the reliability tests:
 every run takes a few seconds on one CPU thread."""
-import copy
 import os
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 TINY = {
@@ -22,21 +20,9 @@ TINY = {
 
 
 @pytest.fixture
-def write_recipe(tmp_path):
+def write_recipe(tmp_path, recipe_writer):
     """write_recipe(changes: dict of dotted keys, name) -> path of a tiny recipe writing to tmp_path/<name stem>."""
-    def write(changes=None, name="recipe.yaml"):
-        raw = copy.deepcopy(TINY)
-        raw["training"]["output_dir"] = str(tmp_path / name.split(".")[0])
-        for key, value in (changes or {}).items():
-            node = raw
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(raw))
-        return str(path)
-    return write
+    return recipe_writer(TINY, tmp_path, lambda name: tmp_path / name.split(".")[0])
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """Small recipes for the training tests: a tiny GPT-Neo on the token_memory task."""
-import copy
 
 import pytest
-import yaml
 
 TINY = {
     "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 64, "max_positions": 64}},
@@ -19,18 +17,6 @@ TINY = {
 
 
 @pytest.fixture
-def write_recipe(tmp_path):
+def write_recipe(tmp_path, recipe_writer):
     """write_recipe(changes: dict of dotted keys) -> path of a tiny recipe with output in tmp_path/run."""
-    def write(changes=None, name="recipe.yaml"):
-        raw = copy.deepcopy(TINY)
-        raw["training"]["output_dir"] = str(tmp_path / "run")
-        for key, value in (changes or {}).items():
-            node = raw
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(raw))
-        return str(path)
-    return write
+    return recipe_writer(TINY, tmp_path, lambda name: tmp_path / "run")
