@@ -15,7 +15,8 @@ def run(layers, seg=1024):
                                  lora={"target_modules":"all-linear","r":16}, verbose=False)
     with torch.no_grad():
         for n,p in rmt.named_parameters():
-            if "lora_B" in n: p.normal_(0, 0.01)
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
     rmt.eval()
     ids = torch.randint(0, 50257, (1, 2*seg), device="cuda")
     with torch.no_grad():
@@ -26,7 +27,13 @@ def run(layers, seg=1024):
         f32 = m32(ids).logits.float()   # fp32 merge == unmerged fp32 computation (checked to 2e-4)
         with rmt.backbone.disable_adapter():
             base_bf = rmt(ids).logits.float()
-    d = lambda a,b: (a-b).abs().max().item()
+    def d(a, b):
+        return (a - b).abs().max().item()
+
     print(f"layers={layers}: unmerged-bf16 vs fp32 {d(bf,f32):.3g} | merged-bf16 vs fp32 {d(mbf,f32):.3g} | "
-          f"merged-bf16 vs unmerged-bf16 {d(mbf,bf):.3g} | LoRA effect (bf16 with vs without) {d(bf,base_bf):.3g} | scale {f32.abs().max().item():.3g}", flush=True)
-for L in (2, 24): run(L)
+          f"merged-bf16 vs unmerged-bf16 {d(mbf,bf):.3g} | LoRA effect (bf16 with vs without) {d(bf,base_bf):.3g} | "
+          f"scale {f32.abs().max().item():.3g}", flush=True)
+
+
+for L in (2, 24):
+    run(L)

@@ -36,19 +36,25 @@ _check_transformers()
 
 # public name -> the module that defines it
 _EXPORTS = {"MemoryConfig": "memory", "RMTModel": "recurrent", "RMTOutput": "recurrent",
-            "MemoryStream": "recurrent", "MemoryState": "memory_state", "StreamResult": "recurrent", "segment_bounds": "recurrent",
-            "stream_tokens": "recurrent", "load_backbone": "backbones", "lora_config": "adapters",
+            "MemoryStream": "recurrent", "MemoryState": "memory_state", "StreamResult": "recurrent",
+            "segment_bounds": "recurrent", "stream_tokens": "recurrent", "load_backbone": "backbones", "lora_config": "adapters",
             "trainable_summary": "adapters"}
 
 __all__ = [*_EXPORTS, "hub", "__version__"]
 
-if TYPE_CHECKING:
-    from . import hub
-    from .adapters import lora_config, trainable_summary
-    from .backbones import load_backbone
-    from .memory import MemoryConfig
-    from .memory_state import MemoryState
-    from .recurrent import MemoryStream, RMTModel, RMTOutput, StreamResult, segment_bounds, stream_tokens
+if TYPE_CHECKING:  # for type checkers and IDEs; "X as X" marks a re-export
+    from . import hub as hub
+    from .adapters import lora_config as lora_config
+    from .adapters import trainable_summary as trainable_summary
+    from .backbones import load_backbone as load_backbone
+    from .memory import MemoryConfig as MemoryConfig
+    from .memory_state import MemoryState as MemoryState
+    from .recurrent import MemoryStream as MemoryStream
+    from .recurrent import RMTModel as RMTModel
+    from .recurrent import RMTOutput as RMTOutput
+    from .recurrent import StreamResult as StreamResult
+    from .recurrent import segment_bounds as segment_bounds
+    from .recurrent import stream_tokens as stream_tokens
 
 
 def __getattr__(name: str):

@@ -220,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
         curve=args.curve or curve_for_task(task),
         segments=args.segments or (list(eval_section.num_segments) if eval_section and eval_section.num_segments
                                    else DEFAULT_SEGMENTS),
-        num_samples=args.samples if args.samples is not None else (eval_section.num_samples if eval_section and eval_section.num_samples
-                                     else DEFAULT_SAMPLES),
+        num_samples=args.samples if args.samples is not None else (
+            eval_section.num_samples if eval_section and eval_section.num_samples else DEFAULT_SAMPLES),
         batch_size=args.batch_size or (eval_section.batch_size if eval_section and eval_section.batch_size else 1),
         chunk_size=args.chunk_size,
         progress=not args.no_progress,

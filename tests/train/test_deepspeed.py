@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks (gloo) through the real launcher and
-the module entry (``deepspeed --module rmt_peft.train``, from a folder outside the checkout), against one process on the same data: a 1-segment stage, then 3-segment BPTT
+the module entry (``deepspeed --module rmt_peft.train``, from a folder outside the checkout), against
+one process on the same data: a 1-segment stage, then 3-segment BPTT
 with LoRA reused in every segment under non-reentrant checkpointing (whole segments with ZeRO-2,
 per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The backbone
 loads from a folder, so under ZeRO-3 it is partitioned while loading (the memory's init std is

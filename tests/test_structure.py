@@ -1,0 +1,27 @@
+"""The lint rules and the layering of the package (pyproject.toml's [tool.ruff] and
+[tool.importlinter]); scripts/test.sh runs the same two commands before pytest:
+
+    .venv/bin/ruff check .
+    .venv/bin/lint-imports
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    found = path if os.path.exists(path) else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return found
+
+
+def test_ruff_rules_hold():
+    result = subprocess.run([tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
