@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig
 
+from rmt_peft import flops
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.backbones import load_backbone
 
@@ -178,17 +179,9 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 # -- FLOPs -----------------------------------------------------------------------------------
 def matmul_params(config) -> int:
-    """Weights every token multiplies through (all linear layers + the LM head), excluding LoRA."""
-    d = config.hidden_size
-    if config.model_type == "gpt_neo":
-        ff = config.intermediate_size or 4 * d
-        per_layer = 4 * d * d + 2 * d * ff
-        layers = config.num_layers
-    else:  # llama
-        kv = config.num_key_value_heads * (d // config.num_attention_heads)
-        per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
-        layers = config.num_hidden_layers
-    return layers * per_layer + d * config.vocab_size
+    """Weights every token multiplies through (all linear layers + the LM head), excluding LoRA:
+    rmt_peft.flops' count, the one of ``rmt-peft flops``."""
+    return flops.matmul_params(flops.shape_from_config(config))
 
 
 def attention_keys(config, positions: int) -> list[float]:

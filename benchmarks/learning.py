@@ -36,7 +36,7 @@ from rmt_peft import MemoryConfig, RMTModel
 from rmt_peft.data.babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.data.tokenizer import offline_tokenizer
-from rmt_peft.eval.metrics import exact_match
+from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",

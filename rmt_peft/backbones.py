@@ -142,14 +142,24 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     return model
 
 
-def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant per-layer activation checkpointing (see ``load_backbone``)."""
+def enable_checkpointing(model: PreTrainedModel, *, zero3: bool = False, drop_input_hook: bool = True) -> None:
+    """Non-reentrant per-layer activation checkpointing (see ``load_backbone``).
+
+    zero3: under ZeRO-3 the recompute sees the frozen weights re-partitioned (shape [0]) until
+    DeepSpeed's pre-backward hook gathers them again for the gradient, so torch's metadata check
+    (not the gradients) would fail: it is turned off (DeepSpeed #8148 / transformers #47254).
+    drop_input_hook: remove the input-requires-grad hook that transformers adds for reentrant
+    checkpointing (``load_backbone`` does; the training engine has always kept it).
+    """
     kwargs = {"use_reentrant": False}
+    if zero3:
+        kwargs["determinism_check"] = "none"
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers < 5.x naming
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.disable_input_require_grads()
+    if drop_input_hook:
+        model.disable_input_require_grads()
 
 
 def uses_non_reentrant_checkpointing(model: nn.Module) -> bool:

@@ -134,21 +134,26 @@ def resolve_shape(model) -> TransformerShape:
     return shape_from_config(model)
 
 
+def matmul_params(shape: TransformerShape) -> int:
+    """Weights every position multiplies through (2 FLOPs each, forward): per layer the Q, K, V and
+    output projections and the MLP, then the LM head. The benchmarks' MFU counts share it."""
+    d, h = shape.hidden_size, shape.num_heads
+    attn_width = h * shape.head_dim
+    qkv = d * shape.head_dim * (h + 2 * shape.num_kv_heads)
+    layer = qkv + attn_width * d + shape.mlp_matrices * d * shape.ffn_size
+    return shape.num_layers * layer + d * shape.vocab_size
+
+
 def forward_flops(shape: TransformerShape, seq_len: int, key_len: int | None = None,
                   count_embeddings: bool = False) -> int:
     """Chinchilla forward FLOPs for ``seq_len`` positions attending to ``key_len`` keys."""
     n, k = seq_len, seq_len if key_len is None else key_len
-    d, v, h = shape.hidden_size, shape.vocab_size, shape.num_heads
-    attn_width = h * shape.head_dim
-    qkv = 2 * n * d * shape.head_dim * (h + 2 * shape.num_kv_heads)
+    attn_width = shape.num_heads * shape.head_dim
     logits = 2 * n * k * attn_width
-    softmax = 3 * h * n * k
+    softmax = 3 * shape.num_heads * n * k
     values = 2 * n * k * attn_width
-    out_proj = 2 * n * attn_width * d
-    mlp = 2 * n * shape.mlp_matrices * d * shape.ffn_size
-    layer = qkv + logits + softmax + values + out_proj + mlp
-    embeddings = 2 * n * v * d if count_embeddings else 0
-    return embeddings + shape.num_layers * layer + 2 * n * d * v
+    embeddings = 2 * n * shape.vocab_size * shape.hidden_size if count_embeddings else 0
+    return embeddings + shape.num_layers * (logits + softmax + values) + 2 * n * matmul_params(shape)
 
 
 @dataclass

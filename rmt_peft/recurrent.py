@@ -25,10 +25,8 @@ from transformers.utils import ModelOutput
 
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
-from .inputs import check_inputs
+from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ..inputs import IGNORE_INDEX
 from .noise import TextSourceOptions, encode, pieces, text_source
 from .skips import SkipCounter
-
-IGNORE_INDEX = -100
 logger = logging.getLogger("rmt_peft.data")
 
 

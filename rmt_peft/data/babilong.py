@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ..inputs import IGNORE_INDEX
 from .noise import NoiseStream, TextSourceOptions, encode, take, text_source
 from .skips import SkipCounter
-
-IGNORE_INDEX = -100
 logger = logging.getLogger("rmt_peft.data")
 
 PEOPLE = ["Mary", "John", "Daniel", "Sandra", "Bill", "Fred", "Julie", "Emily", "Jeff", "Jason"]

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from ..inputs import IGNORE_INDEX
 from .noise import encode
 from .skips import SkipCounter
-
-IGNORE_INDEX = -100
 LOSS_ON = ("answer", "all")
 HUB_LENGTHS = ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"]
 COLUMNS = ("input", "question", "target")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from ..inputs import IGNORE_INDEX
+
 PADDING_SIDES = ("right", "left")
 
 

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ..inputs import IGNORE_INDEX
 from .noise import encode
 from .skips import SkipCounter
-
-IGNORE_INDEX = -100
 EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
 EXAMPLE_THEOREMS = os.path.join(EXAMPLES, "lean_theorems.jsonl")
 EXAMPLE_LEMMAS = os.path.join(EXAMPLES, "lean_lemmas.jsonl")

@@ -26,7 +26,8 @@ from .arxiv_lm import ArxivLMOptions, HistoryLMDataset
 from .babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from .babilong_hub import BabilongHubDataset, BabilongHubOptions
 from .lean import LeanDataset, LeanOptions
-from .token_memory import IGNORE_INDEX, TokenMemoryTask
+from ..inputs import IGNORE_INDEX
+from .token_memory import TokenMemoryTask
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-FACT, QUESTION, FIRST_VALUE = 2, 3, 4
-IGNORE_INDEX = -100
+from ..inputs import IGNORE_INDEX
 
+FACT, QUESTION, FIRST_VALUE = 2, 3, 4
 
 class TokenMemoryTask(Dataset):
     """Deterministic samples: item ``i`` is the same for the same ``seed``."""

@@ -21,17 +21,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..inputs import IGNORE_INDEX
 from ..recurrent import RMTModel, segment_bounds
 from .profiling import measure
-from .streaming import IGNORE_INDEX, stream_memory
-
-SampleSource = Callable[[int, int], Sequence[dict]]
+from .streaming import SampleSource, stream_memory
 
 
 @dataclass

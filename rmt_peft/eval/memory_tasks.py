@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..inputs import IGNORE_INDEX
+from ..metrics import exact_match
 from ..recurrent import RMTModel
-from .metrics import exact_match
 from .profiling import measure
-from .streaming import IGNORE_INDEX, tail_logits
-
-SampleSource = Callable[[int, int], Sequence[dict]]
+from .streaming import SampleSource, tail_logits
 
 
 @dataclass

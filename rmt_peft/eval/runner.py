@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
-
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..recurrent import RMTModel
 from . import reports
 from .lm import history_curve, length_perplexity
 from .memory_tasks import length_generalization
+from .streaming import SampleSource
 
 CURVES = ("accuracy", "history", "perplexity")
 HISTORY_TASKS = ("arxiv_lm",)
-
-# (num_segments, num_samples) -> dataset of dicts of 1-D LongTensors
-DatasetBuilder = Callable[[int, int], Dataset]
 
 
 def curve_for_task(task: str) -> str:
@@ -64,7 +59,7 @@ class EvalSettings:
                 raise ValueError(f"EvalSettings.{name}={value!r} is invalid: expected an integer >= 1")
 
 
-def evaluate(models: dict[str, RMTModel], build: DatasetBuilder, settings: EvalSettings, out_dir: str) -> dict:
+def evaluate(models: dict[str, RMTModel], build: SampleSource, settings: EvalSettings, out_dir: str) -> dict:
     """Run ``settings.curve`` for every model and write metrics.json, CSVs and plots to ``out_dir``.
     Lengths are the outer loop, so each length's dataset is built once and shared by the models."""
     os.makedirs(out_dir, exist_ok=True)

@@ -8,11 +8,15 @@ equal those of the whole-input forward while memory stays flat in the input leng
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from ..recurrent import RMTModel, segment_bounds
 
-IGNORE_INDEX = -100
+# (num_segments, num_samples) -> samples: dicts of 1-D LongTensors with input_ids and labels (a
+# data registry dataset, a TokenMemoryTask, ...); what every evaluator reads its inputs from
+SampleSource = Callable[[int, int], Sequence[dict]]
 
 
 def context_split(length: int, first_scored: int, segment_size: int, alignment: str = "left") -> int:

@@ -27,13 +27,14 @@ from typing import Any
 import yaml
 
 from .. import resources
+from ..backbones import DTYPES as TORCH_DTYPES
 from ..errors import UserError
 from ..memory import MemoryConfig
+from ..quantization import QUANTIZATIONS
 from ..speedups import CUDA_GRAPH_MODES
 
 TINY_PREFIX = "tiny:"
-QUANTIZATIONS = (None, "8bit", "4bit")
-DTYPES = (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPES = (None, *TORCH_DTYPES)  # null: the checkpoint's own
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAINERS = ("rmt", "sft")

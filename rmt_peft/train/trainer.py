@@ -29,9 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
+from ..attention import use_gpt_neo_sdpa
+from ..backbones import enable_checkpointing, load_backbone
+from ..data.collate import collate
+from ..data.registry import build_dataset as registry_build
 from ..errors import TrainingDiverged, UserError
-from ..fileio import atomic_path, remove_temp_files, write_json, write_text
+from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
+from ..hub import write_model_card
 from ..log import logger, quiet_trainer
+from ..metrics import exact_match
+from ..recurrent import RMTModel
+from ..speedups import cache_dequantized_weights
+from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
                          checkpoints, find_resume_point, latest_checkpoint, stage_budget, stage_dir)
 from .guard import DivergenceGuard, set_base_learning_rate
@@ -97,11 +106,7 @@ def embedding_std(causal_lm) -> float:
 def build_backbone(recipe: Recipe, seed: int):
     model = recipe.model
     if model.is_tiny:
-        from ..tiny_models import tiny_model
-
         return tiny_model(model.name_or_path[len(TINY_PREFIX):], seed=seed, **model.config)
-    from ..backbones import load_backbone
-
     kwargs = {}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
@@ -112,10 +117,6 @@ def build_backbone(recipe: Recipe, seed: int):
 
 def build_model(recipe: Recipe, seed: int):
     """Backbone (+ LoRA) wrapped in an RMTModel, in training mode."""
-    from ..attention import use_gpt_neo_sdpa
-    from ..recurrent import RMTModel
-    from ..speedups import cache_dequantized_weights
-
     backbone = build_backbone(recipe, seed)
     memory = recipe.memory
     if memory.memory_init_std is None and memory.num_memory_tokens:
@@ -132,25 +133,13 @@ def build_model(recipe: Recipe, seed: int):
     if recipe.model.cache_dequantized_weights:
         cache_dequantized_weights(rmt.causal_lm)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
-        # Non-reentrant only: BPTT reuses the LoRA weights in every segment. Under ZeRO-3 the
-        # recompute sees the frozen weights re-partitioned (shape [0]) until DeepSpeed's
-        # pre-backward hook gathers them again for the gradient, so torch's metadata check
-        # (not the gradients) would fail; DeepSpeed #8148 / transformers #47254.
-        kwargs = {"use_reentrant": False}
-        if recipe.zero_stage == 3:
-            kwargs["determinism_check"] = "none"
-        enable = getattr(rmt.causal_lm, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            rmt.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # Non-reentrant only: BPTT reuses the LoRA weights in every segment.
+        enable_checkpointing(rmt.causal_lm, zero3=recipe.zero_stage == 3, drop_input_hook=False)
     return rmt.train()
 
 
 def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: int, seed: int) -> Dataset:
     """Samples of every count in ``segments`` (num_samples split evenly), for one stage."""
-    from ..data.registry import build_dataset as registry_build
-
     parts = []
     for i, n in enumerate(segments):
         count = max(1, num_samples // len(segments))
@@ -195,8 +184,6 @@ class Collator:
     padding_side: str = "right"
 
     def __call__(self, samples):
-        from ..data.collate import collate
-
         samples = [{k: s[k] for k in MODEL_INPUTS if k in s} for s in samples]
         return collate(samples, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
 
@@ -271,8 +258,6 @@ class RMTTrainerMixin:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Loss and per-sample exact match (every labelled token predicted greedily)."""
-        from ..eval.metrics import exact_match
-
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, return_logits=True)
@@ -426,8 +411,6 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             lock.acquire()
         return _train_recipe(recipe, log)
     except OSError as err:  # a full disk or a folder that became read-only while training
-        from ..fileio import disk_error
-
         raise disk_error(err, getattr(err, "filename", None) or recipe.output_dir) from err
     except RuntimeError as err:
         if not any(sign in str(err) for sign in TORCH_SAVE_FAILURES):
@@ -684,8 +667,6 @@ def run(recipe: Recipe, log=print) -> dict:
             if lock is not None:
                 lock.release()
     if is_main_process():
-        from ..hub import write_model_card
-
         write_model_card(os.path.join(recipe.output_dir, "final"), run_dir=recipe.output_dir)  # with the results
         log(format_table(summary))
     return summary

@@ -10,7 +10,7 @@ from rmt_peft.cli import main
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.errors import UserError
 from rmt_peft.eval.command import locate, parse_segments
-from rmt_peft.eval.metrics import exact_match
+from rmt_peft.metrics import exact_match
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.tiny_models import tiny_model

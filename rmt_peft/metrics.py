@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .inputs import IGNORE_INDEX
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
