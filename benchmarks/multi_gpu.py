@@ -50,7 +50,7 @@ def worker(argv: list[str]) -> None:
     from transformers import TrainerCallback
 
     from rmt_peft.train import trainer as engine
-    from rmt_peft.train.recipe import load_recipe
+    from rmt_peft.recipe import load_recipe
 
     recipe = load_recipe(argv[0], argv[1:])
     cuda = torch.cuda.is_available()

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     recipe = None
     if recipe_path is not None:
-        from .train.recipe import load_recipe
+        from .recipe import load_recipe
 
         recipe = load_recipe(recipe_path)
     # The stream cuts segments from the first token: the state after a document is then the same

@@ -96,7 +96,7 @@ def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
     weights (same architecture, config and seed as in training) from the run's recipe.yaml into
     ``into``; None for any other base (loaded from its name)."""
     from .hub import read_run
-    from .train.recipe import TINY_PREFIX
+    from .recipe import TINY_PREFIX
 
     if not base.startswith(TINY_PREFIX):
         return None

@@ -15,7 +15,7 @@ from rmt_peft.cli import main
 from rmt_peft.data.noise import encode
 from rmt_peft.data.tokenizer import offline_tokenizer, save_offline_tokenizer
 from rmt_peft.tiny_models import tiny_model
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import run as train
 
 WORDS = "Mary went to the kitchen . John picked up the football . Where is the apple ? The milk is in the garden ."

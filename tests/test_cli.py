@@ -9,7 +9,7 @@ import pytest
 
 import rmt_peft
 from rmt_peft.cli import build_parser, main
-from rmt_peft.train.recipe import RecipeError
+from rmt_peft.recipe import RecipeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "datasets", "numpy")

@@ -25,3 +25,11 @@ def tool(name: str) -> str:
 def test_ruff_rules_hold():
     result = subprocess.run([tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_moved_modules_keep_their_old_import_paths():
+    import rmt_peft.recipe
+    from rmt_peft.train.recipe import RecipeError, Stage, load_recipe
+
+    assert (load_recipe, RecipeError, Stage) == (rmt_peft.recipe.load_recipe, rmt_peft.recipe.RecipeError,
+                                                 rmt_peft.recipe.Stage)

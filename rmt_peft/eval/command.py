@@ -167,7 +167,7 @@ def load_model(adapter: str, recipe, args, memory_overrides: dict):
 def _recipe(path: str | None, overrides: list[str]):
     if path is None:
         return None
-    from ..train.recipe import load_recipe
+    from ..recipe import load_recipe
 
     return load_recipe(path, overrides)
 

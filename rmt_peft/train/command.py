@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def _load(args):
-    from .recipe import RecipeError, load_recipe
+    from ..recipe import RecipeError, load_recipe
 
     try:
         return load_recipe(args.recipe, args.overrides)
@@ -50,7 +50,7 @@ def _load(args):
 
 def validate_command(args) -> int:
     recipe = _load(args)
-    from .recipe import model_config, stage_segments
+    from ..recipe import model_config, stage_segments
 
     stages = ", ".join(f"{stage_segments(s)}x{s.max_steps or 'max'}" for s in recipe.curriculum.stages)
     print(f"{args.recipe}: valid ({recipe.model.name_or_path}, task {recipe.data.task}, "
@@ -67,7 +67,7 @@ def validate_command(args) -> int:
 def _check_data(args, recipe) -> int:
     """Whether the data fills every stage (needs the tokenizer; without it, training checks first)."""
     from ..errors import UserError
-    from .recipe import RecipeError
+    from ..recipe import RecipeError
     from .trainer import build_tokenizer, check_stage_data
 
     if recipe.trainer != "rmt":  # trl's trainers prepare their own rows when training starts

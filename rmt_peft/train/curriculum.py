@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..fileio import write_json
-from .recipe import Stage
+from ..recipe import Stage
 
 STATE_FILE = "curriculum.json"
 END_DIR = "end"

@@ -45,7 +45,7 @@ from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, R
                          checkpoints, find_resume_point, latest_checkpoint, stage_budget, stage_dir)
 from .guard import DivergenceGuard, set_base_learning_rate
 from .lock import LOCK_FILE, RunLock
-from .recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
+from ..recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
 from .tracking import continue_curve, end_run
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")

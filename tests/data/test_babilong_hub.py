@@ -82,7 +82,7 @@ def test_length_auto_follows_the_segments_and_long_rows_are_counted_skips(babilo
 def test_the_hub_recipe_trains_and_evaluates_on_the_local_copy(babilong_folder, tmp_path):
     from rmt_peft.data.tokenizer import save_offline_tokenizer
     from rmt_peft.tiny_models import save_tiny_model
-    from rmt_peft.train.recipe import load_recipe
+    from rmt_peft.recipe import load_recipe
     from rmt_peft.train.trainer import run
 
     backbone = save_tiny_model(str(tmp_path / "tiny-gpt2"), "gpt2", vocab_size=640, max_positions=256)

@@ -12,7 +12,7 @@ import torch
 from rmt_peft.cli import main
 from rmt_peft.errors import TrainingDiverged
 from rmt_peft.train.guard import DivergenceGuard
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import RMTTrainer, train_recipe
 
 QUIET = dict(log=lambda *_: None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rmt_peft.train.curriculum import StageCallback
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import run, train_recipe
 
 QUIET = dict(log=lambda *_: None)

@@ -15,7 +15,7 @@ from rmt_peft.fileio import write_json
 from rmt_peft.train import trainer as trainer_module
 from rmt_peft.train.curriculum import StageCallback
 from rmt_peft.train.lock import LOCK_FILE, RunLock
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import train_recipe
 
 TWO_STAGES = {"curriculum.segments": [1, 2]}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from rmt_peft.train.curriculum import CurriculumState, StageCallback, stage_budget
-from rmt_peft.train.recipe import Stage, load_recipe
+from rmt_peft.recipe import Stage, load_recipe
 from rmt_peft.train.trainer import train_recipe
 
 

@@ -9,7 +9,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from rmt_peft import hub
 from rmt_peft.cli import main
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import TRAINABLE_FILE, run
 
 

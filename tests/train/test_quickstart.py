@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import run
 
 

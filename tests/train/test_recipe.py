@@ -8,7 +8,7 @@ import yaml
 
 from rmt_peft import resources
 from rmt_peft.cli import main
-from rmt_peft.train.recipe import RecipeError, load_recipe
+from rmt_peft.recipe import RecipeError, load_recipe
 from rmt_peft.train.trainer import check_output_dir
 
 

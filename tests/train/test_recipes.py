@@ -8,7 +8,7 @@ import pytest
 
 from rmt_peft.data.tokenizer import save_offline_tokenizer
 from rmt_peft.tiny_models import save_tiny_model
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import run
 
 # recipe -> (tiny architecture standing in for its model, the data option that names a Hub source)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rmt_peft.train.recipe import RecipeError, load_recipe
+from rmt_peft.recipe import RecipeError, load_recipe
 from rmt_peft.train.trainer import build_model, build_tokenizer, run, stage_trainer, training_arguments
 
 PAIRS = [("where is mary ? ", "kitchen"), ("where is john ? ", "garden"), ("where is daniel ? ", "office"),

@@ -7,7 +7,7 @@ import types
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rmt_peft.train import tracking
-from rmt_peft.train.recipe import load_recipe
+from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import train_recipe
 
 

@@ -2,7 +2,7 @@
 are installed, and TrainingArguments fields the engine does not honour."""
 import pytest
 
-from rmt_peft.train.recipe import CURRICULUM_METRICS, RecipeError, load_recipe
+from rmt_peft.recipe import CURRICULUM_METRICS, RecipeError, load_recipe
 from rmt_peft.train.trainer import Collator, build_model, build_tokenizer, stage_trainer, training_arguments
 
 STAGES = ["curriculum.segments=[]", "training.eval_strategy=steps", "training.eval_steps=2"]

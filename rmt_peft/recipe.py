@@ -1,0 +1,681 @@
+"""Recipes: one YAML file describes a whole run; this module loads, overrides and validates it.
+
+Sections (each a dataclass below): ``model``, ``memory`` (``MemoryConfig`` fields), ``lora``
+(a preset name or ``peft.LoraConfig`` fields; null trains the memory only), ``data`` (a task of
+``rmt_peft.data.registry`` and its options), ``curriculum`` (stages by number of segments),
+``training`` (``transformers.TrainingArguments`` fields, verbatim), ``eval`` and ``guard`` (what a
+diverging run does).
+
+``load_recipe(path, overrides)`` applies ``dotted.key=value`` overrides (values parsed as YAML)
+and validates everything that can be checked without loading weights: unknown keys, wrong
+types, values out of range and impossible combinations (a segment plus its memory that does not
+fit the model's learned positions, read from config.json only; ZeRO-3 with 8-bit weights; ...).
+Every error is a ``RecipeError`` naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+import yaml
+from huggingface_hub.errors import StrictDataclassError  # transformers configs validate their fields
+from transformers import AutoConfig, TrainingArguments
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+from . import resources
+from .backbones import DTYPES as TORCH_DTYPES
+from .backbones import position_limit
+from .data import registry
+from .data.tokenizer import offline_tokenizer
+from .errors import UserError
+from .fileio import check_writable
+from .memory import MemoryConfig
+from .quantization import QUANTIZATIONS
+from .speedups import CUDA_GRAPH_MODES
+from .tiny_models import ARCHITECTURES, tiny_config
+
+TINY_PREFIX = "tiny:"
+DTYPES = (None, *TORCH_DTYPES)  # null: the checkpoint's own
+ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRAINERS = ("rmt", "sft")
+ON_DIVERGENCE = ("stop", "rollback")
+# TrainingArguments fields the engine sets itself (per stage / for our batches).
+ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the model does not take",
+                "label_names": "the engine sets it"}
+SFT_OWNED = {"max_length": "each curriculum stage truncates to its number of segments x memory.segment_size",
+             "packing": "packed samples would share one memory across unrelated documents",
+             "padding_free": "the memory model reads padded batches segment by segment"}
+# TrainingArguments fields the curriculum engine does not honour: rejected with the reason.
+UNSUPPORTED = {"num_train_epochs": "the curriculum counts optimizer steps: give curriculum.steps_per_stage or a "
+                                   "stage's max_steps (training.max_steps caps all stages together)",
+               "push_to_hub": "the Trainer would push every stage's checkpoints; upload the trained adapter with "
+                              "rmt-peft export OUTPUT_DIR --to DIR --push-to-hub REPO_ID",
+               "fsdp": "FSDP is not supported; shard with training.deepspeed (zero2, zero3, zero3_offload)"}
+# what the curriculum's stages can be decided on: the evaluations during training report these
+CURRICULUM_METRICS = ("eval_loss", "eval_accuracy")
+TRAINING_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps")
+TRAINING_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "save_total_limit",
+                         "dataloader_num_workers")
+INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
+
+
+class RecipeError(UserError):
+    """A recipe that cannot run; the message names the key, the value and what is allowed."""
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecipeError(message)
+
+
+# -- sections: each checks its own values (__post_init__); validate() checks what spans sections --
+@dataclass
+class ModelSection:
+    """name_or_path: a Hub id, a local folder, or ``tiny:<arch>`` (a random tiny model built from
+    a config, offline; ``config`` holds its ``rmt_peft.tiny_models.tiny_config`` arguments).
+    tokenizer: a Hub id or folder, ``offline`` (the data package's offline tokenizer), or None:
+    the model's own tokenizer (tiny models: the offline one, when the task needs a tokenizer).
+    speedups: the exact speed-ups (same outputs): SDPA attention for GPT-Neo (unless ``attention``
+    names another), GPT-Neo / GPT-2's eight-kernel GELU as one kernel, the LM head padded to a
+    multiple of 64 rows on CUDA; false keeps the model as transformers computes it.
+    compile_blocks: ``torch.compile`` each decoder block; null (default) = on when a CUDA GPU is
+    present, where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md), off on
+    the CPU (compiling costs more than it saves on tiny models). compile_mode:
+    torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
+    CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
+    the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
+    dequantized in the compute dtype instead of dequantizing it on every call (same values;
+    2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``)."""
+
+    name_or_path: str = ""
+    quantization: str | None = None
+    dtype: str | None = None
+    attention: str | None = None
+    config: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+    speedups: bool = True
+    compile_blocks: bool | None = None
+    compile_mode: str | None = None
+    cache_dequantized_weights: bool = False
+
+    def __post_init__(self) -> None:
+        _need(bool(self.name_or_path), "model.name_or_path is required (a Hub id, a folder, or tiny:<arch>)")
+        _need(self.quantization in QUANTIZATIONS,
+              f"model.quantization={self.quantization!r} is not allowed; allowed: {list(QUANTIZATIONS)}")
+        _need(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not allowed; allowed: {list(DTYPES)}")
+        _need(self.compile_mode in COMPILE_MODES,
+              f"model.compile_mode={self.compile_mode!r} is not allowed; allowed: {list(COMPILE_MODES)}")
+        _need(self.compile_mode is None or self.compile_blocks is not False,
+              f"model.compile_mode={self.compile_mode!r} needs model.compile_blocks=true (or null: on a GPU)")
+        _need(not self.cache_dequantized_weights or self.quantization == "4bit",
+              f"model.cache_dequantized_weights=true needs model.quantization='4bit' (got {self.quantization!r})")
+        _need(self.attention in ATTENTIONS,
+              f"model.attention={self.attention!r} is not allowed; allowed: {list(ATTENTIONS)}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name_or_path.startswith(TINY_PREFIX)
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """compile_blocks, with null resolved: on where a CUDA GPU is present."""
+        if self.compile_blocks is None:
+            return torch.cuda.is_available()
+        return self.compile_blocks
+
+
+@dataclass
+class DataSection:
+    """task: a name in ``rmt_peft.data.registry.TASKS``; options: that task's options.
+    format: "tokens" (the registry's tokenized samples, trained by the RMT engine) or
+    "prompt_completion" / "messages" (instruction data trained through trl's SFTTrainer)."""
+
+    task: str = ""
+    options: dict = field(default_factory=dict)
+    num_train_samples: int = 1000
+    num_eval_samples: int = 100
+    seed: int = 0
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        _need(self.padding_side in ("left", "right"),
+              f"data.padding_side={self.padding_side!r} is not allowed; allowed: ['left', 'right']")
+        for name in ("num_train_samples", "num_eval_samples"):
+            _need(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class Stage:
+    """One curriculum stage. num_segments: an int, or a list to mix segment counts inside the
+    stage (samples of every listed count, shuffled together). max_steps: the stage's optimizer
+    step budget. The stage also ends early when ``metric`` reaches ``threshold`` or stops
+    improving by ``min_delta`` for ``patience`` evaluations (either may be left out)."""
+
+    num_segments: int | list[int] = 1
+    max_steps: int | None = None
+    metric: str | None = None
+    threshold: float | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class CurriculumSection:
+    """stages: explicit stages, or ``segments`` ([1, 2, 3]) expanded to one stage per count with
+    the defaults below. mix_previous: in each expanded stage also train on the earlier counts."""
+
+    segments: list[int] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    steps_per_stage: int | None = None
+    mix_previous: bool = False
+    metric: str | None = None
+    threshold: float | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class EvalSection:
+    """num_segments: the input lengths (in segments) of the final evaluation.
+    baseline: also train the same recipe with 0 memory tokens and report both."""
+
+    num_segments: list[int] = field(default_factory=list)
+    num_samples: int | None = None
+    batch_size: int | None = None
+    baseline: bool = False
+
+    def __post_init__(self) -> None:
+        for n in self.num_segments:
+            _need(n >= 1, f"eval.num_segments contains {n}; expected integers >= 1")
+
+
+@dataclass
+class GuardSection:
+    """The divergence guard (rmt_peft/train/guard.py): a non-finite loss or gradient norm, or a
+    gradient norm above spike_factor x its running level for spike_steps optimizer steps in a row,
+    is a divergence. on_divergence: "stop" (the run ends with TrainingDiverged, summary.json says
+    status diverged) or "rollback" (the stage resumes from its last good checkpoint, or its start,
+    with the learning rate times rollback_lr_factor; at most max_rollbacks times, then stop).
+    spike_factor: null checks only for non-finite values."""
+
+    on_divergence: str = "stop"
+    spike_factor: float | None = 20.0
+    spike_steps: int = 20
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        _need(self.on_divergence in ON_DIVERGENCE,
+              f"guard.on_divergence={self.on_divergence!r} is not allowed; allowed: {list(ON_DIVERGENCE)}")
+        _need(self.spike_factor is None or self.spike_factor > 1,
+              f"guard.spike_factor={self.spike_factor!r} must be > 1 (or null: check only for NaN / inf)")
+        _need(self.spike_steps >= 1, f"guard.spike_steps={self.spike_steps} must be >= 1")
+        _need(0 < self.rollback_lr_factor < 1, f"guard.rollback_lr_factor={self.rollback_lr_factor} must be in (0, 1)")
+        _need(self.max_rollbacks >= 0, f"guard.max_rollbacks={self.max_rollbacks} must be >= 0")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    memory: MemoryConfig
+    lora: str | dict | None
+    data: DataSection
+    curriculum: CurriculumSection
+    training: dict
+    eval: EvalSection
+    trainer: str = "rmt"
+    guard: GuardSection = field(default_factory=GuardSection)
+    source: str | None = None   # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: _plain(getattr(self, name)) for name in SECTIONS}
+        out["trainer"] = self.trainer
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def output_dir(self) -> str:
+        return self.training["output_dir"]
+
+    @property
+    def deepspeed_config(self) -> dict | None:
+        return read_deepspeed_config(self.training.get("deepspeed"))
+
+    @property
+    def zero_stage(self) -> int:
+        cfg = self.deepspeed_config or {}
+        return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+SECTIONS = ("model", "memory", "lora", "data", "curriculum", "training", "eval", "guard")
+SECTION_TYPES = {"model": ModelSection, "memory": MemoryConfig, "data": DataSection,
+                 "curriculum": CurriculumSection, "eval": EvalSection, "guard": GuardSection}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# -- type checking --------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """``value`` checked (and, for numbers YAML left as strings like ``1e-4``, converted) to ``tp``."""
+    if isinstance(tp, str):  # a forward reference from __future__ annotations
+        tp = eval(tp, {**vars(typing), "Stage": Stage, "Any": Any})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{key}={value!r} has the wrong type; allowed: {_type_name(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(f"{key}={value!r}: expected null")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: {_type_name(tp)}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: a mapping")
+        return value
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        allowed = [m.value for m in tp]
+        if value not in allowed:
+            raise RecipeError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}={value!r} has the wrong type; allowed: a string")
+        return value
+    return value
+
+
+def build_section(cls, values, key: str):
+    """An instance of dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{key} must be a mapping of {cls.__name__} fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise RecipeError(f"unknown key(s) {[f'{key}.{u}' for u in unknown]}; allowed in {key}: {allowed}")
+    typed = {name: _coerce(value, hints[name], f"{key}.{name}") for name, value in values.items()}
+    try:
+        return cls(**typed)
+    except RecipeError:  # a section's own check (__post_init__): its message names the key already
+        raise
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{key}: {err}") from err
+
+
+def check_training(values, trainer: str = "rmt") -> dict:
+    """``training``: TrainingArguments fields verbatim (trl's SFTConfig fields with ``trainer: sft``);
+    names and types are checked here, the values TrainingArguments checks itself when the run starts."""
+    config_class = TrainingArguments
+    if trainer == "sft":  # trl: imported only for the recipes that use it
+        from trl import SFTConfig as config_class
+    name_ = config_class.__name__
+    if not isinstance(values, dict):
+        raise RecipeError(f"training must be a mapping of {name_} fields, got {values!r}")
+    fields_ = {f.name: f for f in dataclasses.fields(config_class) if f.init}
+    unknown = sorted(set(values) - set(fields_))
+    if unknown:
+        raise RecipeError(f"unknown key(s) {[f'training.{u}' for u in unknown]}: not {name_} fields "
+                          f"(see {config_class.__module__.split('.')[0]}.{name_})")
+    owned = {**ENGINE_OWNED, **(SFT_OWNED if trainer == "sft" else {})}
+    out = {}
+    for name, value in values.items():
+        if name in owned:
+            raise RecipeError(f"training.{name} cannot be set: {owned[name]}")
+        if name in UNSUPPORTED and (value or name == "num_train_epochs"):
+            raise RecipeError(f"training.{name}={value!r} is not supported: {UNSUPPORTED[name]}")
+        if name == "resume_from_checkpoint" and isinstance(value, bool):
+            out[name] = value  # true: the latest checkpoint in output_dir
+            continue
+        tp = fields_[name].type
+        out[name] = _coerce(value, _training_type(tp), f"training.{name}")
+    check_report_to(out.get("report_to"))
+    if not out.get("output_dir"):
+        raise RecipeError("training.output_dir is required: the folder of checkpoints, final/ and summary.json")
+    return out
+
+
+def check_report_to(value) -> None:
+    """Every ``training.report_to`` integration must be one transformers knows and installed here
+    (the Trainer would fail at start); "all" and "none" are always fine."""
+    if value in (None, "all", "none", ["all"], ["none"]):
+        return
+    for name in [value] if isinstance(value, str) else value:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(f"training.report_to: {name!r} is not an integration transformers knows; allowed: "
+                              f"{sorted(INTEGRATION_TO_CALLBACK) + ['all', 'none']}")
+        if name not in get_available_reporting_integrations():
+            raise RecipeError(f"training.report_to: {name!r} is not installed here (pip install {name}); "
+                              f"installed: {get_available_reporting_integrations()}, or 'none'")
+
+
+def _training_type(tp):
+    """TrainingArguments annotates enums as ``Enum | str``: accept only the enum's values."""
+    args = typing.get_args(tp)
+    enums = [a for a in args if isinstance(a, type) and issubclass(a, Enum)]
+    return enums[0] if enums else tp
+
+
+# -- deepspeed ------------------------------------------------------------------------------
+def resolve_deepspeed(value):
+    """A DeepSpeed config: a dict, a json file, or a shipped name ("zero2", ``rmt-peft recipes``)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if os.path.exists(value):
+        return value
+    named = resources.path(resources.DEEPSPEED_CONFIGS, value)
+    if named is not None:
+        return named
+    raise RecipeError(f"training.deepspeed={value!r} is neither a file nor a shipped config; allowed: a json "
+                      f"file, a mapping, or one of {resources.names(resources.DEEPSPEED_CONFIGS)}")
+
+
+def read_deepspeed_config(value) -> dict | None:
+    value = resolve_deepspeed(value)
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        with open(value) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"training.deepspeed={value!r} is not valid JSON: {err}") from err
+
+
+# -- loading --------------------------------------------------------------------------------
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set ``dotted.key=value`` pairs in ``raw`` (values parsed as YAML: 1e-4 -> number, [1,2] -> list)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form dotted.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override {key}: value {text!r} is not YAML: {err}") from err
+        parts = key.strip().split(".")
+        if parts[0] not in SECTIONS + ("trainer",):
+            raise RecipeError(f"override {key!r}: unknown section {parts[0]!r}; allowed: {list(SECTIONS) + ['trainer']}")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None or not isinstance(child, dict):
+                if child is not None:
+                    raise RecipeError(f"override {key!r}: {'.'.join(parts[:depth + 1])} is {child!r}, not a mapping")
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def resolve_recipe(path: str) -> str:
+    """``path`` when it exists, else the shipped recipe it names (``quickstart``, ``recipes/quickstart.yaml``)."""
+    if os.path.exists(path):
+        return path
+    shipped = resources.recipe_path(path)
+    if shipped is None:
+        raise RecipeError(f"recipe file {path!r} does not exist; give a YAML file or a shipped recipe: "
+                          f"{resources.names(resources.RECIPES)} (rmt-peft recipes)")
+    return shipped
+
+
+def read_yaml(path: str) -> dict:
+    path = resolve_recipe(path)
+    if os.path.isdir(path):
+        raise RecipeError(f"recipe {path!r} is a folder; expected a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe file {path!r} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe file {path!r} must hold a mapping with sections {list(SECTIONS)}, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe (no model weights are loaded)."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    recipe = recipe_from_dict(raw, check_files=check_files)
+    recipe.source = path
+    return recipe
+
+
+def recipe_from_dict(raw: dict, check_files: bool = True) -> Recipe:
+    unknown = sorted(set(raw) - set(SECTIONS) - {"trainer"})
+    if unknown:
+        raise RecipeError(f"unknown section(s) {unknown}; allowed: {list(SECTIONS) + ['trainer']}")
+    for required in ("model", "data", "training"):
+        if not raw.get(required):
+            raise RecipeError(f"section {required!r} is required")
+    sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
+    lora = raw.get("lora")
+    if lora is not None and not isinstance(lora, (str, dict)):
+        raise RecipeError(f"lora={lora!r}: expected a preset name, a mapping of peft LoraConfig fields, or null")
+    trainer = raw.get("trainer", "rmt")
+    if trainer not in TRAINERS:
+        raise RecipeError(f"trainer={trainer!r} is not allowed; allowed: {list(TRAINERS)}")
+    recipe = Recipe(lora=lora, training=check_training(raw["training"], trainer), trainer=trainer, **sections)
+    recipe.curriculum = expand_curriculum(recipe.curriculum)
+    validate(recipe, check_files=check_files)
+    return recipe
+
+
+def expand_curriculum(cur: CurriculumSection) -> CurriculumSection:
+    """Turn the ``segments`` shorthand into stages and fill stage defaults from the section."""
+    if cur.segments and cur.stages:
+        raise RecipeError("curriculum: give either segments (shorthand) or stages, not both")
+    stages = list(cur.stages)
+    if cur.segments:
+        stages = [Stage(num_segments=sorted(set(cur.segments[:i + 1])) if cur.mix_previous and i else n)
+                  for i, n in enumerate(cur.segments)]
+    if not stages:
+        stages = [Stage(num_segments=1)]
+    for stage in stages:
+        for name in ("metric", "threshold", "patience"):
+            if getattr(stage, name) is None:
+                setattr(stage, name, getattr(cur, name))
+        if stage.max_steps is None:
+            stage.max_steps = cur.steps_per_stage
+        if not stage.min_delta:
+            stage.min_delta = cur.min_delta
+    return dataclasses.replace(cur, segments=[], stages=stages)
+
+
+# -- validation -----------------------------------------------------------------------------
+def stage_segments(stage: Stage) -> list[int]:
+    return stage.num_segments if isinstance(stage.num_segments, list) else [stage.num_segments]
+
+
+def model_config(model: ModelSection):
+    """The backbone's transformers config (config.json only; no weights), or None when it cannot
+    be read here (a Hub id while offline): checks that need it are then left to load time."""
+    if model.is_tiny:
+        arch = model.name_or_path[len(TINY_PREFIX):]
+        _need(arch in ARCHITECTURES, f"model.name_or_path={model.name_or_path!r}: unknown tiny architecture "
+                                     f"{arch!r}; allowed: {[TINY_PREFIX + a for a in ARCHITECTURES]}")
+        try:
+            return tiny_config(arch, **model.config)
+        except (TypeError, ValueError, StrictDataclassError) as err:
+            raise RecipeError(f"model.config={model.config!r} is not valid for tiny_config: {err}") from err
+    _need(not model.config, "model.config is only for tiny:<arch> models (a real model's config comes with it)")
+    path = model.name_or_path
+    looks_local = path.startswith((".", "/", "~")) or os.path.isabs(path) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise RecipeError(f"model.name_or_path={path!r} does not exist (a local path); give an existing folder "
+                          f"or a Hub id like 'EleutherAI/gpt-neo-125m'")
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError):
+        if os.path.isdir(os.path.expanduser(path)):
+            raise RecipeError(f"model.name_or_path={path!r} has no readable config.json") from None
+        return None
+
+
+def needs_tokenizer(recipe: Recipe) -> bool:
+    return recipe.trainer == "sft" or registry.TASKS[recipe.data.task].needs_tokenizer
+
+
+def validate(recipe: Recipe, check_files: bool = True) -> None:
+    """Cross-section checks: everything that would fail later, reported now (each section checks
+    its own values when it is built)."""
+    model, mem, data, train, cur = recipe.model, recipe.memory, recipe.data, recipe.training, recipe.curriculum
+    _need(model.compile_mode not in CUDA_GRAPH_MODES or not recipe.memory.checkpoint_segments,
+          f"model.compile_mode={model.compile_mode!r} captures CUDA graphs, which torch cannot record inside "
+          "memory.checkpoint_segments' recompute; use compile_mode=null (or default) with checkpointed segments")
+    _need(not (model.cache_dequantized_weights and recipe.zero_stage == 3),
+          "model.cache_dequantized_weights=true with ZeRO-3 is not possible: the cache needs whole weights, ZeRO-3 "
+          "partitions them; use ZeRO-2 or no cache")
+
+    # data task and options (the registry checks option names and values)
+    if recipe.trainer == "sft":
+        _need(data.task == INSTRUCTION_TASK, f"data.task={data.task!r}: trainer sft reads an instruction dataset; "
+                                             f"allowed: {INSTRUCTION_TASK!r}")
+        _need("path" in data.options, f"data.options={data.options!r} needs path (datasets.load_dataset's, e.g. "
+                                      f"json with data_files); optional: name, data_files, split, eval_split")
+    else:
+        _need(data.task in registry.TASKS, f"data.task={data.task!r} is not known; allowed: {list(registry.TASKS)} "
+                                           f"(or {INSTRUCTION_TASK!r} with trainer: sft)")
+        try:
+            registry.validate_options(data.task, data.options)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"data.options: {err}") from err
+
+    # curriculum
+    for i, stage in enumerate(cur.stages):
+        key = f"curriculum.stages[{i}]"
+        for n in stage_segments(stage):
+            _need(isinstance(n, int) and n >= 1, f"{key}.num_segments={stage.num_segments!r}: expected integers >= 1")
+        _need(stage.max_steps is None or stage.max_steps >= 1,
+              f"{key}.max_steps={stage.max_steps!r} must be >= 1")
+        _need(stage.max_steps is not None or train.get("max_steps", -1) > 0,
+              f"{key}.max_steps is not set: give curriculum.steps_per_stage, the stage's max_steps, or "
+              f"training.max_steps (every stage needs a step budget; a metric can only end it earlier)")
+        _need(stage.metric is None or stage.threshold is not None or stage.patience is not None,
+              f"{key}.metric={stage.metric!r} needs threshold or patience (when to advance)")
+        _need(stage.metric is not None or (stage.threshold is None and stage.patience is None),
+              f"{key}: threshold/patience need a metric (e.g. eval_accuracy or eval_loss)")
+        _need(stage.patience is None or stage.patience >= 1, f"{key}.patience={stage.patience} must be >= 1")
+        _need(stage.metric is None or stage.metric in CURRICULUM_METRICS or f"eval_{stage.metric}" in CURRICULUM_METRICS,
+              f"{key}.metric={stage.metric!r} is not reported by the evaluations during training; allowed: "
+              f"{list(CURRICULUM_METRICS)} (or without the eval_ prefix)")
+        if stage.metric is not None:
+            _need(train.get("eval_strategy", "no") != "no",
+                  f"{key}.metric={stage.metric!r} is computed by evaluations during training; set "
+                  f"training.eval_strategy=steps and training.eval_steps")
+
+    # distributed and precision combinations
+    ds = recipe.deepspeed_config
+    if ds is not None:
+        train["deepspeed"] = resolve_deepspeed(train["deepspeed"])
+        stage = recipe.zero_stage
+        _need(not (stage == 3 and model.quantization == "8bit"),
+              "model.quantization='8bit' with ZeRO-3 (training.deepspeed) is not possible: bitsandbytes 8-bit "
+              "weights cannot be partitioned; use ZeRO-2, or 4-bit with model.dtype set")
+        _need(not (stage == 3 and mem.checkpoint_segments),
+              "memory.checkpoint_segments=true with ZeRO-3 is not supported: the whole-segment recompute runs "
+              "outside the layers' DeepSpeed hooks, which have already re-partitioned the frozen weights; use "
+              "training.gradient_checkpointing=true (per layer, non-reentrant) instead, or ZeRO-2")
+        _need(not (stage == 3 and model.quantization == "4bit" and model.dtype in (None, "float32", "fp32")),
+              "model.quantization='4bit' with ZeRO-3 needs model.dtype=bfloat16 (or float16): the 4-bit "
+              "storage dtype must equal the compute dtype to be partitioned")
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = train.get(name) or {}
+        _need(not (isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True),
+              f"training.{name}.use_reentrant=true is not allowed: BPTT reuses the LoRA weights in every segment "
+              f"and reentrant checkpointing fires their gradient hooks once per use; only false is allowed")
+    _need(not (train.get("bf16") and train.get("fp16")), "training.bf16 and training.fp16 are both true; pick one")
+
+    # positions: a segment with read and write memory must fit a learned position table
+    if check_files:
+        config = model_config(model)
+        if config is not None:
+            limit = position_limit(config)
+            need = mem.segment_size + 2 * mem.num_memory_tokens
+            _need(limit is None or need <= limit,
+                  f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
+                  f"needs {need} positions (segment + 2 x memory), but {model.name_or_path} has {limit}; "
+                  f"allowed: segment_size <= {limit - 2 * mem.num_memory_tokens if limit else None}")
+            if model.is_tiny and needs_tokenizer(recipe):
+                size = len(offline_tokenizer())
+                _need(config.vocab_size >= size,
+                      f"model.config.vocab_size={config.vocab_size} is smaller than the offline tokenizer "
+                      f"({size} tokens) that task {data.task!r} needs; set model.config.vocab_size >= {size}")
+    # training values TrainingArguments would accept but that cannot train (checked here, not mid-run)
+    for name in TRAINING_POSITIVE:
+        value = train.get(name)
+        _need(value is None or 0 < value < math.inf, f"training.{name}={value!r} must be a finite number > 0")
+    for name in TRAINING_NON_NEGATIVE:
+        value = train.get(name)
+        _need(value is None or 0 <= value < math.inf, f"training.{name}={value!r} must be a finite number >= 0")
+
+    _need(recipe.guard.on_divergence != "rollback" or ds is None,
+          "guard.on_divergence='rollback' is not supported with training.deepspeed (DeepSpeed restores the "
+          "checkpoint's learning rate); use 'stop' and resume with a lower training.learning_rate")
+
+    out = train["output_dir"]
+    _need(not os.path.isfile(out), f"training.output_dir={out!r} is a file; expected a folder")
+    try:
+        check_writable(out, "training.output_dir")
+    except UserError as err:
+        raise RecipeError(str(err)) from None
