@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from .backbones import uses_non_reentrant_checkpointing
+
 PRESETS = ("attention", "all-linear")
 
 # model_type -> preset -> peft target_modules (names are module-name suffixes; a str is a regex)
@@ -84,8 +86,6 @@ def lora_config(preset_or_dict, architecture: str):
 def attach_lora(backbone: nn.Module, lora) -> nn.Module:
     """Freeze ``backbone`` and add LoRA (a LoraConfig, a preset name or a dict, see ``lora_config``)."""
     from peft import get_peft_model
-
-    from .backbones import uses_non_reentrant_checkpointing
 
     config = lora_config(lora, backbone.config.model_type)
     for p in backbone.parameters():

@@ -9,6 +9,8 @@ reader holds one segment). Each answer is what ``generate(document + separator +
 would give (greedy), without reading the document again. ``--save-memory`` keeps the state after
 the document (a small safetensors file) for later ``--memory`` calls. With no ``--question``,
 questions come from standard input, one per line. Answers go to standard output, one per line.
+The run (or adapter) is opened through ``rmt_peft.runs``, imported with torch when the command
+runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import os
 import sys
 from collections.abc import Iterable
 
-from .eval.command import add_model_options
+from .errors import UserError
+from .options import add_model_options
 
 READ_CHARS = 1 << 20  # characters of the document read (and tokenized) at a time
 
@@ -75,8 +78,6 @@ def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
     from .memory_state import MemoryState
 
     if not os.path.isfile(path):
-        from .errors import UserError
-
         raise UserError(f"--document {path} is not a file")
     stream = rmt.stream()
     device = rmt.memory.memory_tokens.device
@@ -101,25 +102,21 @@ def questions(args) -> Iterable[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .errors import UserError
-    from .eval.command import load_model, load_tokenizer, locate
+    from . import runs
+    from .data.noise import encode
     from .memory_state import MemoryState
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
     try:
-        adapter, recipe_path = locate(args.path)
+        adapter, recipe_path = runs.locate(args.path)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    recipe = None
-    if recipe_path is not None:
-        from .recipe import load_recipe
-
-        recipe = load_recipe(recipe_path)
+    recipe = runs.read_recipe(recipe_path)
     # The stream cuts segments from the first token: the state after a document is then the same
     # whatever question follows (right alignment would cut the document by the question's length).
-    rmt = load_model(adapter, recipe, args, {"segment_alignment": "left"})
-    tokenizer = load_tokenizer(None, adapter, recipe, args.tokenizer)
+    rmt = runs.load_model(adapter, recipe, args, {"segment_alignment": "left"})
+    tokenizer = runs.load_tokenizer(runs.tokenizer_name(recipe, adapter, args.tokenizer))
     if args.memory:
         state = MemoryState.load_for(args.memory, rmt)
         read_by = state.info.get("model")
@@ -131,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     if args.save_memory:
         state.save(args.save_memory)
         print(f"saved the memory of {state.num_tokens} tokens to {args.save_memory}", file=sys.stderr)
-
-    from .data.noise import encode
 
     device = rmt.memory.memory_tokens.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -13,6 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .attention import use_gpt_neo_sdpa
+from .quantization import check_bitsandbytes, quantization_config, target_device
+from .speedups import use_fused_gelu
+
 # model_type -> config attribute holding the size of a learned absolute position table
 LEARNED_POSITION_LIMITS = {
     "gpt2": "n_positions",
@@ -100,8 +104,6 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
       while bf16 norms already accumulate in fp32 inside the kernels. The trainable parameters
       (LoRA, memory) are created in fp32 by peft and ``MemoryParameters``.
     """
-    from .quantization import check_bitsandbytes, quantization_config, target_device
-
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     torch_dtype = resolve_dtype(dtype)
@@ -125,12 +127,8 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
     if gpt_neo_sdpa:
-        from .attention import use_gpt_neo_sdpa
-
         use_gpt_neo_sdpa(model)
     if speedups:
-        from .speedups import use_fused_gelu
-
         use_fused_gelu(model)
     if qconfig is not None:
         for p in model.parameters():

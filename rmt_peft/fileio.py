@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 
 from .errors import UserError
@@ -75,8 +76,6 @@ def check_writable(folder: str, key: str) -> None:
 
 def remove_temp_files(folder: str) -> list[str]:
     """Delete the temporary files and folders of writers killed before their rename, under ``folder``."""
-    import shutil
-
     removed = []
     for root, dirs, files in os.walk(folder):
         for name in list(dirs) + files:

@@ -31,13 +31,22 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+import huggingface_hub
 import torch
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
 
+from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
+from .backbones import load_backbone
+from .data.noise import PRESETS
 from .memory import MemoryConfig, memory_tensor_shapes
+from .speedups import FusedTanhGelu, use_fused_gelu
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: recurrent.py imports this module (RMTModel's save / load / merge)
     from .recurrent import RMTModel
 
 MEMORY_CONFIG_FILE = "memory_config.json"
@@ -156,8 +165,6 @@ def resolve_folder(name_or_path: str, revision: str | None = None, token: str | 
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path!r} is not a folder (expected an adapter folder saved by "
                                 f"RMTModel.save_pretrained, or a Hub repo id like 'user/name')")
-    from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(repo_id=name_or_path, revision=revision, token=token)
     except Exception as err:
@@ -229,19 +236,16 @@ def check_backbone(backbone_config, embedding_dim: int, metadata: dict[str, str]
 
 def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=None, device_map=None,
                     base_model: str | None = None, is_trainable: bool = False, revision: str | None = None,
-                    token: str | None = None, model_class=None, **load_kwargs) -> "RMTModel":
+                    token: str | None = None, *, model_class, **load_kwargs) -> "RMTModel":
     """Rebuild an RMTModel from a saved folder or Hub repo.
 
     LoRA folders: the backbone is loaded from ``base_model`` (default: ``base_model_name_or_path``
     of adapter_config.json; pass it when the base moved) with ``quantization`` / ``dtype`` /
     ``device_map`` / other ``load_backbone`` options, then LoRA through peft and the memory.
     Full folders load the backbone from the folder itself. The model comes back in eval mode
-    and frozen unless ``is_trainable``.
+    and frozen unless ``is_trainable``. ``model_class``: the class to build, ``RMTModel`` or a
+    subclass (``RMTModel.from_pretrained`` passes its own: this module sits below recurrent.py).
     """
-    from .backbones import load_backbone
-    from .recurrent import RMTModel
-
-    model_class = model_class or RMTModel
     folder = resolve_folder(name_or_path, revision, token)
     kind = folder_kind(folder)
     memory_config, tensors, metadata = read_memory(folder)
@@ -275,8 +279,6 @@ def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=No
 def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
     """Parameter or buffer ``name`` of the model under LoRA, dequantized if bitsandbytes holds it,
     in the layout of the same tensor of the plain model ``plain``."""
-    from transformers.pytorch_utils import Conv1D
-
     module_name, _, leaf = name.rpartition(".")
     module = causal_lm.get_submodule(module_name) if module_name else causal_lm
     if hasattr(module, "get_base_layer"):  # a peft LoRA layer: the original layer is inside
@@ -317,9 +319,6 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | to
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
-    from .speedups import FusedTanhGelu, use_fused_gelu
-
     gpt_neo_sdpa = getattr(config, "_attn_implementation", None) == GPT_NEO_SDPA
     if gpt_neo_sdpa:  # transformers builds GPT-Neo eager only; switched back below
         config._attn_implementation = "eager"
@@ -361,8 +360,6 @@ def validate_folder(folder: str) -> str:
 def push_folder(folder: str, repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str | None = None):
     """Create ``repo_id`` (if needed) and upload ``folder`` as it is; returns the commit info."""
-    import huggingface_hub
-
     validate_folder(folder)
     api = huggingface_hub.HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
@@ -379,16 +376,16 @@ def push_to_hub(rmt: "RMTModel", repo_id: str, private: bool | None = None, toke
 
 
 # -- the model card -----------------------------------------------------------------------
-RUN_RECIPE_FILE = "recipe.yaml"     # beside final/ in a training run (rmt_peft.train)
+# A training run's files that the card reads (the rest of the run folder: rmt_peft/runs.py)
+RUN_RECIPE_FILE = "recipe.yaml"     # beside final/
 RUN_SUMMARY_FILE = "summary.json"
+RUN_FINAL_DIR = "final"             # the adapter of the run
 DATASET_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
 
 def hub_repo_id(name: str | None) -> str | None:
     """``name`` when it is a valid Hub repo id; None for local paths and models built from a config
     (``tiny:gpt_neo``), which a card's ``base_model`` must not name."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
         return None
     try:
@@ -400,8 +397,6 @@ def hub_repo_id(name: str | None) -> str | None:
 
 def read_run(run_dir: str | None) -> tuple[dict, dict]:
     """(recipe, summary) of a training run folder; empty dicts for what it does not hold."""
-    import yaml
-
     recipe, summary = {}, {}
     if run_dir and os.path.isfile(os.path.join(run_dir, RUN_RECIPE_FILE)):
         with open(os.path.join(run_dir, RUN_RECIPE_FILE)) as f:
@@ -414,8 +409,6 @@ def read_run(run_dir: str | None) -> tuple[dict, dict]:
 
 def recipe_datasets(recipe: dict) -> list[str]:
     """Hub datasets a recipe reads: noise / document presets and ``path`` options that are repo ids."""
-    from .data.noise import PRESETS
-
     found = []
 
     def visit(value):
@@ -441,8 +434,6 @@ def recipe_datasets(recipe: dict) -> list[str]:
 
 def eval_results(model_name: str, task: str, datasets: list[str], summary: dict):
     """model-index entries: accuracy and perplexity of the final evaluation per number of segments."""
-    from huggingface_hub import EvalResult
-
     results = []
     for segments, metrics in sorted(summary.get("eval", {}).items(), key=lambda kv: (not kv[0].isdigit(), kv[0])):
         what = f"{segments} segment(s)" if segments.isdigit() else "held-out split"
@@ -473,8 +464,6 @@ def _results_table(summary: dict) -> str:
 
 
 def _hyperparameters(recipe: dict) -> str:
-    import yaml
-
     if not recipe:
         return ""
     training, model = recipe.get("training") or {}, recipe.get("model") or {}
@@ -498,8 +487,6 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     """Write README.md for a saved ``folder`` through ``huggingface_hub.ModelCard``: Hub metadata
     (base_model when it is a Hub repo id, datasets, tags, model-index with the evaluation of the
     training run in ``run_dir``), results, hyper-parameters, memory settings and usage code."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     kind = folder_kind(folder)
     memory_config, _, metadata = read_memory(folder)
     recipe, summary = read_run(run_dir)
@@ -509,7 +496,7 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     tags += ["lora"] if kind == "lora" else []
     tags += [quantization] if quantization != "none" else []
     folder_name = os.path.basename(os.path.abspath(folder)).split(".tmp-")[0].lstrip(".")
-    if folder_name == "final" and run_dir:  # a run's final/: the run is what the user named
+    if folder_name == RUN_FINAL_DIR and run_dir:  # a run's final/: the run is what the user named
         folder_name = os.path.basename(os.path.abspath(run_dir))
     name = repo_id or folder_name
     task = (recipe.get("data") or {}).get("task")

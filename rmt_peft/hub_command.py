@@ -13,6 +13,8 @@ loads with ``RMTModel.from_pretrained`` without peft. Other files of the source 
 Export never deletes what it did not write: a --to folder that exists and is not empty is refused
 unless --overwrite is given, and a --to folder that is the source, holds it, or lies inside the
 adapter folder is always refused. The folder is written beside the target and renamed into place.
+What a source path is: ``rmt_peft.runs.adapter_folder``; torch and the model code are imported
+when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+from .errors import UserError
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
 
@@ -47,22 +51,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_export)
 
 
-def adapter_folder(source: str) -> str:
-    """``source`` itself when it holds a saved model, else its ``final/`` (a training run)."""
-    from .hub import ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE
-
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"{source} is not a folder (expected a run's OUTPUT_DIR or an adapter folder)")
-    markers = (ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, MEMORY_CONFIG_FILE)
-    if any(os.path.isfile(os.path.join(source, m)) for m in markers):
-        return source
-    final = os.path.join(source, "final")
-    if os.path.isdir(final):
-        return final
-    raise FileNotFoundError(f"{source} is neither an adapter folder (no {ADAPTER_CONFIG_FILE} / "
-                            f"{MEMORY_CONFIG_FILE}) nor a training run (no final/ folder)")
-
-
 # training state a checkpoint or a stage's end/ may hold beside the adapter: never exported
 RESUME_FILES = {"trainable.safetensors", "curriculum.json", "trainer_state.json", "training_args.bin",
                 "optimizer.pt", "scheduler.pt", "scaler.pt"}
@@ -83,20 +71,13 @@ def extra_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in exported_files(folder) if n not in replaced and not n.startswith("model")]
 
 
-def run_folder(adapter: str) -> str | None:
-    """The training run an adapter folder belongs to (its parent holds the run's recipe.yaml), or None."""
-    from .hub import RUN_RECIPE_FILE
-
-    parent = os.path.dirname(os.path.abspath(adapter))
-    return parent if os.path.isfile(os.path.join(parent, RUN_RECIPE_FILE)) else None
-
-
 def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
     """A backbone built from a config (``tiny:<arch>``) has no checkpoint: rebuild its frozen random
     weights (same architecture, config and seed as in training) from the run's recipe.yaml into
     ``into``; None for any other base (loaded from its name)."""
-    from .hub import read_run
     from .recipe import TINY_PREFIX
+    from .runs import read_run, run_folder
+    from .tiny_models import save_tiny_model
 
     if not base.startswith(TINY_PREFIX):
         return None
@@ -105,8 +86,6 @@ def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
         raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
                          f"merging rebuilds them from the run's recipe.yaml, which is not beside it: export the "
                          f"run's OUTPUT_DIR, or pass --base-model")
-    from .tiny_models import save_tiny_model
-
     seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
     return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **(recipe["model"].get("config") or {}))
 
@@ -120,8 +99,6 @@ def inside(path: str, folder: str) -> bool:
 def check_target(source: str, folder: str, to: str, overwrite: bool) -> None:
     """Refuse a --to that would replace the source (or a folder holding it), the inside of the
     adapter folder, or, without --overwrite, any existing non-empty folder."""
-    from .errors import UserError
-
     for path in (source, folder):
         if inside(path, to):
             raise UserError(f"--to {to} is the source {path} or a folder holding it: exporting there would replace "
@@ -140,6 +117,9 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
            dtype: str = "bfloat16", overwrite: bool = False) -> str:
     """What the ``export`` command does; returns the written folder."""
     from . import hub
+    from .backbones import resolve_dtype
+    from .recurrent import RMTModel
+    from .runs import adapter_folder, run_folder
 
     folder = adapter_folder(source)
     check_target(source, folder, to, overwrite)
@@ -148,9 +128,6 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
     if merge:
         if kind != "lora":
             raise ValueError(f"{folder} holds full model weights, not a LoRA adapter: there is nothing to merge")
-        from .backbones import resolve_dtype
-        from .recurrent import RMTModel
-
         metadata = hub.read_metadata(folder)
         options = {}
         if quantization == "as-trained":

@@ -14,19 +14,23 @@ without gradients in constant memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from . import hub
+from .adapters import attach_lora, trainable_summary
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
+from .speedups import SegmentGraph, save_matmuls_policy, speed_up
 
 
 @dataclass
@@ -127,11 +131,7 @@ class RMTModel(nn.Module):
         built it (e.g. eager attention, for ``output_attentions``). ``compile`` compiles each
         decoder block (True, or a torch.compile mode such as "reduce-overhead"): 1.7-2.5x faster
         training on a GPU, tens of seconds of compiling per new shape (docs/performance.md)."""
-        from .speedups import speed_up
-
         if lora is not None:
-            from .adapters import attach_lora
-
             backbone = attach_lora(backbone, lora)
         model = cls(backbone, memory_config)
         speed_up(model.causal_lm, compile=compile, enable=speedups)
@@ -141,34 +141,24 @@ class RMTModel(nn.Module):
         return model
 
     def trainable_summary(self) -> str:
-        from .adapters import trainable_summary
-
         return trainable_summary(self)
 
     # -- saving and loading (rmt_peft/hub.py) ------------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> str:
         """PEFT adapter files + memory_config.json + memory.safetensors + README.md (see hub.py)."""
-        from .hub import save_pretrained
-
-        return save_pretrained(self, save_directory, **kwargs)
+        return hub.save_pretrained(self, save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, quantization: str | None = None, **load_kwargs) -> "RMTModel":
         """Rebuild from a folder or Hub repo saved by ``save_pretrained`` (see hub.from_pretrained)."""
-        from .hub import from_pretrained
-
-        return from_pretrained(name_or_path, quantization=quantization, model_class=cls, **load_kwargs)
+        return hub.from_pretrained(name_or_path, quantization=quantization, model_class=cls, **load_kwargs)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs):
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
+        return hub.push_to_hub(self, repo_id, private=private, token=token, **kwargs)
 
     def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "RMTModel":
         """A copy with LoRA merged into a plain ``dtype`` backbone (dequantized), for deployment."""
-        from .hub import merge
-
-        return merge(self, dtype, device)
+        return hub.merge(self, dtype, device)
 
     @property
     def config(self):
@@ -274,12 +264,6 @@ class RMTModel(nn.Module):
         """torch.utils.checkpoint options for MemoryConfig.checkpoint_policy."""
         if self.memory_config.checkpoint_policy == "recompute_all":
             return {}
-        from functools import partial
-
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        from .speedups import save_matmuls_policy
-
         policy = save_matmuls_policy(self.causal_lm.get_output_embeddings().weight.shape[0])
         return {"context_fn": partial(create_selective_checkpoint_contexts, policy)}
 
@@ -458,8 +442,6 @@ class MemoryStream:
         self.model = model
         self._graph = None
         if cuda_graph:
-            from .speedups import SegmentGraph
-
             self._graph = SegmentGraph(model)
         self.compute_loss = compute_loss
         self.return_logits = return_logits

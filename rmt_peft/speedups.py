@@ -18,6 +18,7 @@ one argument away (``from_backbone(..., compile=True)``) and on by default in re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import use_gpt_neo_sdpa
@@ -165,8 +166,6 @@ def cache_dequantized_weights(model: nn.Module, enable: bool = True) -> int:
 
 def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes.nn.Linear4bit.forward with the weight dequantized once."""
-    import torch.nn.functional as F
-
     weight = self.dequantized_weight
     bias = None if self.bias is None else self.bias.to(weight.dtype)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)

@@ -8,4 +8,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # the lint rules and the layering of pyproject.toml ([tool.ruff], [tool.importlinter]): seconds
 .venv/bin/ruff check .
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest tests "$@"

@@ -27,6 +27,11 @@ def test_ruff_rules_hold():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_layering_holds():
+    result = subprocess.run([tool("lint-imports"), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_moved_modules_keep_their_old_import_paths():
     import rmt_peft.recipe
     from rmt_peft.train.recipe import RecipeError, Stage, load_recipe

@@ -31,15 +31,17 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+from ..fileio import atomic_path
 from ..inputs import IGNORE_INDEX
+from . import lean_import
 from .noise import encode
-from .skips import SkipCounter
+from .skips import SkipCounter, json_lines
 EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
 EXAMPLE_THEOREMS = os.path.join(EXAMPLES, "lean_theorems.jsonl")
 EXAMPLE_LEMMAS = os.path.join(EXAMPLES, "lean_lemmas.jsonl")
@@ -57,31 +59,11 @@ class Theorem:
     lemmas: tuple[str, ...]
 
 
-def _json_lines(path: str, what: str, skips: SkipCounter) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each line of a JSONL file; bad lines are counted skips."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                skips.skip(f"{what} line is not valid UTF-8", f"line {number}, byte {error.start}")
-                continue
-            except json.JSONDecodeError as error:
-                skips.skip(f"{what} line is not JSON", f"line {number}: {error.msg}")
-                continue
-            if not isinstance(record, dict):
-                skips.skip(f"{what} line is not a JSON object", f"line {number}")
-                continue
-            yield number, record
-
-
 def read_lemma_pool(path: str) -> dict[str, str]:
     """name -> statement from a lemma-pool JSONL file."""
     skips = SkipCounter(f"lemma pool {path}")
     pool: dict[str, str] = {}
-    for number, record in _json_lines(path, "lemma", skips):
+    for number, record in json_lines(path, "lemma", skips):
         name, statement = record.get("name"), record.get("statement")
         if not isinstance(name, str) or not isinstance(statement, str) or not statement.strip():
             skips.skip("lemma without string 'name' and non-empty 'statement'", f"line {number}")
@@ -99,7 +81,7 @@ def read_theorems(path: str, pool: dict[str, str], missing_lemmas: str = "skip")
     """Theorems of a JSONL file whose lemmas are all in ``pool`` (see ``missing_lemmas``)."""
     skips = SkipCounter(f"theorems {path}")
     theorems = []
-    for number, record in _json_lines(path, "theorem", skips):
+    for number, record in json_lines(path, "theorem", skips):
         name, statement, proof, lemmas = (record.get(k) for k in ("name", "statement", "proof", "lemmas"))
         if not all(isinstance(v, str) and v.strip() for v in (statement, proof)) or not isinstance(lemmas, list) \
                 or not all(isinstance(n, str) for n in lemmas):
@@ -301,15 +283,12 @@ def import_leandojo(benchmark_json: str, corpus_jsonl: str, out_dir: str) -> tup
     records are counted skips. Both files are written whole or not at all (temporary files renamed
     at the end); inputs that yield no theorem or no lemma are a UserError naming the file.
     Returns (theorems written, lemmas written)."""
-    from ..errors import UserError
-    from ..fileio import atomic_path
-
     for path in (benchmark_json, corpus_jsonl):
         if not os.path.isfile(path):
             raise UserError(f"{path} is not a file")
     skips = SkipCounter(f"LeanDojo {benchmark_json}")
     lemma_lines = []
-    for _, record in _json_lines(corpus_jsonl, "corpus", skips):
+    for _, record in json_lines(corpus_jsonl, "corpus", skips):
         premises = record.get("premises")
         for premise in premises if isinstance(premises, list) else []:
             if isinstance(premise, dict) and isinstance(premise.get("full_name"), str) and premise["full_name"] \
@@ -369,9 +348,6 @@ def _theorem_line(record, skips: SkipCounter) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import UserError
-    from . import lean_import
-
     parser = argparse.ArgumentParser(prog="python -m rmt_peft.data.lean", description="Lean data tools: "
                                      "import public Lean data as theorems.jsonl + lemmas.jsonl")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -24,8 +24,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from .lean import _json_lines
-from .skips import SkipCounter
+from .skips import SkipCounter, json_lines
 
 logger = logging.getLogger("rmt_peft.data")
 DECLARATION = re.compile(r"^(?:@\[[^\]]*\]\s*)?(?:(?:private|protected|noncomputable)\s+)*"
@@ -59,7 +58,7 @@ def import_minictx(path: str, out_dir: str) -> tuple[int, int]:
     """miniCTX JSONL -> theorems.jsonl + lemmas.jsonl (see the module docstring)."""
     skips = SkipCounter(f"miniCTX {path}")
     theorems, pool = [], {}
-    for number, record in _json_lines(path, "miniCTX", skips):
+    for number, record in json_lines(path, "miniCTX", skips):
         proof = (record.get("proofMetadata") or {}).get("proof")
         name, statement, context = record.get("theoremName"), record.get("theoremStatement"), record.get("srcContext")
         if not all(isinstance(v, str) and v.strip() for v in (name, statement, proof)):
@@ -89,7 +88,7 @@ def _records(path: str, skips: SkipCounter) -> Iterator[tuple[int, dict]]:
                 else:
                     skips.skip("record is not a JSON object", f"item {number}")
     else:
-        yield from _json_lines(path, "record", skips)
+        yield from json_lines(path, "record", skips)
 
 
 def import_records(path: str, out_dir: str, preset: str = "plain", statement_field: str | None = None,

@@ -20,6 +20,7 @@ starts at a random character and tokenizes only the pieces it takes.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import random
@@ -208,8 +209,6 @@ def matching_files(files: str | list[str]) -> list[str]:
 
 def text_problem(path: str) -> str | None:
     """Why ``path`` cannot be a noise document (empty, binary, not UTF-8), read from its start only."""
-    import codecs
-
     with open(path, "rb") as handle:
         head = handle.read(PROBE_BYTES)
     if not head.strip():

@@ -7,8 +7,10 @@ totals for error messages when nothing usable is left.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 
 logger = logging.getLogger("rmt_peft.data")
 
@@ -35,3 +37,23 @@ class SkipCounter:
         if not self.counts:
             return f"{self.what}: nothing skipped"
         return f"{self.what}: skipped " + ", ".join(f"{n} ({reason})" for reason, n in self.counts.most_common())
+
+
+def json_lines(path: str, what: str, skips: SkipCounter) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL file; bad lines are counted skips."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                skips.skip(f"{what} line is not valid UTF-8", f"line {number}, byte {error.start}")
+                continue
+            except json.JSONDecodeError as error:
+                skips.skip(f"{what} line is not JSON", f"line {number}: {error.msg}")
+                continue
+            if not isinstance(record, dict):
+                skips.skip(f"{what} line is not a JSON object", f"line {number}")
+                continue
+            yield number, record

@@ -5,13 +5,17 @@ RUN_OR_ADAPTER_DIR is a training run (``recipe.yaml`` + ``final/``), an adapter 
 task, its options, the model's quantization / dtype / tokenizer and the eval section's lengths;
 flags and ``dotted.key=value`` overrides (applied to the recipe as in training) take precedence.
 Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out`` (default RUN/eval).
+The run folder is read through ``rmt_peft.runs``; it and the evaluators are imported when the
+command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+
+from ..errors import UserError
+from ..options import add_model_options
 
 DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
 DEFAULT_SAMPLES = 100
@@ -46,136 +50,8 @@ def parse_segments(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def locate(path: str) -> tuple[str, str | None]:
-    """(adapter folder or Hub id, recipe.yaml path or None) of a run, an adapter folder or a Hub id."""
-    from ..errors import UserError
-
-    if os.path.isfile(os.path.join(path, "recipe.yaml")) and os.path.isdir(os.path.join(path, "final")):
-        return os.path.join(path, "final"), os.path.join(path, "recipe.yaml")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "memory_config.json")):
-            raise UserError(f"{path} is neither a training run (recipe.yaml + final/) nor an adapter folder "
-                            f"(memory_config.json)")
-        parent = os.path.join(os.path.dirname(os.path.normpath(path)), "recipe.yaml")
-        return path, parent if os.path.isfile(parent) else None
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise UserError(f"{path} is not a folder (expected a training run, an adapter folder or a Hub id "
-                        f"like user/model)")
-    return path, None  # a Hub id
-
-
-def model_name(path: str, taken: list[str]) -> str:
-    """A legend name: the run's folder name (a run's ``final`` folder is named after the run)."""
-    norm = os.path.normpath(path)
-    name = os.path.basename(norm)
-    if name == "final":
-        name = os.path.basename(os.path.dirname(norm)) or name
-    while name in taken:
-        name += " (baseline)"
-    return name
-
-
-def load_tokenizer(task: str, adapter: str, recipe, override: str | None):
-    """None for tasks on raw token ids (token_memory); else --tokenizer, the recipe's, the adapter
-    folder's, the offline one for tiny models, or the base model's."""
-    from ..data.registry import TASKS
-
-    if task in TASKS and not TASKS[task].needs_tokenizer:
-        return None
-    from transformers import AutoTokenizer
-
-    name = override or (recipe.model.tokenizer if recipe is not None else None)
-    if name is None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
-        name = adapter
-    if name is None and recipe is not None and recipe.model.is_tiny:
-        name = "offline"
-    if name is None:
-        name = recipe.model.name_or_path if recipe is not None else _base_model(adapter)
-    if name == "offline":
-        from ..data.tokenizer import offline_tokenizer
-
-        return offline_tokenizer()
-    return AutoTokenizer.from_pretrained(name)
-
-
-def _base_model(adapter: str) -> str:
-    config = os.path.join(adapter, "adapter_config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        if base:
-            return base
-    return adapter  # full weights (or a Hub id): the folder holds its own tokenizer
-
-
-def check_weight_files(folder: str) -> None:
-    """A UserError naming the first .safetensors file of ``folder`` whose header cannot be read."""
-    from safetensors import safe_open
-
-    from ..errors import UserError
-
-    if not os.path.isdir(folder):
-        return  # a Hub id
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            path = os.path.join(folder, name)
-            try:
-                with safe_open(path, framework="pt") as f:
-                    f.keys()
-            except Exception as err:  # safetensors' own error types, one per kind of damage
-                raise UserError(f"{path} is damaged or not a safetensors file ({err}); export or train it "
-                                f"again") from None
-
-
-def load_model(adapter: str, recipe, args, memory_overrides: dict):
-    """RMTModel.from_pretrained with the recipe's quantization / dtype / attention unless flags say
-    otherwise; ``memory_overrides`` (MemoryConfig fields) change how inputs are read."""
-    import torch
-
-    from ..backbones import check_position_limit
-    from ..recurrent import RMTModel
-
-    model = recipe.model if recipe is not None else None
-    kwargs = {"quantization": args.quantization or (model.quantization if model else None),
-              "dtype": args.dtype or (model.dtype if model else None)}
-    if model is not None and model.attention:
-        kwargs["attn_implementation"] = model.attention
-    if args.base_model:
-        kwargs["base_model"] = args.base_model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
-    from ..errors import UserError
-
-    check_weight_files(adapter)
-    try:
-        rmt = RMTModel.from_pretrained(adapter, **kwargs)
-    except OSError as err:  # a Hub id that is unknown or unreachable (offline), a base model that moved
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {adapter}: {first}") from None
-    if device.type != "cuda":
-        rmt.to(device)
-    if memory_overrides:
-        if "num_memory_tokens" in memory_overrides:
-            raise UserError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
-                             "trained with that many tokens")
-        rmt.memory_config = dataclasses.replace(rmt.memory_config, **memory_overrides)
-        check_position_limit(rmt.causal_lm.config, rmt.memory_config)
-    return rmt.eval()
-
-
-def _recipe(path: str | None, overrides: list[str]):
-    if path is None:
-        return None
-    from ..recipe import load_recipe
-
-    return load_recipe(path, overrides)
-
-
 def check_counts(args: argparse.Namespace) -> None:
     """--samples / --batch-size / --chunk-size must be >= 1 when given (0 is not 'the default')."""
-    from ..errors import UserError
-
     for flag in ("samples", "batch_size", "chunk_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -183,13 +59,13 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import runs
     from ..data.registry import TASKS, build_dataset, validate_options
-    from ..errors import UserError
     from .runner import EvalSettings, curve_for_task, evaluate
 
     check_counts(args)
-    adapter, recipe_path = locate(args.path)
-    recipe = _recipe(recipe_path, list(args.overrides))
+    adapter, recipe_path = runs.locate(args.path)
+    recipe = runs.read_recipe(recipe_path, args.overrides)
     if recipe is None and args.overrides:
         raise UserError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
 
@@ -237,32 +113,34 @@ def run(args: argparse.Namespace) -> int:
 
     if args.baseline is None and recipe is not None and recipe.eval.baseline:
         # Training with eval.baseline puts the 0-memory run in RUN/baseline: compare with it.
-        trained = os.path.join(args.path, "baseline")
-        if os.path.isfile(os.path.join(trained, "recipe.yaml")):
+        trained = os.path.join(args.path, runs.BASELINE_DIR)
+        if os.path.isfile(os.path.join(trained, runs.RUN_RECIPE_FILE)):
             args.baseline = [trained]
     names: list[str] = []
     models = {}
     paths = [(args.path, adapter, recipe)]
     for baseline in args.baseline or []:
-        base_adapter, base_recipe_path = locate(baseline)
-        paths.append((baseline, base_adapter, _recipe(base_recipe_path, [])))
+        base_adapter, base_recipe_path = runs.locate(baseline)
+        paths.append((baseline, base_adapter, runs.read_recipe(base_recipe_path)))
     for path, folder, folder_recipe in paths:
-        name = model_name(path, names)
+        name = runs.model_name(path, names)
         names.append(name)
-        models[name] = load_model(folder, folder_recipe, args, memory_overrides)
+        models[name] = runs.load_model(folder, folder_recipe, args, memory_overrides)
         context = (folder_recipe.data.options or {}).get("history_tokens") if folder_recipe is not None else None
         if context is not None and path != args.path:
             # A plain-context baseline (arxiv_gpt2_context.yaml): history in its window, not in memory.
             settings.plain_context[name] = context
     rmt = next(iter(models.values()))
-    tokenizer = load_tokenizer(task, adapter, recipe, args.tokenizer)
+    # tasks on raw token ids (token_memory) need none
+    tokenizer = (runs.load_tokenizer(runs.tokenizer_name(recipe, adapter, args.tokenizer))
+                 if TASKS[task].needs_tokenizer else None)
     segment_size = rmt.memory_config.segment_size
 
     def build(num_segments: int, num_samples: int):
         return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
                              num_segments=num_segments, num_samples=num_samples, seed=seed)
 
-    out = args.out or (os.path.join(args.path, "eval") if os.path.isdir(args.path) else "eval")
+    out = args.out or (os.path.join(args.path, runs.EVAL_DIR) if os.path.isdir(args.path) else runs.EVAL_DIR)
     settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
                       "task_options": options, "seed": seed, "overrides": list(args.overrides),
                       "plain_context": settings.plain_context}
@@ -307,12 +185,3 @@ def register(subparsers) -> None:
     add_model_options(p)
     p.set_defaults(func=run)
 
-
-def add_model_options(p) -> None:
-    """How a run or adapter is loaded (shared by eval and ask)."""
-    p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
-    p.add_argument("--dtype", help="default: the recipe's")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")
-    p.add_argument("--tokenizer", help="a tokenizer name / folder, or 'offline' (default: recipe, adapter, base)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")

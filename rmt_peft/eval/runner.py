@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
+from ..data.registry import MEMORY_TASKS
 from ..recurrent import RMTModel
 from . import reports
 from .lm import history_curve, length_perplexity
@@ -24,8 +25,6 @@ HISTORY_TASKS = ("arxiv_lm",)
 
 
 def curve_for_task(task: str) -> str:
-    from ..data.registry import MEMORY_TASKS
-
     if task in MEMORY_TASKS:
         return "accuracy"
     if task in HISTORY_TASKS:

@@ -8,7 +8,8 @@ without loading any weights and exits 0 when it is valid, 2 when it is not (the 
 the key, the value and what is allowed). ``train`` accepts the ``--local_rank`` that the
 deepspeed launcher appends (``python -m rmt_peft.train`` is the launchers' entry). A start
 that fails before training begins (nothing written but recipe.yaml) removes the output folder it
-created, so the same ``output_dir`` can be used again. Heavy imports happen inside the handlers so ``--help`` stays fast.
+created, so the same ``output_dir`` can be used again. The recipe, the engine and the run folder
+(``rmt_peft.runs``) are imported inside the handlers, with torch, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import argparse
 import os
 import shutil
 import sys
+
+from .. import resources
+from ..errors import UserError
 
 RECIPE_HELP = "a recipe YAML file, or the name of a shipped one (rmt-peft recipes), e.g. quickstart"
 EXIT_DIVERGED = 3  # the divergence guard stopped the run (a user error is 2)
@@ -66,7 +70,6 @@ def validate_command(args) -> int:
 
 def _check_data(args, recipe) -> int:
     """Whether the data fills every stage (needs the tokenizer; without it, training checks first)."""
-    from ..errors import UserError
     from ..recipe import RecipeError
     from .trainer import build_tokenizer, check_stage_data
 
@@ -95,6 +98,7 @@ def train_command(args) -> int:
     recipe = _load(args)
     from ..errors import TrainingDiverged
     from ..log import is_main_process, logger
+    from ..runs import RUN_SUMMARY_FILE, remove_failed_start
     from .trainer import run
 
     out = recipe.output_dir
@@ -102,7 +106,7 @@ def train_command(args) -> int:
     try:
         run(recipe, log=logger.info)
     except TrainingDiverged as err:  # summary.json in the output folder records it
-        print(f"rmt-peft train: {err} (recorded in {recipe.output_dir}/summary.json)", file=sys.stderr)
+        print(f"rmt-peft train: {err} (recorded in {recipe.output_dir}/{RUN_SUMMARY_FILE})", file=sys.stderr)
         return EXIT_DIVERGED
     except BaseException:
         if fresh and is_main_process():
@@ -111,20 +115,7 @@ def train_command(args) -> int:
     return 0
 
 
-def remove_failed_start(out: str) -> None:
-    """Remove ``out`` (created by this run) when the run failed before writing anything but its
-    recipe.yaml: a failed start. Anything else (logs, checkpoints, a record of a divergence) stays."""
-    if not os.path.isdir(out):
-        return
-    written = [os.path.relpath(os.path.join(root, f), out) for root, _, files in os.walk(out) for f in files]
-    if set(written) <= {"recipe.yaml"}:
-        shutil.rmtree(out, ignore_errors=True)
-
-
 def recipes_command(args) -> int:
-    from .. import resources
-    from ..errors import UserError
-
     if args.name is None:
         print("recipes (rmt-peft train NAME, or rmt-peft recipes NAME to copy one out and edit it):")
         for name in resources.names(resources.RECIPES):

@@ -18,8 +18,10 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 
+from safetensors import safe_open
 from transformers import TrainerCallback
 
 from ..errors import UserError
@@ -129,10 +131,6 @@ def damage(folder: str) -> str | None:
     finished save. Cheap structural reads catch files cut short (a full disk, a copy that broke
     off): the headers of the safetensors files, the zip directory at the end of the Trainer's
     torch.save files (optimizer, scheduler, RNG states), the Trainer's JSON state."""
-    import zipfile
-
-    from safetensors import safe_open
-
     try:
         CurriculumState.load(folder)
     except UserError as err:

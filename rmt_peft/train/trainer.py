@@ -36,9 +36,10 @@ from ..data.registry import build_dataset as registry_build
 from ..errors import TrainingDiverged, UserError
 from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
 from ..hub import write_model_card
-from ..log import logger, quiet_trainer
+from ..log import is_main_process, logger, quiet_trainer
 from ..metrics import exact_match
 from ..recurrent import RMTModel
+from ..runs import BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, load_tokenizer, tokenizer_name
 from ..speedups import cache_dequantized_weights
 from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
@@ -55,22 +56,12 @@ TORCH_SAVE_FAILURES = ("unexpected pos", "file write failed", "No space left")  
 
 # -- building -------------------------------------------------------------------------------
 def build_tokenizer(recipe: Recipe):
-    """The recipe's tokenizer, or None for token-level tasks on tiny models."""
-    name = recipe.model.tokenizer
-    if name is None and recipe.model.is_tiny:
-        name = "offline" if needs_tokenizer(recipe) else None
-    if name is None and not recipe.model.is_tiny:
-        name = recipe.model.name_or_path
-    if name is None:
+    """The recipe's tokenizer (``runs.tokenizer_name``), or None for token-level tasks on tiny models."""
+    if recipe.model.tokenizer is None and recipe.model.is_tiny and not needs_tokenizer(recipe):
         return None
-    if name == "offline":
-        from ..data.tokenizer import offline_tokenizer
-
-        return offline_tokenizer()
-    from transformers import AutoTokenizer
-
+    name = tokenizer_name(recipe)
     with not_found_is_user_error("model.tokenizer", name):
-        return AutoTokenizer.from_pretrained(name)
+        return load_tokenizer(name)
 
 
 @contextlib.contextmanager
@@ -353,11 +344,7 @@ def write_recipe(recipe: Recipe, args: TrainingArguments) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if args.should_save:
-        write_text(os.path.join(recipe.output_dir, "recipe.yaml"), recipe.to_yaml())
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+        write_text(os.path.join(recipe.output_dir, RUN_RECIPE_FILE), recipe.to_yaml())
 
 
 def saved_progress(folder: str) -> bool:
@@ -368,13 +355,13 @@ def saved_progress(folder: str) -> bool:
         return False
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name in ("final", "summary.json"):
+        if name in (FINAL_DIR, RUN_SUMMARY_FILE):
             return True
         if re.fullmatch(r"stage-\d+", name) and os.path.isdir(path):
             if any((n == END_DIR or n.startswith("checkpoint-")) and os.path.exists(os.path.join(path, n, STATE_FILE))
                    for n in os.listdir(path)):
                 return True
-        if name == "baseline" and saved_progress(path):
+        if name == BASELINE_DIR and saved_progress(path):
             return True
     return False
 
@@ -382,14 +369,14 @@ def saved_progress(folder: str) -> bool:
 def check_output_dir(recipe: Recipe, resume: bool) -> None:
     out = recipe.output_dir
     if resume:
-        if not os.path.exists(os.path.join(out, "recipe.yaml")):
+        if not os.path.exists(os.path.join(out, RUN_RECIPE_FILE)):
             raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume")
         return
     if not os.path.isdir(out):
         return
     names = set(os.listdir(out)) - {LOCK_FILE}
     # a start that failed before saving anything left recipe.yaml, stage folders with logs: start over
-    left_by_failed_start = all(n in ("recipe.yaml", "baseline") or re.fullmatch(r"stage-\d+", n) for n in names)
+    left_by_failed_start = all(n in (RUN_RECIPE_FILE, BASELINE_DIR) or re.fullmatch(r"stage-\d+", n) for n in names)
     if names and not (left_by_failed_start and not saved_progress(out)):
         raise RecipeError(f"training.output_dir={out!r} already holds files (another run?); nothing is "
                           f"overwritten: choose a new output_dir, resume with training.resume_from_checkpoint=true, "
@@ -529,7 +516,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
         prepare(args, point.weights if point else None)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
     # final/: what a user loads, not resume state
-    save_adapter(trainer.model, os.path.join(out, "final"), trainer.base_model, trainer.args.should_save, False)
+    save_adapter(trainer.model, os.path.join(out, FINAL_DIR), trainer.base_model, trainer.args.should_save, False)
 
     evaluation = {}
     if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
@@ -544,7 +531,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
                "eval": evaluation}
     if trainer.args.should_save:
-        write_json(os.path.join(out, "summary.json"), summary)
+        write_json(os.path.join(out, RUN_SUMMARY_FILE), summary)
     # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
     # accelerate refuses while this one's DeepSpeed state is alive.
     release_deepspeed(trainer)
@@ -582,7 +569,7 @@ def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first
                "hint": "resume with training.resume_from_checkpoint=true and a lower training.learning_rate "
                        "(or guard.on_divergence=rollback)"}
     if should_save:
-        write_json(os.path.join(recipe.output_dir, "summary.json"), summary)
+        write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
 
 
 def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: list[int], callback):
@@ -635,9 +622,9 @@ def instruction_datasets(recipe: Recipe):
 def baseline_recipe(recipe: Recipe) -> Recipe:
     """The same run with 0 memory tokens (segments processed independently), in OUTPUT_DIR/baseline.
     A resume resumes the baseline too when it had started, and starts it otherwise."""
-    training = {**recipe.training, "output_dir": os.path.join(recipe.output_dir, "baseline")}
+    training = {**recipe.training, "output_dir": os.path.join(recipe.output_dir, BASELINE_DIR)}
     if training.get("resume_from_checkpoint"):
-        training["resume_from_checkpoint"] = os.path.exists(os.path.join(training["output_dir"], "recipe.yaml"))
+        training["resume_from_checkpoint"] = os.path.exists(os.path.join(training["output_dir"], RUN_RECIPE_FILE))
     return dataclasses.replace(recipe, memory=dataclasses.replace(recipe.memory, num_memory_tokens=0),
                                training=training, eval=dataclasses.replace(recipe.eval, baseline=False))
 
@@ -663,11 +650,11 @@ def run(recipe: Recipe, log=print) -> dict:
                                    "baseline": {n: m["accuracy"] for n, m in base["eval"].items()}}
         finally:
             if is_main_process():
-                write_json(os.path.join(recipe.output_dir, "summary.json"), summary)
+                write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
             if lock is not None:
                 lock.release()
     if is_main_process():
-        write_model_card(os.path.join(recipe.output_dir, "final"), run_dir=recipe.output_dir)  # with the results
+        write_model_card(os.path.join(recipe.output_dir, FINAL_DIR), run_dir=recipe.output_dir)  # with the results
         log(format_table(summary))
     return summary
 

@@ -1,0 +1,197 @@
+"""The run folder: what ``rmt-peft train`` writes, and how eval, export and ask open what it wrote.
+
+    OUTPUT_DIR/
+      recipe.yaml        the resolved recipe                       RUN_RECIPE_FILE
+      summary.json       status, stages, final evaluation          RUN_SUMMARY_FILE
+      final/             the adapter a user loads (hub.py's format) FINAL_DIR
+      baseline/          eval.baseline's 0-memory run, itself a run BASELINE_DIR
+      eval/              rmt-peft eval's output                    EVAL_DIR
+      stage-<k>/         curriculum stage k's checkpoints and end/ (train/curriculum.py)
+      .rmt-peft.lock     while a run owns the folder               (train/lock.py)
+
+The names the model card reads (recipe.yaml, summary.json, final/) are defined in hub.py, below
+this module; everything that decides something about a run folder is here: what a path given to a
+command is (``locate`` for eval and ask, ``adapter_folder`` for export), which tokenizer goes with
+a run (``tokenizer_name``, the same precedence for training and loading) and how a run's model is
+loaded with the recipe's settings (``load_model``; its flags are in ``options.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from .backbones import check_position_limit
+from .data.tokenizer import offline_tokenizer
+from .errors import UserError
+from .hub import (ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE, RUN_FINAL_DIR, RUN_RECIPE_FILE,
+                  RUN_SUMMARY_FILE, read_run)
+from .recipe import Recipe, load_recipe
+from .recurrent import RMTModel
+
+FINAL_DIR = RUN_FINAL_DIR
+BASELINE_DIR = "baseline"
+EVAL_DIR = "eval"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers': a folder that holds its own tokenizer
+OFFLINE_TOKENIZER = "offline"                     # model.tokenizer / --tokenizer: the data package's
+
+# RUN_SUMMARY_FILE and read_run are hub.py's, re-exported: the run folder's vocabulary in one place
+__all__ = ["RUN_RECIPE_FILE", "RUN_SUMMARY_FILE", "FINAL_DIR", "BASELINE_DIR", "EVAL_DIR", "read_run", "is_run",
+           "run_folder", "locate", "model_name", "adapter_folder", "remove_failed_start", "read_recipe",
+           "tokenizer_name", "load_tokenizer", "base_model", "check_weight_files", "load_model"]
+
+
+# -- what a path is -------------------------------------------------------------------------
+def is_run(path: str) -> bool:
+    """A training run: its recipe.yaml and its final/ adapter."""
+    return os.path.isfile(os.path.join(path, RUN_RECIPE_FILE)) and os.path.isdir(os.path.join(path, FINAL_DIR))
+
+
+def run_folder(adapter: str) -> str | None:
+    """The training run an adapter folder belongs to (its parent holds the run's recipe.yaml), or None."""
+    parent = os.path.dirname(os.path.abspath(adapter))
+    return parent if os.path.isfile(os.path.join(parent, RUN_RECIPE_FILE)) else None
+
+
+def locate(path: str) -> tuple[str, str | None]:
+    """(adapter folder or Hub id, recipe.yaml path or None) of a run, an adapter folder or a Hub id
+    (eval, ask: a UserError names what ``path`` is not)."""
+    if is_run(path):
+        return os.path.join(path, FINAL_DIR), os.path.join(path, RUN_RECIPE_FILE)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, MEMORY_CONFIG_FILE)):
+            raise UserError(f"{path} is neither a training run (recipe.yaml + final/) nor an adapter folder "
+                            f"({MEMORY_CONFIG_FILE})")
+        parent = os.path.join(os.path.dirname(os.path.normpath(path)), RUN_RECIPE_FILE)
+        return path, parent if os.path.isfile(parent) else None
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise UserError(f"{path} is not a folder (expected a training run, an adapter folder or a Hub id "
+                        f"like user/model)")
+    return path, None  # a Hub id
+
+
+def model_name(path: str, taken: list[str]) -> str:
+    """A legend name: the run's folder name (a run's ``final`` folder is named after the run)."""
+    norm = os.path.normpath(path)
+    name = os.path.basename(norm)
+    if name == FINAL_DIR:
+        name = os.path.basename(os.path.dirname(norm)) or name
+    while name in taken:
+        name += " (baseline)"
+    return name
+
+
+def adapter_folder(source: str) -> str:
+    """``source`` itself when it holds a saved model, else its ``final/`` (a training run); export
+    reads local folders only (FileNotFoundError names what ``source`` is not)."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source} is not a folder (expected a run's OUTPUT_DIR or an adapter folder)")
+    markers = (ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, MEMORY_CONFIG_FILE)
+    if any(os.path.isfile(os.path.join(source, m)) for m in markers):
+        return source
+    final = os.path.join(source, FINAL_DIR)
+    if os.path.isdir(final):
+        return final
+    raise FileNotFoundError(f"{source} is neither an adapter folder (no {ADAPTER_CONFIG_FILE} / "
+                            f"{MEMORY_CONFIG_FILE}) nor a training run (no {FINAL_DIR}/ folder)")
+
+
+def remove_failed_start(out: str) -> None:
+    """Remove ``out`` (created by this run) when the run failed before writing anything but its
+    recipe.yaml: a failed start. Anything else (logs, checkpoints, a record of a divergence) stays."""
+    if not os.path.isdir(out):
+        return
+    written = [os.path.relpath(os.path.join(root, f), out) for root, _, files in os.walk(out) for f in files]
+    if set(written) <= {RUN_RECIPE_FILE}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def read_recipe(path: str | None, overrides: list[str] = ()) -> Recipe | None:
+    """The recipe at ``path`` (a run's recipe.yaml, from ``locate``) with ``overrides``, or None."""
+    return None if path is None else load_recipe(path, list(overrides))
+
+
+# -- which tokenizer ------------------------------------------------------------------------
+def tokenizer_name(recipe: Recipe | None, adapter: str | None = None, override: str | None = None) -> str:
+    """The first of: ``override`` (--tokenizer), the recipe's model.tokenizer, the adapter folder's
+    own tokenizer files, the offline tokenizer for tiny models, the recipe's model, the base model
+    the adapter records. ``"offline"`` names the data package's offline tokenizer."""
+    name = override or (recipe.model.tokenizer if recipe is not None else None)
+    if name is None and adapter is not None and os.path.isfile(os.path.join(adapter, TOKENIZER_CONFIG_FILE)):
+        name = adapter
+    if name is None and recipe is not None and recipe.model.is_tiny:
+        name = OFFLINE_TOKENIZER
+    if name is None:
+        name = recipe.model.name_or_path if recipe is not None else base_model(adapter)
+    return name
+
+
+def load_tokenizer(name: str):
+    """``tokenizer_name``'s choice, loaded (OSError when it cannot be found)."""
+    if name == OFFLINE_TOKENIZER:
+        return offline_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def base_model(adapter: str) -> str:
+    """The base model a LoRA adapter folder records, else the folder itself (full weights, or a Hub
+    id: it holds its own tokenizer)."""
+    config = os.path.join(adapter, ADAPTER_CONFIG_FILE)
+    if os.path.isfile(config):
+        with open(config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if base:
+            return base
+    return adapter
+
+
+# -- loading a run's model ------------------------------------------------------------------
+def check_weight_files(folder: str) -> None:
+    """A UserError naming the first .safetensors file of ``folder`` whose header cannot be read."""
+    if not os.path.isdir(folder):
+        return  # a Hub id
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except Exception as err:  # safetensors' own error types, one per kind of damage
+                raise UserError(f"{path} is damaged or not a safetensors file ({err}); export or train it "
+                                f"again") from None
+
+
+def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict) -> RMTModel:
+    """RMTModel.from_pretrained with the recipe's quantization / dtype / attention unless flags
+    (``options.add_model_options``) say otherwise; ``memory_overrides`` (MemoryConfig fields)
+    change how inputs are read."""
+    model = recipe.model if recipe is not None else None
+    kwargs = {"quantization": args.quantization or (model.quantization if model else None),
+              "dtype": args.dtype or (model.dtype if model else None)}
+    if model is not None and model.attention:
+        kwargs["attn_implementation"] = model.attention
+    if args.base_model:
+        kwargs["base_model"] = args.base_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    check_weight_files(adapter)
+    try:
+        rmt = RMTModel.from_pretrained(adapter, **kwargs)
+    except OSError as err:  # a Hub id that is unknown or unreachable (offline), a base model that moved
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {adapter}: {first}") from None
+    if device.type != "cuda":
+        rmt.to(device)
+    if memory_overrides:
+        if "num_memory_tokens" in memory_overrides:
+            raise UserError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
+                            "trained with that many tokens")
+        rmt.memory_config = dataclasses.replace(rmt.memory_config, **memory_overrides)
+        check_position_limit(rmt.causal_lm.config, rmt.memory_config)
+    return rmt.eval()
