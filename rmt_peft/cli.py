@@ -13,6 +13,9 @@ import argparse
 import importlib
 import sys
 
+from . import __version__, log
+from .errors import UserError
+
 COMMAND_MODULES = [
     "rmt_peft.train.command",   # train, validate, recipes
     "rmt_peft.eval.command",    # eval
@@ -31,8 +34,6 @@ def verbosity_options(parser: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="rmt-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rmt-peft {__version__}")
     verbosity_options(parser, 0)
@@ -46,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import log
-    from .errors import UserError
-
     log.setup(args.verbosity)
     try:
         return int(args.func(args) or 0)

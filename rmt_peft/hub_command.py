@@ -51,23 +51,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_export)
 
 
-# training state a checkpoint or a stage's end/ may hold beside the adapter: never exported
-RESUME_FILES = {"trainable.safetensors", "curriculum.json", "trainer_state.json", "training_args.bin",
-                "optimizer.pt", "scheduler.pt", "scaler.pt"}
-
-
 def exported_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a user needs (no resume state)."""
+    from .runs import RESUME_FILES
+
     return [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))
             and n not in RESUME_FILES and not (n.startswith("rng_state") and n.endswith(".pth"))]
 
 
 def extra_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a merged model keeps (tokenizer files, ...)."""
-    from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE
+    from .hub import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE,
+                      MODEL_CONFIG_FILE)
 
     replaced = {CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHTS_FILES,
-                "config.json", "generation_config.json"}
+                MODEL_CONFIG_FILE, "generation_config.json"}
     return [os.path.join(folder, n) for n in exported_files(folder) if n not in replaced and not n.startswith("model")]
 
 

@@ -6,7 +6,8 @@
       final/             the adapter a user loads (hub.py's format) FINAL_DIR
       baseline/          eval.baseline's 0-memory run, itself a run BASELINE_DIR
       eval/              rmt-peft eval's output                    EVAL_DIR
-      stage-<k>/         curriculum stage k's checkpoints and end/ (train/curriculum.py)
+      stage-<k>/         curriculum stage k's checkpoints and end/ (train/curriculum.py),
+                         each an adapter + the resume state (RESUME_FILES)
       .rmt-peft.lock     while a run owns the folder               (train/lock.py)
 
 The names the model card reads (recipe.yaml, summary.json, final/) are defined in hub.py, below
@@ -37,11 +38,17 @@ from .recurrent import RMTModel
 FINAL_DIR = RUN_FINAL_DIR
 BASELINE_DIR = "baseline"
 EVAL_DIR = "eval"
+# beside the adapter in a checkpoint or a stage's end/ (train/curriculum.py): resume state, never exported
+STATE_FILE = "curriculum.json"            # the curriculum's progress; written last, so it marks a finished save
+TRAINABLE_FILE = "trainable.safetensors"  # every trainable tensor by name (trainer.save_adapter)
+RESUME_FILES = {TRAINABLE_FILE, STATE_FILE, "trainer_state.json", "training_args.bin", "optimizer.pt",
+                "scheduler.pt", "scaler.pt"}  # + the Trainer's rng_state*.pth
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers': a folder that holds its own tokenizer
 OFFLINE_TOKENIZER = "offline"                     # model.tokenizer / --tokenizer: the data package's
 
 # RUN_SUMMARY_FILE and read_run are hub.py's, re-exported: the run folder's vocabulary in one place
-__all__ = ["RUN_RECIPE_FILE", "RUN_SUMMARY_FILE", "FINAL_DIR", "BASELINE_DIR", "EVAL_DIR", "read_run", "is_run",
+__all__ = ["RUN_RECIPE_FILE", "RUN_SUMMARY_FILE", "FINAL_DIR", "BASELINE_DIR", "EVAL_DIR", "STATE_FILE", "TRAINABLE_FILE",
+           "RESUME_FILES", "read_run", "is_run",
            "run_folder", "locate", "model_name", "adapter_folder", "remove_failed_start", "read_recipe",
            "tokenizer_name", "load_tokenizer", "base_model", "check_weight_files", "load_model"]
 

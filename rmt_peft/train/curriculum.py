@@ -27,10 +27,9 @@ from transformers import TrainerCallback
 from ..errors import UserError
 from ..fileio import write_json
 from ..recipe import Stage
+from ..runs import STATE_FILE, TRAINABLE_FILE
 
-STATE_FILE = "curriculum.json"
 END_DIR = "end"
-TRAINABLE_FILE = "trainable.safetensors"  # every trainable tensor by name (trainer.save_adapter)
 
 
 def stage_dir(output_dir: str, index: int) -> str:

@@ -39,11 +39,12 @@ from ..hub import write_model_card
 from ..log import is_main_process, logger, quiet_trainer
 from ..metrics import exact_match
 from ..recurrent import RMTModel
-from ..runs import BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, load_tokenizer, tokenizer_name
+from ..runs import (BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE, load_tokenizer,
+                    tokenizer_name)
 from ..speedups import cache_dequantized_weights
 from ..tiny_models import tiny_model
-from .curriculum import (END_DIR, STATE_FILE, TRAINABLE_FILE, CurriculumState, ResumePoint, StageCallback, damage,
-                         checkpoints, find_resume_point, latest_checkpoint, stage_budget, stage_dir)
+from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
+                         latest_checkpoint, stage_budget, stage_dir)
 from .guard import DivergenceGuard, set_base_learning_rate
 from .lock import LOCK_FILE, RunLock
 from ..recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
