@@ -392,6 +392,25 @@ def check_training(values, trainer: str = "rmt") -> dict:
     check_report_to(out.get("report_to"))
     if not out.get("output_dir"):
         raise RecipeError("training.output_dir is required: the folder of checkpoints, final/ and summary.json")
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = out.get(name) or {}
+        _need(not (isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True),
+              f"training.{name}.use_reentrant=true is not allowed: BPTT reuses the LoRA weights in every segment "
+              f"and reentrant checkpointing fires their gradient hooks once per use; only false is allowed")
+    _need(not (out.get("bf16") and out.get("fp16")), "training.bf16 and training.fp16 are both true; pick one")
+    # values TrainingArguments would accept but that cannot train (checked here, not mid-run)
+    for name in TRAINING_POSITIVE:
+        value = out.get(name)
+        _need(value is None or 0 < value < math.inf, f"training.{name}={value!r} must be a finite number > 0")
+    for name in TRAINING_NON_NEGATIVE:
+        value = out.get(name)
+        _need(value is None or 0 <= value < math.inf, f"training.{name}={value!r} must be a finite number >= 0")
+    output_dir = out["output_dir"]
+    _need(not os.path.isfile(output_dir), f"training.output_dir={output_dir!r} is a file; expected a folder")
+    try:
+        check_writable(output_dir, "training.output_dir")
+    except UserError as err:
+        raise RecipeError(str(err)) from None
     return out
 
 
@@ -601,7 +620,7 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         except (ValueError, TypeError) as err:
             raise RecipeError(f"data.options: {err}") from err
 
-    # curriculum
+    # curriculum: the stages are checked here, once expand_curriculum has filled in the section's defaults
     for i, stage in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
         for n in stage_segments(stage):
@@ -639,12 +658,6 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         _need(not (stage == 3 and model.quantization == "4bit" and model.dtype in (None, "float32", "fp32")),
               "model.quantization='4bit' with ZeRO-3 needs model.dtype=bfloat16 (or float16): the 4-bit "
               "storage dtype must equal the compute dtype to be partitioned")
-    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
-        kwargs = train.get(name) or {}
-        _need(not (isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True),
-              f"training.{name}.use_reentrant=true is not allowed: BPTT reuses the LoRA weights in every segment "
-              f"and reentrant checkpointing fires their gradient hooks once per use; only false is allowed")
-    _need(not (train.get("bf16") and train.get("fp16")), "training.bf16 and training.fp16 are both true; pick one")
 
     # positions: a segment with read and write memory must fit a learned position table
     if check_files:
@@ -661,21 +674,6 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                 _need(config.vocab_size >= size,
                       f"model.config.vocab_size={config.vocab_size} is smaller than the offline tokenizer "
                       f"({size} tokens) that task {data.task!r} needs; set model.config.vocab_size >= {size}")
-    # training values TrainingArguments would accept but that cannot train (checked here, not mid-run)
-    for name in TRAINING_POSITIVE:
-        value = train.get(name)
-        _need(value is None or 0 < value < math.inf, f"training.{name}={value!r} must be a finite number > 0")
-    for name in TRAINING_NON_NEGATIVE:
-        value = train.get(name)
-        _need(value is None or 0 <= value < math.inf, f"training.{name}={value!r} must be a finite number >= 0")
-
     _need(recipe.guard.on_divergence != "rollback" or ds is None,
           "guard.on_divergence='rollback' is not supported with training.deepspeed (DeepSpeed restores the "
           "checkpoint's learning rate); use 'stop' and resume with a lower training.learning_rate")
-
-    out = train["output_dir"]
-    _need(not os.path.isfile(out), f"training.output_dir={out!r} is a file; expected a folder")
-    try:
-        check_writable(out, "training.output_dir")
-    except UserError as err:
-        raise RecipeError(str(err)) from None
