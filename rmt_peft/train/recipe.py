@@ -2,4 +2,3 @@
 eval, export and ask read it); this module keeps ``from rmt_peft.train.recipe import load_recipe``
 working."""
 from ..recipe import *  # noqa: F403 - the old import path, re-exported as it was
-from ..recipe import _coerce, _plain, _type_name  # noqa: F401 - private names kept importable too
