@@ -5,9 +5,12 @@
     .venv/bin/lint-imports
 """
 import os
+import pkgutil
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -30,6 +33,18 @@ def test_ruff_rules_hold():
 def test_the_layering_holds():
     result = subprocess.run([tool("lint-imports"), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_module_has_a_layer():
+    """A new module must be placed in the layers contract, or the contract would not see it."""
+    import rmt_peft
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    placed = {name for layer in layers for name in re.split(r"[|:]", layer.replace(" ", ""))}
+    modules = {f"rmt_peft.{m.name}" for m in pkgutil.iter_modules(rmt_peft.__path__)}
+    assert modules - placed == set(), "modules missing from [tool.importlinter]'s layers"
 
 
 def test_moved_modules_keep_their_old_import_paths():
