@@ -61,7 +61,13 @@ class RunConfig:
     memory_noise_std: float = 0.0
     memory_stability_weight: float = 0.0
     memory_stability_tolerance: float = 0.0
+    memory_stability_power: float = 1.0
     bptt_depth: int | None = None
+    # The stability loss (and the noise) apply in the last this-many stages only (None: all); before
+    # them the memory learns to write in the paper's setting (from the start, the stability loss
+    # blocks mid-input writes).
+    stable_stages: int | None = None
+    noise_stages: int | None = None
     max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
     steps_per_stage: int = 300
     mix: bool = True                 # each batch draws its segment count from 1..stage
@@ -95,6 +101,21 @@ VARIANTS: dict[str, dict] = {
     "stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3},
     "tolerant": {"memory_stability_weight": 1.0, "memory_stability_tolerance": 0.05, "memory_noise_std": 0.3},
     "tolerant0.01": {"memory_stability_weight": 1.0, "memory_stability_tolerance": 0.01, "memory_noise_std": 0.3},
+    # the relative change, not its square (memory_stability_power 0.5): seldom but full writes
+    "sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3},
+    "sparse0.3_noise": {"memory_stability_weight": 0.3, "memory_stability_power": 0.5, "memory_noise_std": 0.3},
+    "sparse3_noise": {"memory_stability_weight": 3.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3},
+    "sparse_noise0.1": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.1},
+    "late_stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
+    "late_stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
+    "late_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                          "stable_stages": 1, "noise_stages": 1},
+    "late2_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                           "stable_stages": 2, "noise_stages": 2},
+    "noise_late2_sparse": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                           "stable_stages": 2},
+    "bptt2_late_sparse": {"bptt_depth": 2, "memory_stability_weight": 1.0, "memory_stability_power": 0.5,
+                          "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
     "stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3},
     "stable10_noise0.1": {"memory_stability_weight": 10.0, "memory_noise_std": 0.1},
     "stable10_noise0.5": {"memory_stability_weight": 10.0, "memory_noise_std": 0.5},
@@ -168,7 +189,8 @@ def build_model(cfg: RunConfig, device) -> RMTModel:
                           bptt_depth=cfg.bptt_depth, memory_update=cfg.memory_update,
                           memory_gate_bias=cfg.memory_gate_bias, memory_noise_std=cfg.memory_noise_std,
                           memory_stability_weight=cfg.memory_stability_weight,
-                          memory_stability_tolerance=cfg.memory_stability_tolerance)
+                          memory_stability_tolerance=cfg.memory_stability_tolerance,
+                          memory_stability_power=cfg.memory_stability_power)
     torch.manual_seed(cfg.seed)
     return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
 
@@ -184,7 +206,13 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     started = time.time()
     model.train()
     step = 0
+    levers = model.memory_config
     for stage in range(1, cfg.max_train_segments + 1):
+        def on(last: int | None) -> bool:
+            return last is None or stage > cfg.max_train_segments - last
+        model.memory_config = dataclasses.replace(
+            levers, memory_stability_weight=levers.memory_stability_weight if on(cfg.stable_stages) else 0.0,
+            memory_noise_std=levers.memory_noise_std if on(cfg.noise_stages) else 0.0)
         for stage_step in range(cfg.steps_per_stage):
             lr = cfg.learning_rate * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
             for group in optimizer.param_groups:
@@ -245,7 +273,11 @@ def run_one(cfg: RunConfig) -> dict:
         return result
     result["train_seconds"] = time.time() - started
     started = time.time()
-    result["accuracy"] = {str(n): accuracy(cfg, model, n, device) for n in cfg.eval_segments}
+    result["accuracy"] = {}
+    for n in cfg.eval_segments:
+        result["accuracy"][str(n)] = accuracy(cfg, model, n, device)
+        # a run cut by a time limit still leaves its curve so far in the log
+        print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
     result["eval_seconds"] = time.time() - started
     return result
 

@@ -55,6 +55,11 @@ class MemoryConfig:
     memory_stability_tolerance: 0 penalises the relative squared change r itself; tau > 0
         penalises r / (r + tau) instead: small drifts cost steeply (slope 1 / tau) while a large
         deliberate write (a new fact, r >> tau) costs at most the weight and is not held back.
+    memory_stability_power: the penalty is r ** power (before the tolerance). 1 penalises the
+        squared relative change; 0.5 the relative change itself (|new - old| / |old|, a total
+        variation over segments): its pull towards zero does not fade as the drift shrinks, and
+        a rare large write (a new fact arriving mid-input) costs linearly, not quadratically, so
+        the memory learns to change seldom but fully.
     memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
         RMS) is added to the memory passed between segments, so the model learns a memory that
         recovers from perturbations instead of one that drifts; 0 turns it off.
@@ -81,6 +86,7 @@ class MemoryConfig:
     memory_noise_std: float = 0.0
     memory_stability_weight: float = 0.0
     memory_stability_tolerance: float = 0.0
+    memory_stability_power: float = 1.0
     uncheckpointed_segments: int = 1
     checkpoint_policy: str = "recompute_all"
 
@@ -112,6 +118,8 @@ class MemoryConfig:
              "memory_stability_weight", "expected a number >= 0 (0 = off)")
         need(isinstance(self.memory_stability_tolerance, (int, float)) and 0 <= self.memory_stability_tolerance < math.inf,
              "memory_stability_tolerance", "expected a number >= 0 (0 = the plain relative squared change)")
+        need(isinstance(self.memory_stability_power, (int, float)) and 0 < self.memory_stability_power <= 1,
+             "memory_stability_power", "expected a number in (0, 1] (1 = squared change, 0.5 = change)")
         need(isinstance(self.uncheckpointed_segments, int) and self.uncheckpointed_segments >= 0,
              "uncheckpointed_segments", "expected an integer >= 0")
         need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy",
@@ -172,11 +180,14 @@ class MemoryParameters(nn.Module):
         return memory + gate.unsqueeze(-1) * (written - memory)
 
 
-def relative_change(old: torch.Tensor, new: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
-    """Mean over batch and memory tokens of r = |new - old|^2 / |old|^2 (fp32), or of
-    r / (r + tolerance) when tolerance > 0."""
+def relative_change(old: torch.Tensor, new: torch.Tensor, tolerance: float = 0.0, power: float = 1.0) -> torch.Tensor:
+    """Mean over batch and memory tokens of c = r ** power with r = |new - old|^2 / |old|^2 (fp32),
+    or of c / (c + tolerance) when tolerance > 0."""
     old, new = old.float(), new.float()
     change = (new - old).pow(2).sum(-1) / old.pow(2).sum(-1).clamp(min=1e-12)
+    if power != 1:
+        # the clamp keeps the gradient finite where nothing changed (r ** 0.5 has slope inf at 0)
+        change = change.clamp(min=1e-12).pow(power)
     if tolerance > 0:
         change = change / (change + tolerance)
     return change.mean()

@@ -173,12 +173,17 @@ class Stage:
 @dataclass
 class CurriculumSection:
     """stages: explicit stages, or ``segments`` ([1, 2, 3]) expanded to one stage per count with
-    the defaults below. mix_previous: in each expanded stage also train on the earlier counts."""
+    the defaults below. mix_previous: in each expanded stage also train on the earlier counts.
+    levers_from_stage: the first stage (0-based) that trains with the memory's stability loss and
+    training noise (``memory.memory_stability_weight``, ``memory.memory_noise_std``); the stages
+    before it train with both off, so the memory first learns to write facts that arrive anywhere
+    in the input (from the start, the stability loss holds such writes back; docs/memory-model.md)."""
 
     segments: list[int] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
     steps_per_stage: int | None = None
     mix_previous: bool = False
+    levers_from_stage: int = 0
     metric: str | None = None
     threshold: float | None = None
     patience: int | None = None
@@ -621,6 +626,12 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"data.options: {err}") from err
 
     # curriculum: the stages are checked here, once expand_curriculum has filled in the section's defaults
+    _need(isinstance(cur.levers_from_stage, int) and 0 <= cur.levers_from_stage < len(cur.stages),
+          f"curriculum.levers_from_stage={cur.levers_from_stage!r}: expected an integer from 0 to "
+          f"{len(cur.stages) - 1} (the stages are numbered from 0)")
+    _need(cur.levers_from_stage == 0 or mem.memory_stability_weight > 0 or mem.memory_noise_std > 0,
+          f"curriculum.levers_from_stage={cur.levers_from_stage} has no effect: memory.memory_stability_weight "
+          f"and memory.memory_noise_std are both 0")
     for i, stage in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
         for n in stage_segments(stage):

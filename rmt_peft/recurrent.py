@@ -329,7 +329,8 @@ class RMTModel(nn.Module):
             if stabilize and index > 0:
                 # Against the memory before its noise: the update should return perturbed states to
                 # where they were (an attractor), not carry the perturbation on.
-                drift = drift + relative_change(clean, memory, cfg.memory_stability_tolerance)
+                drift = drift + relative_change(clean, memory, cfg.memory_stability_tolerance,
+                                                cfg.memory_stability_power)
             clean = memory
             if noisy and index + 1 < len(bounds):
                 perturbed = perturb(memory, cfg.memory_noise_std)

@@ -32,6 +32,8 @@ def test_round_trip_and_unknown_fields():
     ("memory_update", "sum", "memory_update='sum' is invalid: expected one of ('replace', 'gated')"),
     ("memory_noise_std", -0.1, "memory_noise_std=-0.1 is invalid"),
     ("memory_gate_bias", float("nan"), "memory_gate_bias=nan is invalid"),
+    ("memory_stability_power", 0, "memory_stability_power=0 is invalid: expected a number in (0, 1]"),
+    ("memory_stability_power", 2.0, "memory_stability_power=2.0 is invalid"),
 ])
 def test_bad_memory_update_values_name_the_field(field, value, message):
     with pytest.raises(ValueError) as err:
@@ -125,6 +127,31 @@ def test_stability_tolerance_saturates_the_penalty_of_large_writes():
     torch.testing.assert_close(relative_change(old, small), torch.tensor(1e-4), rtol=1e-3, atol=0)
     torch.testing.assert_close(relative_change(old, small, 0.05), torch.tensor(1e-4 / (1e-4 + 0.05)), rtol=1e-3, atol=0)
     torch.testing.assert_close(relative_change(old, large, 0.05), torch.tensor(4 / 4.05), rtol=1e-4, atol=0)
+
+
+def test_stability_power_one_half_penalises_the_relative_change_itself():
+    old = torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])   # norms 5 and 1
+    new = old + torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]]])  # moved by 1 and by nothing
+    # |new - old| / |old| = 1/5 and 0: the mean is 0.1 (the squared change would give 0.02)
+    torch.testing.assert_close(relative_change(old, new, power=0.5), torch.tensor(0.1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(relative_change(old, new), torch.tensor(0.02), rtol=1e-5, atol=0)
+    # an unchanged memory has a finite gradient (the slope of r ** 0.5 at 0 is infinite)
+    moved = new.clone().requires_grad_()
+    relative_change(old, moved, power=0.5).backward()
+    assert torch.isfinite(moved.grad).all()
+    # the model uses it: a sparse penalty of the same run equals the power-0.5 mean by hand
+    plain, sparse = _rmt(), _rmt(memory_stability_weight=2.0, memory_stability_power=0.5)
+    out, base = sparse.train()(IDS, labels=IDS), plain.train()(IDS, labels=IDS)
+    with torch.no_grad():
+        memories = []
+        memory = None
+        for start in range(0, IDS.shape[1], 5):
+            memory = plain.eval()(IDS[:, start:start + 5], memory=memory, return_logits=False).memory
+            memories.append(memory)
+    by_hand = torch.stack([((b - a).pow(2).sum(-1) / a.pow(2).sum(-1)).sqrt().mean()
+                           for a, b in zip(memories, memories[1:])]).mean()
+    torch.testing.assert_close(out.memory_drift, by_hand, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.loss, base.loss + 2.0 * by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_a_finished_padded_sample_gets_no_noise_and_no_stability_loss(monkeypatch):

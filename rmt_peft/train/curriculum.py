@@ -19,6 +19,7 @@ import math
 import os
 import re
 import zipfile
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from safetensors import safe_open
@@ -26,10 +27,20 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..fileio import write_json
+from ..memory import MemoryConfig
 from ..recipe import Stage
 from ..runs import STATE_FILE, TRAINABLE_FILE
 
 END_DIR = "end"
+
+
+def stage_memory(memory: MemoryConfig, levers: MemoryConfig, stage: int, levers_from_stage: int) -> MemoryConfig:
+    """The memory config stage ``stage`` trains with: ``memory`` (the model's) with the stability
+    weight and the training noise of ``levers`` (the recipe's) from ``levers_from_stage`` on, and
+    both off before it. Only training changes: evaluation uses neither."""
+    on = stage >= levers_from_stage
+    return dataclasses.replace(memory, memory_stability_weight=levers.memory_stability_weight if on else 0.0,
+                               memory_noise_std=levers.memory_noise_std if on else 0.0)
 
 
 def stage_dir(output_dir: str, index: int) -> str:

@@ -44,7 +44,7 @@ from ..runs import (BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, 
 from ..speedups import cache_dequantized_weights
 from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
-                         latest_checkpoint, stage_budget, stage_dir)
+                         latest_checkpoint, stage_budget, stage_dir, stage_memory)
 from .guard import DivergenceGuard, set_base_learning_rate
 from .lock import LOCK_FILE, RunLock
 from ..recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
@@ -470,6 +470,8 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             if model is None:
                 prepare(args, point.weights if point else None)
                 check_stage_data(recipe, tokenizer, index)
+            model.memory_config = stage_memory(model.memory_config, recipe.memory, index,
+                                               recipe.curriculum.levers_from_stage)
             trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
             continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
             quiet_trainer(trainer)  # -q: no progress bars or printed log dicts

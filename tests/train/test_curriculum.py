@@ -2,6 +2,7 @@
 killed mid-way resumes to exactly the losses of an uninterrupted run."""
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +53,41 @@ def test_curriculum_advances_on_threshold_and_stops_at_the_step_cap(write_recipe
     assert on_disk["eval"]["2"]["accuracy"] == summary["eval"]["2"]["accuracy"]
     assert os.path.exists(os.path.join(recipe.output_dir, "final", "memory.safetensors"))
     assert load_recipe(os.path.join(recipe.output_dir, "recipe.yaml")).to_dict()["training"]["max_steps"] == 6
+
+
+def test_memory_levers_apply_from_the_given_stage_on(write_recipe, monkeypatch):
+    """Stage 0 trains with the stability loss and the noise off, stage 1 with the recipe's values;
+    the saved adapter keeps the recipe's memory config."""
+    from rmt_peft.recurrent import RMTModel
+
+    seen = []
+    forward = RMTModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            seen.append((self.memory_config.memory_stability_weight, self.memory_config.memory_noise_std))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RMTModel, "forward", spy)
+    stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
+    recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
+                                       "memory.memory_stability_weight": 2.0, "memory.memory_noise_std": 0.1}))
+    train_recipe(recipe, log=lambda *_: None)
+    assert seen == [(0.0, 0.0)] * 2 + [(2.0, 0.1)] * 3
+    saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
+    assert (saved["memory_stability_weight"], saved["memory_noise_std"]) == (2.0, 0.1)
+
+
+@pytest.mark.parametrize("levers_from_stage,noise,message", [
+    (1, 0.0, "curriculum.levers_from_stage=1 has no effect"),
+    (2, 0.1, "curriculum.levers_from_stage=2: expected an integer from 0 to 1"),
+])
+def test_bad_levers_from_stage_names_the_field(write_recipe, levers_from_stage, noise, message):
+    from rmt_peft.recipe import RecipeError
+
+    curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": levers_from_stage}
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_noise_std": noise}))
 
 
 class Killed(Exception):
