@@ -134,7 +134,7 @@ def free_port() -> int:
 
 def launch(args, recipe_path: str, out: str, zero: int | None) -> tuple[dict | None, str]:
     """One training run; returns (its bench_steps.json, the tail of its output)."""
-    overrides = [f"training.output_dir={out}"]
+    overrides = [f"training.output_dir={out}", *args.set]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if zero is None:
         command = [sys.executable, "-m", "benchmarks.multi_gpu", "--worker", recipe_path, *overrides,
@@ -205,6 +205,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--memory-tokens", type=int, default=10)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing (compiling)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for every run, e.g. model.compile_blocks=false")
     parser.add_argument("--run-timeout", type=int, default=300, help="seconds one training run may take")
     args = parser.parse_args(argv)
     if args.tiny:
