@@ -486,7 +486,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                 if trainer.args.should_save:
                     set_aside_suspect_checkpoints(stage_dir(out, index), err.first_bad_step, log)
                 if recipe.guard.on_divergence != "rollback" or len(state.rollbacks) >= recipe.guard.max_rollbacks:
-                    record_divergence(recipe, state, event, err.first_bad_step, trainer.args.should_save)
+                    record_divergence(recipe, state, event, err.first_bad_step)
                     raise
                 checkpoint = latest_checkpoint(stage_dir(out, index), log, before=err.first_bad_step)
                 state.lr_scale *= recipe.guard.rollback_lr_factor
@@ -533,7 +533,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     summary = {"status": "completed", "num_memory_tokens": recipe.memory.num_memory_tokens,
                "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
                "eval": evaluation}
-    if trainer.args.should_save:
+    if is_main_process():  # one writer, as in run()
         write_json(os.path.join(out, RUN_SUMMARY_FILE), summary)
     # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
     # accelerate refuses while this one's DeepSpeed state is alive.
@@ -562,8 +562,7 @@ def set_aside_suspect_checkpoints(folder: str, first_bad_step: int, log) -> None
             log(f"warning: {path} was saved after the divergence began; renamed to {target}")
 
 
-def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first_bad_step: int,
-                      should_save: bool) -> None:
+def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first_bad_step: int) -> None:
     """summary.json of a run the guard stopped: what broke, where, and the last good save."""
     good = latest_checkpoint(stage_dir(recipe.output_dir, event["stage"]), log=lambda *_: None,
                              before=first_bad_step)
@@ -571,7 +570,7 @@ def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first
                "rollbacks": state.rollbacks,
                "hint": "resume with training.resume_from_checkpoint=true and a lower training.learning_rate "
                        "(or guard.on_divergence=rollback)"}
-    if should_save:
+    if is_main_process():  # summary.json has one writer, the same process that writes the final one
         write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
 
 
