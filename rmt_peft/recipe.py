@@ -68,6 +68,10 @@ TRAINING_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device
 TRAINING_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "save_total_limit",
                          "dataloader_num_workers")
 INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load_dataset arguments
+# Why compiled blocks are off under ZeRO-3: measured on 2 x H200 (GPT-Neo-1.3B shape, issue 15), the run
+# never got past its first steps in 200 s.
+ZERO3_NO_COMPILE = ("DeepSpeed ZeRO-3 gathers each module's weights in per-module hooks, on which torch.compile "
+                    "recompiles until it hits torch._dynamo's recompile limit, and the run crawls")
 
 
 class RecipeError(UserError):
@@ -91,7 +95,8 @@ class ModelSection:
     multiple of 64 rows on CUDA; false keeps the model as transformers computes it.
     compile_blocks: ``torch.compile`` each decoder block; null (default) = on when a CUDA GPU is
     present, where RMT's many short forwards are launch-bound (1.7-2.5x, BENCHMARKS.md), off on
-    the CPU (compiling costs more than it saves on tiny models). compile_mode:
+    the CPU (compiling costs more than it saves on tiny models) and under DeepSpeed ZeRO-3
+    (``ZERO3_NO_COMPILE``; ``Recipe.compiles_blocks`` resolves it). compile_mode:
     torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
     CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
     the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
@@ -126,13 +131,6 @@ class ModelSection:
     @property
     def is_tiny(self) -> bool:
         return self.name_or_path.startswith(TINY_PREFIX)
-
-    @property
-    def compiles_blocks(self) -> bool:
-        """compile_blocks, with null resolved: on where a CUDA GPU is present."""
-        if self.compile_blocks is None:
-            return torch.cuda.is_available()
-        return self.compile_blocks
 
 
 @dataclass
@@ -263,6 +261,14 @@ class Recipe:
     def zero_stage(self) -> int:
         cfg = self.deepspeed_config or {}
         return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """model.compile_blocks, with null resolved: on where a CUDA GPU is present, except under
+        ZeRO-3 (``ZERO3_NO_COMPILE``; an explicit true with ZeRO-3 fails validation)."""
+        if self.model.compile_blocks is None:
+            return torch.cuda.is_available() and self.zero_stage != 3
+        return self.model.compile_blocks
 
 
 SECTIONS = ("model", "memory", "lora", "data", "curriculum", "training", "eval", "guard")
@@ -662,6 +668,11 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         _need(not (stage == 3 and model.quantization == "8bit"),
               "model.quantization='8bit' with ZeRO-3 (training.deepspeed) is not possible: bitsandbytes 8-bit "
               "weights cannot be partitioned; use ZeRO-2, or 4-bit with model.dtype set")
+        _need(not (stage == 3 and (model.compile_blocks or model.compile_mode is not None)),
+              f"{'model.compile_blocks=true' if model.compile_blocks else f'model.compile_mode={model.compile_mode!r}'}"
+              f" with ZeRO-3 (training.deepspeed={train['deepspeed']!r}) is not supported: {ZERO3_NO_COMPILE}; "
+              "set model.compile_blocks=null (resolves to off under ZeRO-3) or false and leave model.compile_mode "
+              "unset, or train with ZeRO-2 (training.deepspeed=zero2), where compiled blocks work")
         _need(not (stage == 3 and mem.checkpoint_segments),
               "memory.checkpoint_segments=true with ZeRO-3 is not supported: the whole-segment recompute runs "
               "outside the layers' DeepSpeed hooks, which have already re-partitioned the frozen weights; use "

@@ -47,7 +47,7 @@ from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, c
                          latest_checkpoint, stage_budget, stage_dir, stage_memory)
 from .guard import DivergenceGuard, set_base_learning_rate
 from .lock import LOCK_FILE, RunLock
-from ..recipe import TINY_PREFIX, Recipe, RecipeError, needs_tokenizer, stage_segments
+from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, RecipeError, needs_tokenizer, stage_segments
 from .tracking import continue_curve, end_run
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -116,7 +116,9 @@ def build_model(recipe: Recipe, seed: int):
         memory = dataclasses.replace(memory, memory_init_std=embedding_std(backbone))
     torch.manual_seed(seed)
     # lora null: full fine-tuning (small models); quantized backbones arrive frozen either way.
-    compile = (recipe.model.compile_mode or True) if recipe.model.compiles_blocks else False
+    compile = (recipe.model.compile_mode or True) if recipe.compiles_blocks else False
+    if recipe.model.compile_blocks is None and recipe.zero_stage == 3 and torch.cuda.is_available():
+        logger.info(f"model.compile_blocks: null resolves to off under ZeRO-3 (training.deepspeed): {ZERO3_NO_COMPILE}")
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, speedups=recipe.model.speedups,
                                  compile=compile, verbose=False)
     logger.info(rmt.trainable_summary())

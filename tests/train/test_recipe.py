@@ -172,6 +172,36 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     assert calls == [{}, {"mode": "reduce-overhead"}, {}]
 
 
+def test_compiled_blocks_are_off_by_default_under_zero3_and_refused_when_asked_for(write_recipe, monkeypatch,
+                                                                                   caplog):
+    """ZeRO-3's per-module hooks make torch.compile recompile until its limit (2 x H200: no step in
+    200 s): null resolves to off there, with one log line saying why; true (or a compile_mode) fails."""
+    import rmt_peft.speedups
+    from rmt_peft.train.trainer import build_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    resolved = {ds: load_recipe(write_recipe(), [f"training.deepspeed={ds}"] if ds else []).compiles_blocks
+                for ds in (None, "zero2", "zero3", "zero3_offload")}
+    assert resolved == {None: True, "zero2": True, "zero3": False, "zero3_offload": False}
+    assert load_recipe(write_recipe(), ["training.deepspeed=zero2", "model.compile_blocks=true"]).compiles_blocks
+    assert not load_recipe(write_recipe(), ["training.deepspeed=zero3", "model.compile_blocks=false"]).compiles_blocks
+
+    calls = []
+    monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(kwargs))
+    with caplog.at_level("INFO", logger="rmt_peft"):
+        build_model(load_recipe(write_recipe(), ["training.deepspeed=zero3"]), seed=0)
+    assert calls == []
+    said = [r.getMessage() for r in caplog.records if "compile_blocks" in r.getMessage()]
+    assert len(said) == 1 and "off under ZeRO-3" in said[0] and "recompile" in said[0], said
+
+    for asked, key in ((["model.compile_blocks=true"], "model.compile_blocks=true"),
+                       (["model.compile_mode=default"], "model.compile_mode='default'")):
+        for config in ("zero3", "zero3_offload"):
+            message = error_of(write_recipe(), [f"training.deepspeed={config}", *asked])
+            for part in (key, "ZeRO-3", "training.deepspeed=", config, "recompile", "compile_blocks=null", "zero2"):
+                assert part in message, (part, message)
+
+
 def test_dequantized_weight_cache_reaches_the_4bit_backbone(write_recipe, tmp_path):
     from rmt_peft.tiny_models import save_tiny_model
     from rmt_peft.train.trainer import build_model
