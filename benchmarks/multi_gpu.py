@@ -97,6 +97,10 @@ def save_backbone(tiny: bool, folder: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     config = gpt_neo_config(tiny)
+    # Random weights of std 0.02 at width 2048 with GPT-Neo's unscaled attention give nearly hard
+    # attention: a sample's loss then moves by up to 0.8 nats under bf16 vs fp32 (docs/training.md),
+    # so losses of one GPU and of ZeRO could not be compared. At std 0.006 bf16 and fp32 agree to 0.008.
+    config.initializer_range = 0.006
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"  # random init of 1.3B: seconds on a GPU
     with torch.device(device):
@@ -119,7 +123,9 @@ def recipe_dict(args, backbone: str, vocab: int, quantization: str | None) -> di
                  "num_train_samples": per_step * args.steps, "num_eval_samples": per_step},
         "curriculum": {"stages": [{"num_segments": args.segments, "max_steps": args.steps}]},
         "eval": {"num_segments": [args.segments], "num_samples": per_step},
-        "training": {"output_dir": "OUT", "per_device_train_batch_size": args.batch,
+        # bf16 on GPUs: under ZeRO-3 transformers partitions the backbone in the DeepSpeed config's dtype,
+        # fp32 unless training.bf16 is set (the CPU ranks of --tiny cannot use bf16 mixed precision)
+        "training": {"output_dir": "OUT", "bf16": gpu, "per_device_train_batch_size": args.batch,
                      "per_device_eval_batch_size": args.batch, "learning_rate": 1e-4,
                      "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no",
                      "report_to": "none", "seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0},
