@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
 
 from ..attention import use_gpt_neo_sdpa
-from ..backbones import enable_checkpointing, load_backbone
+from ..backbones import DTYPES, enable_checkpointing, load_backbone
 from ..data.collate import collate
 from ..data.registry import build_dataset as registry_build
 from ..errors import TrainingDiverged, UserError
@@ -119,6 +119,12 @@ def build_model(recipe: Recipe, seed: int):
     compile = (recipe.model.compile_mode or True) if recipe.compiles_blocks else False
     if recipe.model.compile_blocks is None and recipe.zero_stage == 3 and torch.cuda.is_available():
         logger.info(f"model.compile_blocks: null resolves to off under ZeRO-3 (training.deepspeed): {ZERO3_NO_COMPILE}")
+    half = recipe.model.dtype is not None and DTYPES[recipe.model.dtype] in (torch.bfloat16, torch.float16)
+    if recipe.zero_stage == 3 and half and recipe.model.quantization is None and not (
+            recipe.training.get("bf16") or recipe.training.get("fp16")):
+        logger.warning(f"model.dtype={recipe.model.dtype} under ZeRO-3 without training.bf16 (or fp16): transformers "
+                       f"partitions the backbone in the DeepSpeed config's dtype, fp32 here, so it is held and "
+                       f"computed in fp32 (twice the memory, fp32 matmuls); set training.bf16=true")
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, speedups=recipe.model.speedups,
                                  compile=compile, verbose=False)
     logger.info(rmt.trainable_summary())

@@ -202,6 +202,22 @@ def test_compiled_blocks_are_off_by_default_under_zero3_and_refused_when_asked_f
                 assert part in message, (part, message)
 
 
+def test_a_half_precision_backbone_under_zero3_without_training_bf16_is_warned_about(write_recipe, caplog):
+    """ZeRO-3 partitions in the DeepSpeed config's dtype: fp32 unless training.bf16 (or fp16) is set."""
+    from rmt_peft.train.trainer import build_model
+
+    def warnings_of(overrides):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rmt_peft"):
+            build_model(load_recipe(write_recipe(), overrides), seed=0)
+        return [r.getMessage() for r in caplog.records if "training.bf16" in r.getMessage()]
+
+    said = warnings_of(["training.deepspeed=zero3", "model.dtype=bfloat16"])
+    assert len(said) == 1 and "model.dtype=bfloat16 under ZeRO-3" in said[0] and "fp32" in said[0], said
+    assert warnings_of(["training.deepspeed=zero2", "model.dtype=bfloat16"]) == []
+    assert warnings_of(["training.deepspeed=zero3", "model.dtype=float32"]) == []
+
+
 def test_dequantized_weight_cache_reaches_the_4bit_backbone(write_recipe, tmp_path):
     from rmt_peft.tiny_models import save_tiny_model
     from rmt_peft.train.trainer import build_model
