@@ -74,6 +74,7 @@ class RunConfig:
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 50           # at the start of every stage
+    stage_lr_decay: float = 1.0      # stage k trains at learning_rate * stage_lr_decay ** (k - 1)
     max_grad_norm: float = 1.0
     eval_segments: list[int] = field(default_factory=lambda: [2 ** k for k in range(13)])
     eval_samples: int = 128
@@ -128,6 +129,8 @@ VARIANTS: dict[str, dict] = {
     "long_stages": {"steps_per_stage": 600, "learning_rate": 2e-4},
     "bptt2": {"bptt_depth": 2},
     "mem16": {"num_memory_tokens": 16},
+    "lr_decay0.7": {"stage_lr_decay": 0.7},
+    "lr_decay0.5": {"stage_lr_decay": 0.5},
     "lr2e-4": {"learning_rate": 2e-4},
     "lr1e-3": {"learning_rate": 1e-3},
     "train16": {"max_train_segments": 16, "steps_per_stage": 130},  # same number of steps, longer inputs
@@ -214,7 +217,8 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
             levers, memory_stability_weight=levers.memory_stability_weight if on(cfg.stable_stages) else 0.0,
             memory_noise_std=levers.memory_noise_std if on(cfg.noise_stages) else 0.0)
         for stage_step in range(cfg.steps_per_stage):
-            lr = cfg.learning_rate * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
+            peak = cfg.learning_rate * cfg.stage_lr_decay ** (stage - 1)
+            lr = peak * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak
             for group in optimizer.param_groups:
                 group["lr"] = lr
             n = rng.randint(1, stage) if cfg.mix else stage
