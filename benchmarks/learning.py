@@ -38,6 +38,7 @@ from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.data.tokenizer import offline_tokenizer
 from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
+from rmt_peft.train.curriculum import stage_memory
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
          "token": "token_memory"}
@@ -63,11 +64,10 @@ class RunConfig:
     memory_stability_tolerance: float = 0.0
     memory_stability_power: float = 1.0
     bptt_depth: int | None = None
-    # The stability loss (and the noise) apply in the last this-many stages only (None: all); before
-    # them the memory learns to write in the paper's setting (from the start, the stability loss
-    # blocks mid-input writes).
-    stable_stages: int | None = None
-    noise_stages: int | None = None
+    # The stability loss and the noise apply in the last this-many stages only (None: all), as
+    # curriculum.levers_from_stage does in a recipe; before them the memory learns to write in the
+    # paper's setting (from the start, the stability loss blocks mid-input writes).
+    lever_stages: int | None = None
     max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
     steps_per_stage: int = 300
     mix: bool = True                 # each batch draws its segment count from 1..stage
@@ -107,16 +107,14 @@ VARIANTS: dict[str, dict] = {
     "sparse0.3_noise": {"memory_stability_weight": 0.3, "memory_stability_power": 0.5, "memory_noise_std": 0.3},
     "sparse3_noise": {"memory_stability_weight": 3.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3},
     "sparse_noise0.1": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.1},
-    "late_stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
-    "late_stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
+    "late_stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3, "lever_stages": 1},
+    "late_stable_noise": {"memory_stability_weight": 1.0, "memory_noise_std": 0.3, "lever_stages": 1},
     "late_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
-                          "stable_stages": 1, "noise_stages": 1},
+                          "lever_stages": 1},
     "late2_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
-                           "stable_stages": 2, "noise_stages": 2},
-    "noise_late2_sparse": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
-                           "stable_stages": 2},
+                           "lever_stages": 2},
     "bptt2_late_sparse": {"bptt_depth": 2, "memory_stability_weight": 1.0, "memory_stability_power": 0.5,
-                          "memory_noise_std": 0.3, "stable_stages": 1, "noise_stages": 1},
+                          "memory_noise_std": 0.3, "lever_stages": 1},
     "stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3},
     "stable10_noise0.1": {"memory_stability_weight": 10.0, "memory_noise_std": 0.1},
     "stable10_noise0.5": {"memory_stability_weight": 10.0, "memory_noise_std": 0.5},
@@ -188,12 +186,9 @@ def build_model(cfg: RunConfig, device) -> RMTModel:
     positions = cfg.segment_size + 2 * cfg.num_memory_tokens
     backbone = tiny_model("gpt_neo", seed=cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                           num_layers=cfg.num_layers, num_heads=cfg.num_heads, max_positions=max(64, positions))
-    memory = MemoryConfig(num_memory_tokens=cfg.num_memory_tokens, segment_size=cfg.segment_size,
-                          bptt_depth=cfg.bptt_depth, memory_update=cfg.memory_update,
-                          memory_gate_bias=cfg.memory_gate_bias, memory_noise_std=cfg.memory_noise_std,
-                          memory_stability_weight=cfg.memory_stability_weight,
-                          memory_stability_tolerance=cfg.memory_stability_tolerance,
-                          memory_stability_power=cfg.memory_stability_power)
+    # every MemoryConfig field the run config names (the levers), so a new lever is one line above
+    memory = MemoryConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MemoryConfig)
+                             if hasattr(cfg, f.name)})
     torch.manual_seed(cfg.seed)
     return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
 
@@ -210,12 +205,9 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     model.train()
     step = 0
     levers = model.memory_config
+    levers_from = 0 if cfg.lever_stages is None else cfg.max_train_segments - cfg.lever_stages
     for stage in range(1, cfg.max_train_segments + 1):
-        def on(last: int | None) -> bool:
-            return last is None or stage > cfg.max_train_segments - last
-        model.memory_config = dataclasses.replace(
-            levers, memory_stability_weight=levers.memory_stability_weight if on(cfg.stable_stages) else 0.0,
-            memory_noise_std=levers.memory_noise_std if on(cfg.noise_stages) else 0.0)
+        model.memory_config = stage_memory(levers, levers, stage - 1, levers_from)
         for stage_step in range(cfg.steps_per_stage):
             peak = cfg.learning_rate * cfg.stage_lr_decay ** (stage - 1)
             lr = peak * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak
