@@ -68,6 +68,9 @@ class RunConfig:
     # curriculum.levers_from_stage does in a recipe; before them the memory learns to write in the
     # paper's setting (from the start, the stability loss blocks mid-input writes).
     lever_stages: int | None = None
+    # ... rising linearly from 0 over the first this-many steps of the first lever stage: switched
+    # on at once, the noise shocked memorize runs whose loss was already 0 (grad norms to 660).
+    lever_ramp_steps: int = 0
     max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
     steps_per_stage: int = 300
     mix: bool = True                 # each batch draws its segment count from 1..stage
@@ -113,6 +116,10 @@ VARIANTS: dict[str, dict] = {
                           "lever_stages": 1},
     "late2_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
                            "lever_stages": 2},
+    "late2_sparse_noise_ramp": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5,
+                                "memory_noise_std": 0.3, "lever_stages": 2, "lever_ramp_steps": 150},
+    "late3_sparse_noise": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                           "lever_stages": 3},
     "bptt2_late_sparse": {"bptt_depth": 2, "memory_stability_weight": 1.0, "memory_stability_power": 0.5,
                           "memory_noise_std": 0.3, "lever_stages": 1},
     "stable10_noise": {"memory_stability_weight": 10.0, "memory_noise_std": 0.3},
@@ -207,8 +214,14 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     levers = model.memory_config
     levers_from = 0 if cfg.lever_stages is None else cfg.max_train_segments - cfg.lever_stages
     for stage in range(1, cfg.max_train_segments + 1):
-        model.memory_config = stage_memory(levers, levers, stage - 1, levers_from)
+        full = model.memory_config = stage_memory(levers, levers, stage - 1, levers_from)
+        ramp = cfg.lever_ramp_steps if stage - 1 == levers_from else 0
         for stage_step in range(cfg.steps_per_stage):
+            if stage_step < ramp:
+                rise = (stage_step + 1) / ramp
+                model.memory_config = dataclasses.replace(
+                    full, memory_noise_std=rise * full.memory_noise_std,
+                    memory_stability_weight=rise * full.memory_stability_weight)
             peak = cfg.learning_rate * cfg.stage_lr_decay ** (stage - 1)
             lr = peak * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak
             for group in optimizer.param_groups:
