@@ -35,8 +35,8 @@ def timed(fn, device) -> tuple[float, float | None]:
     return seconds, peak
 
 
-def stream_all(rmt: RMTModel, ids: torch.Tensor, chunk: int, cuda_graph: bool = False):
-    reader = rmt.stream(batch_size=ids.shape[0], cuda_graph=cuda_graph)
+def stream_all(rmt: RMTModel, ids: torch.Tensor, chunk: int, cuda_graph: bool = False, merge_lora: bool = False):
+    reader = rmt.stream(batch_size=ids.shape[0], cuda_graph=cuda_graph, merge_lora=merge_lora)
     for start in range(0, ids.shape[1], chunk):
         reader.feed(ids[:, start:start + chunk])
     return reader.finish()
@@ -102,7 +102,10 @@ def main(argv=None) -> list[dict]:
 
     graphs = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
     one = None
-    for lora_state in ("LoRA attached", "LoRA merged"):
+    # LoRA attached as peft computes it; attached with the stream's merged copies (its default on
+    # a GPU: rmt.stream(merge_lora=None)); merged into the weights (merge_and_unload)
+    states = {"LoRA attached": False, "LoRA attached, merged copies": True, "LoRA merged": False}
+    for lora_state, merge_lora in states.items():
         if lora_state == "LoRA merged":
             rmt.backbone = rmt.backbone.merge_and_unload()
         eager_memory = None
@@ -113,15 +116,16 @@ def main(argv=None) -> list[dict]:
             label = f"stream, {lora_state}{suffix}{', CUDA graph' if graph else ''}"
             try:
                 check = ids[:, :16 * args.segment_size + 1]  # 16 full segments (a last short one runs eagerly)
-                memory = stream_all(rmt, check, args.chunk, graph).memory  # also the warm-up
+                memory = stream_all(rmt, check, args.chunk, graph, merge_lora).memory  # also the warm-up
                 if eager_memory is None or not graph:
-                    eager_memory = memory if not graph else stream_all(rmt, check, args.chunk).memory
+                    eager_memory = memory if not graph else stream_all(rmt, check, args.chunk, False, merge_lora).memory
                 # Exactly one segment: a different length would be a new shape for compiled blocks.
-                _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size], args.chunk, graph), device)
+                _, one = timed(lambda: stream_all(rmt, ids[:, :args.segment_size], args.chunk, graph, merge_lora),
+                               device)
                 half = tokens // 2
-                s_half, p_half = timed(lambda: stream_all(rmt, ids[:, :half], args.chunk, graph), device)
+                s_half, p_half = timed(lambda: stream_all(rmt, ids[:, :half], args.chunk, graph, merge_lora), device)
                 record(label, half, s_half, p_half, one)
-                s_all, p_all = timed(lambda: stream_all(rmt, ids[:, :tokens], args.chunk, graph), device)
+                s_all, p_all = timed(lambda: stream_all(rmt, ids[:, :tokens], args.chunk, graph, merge_lora), device)
                 row = record(label, tokens, s_all, p_all, one)
                 row["time_ratio_2x_tokens"] = s_all / s_half
                 # the graph replays the eager kernels: the memory after 16 segments must not move
@@ -133,9 +137,14 @@ def main(argv=None) -> list[dict]:
         if lora_state == "LoRA merged" and not args.no_floor:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
             record(f"segment loop (floor), {lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
-    merged = {r["run"].replace("merged", "attached"): r for r in rows if r["run"].startswith("stream, LoRA merged")}
+    def switches(run: str) -> str:  # the label without its LoRA state
+        for state in sorted(states, key=len, reverse=True):
+            run = run.replace(state, "")
+        return run
+
+    merged = {switches(r["run"]): r for r in rows if r["run"].startswith("stream, LoRA merged")}
     for row in rows:  # LoRA attached against merged with the same switches: time per token (target <= 1.3)
-        twin = merged.get(row["run"])
+        twin = merged.get(switches(row["run"]))
         if "attached" in row["run"] and twin and "tokens_per_s" in row and "tokens_per_s" in twin:
             row["time_vs_merged"] = twin["tokens_per_s"] / row["tokens_per_s"]
     print_table(f"Streaming {args.tokens} tokens, {q or 'bf16'} GPT-Neo-1.3B shape, segments of "

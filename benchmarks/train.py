@@ -22,7 +22,7 @@ import torch
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
-from rmt_peft.speedups import cache_dequantized_weights, compile_blocks, use_fused_gelu
+from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, use_fused_gelu
 
 from .common import (ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
@@ -56,7 +56,13 @@ class Bench:
                    uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False):
         """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
-        dequant_cache: speedups.cache_dequantized_weights (NF4 only)."""
+        dequant_cache: speedups.cache_dequantized_weights (NF4 only); "auto": from_backbone's
+        default (speedups.cache_pays)."""
+        if dequant_cache == "auto":
+            if self.dequant_cache:  # decide on the plain 4-bit layers
+                cache_dequantized_weights(self.peft, enable=False)
+                self.dequant_cache = False
+            dequant_cache = cache_pays(self.peft)[0]
         if dequant_cache != self.dequant_cache:
             cache_dequantized_weights(self.peft, enable=dequant_cache)
             self.dequant_cache = dequant_cache
@@ -255,11 +261,14 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                 "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead")),
          # Fast by default: what RMTModel.from_backbone gives with no switch (SDPA, fused GELU, the
          # padded head; no autocast), with compile=True (the README example) and without it.
-         "ours-default": ("ours", "ours as from_backbone builds it (SDPA, fused GELU, padded head; no autocast, "
-                          "no checkpointing)", dict(attention="sdpa", fused_gelu=True)),
+         "ours-default": ("ours", "ours as from_backbone builds it (SDPA, fused GELU, padded head, NF4 weight "
+                          "cache where it pays; no autocast, no checkpointing)",
+                          dict(attention="sdpa", fused_gelu=True, dequant_cache="auto")),
          "ours-default-compiled": ("ours", "ours as from_backbone(compile=True) builds it (the README example; no "
                                    "autocast, no checkpointing)",
-                                   dict(attention="sdpa", fused_gelu=True, compile=True)),
+                                   dict(attention="sdpa", fused_gelu=True, compile=True, dequant_cache="auto")),
+         "ours-default-compiled-nocache": ("ours", "the README example with cache_dequantized=False (no autocast, "
+                                           "no checkpointing)", dict(attention="sdpa", fused_gelu=True, compile=True)),
          # Flat and fast: segment checkpointing that recomputes less (all compiled, autocast).
          **{f"ours-compiled-{key}": ("ours", f"ours (compiled blocks, segment checkpointing, {label})",
                                      dict(FAST, compile=True, checkpoint_segments=True, **levers))

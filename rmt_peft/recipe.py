@@ -101,7 +101,9 @@ class ModelSection:
     CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
     the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
     dequantized in the compute dtype instead of dequantizing it on every call (same values;
-    2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``)."""
+    2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``); null
+    (default) = on where the copies take at most a tenth of the GPU's memory
+    (``speedups.cache_pays``), never on the CPU or under ZeRO-3."""
 
     name_or_path: str = ""
     quantization: str | None = None
@@ -112,7 +114,7 @@ class ModelSection:
     speedups: bool = True
     compile_blocks: bool | None = None
     compile_mode: str | None = None
-    cache_dequantized_weights: bool = False
+    cache_dequantized_weights: bool | None = None
 
     def __post_init__(self) -> None:
         _need(bool(self.name_or_path), "model.name_or_path is required (a Hub id, a folder, or tiny:<arch>)")

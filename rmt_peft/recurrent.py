@@ -13,6 +13,7 @@ without gradients in constant memory.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -30,7 +31,10 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
-from .speedups import SegmentGraph, save_matmuls_policy, speed_up
+from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, dequantized_cache_bytes, merge_pays,
+                       merged_lora_bytes, merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up)
+
+logger = logging.getLogger("rmt_peft")
 
 
 @dataclass
@@ -119,7 +123,8 @@ class RMTModel(nn.Module):
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
-                      verbose: bool = True, *, speedups: bool = True, compile: bool | str = False) -> "RMTModel":
+                      verbose: bool = True, *, speedups: bool = True, compile: bool | str = False,
+                      cache_dequantized: bool | None = None) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
         and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
@@ -130,10 +135,22 @@ class RMTModel(nn.Module):
         outputs, less time and memory. False undoes them: the backbone computes as transformers
         built it (e.g. eager attention, for ``output_attentions``). ``compile`` compiles each
         decoder block (True, or a torch.compile mode such as "reduce-overhead"): 1.7-2.5x faster
-        training on a GPU, tens of seconds of compiling per new shape (docs/performance.md)."""
+        training on a GPU, tens of seconds of compiling per new shape (docs/performance.md).
+
+        ``cache_dequantized`` (4-bit backbones): keep each weight dequantized instead of
+        dequantizing it on every call (``speedups.cache_dequantized_weights``: same values, 2
+        bytes per weight). None (default) turns it on where it costs little: weights on a CUDA
+        GPU whose copies take at most a tenth of its memory (``speedups.cache_pays``); the
+        decision is logged. Applied before compiling, so compiled blocks see the cached layers."""
         if lora is not None:
             backbone = attach_lora(backbone, lora)
         model = cls(backbone, memory_config)
+        if cache_dequantized is None:
+            cache_dequantized, why = cache_pays(model.causal_lm)
+            if dequantized_cache_bytes(model.causal_lm)[0]:
+                logger.info(f"dequantized-weight cache {why}; from_backbone(cache_dequantized=...) overrides")
+        if cache_dequantized:
+            cache_dequantized_weights(model.causal_lm)
         speed_up(model.causal_lm, compile=compile, enable=speedups)
         model.pad_lm_head = speedups
         if verbose:
@@ -411,10 +428,16 @@ class RMTModel(nn.Module):
         return memory.to(reference.device, reference.dtype).expand(batch, -1, -1)
 
     def stream(self, batch_size: int = 1, compute_loss: bool = False,
-               return_logits: bool = False, cuda_graph: bool = False) -> "MemoryStream":
+               return_logits: bool = False, cuda_graph: bool = False,
+               merge_lora: bool | None = None) -> "MemoryStream":
         """A reader for inputs of any length arriving in chunks (see ``MemoryStream``).
-        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``)."""
-        return MemoryStream(self, batch_size, compute_loss, return_logits, cuda_graph)
+        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``).
+        ``merge_lora``: with LoRA attached, the stream multiplies with merged copies of the
+        weights (``speedups.merged_lora_view``): the speed of a merged model, the model itself
+        unchanged, values as ``merge_and_unload`` rounds them. None (default): on for a model in
+        eval mode on a CUDA GPU when the copies take at most a tenth of its memory
+        (``speedups.merge_pays``; logged)."""
+        return MemoryStream(self, batch_size, compute_loss, return_logits, cuda_graph, merge_lora)
 
 
 @dataclass
@@ -436,11 +459,19 @@ class MemoryStream:
     position) and the memory, so the cost is constant in the input length. It computes the same
     memory, loss and logits as ``RMTModel.forward`` on the concatenated input (left alignment,
     no padding). ``feed`` returns the logits of the segments it completed when asked for.
+    With ``merge_lora`` it holds merged copies of the LoRA layers' weights for its lifetime and
+    uses them inside its own calls only (values then as a merged model rounds them).
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
-                 return_logits: bool = False, cuda_graph: bool = False):
+                 return_logits: bool = False, cuda_graph: bool = False, merge_lora: bool | None = None):
         self.model = model
+        if merge_lora is None:
+            merge_lora, why = merge_pays(model)
+            if merged_lora_bytes(model)[0]:
+                logger.info(f"stream with LoRA merged into copies of the weights: {why}; "
+                            f"stream(merge_lora=...) overrides")
+        self._view = merged_lora_view(merged_lora_weights(model) if merge_lora else {})
         self._graph = None
         if cuda_graph:
             self._graph = SegmentGraph(model)
@@ -525,8 +556,9 @@ class MemoryStream:
         if targets is not None and self._all_labelled:
             num_labelled = targets.numel() - (targets.shape[0] if last else 0)
         segment = self.model._segment if self._graph is None or last else self._graph  # last: a short one
-        new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
-                                                      num_labelled)
+        with self._view:
+            new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
+                                                          num_labelled)
         self.memory = new_memory.to(self.memory.dtype)
         self._ids, self._labels = [ids[:, n:]], [labels[:, n:]]
         self._buffered -= n

@@ -17,6 +17,8 @@ one argument away (``from_backbone(..., compile=True)``) and on by default in re
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,8 +141,6 @@ def cache_dequantized_weights(model: nn.Module, enable: bool = True) -> int:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return 0
-    from bitsandbytes.functional import dequantize_4bit
-
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     for layer in layers:
         layer.__dict__.pop("forward", None)
@@ -150,24 +150,163 @@ def cache_dequantized_weights(model: nn.Module, enable: bool = True) -> int:
         if hasattr(layer.weight, "ds_id"):
             raise UserError("cache_dequantized_weights: the 4-bit weights are partitioned by DeepSpeed ZeRO-3; "
                             "the cache needs whole weights (use ZeRO-2, or no cache)")
-        state = layer.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data,
-                                                                                                 state)
-        with torch.no_grad():
-            weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        weight = _dequantize(layer)
         # a plain attribute (not a buffer: never saved, never handed to an optimizer or DeepSpeed)
         layer.dequantized_weight = weight.to(layer.compute_dtype or layer.weight.quant_state.dtype)
         layer.forward = _dequantized_forward.__get__(layer)
     return len(layers)
 
 
+# The cache is on by default where it costs at most this share of the GPU's memory: GPT-Neo-1.3B
+# on an H200 takes 1.7% (1.36-1.80x faster, BENCHMARKS.md), a 7B model on an 80 GB GPU 17% (off:
+# 4-bit was chosen to fit it).
+AUTO_CACHE_SHARE = 0.10
+
+
+def dequantized_cache_bytes(model: nn.Module) -> tuple[int, torch.device | None]:
+    """Bytes the dequantized copies of ``model``'s 4-bit weights would take, and their device."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0, None
+    total, device = 0, None
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            state = layer.weight.quant_state
+            dtype = layer.compute_dtype or state.dtype
+            total += state.shape.numel() * torch.empty((), dtype=dtype).element_size()
+            device = layer.weight.device
+    return total, device
+
+
+def cache_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str]:
+    """Whether the default (``cache_dequantized=None``) turns the dequantized-weight cache on:
+    4-bit weights on a CUDA GPU, whole (not ZeRO-3 partitions), whose copies take at most
+    ``share`` of the GPU's memory. Returns the decision and why, for the log."""
+    size, device = dequantized_cache_bytes(model)
+    if not size:
+        return False, "no 4-bit weights"
+    if device.type != "cuda":
+        return False, f"4-bit weights on {device.type}, not a CUDA GPU"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return False, "weights partitioned by DeepSpeed ZeRO-3"
+    return _small_share(size, device, share)
+
+
+def _small_share(size: int, device: torch.device, share: float) -> tuple[bool, str]:
+    gpu = torch.cuda.get_device_properties(device).total_memory
+    verdict = "on" if size <= share * gpu else "off"
+    return verdict == "on", (f"{verdict}: the copies take {size / 2**30:.2f} GiB, {100 * size / gpu:.1f}% of the "
+                             f"GPU's {gpu / 2**30:.0f} GiB (on up to {100 * share:.0f}%)")
+
+
+@torch.no_grad()
+def _dequantize(layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes ``Linear4bit``'s weight, dequantized (in its quantization dtype)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
 def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes.nn.Linear4bit.forward with the weight dequantized once."""
     weight = self.dequantized_weight
     bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+# -- streaming: LoRA merged into copies of the weights ------------------------------------------
+def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
+    """peft LoRA layers over a plain or 4-bit linear layer, plain LoRA (no DoRA or other variant),
+    not merged and not disabled: those ``merged_lora_weights`` can fold."""
+    from peft.tuners.lora import LoraLayer
+
+    try:
+        from bitsandbytes.nn import Linear4bit
+        linear_types: tuple = (nn.Linear, Linear4bit)
+    except ImportError:
+        linear_types = (nn.Linear,)
+    return [m for m in model.modules()
+            if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), linear_types) and not m.merged
+            and not m.disable_adapters and not getattr(m, "lora_variant", {}) and not any(m.use_dora.values())
+            and not getattr(m, "fan_in_fan_out", False)]
+
+
+def merged_lora_bytes(model: nn.Module) -> tuple[int, torch.device | None]:
+    """Bytes ``merged_lora_weights`` would hold, and the weights' device."""
+    layers = _mergeable_lora_layers(model)
+    total = sum(m.out_features * m.in_features * torch.empty((), dtype=_compute_dtype(m.get_base_layer())).element_size()
+                for m in layers)
+    return total, (layers[0].get_base_layer().weight.device if layers else None)
+
+
+def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str]:
+    """The default of ``rmt.stream(merge_lora=None)``: on for a model in eval mode whose LoRA
+    layers sit on a CUDA GPU and whose merged copies take at most ``share`` of its memory."""
+    size, device = merged_lora_bytes(model)
+    if not size:
+        return False, "no LoRA layers to merge"
+    if model.training:
+        return False, "the model is in training mode (LoRA dropout)"
+    if device.type != "cuda":
+        return False, f"weights on {device.type}, not a CUDA GPU"
+    return _small_share(size, device, share)
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    state = getattr(base.weight, "quant_state", None)
+    return (getattr(base, "compute_dtype", None) or state.dtype) if state is not None else base.weight.dtype
+
+
+@torch.no_grad()
+def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
+    """For each LoRA layer ``merged_lora_view`` can fold: its base weight (dequantized if 4-bit)
+    plus ``scaling * B @ A`` of the active adapters, summed in fp32 and rounded once to the
+    layer's compute dtype (what ``merge_and_unload`` gives), and its bias. The model is unchanged."""
+    out = {}
+    for layer in _mergeable_lora_layers(model):
+        base = layer.get_base_layer()
+        dtype = _compute_dtype(base)
+        if hasattr(base, "dequantized_weight"):
+            weight = base.dequantized_weight
+        elif getattr(base.weight, "quant_state", None) is not None:
+            weight = _dequantize(base)
+        else:
+            weight = base.weight
+        weight = weight.float()
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                weight = weight + layer.get_delta_weight(name).float()
+        bias = None if base.bias is None else base.bias.to(dtype)
+        out[layer] = (weight.to(dtype), bias)
+    return out
+
+
+class merged_lora_view:
+    """``with merged_lora_view(weights):`` each LoRA layer in ``weights`` (``merged_lora_weights``)
+    multiplies with its merged copy, one matmul instead of the base matmul plus LoRA's four
+    kernels; the layers are restored on exit. Reading with LoRA attached then runs at the speed
+    of a merged model without merging it (the model stays trainable, its weights untouched)."""
+
+    def __init__(self, weights: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]):
+        self.weights = weights
+
+    def __enter__(self):
+        for layer, (weight, bias) in self.weights.items():
+            layer.forward = partial(_merged_forward, weight, bias)
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.weights:
+            layer.__dict__.pop("forward", None)
+
+
+def _merged_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *args, **kwargs):
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
@@ -183,6 +322,12 @@ class SegmentGraph:
     eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
 
     def __init__(self, model: nn.Module):
+        if any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model)):
+            # measured on an H200 (BENCHMARKS.md, issue 15): the capture fails with
+            # cudaErrorStreamCaptureInvalidated and leaves the CUDA context unusable
+            raise UserError("cuda_graph=True cannot capture compiled blocks: the capture fails and leaves the GPU "
+                            "context broken; stream with cuda_graph=False, or undo the compile first "
+                            "(rmt_peft.speedups.compile_blocks(rmt.causal_lm, enable=False))")
         if not next(model.parameters()).is_cuda:
             raise UserError("cuda_graph=True needs the model on a CUDA device; use cuda_graph=False on "
                             f"{next(model.parameters()).device}")

@@ -53,8 +53,10 @@ def test_bptt_bench_runs():
 
 def test_stream_bench_runs():
     rows = stream.main(["--tiny", "--tokens", "256", "--attached-tokens", "128", "--chunk", "50"])
-    assert [r["tokens"] for r in rows] == [64, 128, 128, 256, 256]
+    # attached (cut to --attached-tokens), attached through merged copies, merged, the floor
+    assert [r["tokens"] for r in rows] == [64, 128, 128, 256, 128, 256, 256]
     assert all(r["seconds"] > 0 for r in rows)
+    assert [("time_vs_merged" in r) for r in rows] == [True, True, True, True, False, False, False]
 
 
 def test_vs_full_attention_bench_runs():

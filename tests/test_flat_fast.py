@@ -101,3 +101,32 @@ def test_dequantized_weight_cache_gives_the_4bit_loss_and_gradients(tmp_path):
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-4, atol=1e-6, msg=key)
     assert cache_dequantized_weights(model, enable=False) == 12
     assert not any("dequantized_weight" in vars(m) or "forward" in vars(m) for m in model.modules())
+
+
+def test_cache_is_on_by_default_only_where_it_costs_little(tmp_path, monkeypatch):
+    """from_backbone's default: the copies' size is 2 bytes (bf16) per weight of the 4-bit layers,
+    counted here from the unquantized model; on the CPU the default leaves the layers alone,
+    cache_dequantized=True caches; on a GPU the cache is on up to a tenth of its memory."""
+    from types import SimpleNamespace
+
+    from rmt_peft import speedups
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
+    plain = load_backbone(path)
+    expected = 2 * sum(m.weight.numel() for name, m in plain.named_modules()
+                       if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    quantized = load_backbone(path, quantization="4bit")  # compute dtype bf16
+    assert speedups.dequantized_cache_bytes(quantized)[0] == expected
+    assert speedups.cache_pays(quantized) == (False, "4-bit weights on cpu, not a CUDA GPU")
+
+    model = RMTModel.from_backbone(quantized, PLAIN, lora=LORA, verbose=False)
+    assert not any(hasattr(m, "dequantized_weight") for m in model.modules())
+    model = RMTModel.from_backbone(load_backbone(path, quantization="4bit"), PLAIN, lora=LORA, verbose=False,
+                                   cache_dequantized=True)
+    assert sum(hasattr(m, "dequantized_weight") for m in model.modules()) == 12
+
+    monkeypatch.setattr(speedups, "dequantized_cache_bytes", lambda m: (expected, torch.device("cuda", 0)))
+    for gpu_bytes, on in ((10 * expected, True), (10 * expected - 1, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, b=gpu_bytes: SimpleNamespace(total_memory=b))
+        decision, why = speedups.cache_pays(quantized)
+        assert decision is on and why.startswith("on" if on else "off")

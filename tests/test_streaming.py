@@ -59,6 +59,21 @@ def test_cuda_graph_stream_needs_a_gpu():
         rmt.stream(cuda_graph=True)
 
 
+def test_cuda_graph_stream_refuses_compiled_blocks():
+    """Capturing compiled blocks failed on an H200 (and broke the CUDA context): refused up front,
+    on any device, with the call that undoes the compile."""
+    from rmt_peft.errors import UserError
+    from rmt_peft.speedups import compile_blocks
+
+    rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
+    compile_blocks(rmt.causal_lm)  # nothing compiles until a block is called
+    with pytest.raises(UserError, match=r"cannot capture compiled blocks.*compile_blocks\(rmt.causal_lm, enable=False\)"):
+        rmt.stream(cuda_graph=True)
+    compile_blocks(rmt.causal_lm, enable=False)
+    with pytest.raises(UserError, match="needs the model on a CUDA device"):
+        rmt.stream(cuda_graph=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_gpu_cuda_graph_stream_matches_eager():
     """Each full segment replayed as a CUDA graph: the same memory, loss and logits as the eager
@@ -78,3 +93,37 @@ def test_gpu_cuda_graph_stream_matches_eager():
     torch.testing.assert_close(graphed.memory, eager.memory, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graphed_logits, eager_logits, rtol=1e-5, atol=1e-5)
     assert graphed.loss == pytest.approx(eager.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path, quantization):
+    """merge_lora=True: the memory and loss of the same input streamed by merge_and_unload's
+    model (fp32), an independent merge; the model's LoRA layers are untouched afterwards, and
+    the default leaves them attached on the CPU."""
+    from rmt_peft import load_backbone
+    from rmt_peft.speedups import merge_pays
+    from rmt_peft.tiny_models import save_tiny_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
+    torch.manual_seed(0)
+    backbone = load_backbone(path, quantization=quantization, dtype="float32")
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=3, segment_size=8), verbose=False,
+                                 lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False})
+    assert merge_pays(rmt)[0] is False  # training mode (and the CPU)
+    rmt.eval()
+    ids = torch.randint(2, 128, (1, 37))
+    with torch.no_grad():  # first: on the CPU, bitsandbytes' first no-grad call repacks 4-bit weights (bf16 scales)
+        before = rmt(ids, labels=ids).loss
+    merged = rmt.merge_and_unload(dtype=torch.float32).eval()
+    expected = stream_tokens(merged, [ids], compute_loss=True)
+
+    assert rmt.stream()._view.weights == {}  # the default on the CPU: attached
+    reader = rmt.stream(compute_loss=True, merge_lora=True)
+    assert len(reader._view.weights) == 12  # 6 linear layers x 2 blocks
+    reader.feed(ids)
+    got = reader.finish()
+    torch.testing.assert_close(got.memory, expected.memory, rtol=1e-4, atol=1e-5)
+    assert abs(got.loss - expected.loss) < 1e-4
+    assert not any("forward" in vars(m) for m in rmt.modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():  # (on the CPU the 4-bit weights go back to bitsandbytes' plain layout: last bits)
+        torch.testing.assert_close(rmt(ids, labels=ids).loss, before, rtol=1e-4, atol=0)

@@ -41,7 +41,6 @@ from ..metrics import exact_match
 from ..recurrent import RMTModel
 from ..runs import (BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE, load_tokenizer,
                     tokenizer_name)
-from ..speedups import cache_dequantized_weights
 from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
                          latest_checkpoint, stage_budget, stage_dir, stage_memory)
@@ -125,13 +124,13 @@ def build_model(recipe: Recipe, seed: int):
         logger.warning(f"model.dtype={recipe.model.dtype} under ZeRO-3 without training.bf16 (or fp16): transformers "
                        f"partitions the backbone in the DeepSpeed config's dtype, fp32 here, so it is held and "
                        f"computed in fp32 (twice the memory, fp32 matmuls); set training.bf16=true")
+    # null: on where it costs little (RMTModel.from_backbone); never under ZeRO-3 (partitioned weights)
+    cache = False if recipe.zero_stage == 3 else recipe.model.cache_dequantized_weights
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, speedups=recipe.model.speedups,
-                                 compile=compile, verbose=False)
+                                 compile=compile, cache_dequantized=cache, verbose=False)
     logger.info(rmt.trainable_summary())
     if recipe.model.attention == "eager":  # asked for by name: keep it (from_backbone switches GPT-Neo to SDPA)
         use_gpt_neo_sdpa(rmt.causal_lm, enable=False)
-    if recipe.model.cache_dequantized_weights:
-        cache_dequantized_weights(rmt.causal_lm)
     if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment.
         enable_checkpointing(rmt.causal_lm, zero3=recipe.zero_stage == 3, drop_input_hook=False)
