@@ -75,9 +75,11 @@ def test_cuda_graph_stream_refuses_compiled_blocks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_gpu_cuda_graph_stream_matches_eager():
+@pytest.mark.parametrize("merge_lora", [False, None])
+def test_gpu_cuda_graph_stream_matches_eager(merge_lora):
     """Each full segment replayed as a CUDA graph: the same memory, loss and logits as the eager
-    stream, with LoRA attached (peft's host work is what the graph removes) and a short last segment."""
+    stream, with a short last segment; with peft's LoRA layers (their host work is what the graph
+    removes) and with the default on a GPU, the merged copies."""
     torch.manual_seed(0)
     rmt = RMTModel.from_backbone(tiny_model("gpt_neo").cuda(), MemoryConfig(num_memory_tokens=2, segment_size=16),
                                  lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False},
@@ -85,7 +87,9 @@ def test_gpu_cuda_graph_stream_matches_eager():
     ids = torch.randint(0, 128, (2, 16 * 7 + 5), device="cuda")
     results = []
     for graph in (False, True):
-        reader = rmt.stream(batch_size=2, compute_loss=True, return_logits=True, cuda_graph=graph)
+        reader = rmt.stream(batch_size=2, compute_loss=True, return_logits=True, cuda_graph=graph,
+                            merge_lora=merge_lora)
+        assert bool(reader._view.weights) == (merge_lora is None)
         logits = [out for chunk in ids.split(23, dim=1) for out in reader.feed(chunk)]
         results.append((reader.finish(), torch.cat(logits, dim=1)))
     (eager, eager_logits), (graphed, graphed_logits) = results
@@ -111,13 +115,14 @@ def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path,
                                  lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False})
     assert merge_pays(rmt)[0] is False  # training mode (and the CPU)
     rmt.eval()
-    ids = torch.randint(2, 128, (1, 37))
+    device = next(rmt.parameters()).device  # bitsandbytes puts 4-bit weights on a GPU where there is one
+    ids = torch.randint(2, 128, (1, 37), device=device)
     with torch.no_grad():  # first: on the CPU, bitsandbytes' first no-grad call repacks 4-bit weights (bf16 scales)
         before = rmt(ids, labels=ids).loss
-    merged = rmt.merge_and_unload(dtype=torch.float32).eval()
+    merged = rmt.merge_and_unload(dtype=torch.float32, device=device).eval()
     expected = stream_tokens(merged, [ids], compute_loss=True)
 
-    assert rmt.stream()._view.weights == {}  # the default on the CPU: attached
+    assert bool(rmt.stream()._view.weights) == (device.type == "cuda")  # the default: merged copies on a GPU only
     reader = rmt.stream(compute_loss=True, merge_lora=True)
     assert len(reader._view.weights) == 12  # 6 linear layers x 2 blocks
     reader.feed(ids)
