@@ -295,10 +295,12 @@ class merged_lora_view:
 
     def __init__(self, weights: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]):
         self.weights = weights
+        # made once: the same objects on every entry, so compiled blocks see one forward per layer
+        self._forwards = {layer: partial(_merged_forward, weight, bias) for layer, (weight, bias) in weights.items()}
 
     def __enter__(self):
-        for layer, (weight, bias) in self.weights.items():
-            layer.forward = partial(_merged_forward, weight, bias)
+        for layer, forward in self._forwards.items():
+            layer.forward = forward
         return self
 
     def __exit__(self, *exc):
