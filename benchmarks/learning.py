@@ -36,9 +36,11 @@ from rmt_peft import MemoryConfig, RMTModel
 from rmt_peft.data.babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.data.tokenizer import offline_tokenizer
+from rmt_peft.errors import TrainingDiverged
 from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
 from rmt_peft.train.curriculum import stage_memory
+from rmt_peft.train.guard import DivergenceGuard
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
          "token": "token_memory"}
@@ -214,6 +216,7 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     levers = model.memory_config
     levers_from = 0 if cfg.lever_stages is None else cfg.max_train_segments - cfg.lever_stages
     for stage in range(1, cfg.max_train_segments + 1):
+        guard = DivergenceGuard()  # rmt-peft train's default guard, fresh each stage as there
         full = model.memory_config = stage_memory(levers, levers, stage - 1, levers_from)
         ramp = cfg.lever_ramp_steps if stage - 1 == levers_from else 0
         for stage_step in range(cfg.steps_per_stage):
@@ -242,11 +245,26 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
                 window = []
                 curve.append({"step": step, "stage": stage, "loss": statistics.fmean(losses),
                               "grad_norm": statistics.fmean(norms)})
+                stop = guard_stop(guard, norms, stage_step + 1 - len(norms))  # here: the loop syncs anyway
+                if stop:
+                    curve[-1]["guard"] = f"stage {stage}, {stop}"
                 if not all(map(math.isfinite, losses)):
                     raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: stage {stage} done, step {step}, loss "
               f"{curve[-1]['loss']:.3f}, {time.time() - started:.0f}s", flush=True)
     return curve
+
+
+def guard_stop(guard: DivergenceGuard, norms: list[float], first_step: int) -> str | None:
+    """Feed a stage's gradient norms (steps ``first_step``, ...) to ``guard``; the first reason it
+    gives to stop, or None."""
+    stop = None
+    for i, norm in enumerate(norms):
+        try:
+            guard.check_grad_norm(norm, first_step + i)
+        except TrainingDiverged as err:
+            stop = stop or str(err)
+    return stop
 
 
 @torch.no_grad()
@@ -281,6 +299,12 @@ def run_one(cfg: RunConfig) -> dict:
         result.update(status="diverged", error=str(err))
         return result
     result["train_seconds"] = time.time() - started
+    # The benchmark trains on; it records where `rmt-peft train` would have stopped the run.
+    stops = [point["guard"] for point in result["curve"] if "guard" in point]
+    if stops:
+        result["guard"] = stops[0]
+        print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: the divergence guard would have stopped it: {stops[0]}",
+              flush=True)
     started = time.time()
     result["accuracy"] = {}
     for n in cfg.eval_segments:
