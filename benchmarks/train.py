@@ -59,9 +59,6 @@ class Bench:
         dequant_cache: speedups.cache_dequantized_weights (NF4 only); "auto": from_backbone's
         default (speedups.cache_pays)."""
         if dequant_cache == "auto":
-            if self.dequant_cache:  # decide on the plain 4-bit layers
-                cache_dequantized_weights(self.peft, enable=False)
-                self.dequant_cache = False
             dequant_cache = cache_pays(self.peft)[0]
         if dequant_cache != self.dequant_cache:
             cache_dequantized_weights(self.peft, enable=dequant_cache)

@@ -31,8 +31,8 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
-from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, dequantized_cache_bytes, merge_pays,
-                       merged_lora_bytes, merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up)
+from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, merge_pays, merged_lora_view,
+                       merged_lora_weights, save_matmuls_policy, speed_up)
 
 logger = logging.getLogger("rmt_peft")
 
@@ -147,7 +147,7 @@ class RMTModel(nn.Module):
         model = cls(backbone, memory_config)
         if cache_dequantized is None:
             cache_dequantized, why = cache_pays(model.causal_lm)
-            if dequantized_cache_bytes(model.causal_lm)[0]:
+            if why:
                 logger.info(f"dequantized-weight cache {why}; from_backbone(cache_dequantized=...) overrides")
         if cache_dequantized:
             cache_dequantized_weights(model.causal_lm)
@@ -468,7 +468,7 @@ class MemoryStream:
         self.model = model
         if merge_lora is None:
             merge_lora, why = merge_pays(model)
-            if merged_lora_bytes(model)[0]:
+            if why:
                 logger.info(f"stream with LoRA merged into copies of the weights: {why}; "
                             f"stream(merge_lora=...) overrides")
         self._view = merged_lora_view(merged_lora_weights(model) if merge_lora else {})

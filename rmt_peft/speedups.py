@@ -173,19 +173,19 @@ def dequantized_cache_bytes(model: nn.Module) -> tuple[int, torch.device | None]
     for layer in model.modules():
         if isinstance(layer, Linear4bit):
             state = layer.weight.quant_state
-            dtype = layer.compute_dtype or state.dtype
-            total += state.shape.numel() * torch.empty((), dtype=dtype).element_size()
+            total += state.shape.numel() * (layer.compute_dtype or state.dtype).itemsize
             device = layer.weight.device
     return total, device
 
 
-def cache_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str]:
+def cache_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str | None]:
     """Whether the default (``cache_dequantized=None``) turns the dequantized-weight cache on:
     4-bit weights on a CUDA GPU, whole (not ZeRO-3 partitions), whose copies take at most
-    ``share`` of the GPU's memory. Returns the decision and why, for the log."""
+    ``share`` of the GPU's memory. Returns the decision and why, for the log (None: no 4-bit
+    weights, nothing to say)."""
     size, device = dequantized_cache_bytes(model)
     if not size:
-        return False, "no 4-bit weights"
+        return False, None
     if device.type != "cuda":
         return False, f"4-bit weights on {device.type}, not a CUDA GPU"
     if any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -240,17 +240,17 @@ def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
 def merged_lora_bytes(model: nn.Module) -> tuple[int, torch.device | None]:
     """Bytes ``merged_lora_weights`` would hold, and the weights' device."""
     layers = _mergeable_lora_layers(model)
-    total = sum(m.out_features * m.in_features * torch.empty((), dtype=_compute_dtype(m.get_base_layer())).element_size()
-                for m in layers)
+    total = sum(m.out_features * m.in_features * _compute_dtype(m.get_base_layer()).itemsize for m in layers)
     return total, (layers[0].get_base_layer().weight.device if layers else None)
 
 
-def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str]:
+def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool, str | None]:
     """The default of ``rmt.stream(merge_lora=None)``: on for a model in eval mode whose LoRA
-    layers sit on a CUDA GPU and whose merged copies take at most ``share`` of its memory."""
+    layers sit on a CUDA GPU and whose merged copies take at most ``share`` of its memory.
+    Returns the decision and why (None: no LoRA layers, nothing to say)."""
     size, device = merged_lora_bytes(model)
     if not size:
-        return False, "no LoRA layers to merge"
+        return False, None
     if model.training:
         return False, "the model is in training mode (LoRA dropout)"
     if device.type != "cuda":
