@@ -74,7 +74,11 @@ class RunConfig:
     # on at once, the noise shocked memorize runs whose loss was already 0 (grad norms to 660).
     lever_ramp_steps: int = 0
     max_train_segments: int = 7      # the curriculum: 1, 2, ..., max_train_segments
+    # ... then these segment counts, one stage each (training on more than the paper's <= 7)
+    extra_stages: list[int] = field(default_factory=list)
     steps_per_stage: int = 300
+    lever_stage_steps: int | None = None  # steps of each lever stage (None: steps_per_stage)
+    lever_stage_lr: float | None = None    # peak learning rate of the lever stages (None: learning_rate)
     mix: bool = True                 # each batch draws its segment count from 1..stage
     batch_size: int = 64
     learning_rate: float = 5e-4
@@ -141,6 +145,17 @@ VARIANTS: dict[str, dict] = {
     "lr2e-4": {"learning_rate": 2e-4},
     "lr1e-3": {"learning_rate": 1e-3},
     "train16": {"max_train_segments": 16, "steps_per_stage": 130},  # same number of steps, longer inputs
+    # late2_sparse_noise with its two lever stages three times as long (are the failing seeds undertrained?)
+    "late2_long": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                   "lever_stages": 2, "lever_stage_steps": 750},
+    # ... and at a lower learning rate (lever stages spiked to grad norms of 50-580)
+    "late2_long_lr2e-4": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                          "lever_stages": 2, "lever_stage_steps": 750, "lever_stage_lr": 2e-4},
+    # ... or with the levers in two more stages of 16 and 32 segments (trained on more than 7)
+    "late2_to32": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                   "lever_stages": 2, "extra_stages": [16, 32]},
+    "late2_to32_lr2e-4": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                          "lever_stages": 2, "extra_stages": [16, 32], "lever_stage_lr": 2e-4},
     "gated_train16": {"memory_update": "gated", "max_train_segments": 16, "steps_per_stage": 130},
 }
 
@@ -202,31 +217,61 @@ def build_model(cfg: RunConfig, device) -> RMTModel:
     return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """One curriculum stage: inputs of up to ``segments`` segments (each batch draws its count from
+    1..segments when mixing), ``steps`` optimizer steps warming up to ``peak_lr``, and the memory
+    levers on or off (rising over the first ``ramp_steps`` steps)."""
+
+    segments: int
+    steps: int
+    peak_lr: float
+    levers: bool
+    ramp_steps: int = 0
+
+
+def lever_start(cfg: RunConfig) -> int:
+    """The index of the first stage trained with the memory levers."""
+    stages = cfg.max_train_segments + len(cfg.extra_stages)
+    return 0 if cfg.lever_stages is None else stages - cfg.lever_stages
+
+
+def stage_plan(cfg: RunConfig) -> list[StagePlan]:
+    start = lever_start(cfg)
+    plan = []
+    for index, segments in enumerate([*range(1, cfg.max_train_segments + 1), *cfg.extra_stages]):
+        late = cfg.lever_stages is not None and index >= start  # a lever stage of a late schedule
+        lr = cfg.lever_stage_lr if late and cfg.lever_stage_lr else cfg.learning_rate
+        plan.append(StagePlan(segments, (cfg.lever_stage_steps or cfg.steps_per_stage) if late else cfg.steps_per_stage,
+                              lr * cfg.stage_lr_decay ** index, index >= start,
+                              cfg.lever_ramp_steps if index == start else 0))
+    return plan
+
+
 def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss."""
     data = Samples(cfg, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     rng = random.Random(cfg.seed)
-    pool = cfg.steps_per_stage * cfg.batch_size  # samples per segment count: never repeated in a run
+    # distinct samples per segment count, cycled (the pool of the runs measured before longer stages)
+    pool = cfg.steps_per_stage * cfg.batch_size
     drawn: dict[int, int] = {}
     curve, window = [], []
     started = time.time()
     model.train()
     step = 0
-    levers = model.memory_config
-    levers_from = 0 if cfg.lever_stages is None else cfg.max_train_segments - cfg.lever_stages
-    for stage in range(1, cfg.max_train_segments + 1):
+    levers, first_lever_stage = model.memory_config, lever_start(cfg)
+    for index, plan in enumerate(stage_plan(cfg)):
+        stage = plan.segments
         guard = DivergenceGuard()  # rmt-peft train's default guard, fresh each stage as there
-        full = model.memory_config = stage_memory(levers, levers, stage - 1, levers_from)
-        ramp = cfg.lever_ramp_steps if stage - 1 == levers_from else 0
-        for stage_step in range(cfg.steps_per_stage):
-            if stage_step < ramp:
-                rise = (stage_step + 1) / ramp
+        full = model.memory_config = stage_memory(levers, levers, index, first_lever_stage)
+        for stage_step in range(plan.steps):
+            if stage_step < plan.ramp_steps:
+                rise = (stage_step + 1) / plan.ramp_steps
                 model.memory_config = dataclasses.replace(
                     full, memory_noise_std=rise * full.memory_noise_std,
                     memory_stability_weight=rise * full.memory_stability_weight)
-            peak = cfg.learning_rate * cfg.stage_lr_decay ** (stage - 1)
-            lr = peak * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak
+            lr = plan.peak_lr * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else plan.peak_lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             n = rng.randint(1, stage) if cfg.mix else stage
@@ -240,7 +285,7 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
             window.append((loss.detach(), norm.detach()))
             step += 1
-            if step % 50 == 0 or stage_step + 1 == cfg.steps_per_stage:
+            if step % 50 == 0 or stage_step + 1 == plan.steps:
                 losses, norms = torch.stack([w[0] for w in window]).tolist(), torch.stack([w[1] for w in window]).tolist()
                 window = []
                 curve.append({"step": step, "stage": stage, "loss": statistics.fmean(losses),

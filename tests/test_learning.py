@@ -32,3 +32,18 @@ def test_the_benchmark_records_where_the_training_guard_would_stop():
     stop = guard_stop(guard, [100.0] * 30, 50)
     assert stop.startswith("training diverged at step 69:") and "20 steps" in stop
     assert guard_stop(DivergenceGuard(), [1.0, float("nan")], 0) == "training diverged at step 1: the gradient norm is nan"
+
+
+def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_and_rate():
+    """Curriculum 1..3 then 8 and 16 segments, levers in the last two: those two run 5 steps at
+    their own rate; every stage's rate decays by stage_lr_decay per stage before it."""
+    from benchmarks.learning import StagePlan, stage_plan
+
+    cfg = RunConfig(max_train_segments=3, extra_stages=[8, 16], steps_per_stage=2, learning_rate=1e-3,
+                    stage_lr_decay=0.5, lever_stages=2, lever_stage_steps=5, lever_stage_lr=4e-4, lever_ramp_steps=3)
+    assert stage_plan(cfg) == [StagePlan(1, 2, 1e-3, False), StagePlan(2, 2, 5e-4, False),
+                               StagePlan(3, 2, 2.5e-4, False), StagePlan(8, 5, 4e-4 * 0.125, True, 3),
+                               StagePlan(16, 5, 4e-4 * 0.0625, True)]
+    # the paper's setting: levers (if any) in every stage, every stage alike
+    assert stage_plan(RunConfig(max_train_segments=2, steps_per_stage=4)) == [StagePlan(1, 4, 5e-4, True),
+                                                                            StagePlan(2, 4, 5e-4, True)]
