@@ -23,6 +23,9 @@ RECIPES = {
                            "eval.num_segments=[1]"),
     "babilong_detect_opt_1.3b": ("opt", "data.options.noise=generated"),
     "babilong_reasoning_opt_6.7b_8bit": ("opt", "data.options.noise=generated"),  # 8-bit on CPU, as in the recipe
+    # one step a stage, so the run reaches the last stage: 1..32 segments, the levers on, checkpointed
+    "babilong_reasoning_32": ("gpt2", "data.options.noise=generated", "curriculum.steps_per_stage=1",
+                              "training.max_steps=9"),
     "lean_gptneo_1.3b": ("gpt_neo", None),
     "lean_gptneo_1.3b_baseline": ("gpt_neo", None),
 }
@@ -47,7 +50,8 @@ def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
     run(recipe, log=lambda *_: None)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert sum(stage["steps"] for stage in summary["stages"]) == 3  # training.max_steps caps the curriculum
+    # training.max_steps caps the curriculum
+    assert sum(stage["steps"] for stage in summary["stages"]) == recipe.training["max_steps"]
     assert set(summary["eval"]) == {str(n) for n in recipe.eval.num_segments}
     assert all(0 < m["loss"] < 20 for m in summary["eval"].values())
     final = out / "final"
