@@ -88,6 +88,7 @@ class RunConfig:
     eval_segments: list[int] = field(default_factory=lambda: [2 ** k for k in range(13)])
     eval_samples: int = 128
     token_values: int = 10           # token task: distinct values to recall (chance 1 / token_values)
+    drift_segments: int = 0          # > 0: also record the memory's norm and change per segment (drift)
     # bAbI task 2 (two supporting facts). The recipe's default, task-4 relations, stayed near 0.5
     # even at one segment within this budget (H200, 2026-11-30), so it would not measure the memory.
     reasoning_kind: str = "object_location"
@@ -330,6 +331,24 @@ def accuracy(cfg: RunConfig, model: RMTModel, segments: int, device) -> float:
     return correct / cfg.eval_samples
 
 
+@torch.no_grad()
+def memory_drift(cfg: RunConfig, model: RMTModel, segments: int, device, samples: int = 64) -> list[dict]:
+    """Mean norm of the memory tokens after 1, 2, 4, ... ``segments`` segments of test inputs, and
+    their mean relative change |m_i - m_(i-1)| / |m_(i-1)| over the segment before."""
+    model.eval()
+    ids, _ = Samples(cfg, "test").batch(segments, list(range(samples)), samples, device)
+    seg, memory, rows = cfg.segment_size, None, []
+    for i in range(segments):
+        before = memory
+        memory = model.read(ids[:, i * seg:(i + 1) * seg], memory=memory)
+        if (i + 1) & i == 0:  # a power of two
+            now = memory.float()
+            change = None if before is None else ((now - before.float()).norm(dim=-1)
+                                                  / before.float().norm(dim=-1)).mean().item()
+            rows.append({"segments": i + 1, "norm": now.norm(dim=-1).mean().item(), "change": change})
+    return rows
+
+
 def run_one(cfg: RunConfig) -> dict:
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,6 +376,12 @@ def run_one(cfg: RunConfig) -> dict:
         # a run cut by a time limit still leaves its curve so far in the log
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
     result["eval_seconds"] = time.time() - started
+    if cfg.drift_segments:
+        result["drift"] = memory_drift(cfg, model, cfg.drift_segments, device)
+        print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: memory norm / change per segment "
+              + ", ".join(f"{r['segments']}: {r['norm']:.3g} / " + ("-" if r["change"] is None else f"{r['change']:.2%}")
+                          for r in result["drift"]),
+              flush=True)
     return result
 
 

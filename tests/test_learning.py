@@ -47,3 +47,25 @@ def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_
     # the paper's setting: levers (if any) in every stage, every stage alike
     assert stage_plan(RunConfig(max_train_segments=2, steps_per_stage=4)) == [StagePlan(1, 4, 5e-4, True),
                                                                             StagePlan(2, 4, 5e-4, True)]
+
+
+def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():
+    """The drift rows: the norm after 1, 2 and 4 segments read one at a time equals the norm of
+    the memory RMTModel.forward leaves after the same 1, 2 and 4 segments at once, and the change
+    is the relative step from the segment before."""
+    import torch
+
+    from benchmarks.learning import Samples, build_model, memory_drift
+
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token"})
+    model = build_model(cfg, "cpu").eval()
+    rows = memory_drift(cfg, model, 4, "cpu", samples=3)
+    ids, _ = Samples(cfg, "test").batch(4, [0, 1, 2], 3, "cpu")
+    seg = cfg.segment_size
+    with torch.no_grad():
+        after = {n: model(ids[:, :n * seg], return_logits=False).memory.float() for n in (1, 2, 3, 4)}
+    assert [r["segments"] for r in rows] == [1, 2, 4]
+    for row in rows:
+        assert row["norm"] == pytest.approx(after[row["segments"]].norm(dim=-1).mean().item(), rel=1e-4)
+    step = (after[4] - after[3]).norm(dim=-1) / after[3].norm(dim=-1)
+    assert rows[0]["change"] is None and rows[2]["change"] == pytest.approx(step.mean().item(), rel=1e-3)
