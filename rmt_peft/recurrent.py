@@ -31,8 +31,8 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
-from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, merge_pays, merged_lora_view,
-                       merged_lora_weights, save_matmuls_policy, speed_up)
+from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, merge_pays, merged_lora_key,
+                       merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up)
 
 logger = logging.getLogger("rmt_peft")
 
@@ -115,6 +115,8 @@ class RMTModel(nn.Module):
         if std is None:
             std = float(embeddings.weight.detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
+        self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
+        self._merge_note: str | None = None  # the last reason logged for the streams' merge decision
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device, update=memory_config.memory_update,
@@ -224,6 +226,32 @@ class RMTModel(nn.Module):
         if self._padded_head is None or self._padded_head[0] != key:
             self._padded_head = (key, _pad_rows(weight.detach()))  # a plain attribute, not in state dicts
         return self._padded_head[1]
+
+    def _stream_weights(self, merge_lora: bool | None) -> dict:
+        """The merged LoRA copies a stream reads through ({}: peft's own layers). None decides with
+        ``speedups.merge_pays``, logged when the reason changes (not once per stream). In eval mode
+        the copies stay with the model while the layers' tensors are unchanged, so the streams of
+        one evaluation (one per document or batch) share them; ``train()`` frees them."""
+        if merge_lora is None:
+            merge_lora, why = merge_pays(self)
+            if why and why != self._merge_note:
+                logger.info(f"stream with LoRA merged into copies of the weights: {why}; "
+                            f"stream(merge_lora=...) overrides")
+            self._merge_note = why
+        if not merge_lora:
+            return {}
+        if self.training:  # the weights change at every step: nothing to keep
+            return merged_lora_weights(self)
+        key = merged_lora_key(self)
+        if self._merged_lora is None or self._merged_lora[0] != key:
+            self._merged_lora = None  # the old copies go before the new ones are made
+            self._merged_lora = (key, merged_lora_weights(self))
+        return self._merged_lora[1]
+
+    def train(self, mode: bool = True) -> "RMTModel":
+        if mode:
+            self._merged_lora = None  # training updates the weights the copies were made from
+        return super().train(mode)
 
     def _segment(self, memory, input_ids, attention_mask, target_ids, want_logits: bool,
                  num_labelled: int | None = None):
@@ -436,7 +464,8 @@ class RMTModel(nn.Module):
         weights (``speedups.merged_lora_view``): the speed of a merged model, the model itself
         unchanged, values as ``merge_and_unload`` rounds them. None (default): on for a model in
         eval mode on a CUDA GPU when the copies take at most a tenth of its memory
-        (``speedups.merge_pays``; logged)."""
+        (``speedups.merge_pays``; logged). In eval mode the copies are kept for the next stream
+        until the weights change or ``train()`` is called."""
         return MemoryStream(self, batch_size, compute_loss, return_logits, cuda_graph, merge_lora)
 
 
@@ -459,19 +488,15 @@ class MemoryStream:
     position) and the memory, so the cost is constant in the input length. It computes the same
     memory, loss and logits as ``RMTModel.forward`` on the concatenated input (left alignment,
     no padding). ``feed`` returns the logits of the segments it completed when asked for.
-    With ``merge_lora`` it holds merged copies of the LoRA layers' weights for its lifetime and
-    uses them inside its own calls only (values then as a merged model rounds them).
+    With ``merge_lora`` it reads through merged copies of the LoRA layers' weights, inside its own
+    calls only (values then as a merged model rounds them); the model keeps the copies for the
+    next stream while it stays in eval mode with the same weights (``RMTModel._stream_weights``).
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
                  return_logits: bool = False, cuda_graph: bool = False, merge_lora: bool | None = None):
         self.model = model
-        if merge_lora is None:
-            merge_lora, why = merge_pays(model)
-            if why:
-                logger.info(f"stream with LoRA merged into copies of the weights: {why}; "
-                            f"stream(merge_lora=...) overrides")
-        self._view = merged_lora_view(merged_lora_weights(model) if merge_lora else {})
+        self._view = merged_lora_view(model._stream_weights(merge_lora))
         self._graph = None
         if cuda_graph:
             self._graph = SegmentGraph(model)

@@ -287,6 +287,15 @@ def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor,
     return out
 
 
+def merged_lora_key(model: nn.Module) -> tuple:
+    """What ``merged_lora_weights(model)`` depends on: each foldable layer, its active adapters,
+    and where each of its tensors lives and its version (an in-place update, as an optimizer step
+    makes, or a move to another device changes it). Equal keys: the same merged copies."""
+    return tuple((id(layer), tuple(layer.active_adapters),
+                  tuple((p.data_ptr(), p._version, p.dtype) for p in layer.parameters()))
+                 for layer in _mergeable_lora_layers(model))
+
+
 class merged_lora_view:
     """``with merged_lora_view(weights):`` each LoRA layer in ``weights`` (``merged_lora_weights``)
     multiplies with its merged copy, one matmul instead of the base matmul plus LoRA's four

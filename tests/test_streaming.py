@@ -132,3 +132,36 @@ def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path,
     assert not any("forward" in vars(m) for m in rmt.modules() if hasattr(m, "lora_A"))
     with torch.no_grad():  # (on the CPU the 4-bit weights go back to bitsandbytes' plain layout: last bits)
         torch.testing.assert_close(rmt(ids, labels=ids).loss, before, rtol=1e-4, atol=0)
+
+
+def test_streams_share_the_merged_copies_until_the_weights_change(caplog):
+    """An evaluation opens a stream per document: in eval mode they reuse one set of merged copies
+    (and log the merge decision once). An in-place update of a LoRA weight (an optimizer step)
+    gives new copies that read as merge_and_unload of the updated model; train() frees them."""
+    import logging
+
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), MemoryConfig(num_memory_tokens=3, segment_size=8),
+                                 verbose=False, lora={"r": 4, "target_modules": "all-linear",
+                                                      "init_lora_weights": False}).eval()
+    first, second = rmt.stream(merge_lora=True)._view.weights, rmt.stream(merge_lora=True)._view.weights
+    assert len(first) == 12 and all(first[layer][0] is second[layer][0] for layer in first)
+
+    layer = next(iter(first))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(0.5)
+    ids = torch.randint(2, 128, (1, 29))
+    reader = rmt.stream(compute_loss=True, merge_lora=True)
+    assert reader._view.weights[layer][0] is not first[layer][0]
+    reader.feed(ids)
+    got = reader.finish()
+    expected = stream_tokens(rmt.merge_and_unload(dtype=torch.float32).eval(), [ids], compute_loss=True)
+    torch.testing.assert_close(got.memory, expected.memory, rtol=1e-4, atol=1e-5)
+    assert abs(got.loss - expected.loss) < 1e-4
+
+    rmt.train()
+    assert rmt._merged_lora is None
+    rmt.eval()
+    with caplog.at_level(logging.INFO, logger="rmt_peft"):
+        for _ in range(3):
+            assert rmt.stream()._view.weights == {}  # the default on the CPU: peft's own layers
+    assert sum("merged into copies" in r.getMessage() for r in caplog.records) == 1
