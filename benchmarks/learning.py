@@ -14,8 +14,9 @@ noise, and ``token`` (the quickstart's raw-token task, token_memory.py).
         --seeds 0 1 2 --jobs 12 --out-dir results/learning          # one H200: a few minutes
     python -m benchmarks.learning --preset cpu --variants paper gated --out-dir /tmp/learning
 
-Writes ``runs.json`` (every run: config, loss curve, accuracy by length, time) and
-``accuracy.png`` (accuracy against segments, mean and range over seeds, one panel per task).
+Writes ``runs.json`` (every run: config, loss curve with every step's gradient norm, accuracy by
+length, time) and ``accuracy.png`` (accuracy against segments, mean and range over seeds, one
+panel per task).
 """
 from __future__ import annotations
 
@@ -289,8 +290,9 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
             if step % 50 == 0 or stage_step + 1 == plan.steps:
                 losses, norms = torch.stack([w[0] for w in window]).tolist(), torch.stack([w[1] for w in window]).tolist()
                 window = []
+                # per-step norms too: what the divergence guard's rule can be tuned on later
                 curve.append({"step": step, "stage": stage, "loss": statistics.fmean(losses),
-                              "grad_norm": statistics.fmean(norms)})
+                              "grad_norm": statistics.fmean(norms), "grad_norms": [float(f"{x:.3g}") for x in norms]})
                 stop = guard_stop(guard, norms, stage_step + 1 - len(norms))  # here: the loop syncs anyway
                 if stop:
                     curve[-1]["guard"] = f"stage {stage}, {stop}"

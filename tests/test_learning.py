@@ -10,6 +10,8 @@ def run(variant: str, eval_segments: list[int]) -> dict[str, float]:
                        "eval_segments": eval_segments})
     result = run_one(cfg)
     assert result["status"] == "ok", result
+    # every optimizer step's gradient norm is recorded: 3 stages of steps_per_stage
+    assert sum(len(point["grad_norms"]) for point in result["curve"]) == 3 * cfg.steps_per_stage
     return result["accuracy"]
 
 
