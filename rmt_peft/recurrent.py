@@ -253,6 +253,11 @@ class RMTModel(nn.Module):
             self._merged_lora = None  # training updates the weights the copies were made from
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cpu() / .half(): the cached copies would stay where they were (rebuilt when needed)
+        self._merged_lora = self._padded_head = None
+        return super()._apply(fn, recurse)
+
     def _segment(self, memory, input_ids, attention_mask, target_ids, want_logits: bool,
                  num_labelled: int | None = None):
         """Run one segment. attention_mask None means no padding. ``num_labelled`` (the count of

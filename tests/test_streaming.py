@@ -161,6 +161,10 @@ def test_streams_share_the_merged_copies_until_the_weights_change(caplog):
     rmt.train()
     assert rmt._merged_lora is None
     rmt.eval()
+    rmt.stream(merge_lora=True)
+    rmt.to(torch.float64)  # a move frees them too (they would stay behind on the old device or dtype)
+    assert rmt._merged_lora is None
+    rmt.float()
     with caplog.at_level(logging.INFO, logger="rmt_peft"):
         for _ in range(3):
             assert rmt.stream()._view.weights == {}  # the default on the CPU: peft's own layers
