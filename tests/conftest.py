@@ -1,11 +1,27 @@
 """Tiny models on a shared 2-core CPU: one intra-op thread per test. Matmuls of 64-wide layers
 gain nothing from a second thread, and on a loaded machine OpenMP's spinning threads make them
 10-100x slower."""
+import contextlib
 import copy
+import glob
+import os
 
 import pytest
 import torch
 import yaml
+
+# DeepSpeed's CPU ranks (tests under `deepspeed --num_gpus 2`) leave shared-memory buffers of
+# ~70 MB each in /dev/shm when they end: ~1 GB a test run, which fills a machine's RAM over a day.
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def remove_deepspeed_shm_buffers():
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(SHM_BUFFERS)) - before:  # only this session's: the ranks have ended
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 @pytest.fixture(autouse=True)
