@@ -453,7 +453,9 @@ def resolve_deepspeed(value):
     """A DeepSpeed config: a dict, a json file, or a shipped name ("zero2", ``rmt-peft recipes``)."""
     if value is None or isinstance(value, dict):
         return value
-    if os.path.exists(value):
+    # a file, not any path: a folder named "zero2" in the working directory (a run's output_dir,
+    # say) must not hide the shipped config of that name
+    if os.path.isfile(value):
         return value
     named = resources.path(resources.DEEPSPEED_CONFIGS, value)
     if named is not None:

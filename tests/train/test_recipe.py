@@ -86,6 +86,14 @@ def test_zero3_with_8bit_and_unknown_deepspeed_config(write_recipe):
     assert recipe.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def test_a_folder_named_like_a_shipped_deepspeed_config_does_not_hide_it(write_recipe, tmp_path, monkeypatch):
+    """A run's output_dir "zero3" in the working directory (two launches side by side) is a
+    folder, not a config file: the name still means the shipped config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero3").mkdir()
+    assert load_recipe(write_recipe(), ["training.deepspeed=zero3"]).zero_stage == 3
+
+
 def test_missing_or_broken_files_and_model_paths(write_recipe, tmp_path):
     assert "does not exist" in error_of(str(tmp_path / "nope.yaml"))
     broken = tmp_path / "broken.yaml"
