@@ -66,6 +66,14 @@ def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> l
     return list(zip(starts, ends))
 
 
+def context_split(length: int, first_scored: int, segment_size: int, alignment: str = "left") -> int:
+    """Start of the segment that holds position ``first_scored`` (a position whose logits are needed)."""
+    for start, end in segment_bounds(length, segment_size, alignment):
+        if start <= first_scored < end:
+            return start
+    raise ValueError(f"position {first_scored} is outside an input of {length} tokens")
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Target of position t is labels[t+1]; the last position has none."""
     pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)

@@ -12,19 +12,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..recurrent import RMTModel, segment_bounds
+from ..recurrent import RMTModel, context_split
 
 # (num_segments, num_samples) -> samples: dicts of 1-D LongTensors with input_ids and labels (a
 # data registry dataset, a TokenMemoryTask, ...); what every evaluator reads its inputs from
 SampleSource = Callable[[int, int], Sequence[dict]]
-
-
-def context_split(length: int, first_scored: int, segment_size: int, alignment: str = "left") -> int:
-    """Start of the segment that holds position ``first_scored`` (a position whose logits are needed)."""
-    for start, end in segment_bounds(length, segment_size, alignment):
-        if start <= first_scored < end:
-            return start
-    raise ValueError(f"position {first_scored} is outside an input of {length} tokens")
 
 
 @torch.no_grad()

@@ -37,8 +37,9 @@ from ..errors import TrainingDiverged, UserError
 from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
 from ..hub import write_model_card
 from ..log import is_main_process, logger, quiet_trainer
+from ..inputs import IGNORE_INDEX
 from ..metrics import exact_match
-from ..recurrent import RMTModel
+from ..recurrent import RMTModel, context_split
 from ..runs import (BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE, load_tokenizer,
                     tokenizer_name)
 from ..tiny_models import tiny_model
@@ -256,11 +257,26 @@ class RMTTrainerMixin:
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Loss and per-sample exact match (every labelled token predicted greedily)."""
+        """Loss and per-sample exact match (every labelled token predicted greedily). The segments
+        before the one holding the first position to score are only read into memory: memory
+        tasks ask at the end, and logits of a whole long input (segments x vocabulary) would not
+        fit. The loss and the predictions are those of one forward over the whole input."""
         inputs = self._prepare_inputs(inputs)
+        batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        rmt = self.accelerator.unwrap_model(model)
+        cfg = rmt.memory_config
         with torch.no_grad():
-            out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, return_logits=True)
-        correct = exact_match(out.logits, inputs["labels"])[:, None]
+            scored = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()  # logits at t predict t + 1
+            length = batch["labels"].shape[1]
+            split = context_split(length, int(scored[0]), cfg.segment_size, cfg.segment_alignment) if len(scored) else 0
+            memory = None
+            if split:
+                context = {k: v[:, :split] for k, v in batch.items() if k != "labels"}
+                # through the (wrapped) model's call, not rmt.read: ZeRO-3 gathers weights in its hooks
+                memory = model(**context, return_logits=False).memory
+                batch = {k: v[:, split:] for k, v in batch.items()}
+            out = model(**batch, memory=memory, return_logits=True)
+        correct = exact_match(out.logits, batch["labels"])[:, None]
         return out.loss.detach(), correct, correct
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
