@@ -81,6 +81,16 @@ class RunConfig:
     lever_stage_steps: int | None = None  # steps of each lever stage (None: steps_per_stage)
     lever_stage_lr: float | None = None    # peak learning rate of the lever stages (None: learning_rate)
     mix: bool = True                 # each batch draws its segment count from 1..stage
+    # Keep the best checkpoint of the last select_stages stages, scored every select_every steps by
+    # answer accuracy at select_segments segments on held-out samples (neither train nor test):
+    # runs of one setting differ by seed in how far they generalise, and checkpoints of one run
+    # may differ the same way. 0: train to the end and keep the last weights.
+    select_stages: int = 0
+    select_every: int = 25
+    select_segments: int = 64
+    select_samples: int = 128
+    # with selection on, the last weights are also tested at these lengths, to compare in one run
+    last_eval_segments: list[int] = field(default_factory=lambda: [16, 256, 4096])
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 50           # at the start of every stage
@@ -158,6 +168,15 @@ VARIANTS: dict[str, dict] = {
                    "lever_stages": 2, "extra_stages": [16, 32]},
     "late2_to32_lr2e-4": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
                           "lever_stages": 2, "extra_stages": [16, 32], "lever_stage_lr": 2e-4},
+    # late2_sparse_noise / late2_long, keeping the best checkpoint of the two lever stages by
+    # accuracy at 64 segments on held-out samples
+    "late2_select": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                     "lever_stages": 2, "select_stages": 2},
+    # ... scored at 256 segments on 256 samples: do the seeds late2_select misses need a finer score?
+    "late2_select256": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                        "lever_stages": 2, "select_stages": 2, "select_segments": 256, "select_samples": 256},
+    "late2_long_select": {"memory_stability_weight": 1.0, "memory_stability_power": 0.5, "memory_noise_std": 0.3,
+                          "lever_stages": 2, "lever_stage_steps": 750, "select_stages": 2},
     "gated_train16": {"memory_update": "gated", "max_train_segments": 16, "steps_per_stage": 130},
 }
 
@@ -174,6 +193,9 @@ PRESETS = {
 
 
 # -- data ---------------------------------------------------------------------------------------
+SPLIT_OFFSETS = {"train": 0, "select": 250, "test": 500}  # disjoint sample seeds per split
+
+
 class Samples:
     """Deterministic samples of ``cfg.task`` with n segments; ``split`` keeps train and test apart."""
 
@@ -185,7 +207,7 @@ class Samples:
     def dataset(self, segments: int, num_samples: int):
         key = (segments, num_samples)
         if key not in self._sets:
-            seed = self.cfg.seed * 1000 + (0 if self.split == "train" else 500) + segments
+            seed = self.cfg.seed * 1000 + SPLIT_OFFSETS[self.split] + segments
             if self.cfg.task == "token":
                 self._sets[key] = TokenMemoryTask(num_samples, segments, self.cfg.segment_size,
                                                   num_values=self.cfg.token_values, vocab_size=self.cfg.vocab_size,
@@ -250,8 +272,9 @@ def stage_plan(cfg: RunConfig) -> list[StagePlan]:
     return plan
 
 
-def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
-    """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss."""
+def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None = None) -> list[dict]:
+    """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss. In the
+    last ``cfg.select_stages`` stages ``selection`` scores a checkpoint every ``cfg.select_every`` steps."""
     data = Samples(cfg, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     rng = random.Random(cfg.seed)
@@ -263,7 +286,8 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
     model.train()
     step = 0
     levers, first_lever_stage = model.memory_config, lever_start(cfg)
-    for index, plan in enumerate(stage_plan(cfg)):
+    plans = stage_plan(cfg)
+    for index, plan in enumerate(plans):
         stage = plan.segments
         guard = DivergenceGuard()  # rmt-peft train's default guard, fresh each stage as there
         full = model.memory_config = stage_memory(levers, levers, index, first_lever_stage)
@@ -298,9 +322,39 @@ def train(cfg: RunConfig, model: RMTModel, device) -> list[dict]:
                     curve[-1]["guard"] = f"stage {stage}, {stop}"
                 if not all(map(math.isfinite, losses)):
                     raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
+            if selection and index >= len(plans) - cfg.select_stages and ((stage_step + 1) % cfg.select_every == 0
+                                                            or stage_step + 1 == plan.steps):
+                selection.score(step, stage)
+                model.train()
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: stage {stage} done, step {step}, loss "
               f"{curve[-1]['loss']:.3f}, {time.time() - started:.0f}s", flush=True)
     return curve
+
+
+class Selection:
+    """The best checkpoint so far by answer accuracy at ``cfg.select_segments`` segments on the
+    held-out "select" samples (ties go to the later one), kept as a copy of the whole state (the
+    backbone is trained too here; a few MB at these sizes)."""
+
+    def __init__(self, cfg: RunConfig, model: RMTModel, device):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.data = Samples(cfg, "select")
+        self.best: tuple[float, int, dict] | None = None
+        self.scores: list[dict] = []
+
+    def score(self, step: int, stage: int) -> float:
+        acc = accuracy(self.cfg, self.model, self.cfg.select_segments, self.device, self.data,
+                       self.cfg.select_samples)
+        self.scores.append({"step": step, "stage": stage, "accuracy": acc})
+        if self.best is None or acc >= self.best[0]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = (acc, step, state)
+        return acc
+
+    def restore(self) -> dict:
+        """Load the best checkpoint into the model; which one it was."""
+        self.model.load_state_dict(self.best[2])
+        return {"step": self.best[1], "select_accuracy": self.best[0]}
 
 
 def guard_stop(guard: DivergenceGuard, norms: list[float], first_step: int) -> str | None:
@@ -316,21 +370,24 @@ def guard_stop(guard: DivergenceGuard, norms: list[float], first_step: int) -> s
 
 
 @torch.no_grad()
-def accuracy(cfg: RunConfig, model: RMTModel, segments: int, device) -> float:
-    """Exact match of the answer: the memory reads segments 1..n-1, the last one is answered."""
+def accuracy(cfg: RunConfig, model: RMTModel, segments: int, device, data: Samples | None = None,
+             samples: int | None = None) -> float:
+    """Exact match of the answer: the memory reads segments 1..n-1, the last one is answered.
+    On ``samples`` samples of ``data`` (default: ``cfg.eval_samples`` test samples)."""
     model.eval()
-    data = Samples(cfg, "test")
+    data = data or Samples(cfg, "test")
+    samples = samples or cfg.eval_samples
     seg = cfg.segment_size
-    batch = min(cfg.eval_samples, 128)
+    batch = min(samples, 128)
     correct = 0.0
-    for first in range(0, cfg.eval_samples, batch):
-        indices = list(range(first, min(first + batch, cfg.eval_samples)))
-        ids, labels = data.batch(segments, indices, cfg.eval_samples, device)
+    for first in range(0, samples, batch):
+        indices = list(range(first, min(first + batch, samples)))
+        ids, labels = data.batch(segments, indices, samples, device)
         memory = model.read(ids[:, :-seg]) if segments > 1 else None
         logits = model(ids[:, -seg:], memory=memory, return_logits=True).logits
         correct += exact_match(logits.float(), labels[:, -seg:]).sum().item()
         del ids, labels
-    return correct / cfg.eval_samples
+    return correct / samples
 
 
 @torch.no_grad()
@@ -359,8 +416,9 @@ def run_one(cfg: RunConfig) -> dict:
     started = time.time()
     result = {"config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "status": "ok"}
+    selection = Selection(cfg, model, device) if cfg.select_stages else None
     try:
-        result["curve"] = train(cfg, model, device)
+        result["curve"] = train(cfg, model, device, selection)
     except FloatingPointError as err:
         result.update(status="diverged", error=str(err))
         return result
@@ -372,6 +430,13 @@ def run_one(cfg: RunConfig) -> dict:
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: the divergence guard would have stopped it: {stops[0]}",
               flush=True)
     started = time.time()
+    if selection:  # the last weights too, at a few lengths, then the chosen ones
+        result["last_accuracy"] = {str(n): accuracy(cfg, model, n, device) for n in cfg.last_eval_segments}
+        result["selected"] = selection.restore()
+        result["selection_scores"] = selection.scores
+        print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: chose step {result['selected']['step']} "
+              f"({result['selected']['select_accuracy']:.2f} at {cfg.select_segments} segments); the last weights: "
+              + ", ".join(f"{n}: {a:.2f}" for n, a in result["last_accuracy"].items()), flush=True)
     result["accuracy"] = {}
     for n in cfg.eval_segments:
         result["accuracy"][str(n)] = accuracy(cfg, model, n, device)
@@ -456,6 +521,41 @@ def plot(table, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
+    """Runs that kept their best checkpoint: accuracy at the longest length of the last weights
+    against the kept ones, by seed, one panel per task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in runs if r.get("selected")]
+    tasks = sorted({r["config"]["task"] for r in chosen})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in chosen if r["config"]["task"] == task]
+        for offset, variant in enumerate(sorted({r["config"]["variant"] for r in mine})):
+            rows = sorted((r for r in mine if r["config"]["variant"] == variant), key=lambda r: r["config"]["seed"])
+            n = max(set(rows[0]["last_accuracy"]) & set(rows[0]["accuracy"]), key=int)
+            x = [r["config"]["seed"] + 0.15 * offset for r in rows]
+            color = f"C{offset}"
+            ax.scatter(x, [r["last_accuracy"][n] for r in rows], marker="o", facecolors="none", edgecolors=color,
+                       label=f"{variant}: last weights")
+            ax.scatter(x, [r["accuracy"][n] for r in rows], marker="x", color=color, label=f"{variant}: kept")
+            for xi, r in zip(x, rows):
+                ax.plot([xi, xi], [r["last_accuracy"][n], r["accuracy"][n]], color="grey", lw=0.6)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("seed")
+        ax.set_ylabel(f"accuracy at {n} segments")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["memorize"], choices=sorted(TASKS))
@@ -491,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = report["accuracy"]
     if table:
         plot(table, os.path.join(args.out_dir, "accuracy.png"), title=f"{runs[0]['device']}, {report['date']}")
+        if any(r.get("selected") for r in runs):
+            plot_selection(runs, os.path.join(args.out_dir, "kept_vs_last.png"), f"{runs[0]['device']}, {report['date']}")
         print(format_table(table))
     return report
 

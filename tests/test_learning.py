@@ -71,3 +71,29 @@ def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_lea
         assert row["norm"] == pytest.approx(after[row["segments"]].norm(dim=-1).mean().item(), rel=1e-4)
     step = (after[4] - after[3]).norm(dim=-1) / after[3].norm(dim=-1)
     assert rows[0]["change"] is None and rows[2]["change"] == pytest.approx(step.mean().item(), rel=1e-3)
+
+
+def test_selection_keeps_the_best_scored_checkpoint_and_the_run_ends_on_it():
+    """Scored every 5 steps of the last stage at 8 segments on held-out samples: the model the run
+    ends with scores the chosen checkpoint's accuracy when scored again from scratch, the chosen
+    one is the best (the latest among ties), and the last weights are tested too."""
+    import torch
+
+    from benchmarks.learning import Samples, Selection, accuracy, build_model, train
+
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "max_train_segments": 2, "steps_per_stage": 15,
+                       "select_stages": 1, "select_every": 5, "select_segments": 8, "select_samples": 64})
+    model = build_model(cfg, "cpu")
+    selection = Selection(cfg, model, "cpu")
+    train(cfg, model, "cpu", selection)
+    scores = selection.scores
+    assert [(s["step"], s["stage"]) for s in scores] == [(20, 2), (25, 2), (30, 2)]
+    with torch.no_grad():  # whatever the last weights were, the chosen ones must come back
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    chosen = selection.restore()
+    best = max(s["accuracy"] for s in scores)
+    assert chosen["select_accuracy"] == best
+    assert chosen["step"] == max(s["step"] for s in scores if s["accuracy"] == best)
+    again = accuracy(cfg, model, 8, "cpu", Samples(cfg, "select"), 64)
+    assert again == best
