@@ -177,13 +177,20 @@ class CurriculumSection:
     levers_from_stage: the first stage (0-based) that trains with the memory's stability loss and
     training noise (``memory.memory_stability_weight``, ``memory.memory_noise_std``); the stages
     before it train with both off, so the memory first learns to write facts that arrive anywhere
-    in the input (from the start, the stability loss holds such writes back; docs/memory-model.md)."""
+    in the input (from the start, the stability loss holds such writes back; docs/memory-model.md).
+    keep_best_segments: from stage ``keep_best_from_stage`` (default: levers_from_stage) on, each
+    evaluation during training also scores the weights by answer accuracy on ``keep_best_samples``
+    held-out samples of this many segments; the best (latest among ties) go to OUTPUT_DIR/best/
+    and become final/ (train/keep_best.py). null: final/ holds the last weights."""
 
     segments: list[int] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
     steps_per_stage: int | None = None
     mix_previous: bool = False
     levers_from_stage: int = 0
+    keep_best_segments: int | None = None
+    keep_best_samples: int = 128
+    keep_best_from_stage: int | None = None
     metric: str | None = None
     threshold: float | None = None
     patience: int | None = None
@@ -642,6 +649,25 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     _need(cur.levers_from_stage == 0 or mem.memory_stability_weight > 0 or mem.memory_noise_std > 0,
           f"curriculum.levers_from_stage={cur.levers_from_stage} has no effect: memory.memory_stability_weight "
           f"and memory.memory_noise_std are both 0")
+    _need(cur.keep_best_segments is None or (isinstance(cur.keep_best_segments, int)
+                                             and not isinstance(cur.keep_best_segments, bool)
+                                             and cur.keep_best_segments >= 1),
+          f"curriculum.keep_best_segments={cur.keep_best_segments!r}: expected null or an integer >= 1")
+    _need(isinstance(cur.keep_best_samples, int) and cur.keep_best_samples >= 1,
+          f"curriculum.keep_best_samples={cur.keep_best_samples!r}: expected an integer >= 1")
+    _need(cur.keep_best_from_stage is None or cur.keep_best_segments is not None,
+          f"curriculum.keep_best_from_stage={cur.keep_best_from_stage!r} has no effect without "
+          f"curriculum.keep_best_segments")
+    _need(cur.keep_best_from_stage is None or (isinstance(cur.keep_best_from_stage, int)
+                                               and 0 <= cur.keep_best_from_stage < len(cur.stages)),
+          f"curriculum.keep_best_from_stage={cur.keep_best_from_stage!r}: expected an integer from 0 to "
+          f"{len(cur.stages) - 1} (the stages are numbered from 0)")
+    if cur.keep_best_segments is not None:
+        _need(recipe.trainer == "rmt", f"curriculum.keep_best_segments needs trainer: rmt (the memory tasks' "
+                                       f"samples of a given length); trainer={recipe.trainer!r}")
+        _need(train.get("eval_strategy", "no") != "no",
+              f"curriculum.keep_best_segments={cur.keep_best_segments} scores the weights at each evaluation "
+              f"during training; set training.eval_strategy=steps and training.eval_steps")
     for i, stage in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
         for n in stage_segments(stage):

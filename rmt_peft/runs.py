@@ -8,6 +8,7 @@
       eval/              rmt-peft eval's output                    EVAL_DIR
       stage-<k>/         curriculum stage k's checkpoints and end/ (train/curriculum.py),
                          each an adapter + the resume state (RESUME_FILES)
+      best/              curriculum.keep_best_segments' best-scoring weights (train/keep_best.py)
       .rmt-peft.lock     while a run owns the folder               (train/lock.py)
 
 The names the model card reads (recipe.yaml, summary.json, final/) are defined in hub.py, below

@@ -46,6 +46,7 @@ from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
                          latest_checkpoint, stage_budget, stage_dir, stage_memory)
 from .guard import DivergenceGuard, set_base_learning_rate
+from .keep_best import Kept, KeepBest, best_dir, read_kept
 from .lock import LOCK_FILE, RunLock
 from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, RecipeError, needs_tokenizer, stage_segments
 from .tracking import continue_curve, end_run
@@ -462,6 +463,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
 
     total = recipe.training.get("max_steps")
     model = collator = tokenizer = trainer = None
+    kept = Kept(read_kept(out)) if recipe.curriculum.keep_best_segments else None
 
     def prepare(args, weights):
         """Build the model once the first TrainingArguments exist: under ZeRO-3 they make
@@ -495,7 +497,13 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                 check_stage_data(recipe, tokenizer, index)
             model.memory_config = stage_memory(model.memory_config, recipe.memory, index,
                                                recipe.curriculum.levers_from_stage)
-            trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, StageCallback(stage, state))
+            callbacks = [StageCallback(stage, state)]
+            keeper = keep_best_callback(recipe, tokenizer, index, state.steps_before, kept)
+            if keeper is not None:
+                callbacks.append(keeper)
+            trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, callbacks)
+            if keeper is not None:
+                keeper.trainer = trainer
             continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
             quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
             trainer.guard = DivergenceGuard(recipe.guard.spike_factor, recipe.guard.spike_steps)
@@ -541,6 +549,12 @@ def _train_recipe(recipe: Recipe, log) -> dict:
         args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
         prepare(args, point.weights if point else None)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
+    if kept is not None and kept.record is not None:
+        load_trainable(trainer.model, best_dir(out))
+        best, scores = kept.record, kept.scores
+        last = f"; the last weights scored {scores[-1]['accuracy']:.3f}" if scores else ""
+        log(f"final/ holds the best weights by accuracy at {best['num_segments']} segments: stage {best['stage']}, "
+            f"step {best['step']}, {best['accuracy']:.3f}{last}")
     # final/: what a user loads, not resume state
     save_adapter(trainer.model, os.path.join(out, FINAL_DIR), trainer.base_model, trainer.args.should_save, False)
 
@@ -556,6 +570,8 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     summary = {"status": "completed", "num_memory_tokens": recipe.memory.num_memory_tokens,
                "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
                "eval": evaluation}
+    if kept is not None:
+        summary["keep_best"] = {"kept": kept.record, "scores": kept.scores}
     if is_main_process():  # one writer, as in run()
         write_json(os.path.join(out, RUN_SUMMARY_FILE), summary)
     # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
@@ -597,10 +613,20 @@ def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first
         write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
 
 
-def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: list[int], callback):
+def keep_best_callback(recipe: Recipe, tokenizer, index: int, steps_before: int, kept: Kept | None) -> KeepBest | None:
+    """curriculum.keep_best_segments' scorer for stage ``index``, or None when the stage keeps none."""
+    cur = recipe.curriculum
+    first = cur.levers_from_stage if cur.keep_best_from_stage is None else cur.keep_best_from_stage
+    if cur.keep_best_segments is None or index < first:
+        return None
+    # held-out samples: the seed differs from training's (+0), evaluation's (+1) and the final one's (+2)
+    data = build_dataset(recipe, tokenizer, [cur.keep_best_segments], cur.keep_best_samples, recipe.data.seed + 3)
+    return KeepBest(recipe.output_dir, data, cur.keep_best_segments, index, steps_before, kept)
+
+
+def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: list[int], callbacks: list | None):
     """The Trainer of one stage: RMTTrainer on the registry's samples of ``segments`` segments, or
     trl's SFTTrainer on an instruction dataset (truncated by ``args.max_length``)."""
-    callbacks = [callback] if callback else None
     if recipe.trainer == "sft":
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
