@@ -58,18 +58,53 @@ def test_final_holds_the_best_scored_weights(write_recipe, monkeypatch, tmp_path
     assert score_batch(model, [data[i] for i in range(32)]).mean().item() == pytest.approx(kept["accuracy"])
 
     made_up = iter([0.5, 0.9, 0.9, 0.2])
-    evaluate = RMTTrainer.evaluate
-
-    def scripted(self, *args, metric_key_prefix="eval", **kwargs):
-        metrics = evaluate(self, *args, metric_key_prefix=metric_key_prefix, **kwargs)
-        if metric_key_prefix == "keep_best_6":
-            metrics["keep_best_6_accuracy"] = next(made_up)
-        return metrics
-
-    monkeypatch.setattr(RMTTrainer, "evaluate", scripted)
+    monkeypatch.setattr(RMTTrainer, "evaluate", scripted_evaluate(made_up))
     recipe = load_recipe(write_recipe({**KEEP_BEST, "training.output_dir": str(tmp_path / "scripted")}, "scripted.yaml"))
     summary = train_recipe(recipe, log=lambda *_: None)
     out = recipe.output_dir
     assert summary["keep_best"]["kept"] == {"stage": 1, "step": 6, "num_segments": 6, "accuracy": 0.9}
     assert same(weights(os.path.join(out, "final")), weights(os.path.join(out, "best")))
     assert not same(weights(os.path.join(out, "final")), weights(os.path.join(out, "stage-1", "end")))
+
+
+def scripted_evaluate(scores):
+    """RMTTrainer.evaluate whose keep_best accuracy at 6 segments is the next of ``scores``."""
+    evaluate = RMTTrainer.evaluate
+
+    def scripted(self, *args, metric_key_prefix="eval", **kwargs):
+        metrics = evaluate(self, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if metric_key_prefix == "keep_best_6":
+            metrics["keep_best_6_accuracy"] = next(scores)
+        return metrics
+    return scripted
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_best_weights_scored_before_the_kill(write_recipe, monkeypatch):
+    """Stage 0 scores 0.9 then 0.5 and the run is killed in stage 1; resumed, stage 1 scores 0.7
+    and 0.2: final/ holds stage 0's step-2 weights, read back from best/."""
+    from rmt_peft.train.curriculum import StageCallback
+
+    monkeypatch.setattr(RMTTrainer, "evaluate", scripted_evaluate(iter([0.9, 0.5, 0.7, 0.2])))
+    recipe = load_recipe(write_recipe(KEEP_BEST))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.state.stage == 1 and state.global_step == 1:
+            raise Killed()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageCallback, "on_step_end", on_step_end, raising=False)
+        with pytest.raises(Killed):
+            train_recipe(recipe, log=lambda *_: None)
+    assert read_kept(recipe.output_dir) == {"stage": 0, "step": 2, "num_segments": 6, "accuracy": 0.9}
+    recipe.training["resume_from_checkpoint"] = True
+    summary = train_recipe(recipe, log=lambda *_: None)
+    assert [s["accuracy"] for s in summary["keep_best"]["scores"]] == [0.7, 0.2]
+    assert summary["keep_best"]["kept"] == {"stage": 0, "step": 2, "num_segments": 6, "accuracy": 0.9}
+    out = recipe.output_dir
+    assert same(weights(os.path.join(out, "final")), weights(os.path.join(out, "best")))
+    assert not same(weights(os.path.join(out, "final")), weights(os.path.join(out, "stage-0", "end")))
