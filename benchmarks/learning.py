@@ -494,10 +494,7 @@ def format_table(table) -> str:
 
 
 def plot(table, path: str, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
     for ax, (task, variants) in zip(axes[0], table.items()):
         for variant, by_n in variants.items():
@@ -514,20 +511,28 @@ def plot(table, path: str, title: str = "") -> None:
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    _save(fig, path, title)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str, title: str) -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
     """Runs that kept their best checkpoint: accuracy at the longest length of the last weights
     against the kept ones, by seed, one panel per task."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     chosen = [r for r in runs if r.get("selected")]
     tasks = sorted({r["config"]["task"] for r in chosen})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -549,11 +554,7 @@ def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict:
