@@ -16,10 +16,16 @@ import torch
 
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
-from rmt_peft.speedups import compile_blocks
+from rmt_peft.speedups import compile_blocks, merged_lora_view
 
 from .common import (GIB, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      forward_flops_per_token, free, gpt_neo_config, lora_config, print_table, sync, write_json)
+
+
+# LoRA attached as peft computes it; attached with the stream's merged copies (its default on a
+# GPU: rmt.stream(merge_lora=None)); merged into the weights (merge_and_unload)
+LORA_STATES = {"attached": ("LoRA attached", False), "copies": ("LoRA attached, merged copies", True),
+               "merged": ("LoRA merged", False)}
 
 
 def timed(fn, device) -> tuple[float, float | None]:
@@ -50,6 +56,39 @@ def segment_loop(rmt: RMTModel, ids: torch.Tensor):
     return memory
 
 
+def kernel_kind(name: str) -> str:
+    """"matmul", "attention" or "other" for a CUDA kernel's name (cuBLAS / cuDNN / cutlass / flash)."""
+    name = name.lower()
+    if any(key in name for key in ("fmha", "flash", "sdpa", "attention")):
+        return "attention"
+    if any(key in name for key in ("gemm", "nvjet", "xmma", "cutlass", "matmul")):
+        return "matmul"
+    return "other"
+
+
+@torch.no_grad()
+def kernel_split(rmt: RMTModel, ids: torch.Tensor, segments: int = 5) -> dict:
+    """GPU kernel time of one segment (eager), by kind, and its wall time: where a streamed
+    segment's time goes. Without profiler overhead for the wall time (timed apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size = rmt.memory_config.segment_size
+    memory, seg = rmt.initial_memory(ids.shape[0]), ids[:, :size]
+    for _ in range(3):
+        rmt._segment(memory, seg, None, None, False)
+    seconds, _ = timed(lambda: [rmt._segment(memory, seg, None, None, False) for _ in range(segments)], ids.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(segments):
+            rmt._segment(memory, seg, None, None, False)
+        sync(ids.device)
+    split = {"wall_ms": 1e3 * seconds / segments}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            key = f"{kernel_kind(event.key)}_ms"
+            split[key] = split.get(key, 0.0) + event.self_device_time_total / 1e3 / segments
+    return split
+
+
 def main(argv=None) -> list[dict]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
@@ -65,6 +104,10 @@ def main(argv=None) -> list[dict]:
                         help="rmt.stream(cuda_graph=True): each segment replayed as a CUDA graph (GPU only); "
                              "'both' measures with and without, side by side")
     parser.add_argument("--no-floor", action="store_true", help="skip the segment-loop floor")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU kernel time of one segment by kind (matmul, attention, other), last LoRA state")
+    parser.add_argument("--lora", nargs="+", choices=list(LORA_STATES), default=list(LORA_STATES),
+                        help="which LoRA states to stream (always in this order: merging is for good)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
@@ -102,9 +145,7 @@ def main(argv=None) -> list[dict]:
 
     graphs = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
     one = None
-    # LoRA attached as peft computes it; attached with the stream's merged copies (its default on
-    # a GPU: rmt.stream(merge_lora=None)); merged into the weights (merge_and_unload)
-    states = {"LoRA attached": False, "LoRA attached, merged copies": True, "LoRA merged": False}
+    states = {label: merge for name, (label, merge) in LORA_STATES.items() if name in args.lora}
     for lora_state, merge_lora in states.items():
         if lora_state == "LoRA merged":
             rmt.backbone = rmt.backbone.merge_and_unload()
@@ -137,8 +178,14 @@ def main(argv=None) -> list[dict]:
         if lora_state == "LoRA merged" and not args.no_floor:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
             record(f"segment loop (floor), {lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
+    if args.profile and device.type == "cuda":
+        with merged_lora_view(rmt._stream_weights(states[lora_state])):  # the last state, as it streamed
+            split = kernel_split(rmt, ids)
+        rows.append({"run": f"one segment, kernel time by kind, {lora_state}{suffix}", **split})
+        print(rows[-1], flush=True)
+
     def switches(run: str) -> str:  # the label without its LoRA state
-        for state in sorted(states, key=len, reverse=True):
+        for state in sorted((label for label, _ in LORA_STATES.values()), key=len, reverse=True):
             run = run.replace(state, "")
         return run
 
@@ -150,7 +197,8 @@ def main(argv=None) -> list[dict]:
     print_table(f"Streaming {args.tokens} tokens, {q or 'bf16'} GPT-Neo-1.3B shape, segments of "
                 f"{args.segment_size}, chunks of {args.chunk}", rows,
                 ["run", "tokens", "seconds", "tokens_per_s", "peak_gib", "peak_vs_one_segment",
-                 "time_ratio_2x_tokens", "time_vs_merged", "memory_max_abs_diff_vs_eager", "mfu_pct", "error"])
+                 "time_ratio_2x_tokens", "time_vs_merged", "memory_max_abs_diff_vs_eager", "mfu_pct", "wall_ms",
+                 "matmul_ms", "attention_ms", "other_ms", "error"])
     write_json(args.out, env, {"stream": rows})
     return rows
 

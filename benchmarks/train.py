@@ -38,7 +38,7 @@ class Bench:
         self.config, self.device, self.segment, self.m = config, device, segment, memory_tokens
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
-        self.autocast = self.compiled = self.dequant_cache = False
+        self.autocast = self.compiled = self.dequant_cache = self.forward_only = False
         backbone = build_backbone(config, quantization, device, attention="sdpa")
         self.peft = get_peft_model(backbone, lora_config())
         self.reference = ReferenceRMT(self.peft, memory_tokens, segment)
@@ -53,8 +53,11 @@ class Bench:
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
-                   uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False):
+                   uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False,
+                   forward_only: bool = False):
         """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode.
+        forward_only: the step is the forward alone (with gradients on, so it keeps what backward
+        needs): what segment checkpointing runs again for every checkpointed segment.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
         dequant_cache: speedups.cache_dequantized_weights (NF4 only); "auto": from_backbone's
         default (speedups.cache_pays)."""
@@ -68,7 +71,7 @@ class Bench:
             model.memory_config.checkpoint_policy = policy
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
-        self.autocast = autocast
+        self.autocast, self.forward_only = autocast, forward_only
         if compile != self.compiled:
             compile_blocks(self.peft, enable=False)
             if compile:
@@ -100,6 +103,8 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.loss(impl, ids, batch, segments)
+            if self.forward_only:
+                return
             loss.backward()
             optimizer.step()
 
@@ -111,7 +116,9 @@ class Bench:
         row = {"backbone": self.quantization, "impl": label, "segments": segments, "batch": batch,
                "step_s": result.seconds, "tokens_per_s": tokens / result.seconds if not result.oom else None,
                "peak_gib": result.peak_gib, "oom": result.oom}
-        if self.peak_tflops and not result.oom:
+        if self.forward_only:
+            row["forward_only"] = True
+        if self.peak_tflops and not result.oom and not self.forward_only:  # training FLOPs only
             positions = self.segment + (2 * self.m if impl != "independent" else 0)
             flops = train_flops_per_token(self.config, positions) * tokens
             row["mfu_pct"] = 100 * flops / result.seconds / 1e12 / self.peak_tflops
@@ -271,7 +278,11 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                      dict(FAST, compile=True, checkpoint_segments=True, **levers))
             for key, label, levers in FLAT_FAST},
          "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",
-                                        dict(FAST, compile=True, dequant_cache=True))}
+                                        dict(FAST, compile=True, dequant_cache=True)),
+         # its forward alone: the cost that recomputing a checkpointed segment adds (the bound of flat and fast)
+         "ours-compiled-cache-forward": ("ours", "ours (compiled blocks, dequantized-weight cache): the forward "
+                                         "alone, gradients on", dict(FAST, compile=True, dequant_cache=True,
+                                                                     forward_only=True))}
 
 
 def planned(bench: Bench, runs: list[str], saved=lambda rows: None) -> list[dict]:
@@ -313,7 +324,7 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
     """Per segment count: each implementation's best batch, and ours/reference."""
     table = {}
     for row in rows:
-        if row["oom"] or "error" in row:
+        if row["oom"] or "error" in row or row.get("forward_only"):  # not a training step
             continue
         if row["impl"].startswith("independent"):
             continue

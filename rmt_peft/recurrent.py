@@ -31,7 +31,8 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
-from .speedups import (SegmentGraph, cache_dequantized_weights, cache_pays, merge_pays, merged_lora_key,
+from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
+                       merge_pays, merged_lora_key,
                        merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up)
 
 logger = logging.getLogger("rmt_peft")
@@ -125,6 +126,7 @@ class RMTModel(nn.Module):
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._merge_note: str | None = None  # the last reason logged for the streams' merge decision
+        self._graph_note: str | None = None  # the same for their CUDA-graph decision
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device, update=memory_config.memory_update,
@@ -469,10 +471,13 @@ class RMTModel(nn.Module):
         return memory.to(reference.device, reference.dtype).expand(batch, -1, -1)
 
     def stream(self, batch_size: int = 1, compute_loss: bool = False,
-               return_logits: bool = False, cuda_graph: bool = False,
+               return_logits: bool = False, cuda_graph: bool | None = None,
                merge_lora: bool | None = None) -> "MemoryStream":
         """A reader for inputs of any length arriving in chunks (see ``MemoryStream``).
-        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``).
+        ``cuda_graph`` replays each full segment as a CUDA graph (``speedups.SegmentGraph``): True
+        from the first segment on; None (default) in eval mode on a CUDA GPU from segment 17 on, when
+        ``speedups.graph_blocker`` finds nothing against it (compiled blocks, bitsandbytes layers
+        computing themselves; logged), so short streams never pay for a capture.
         ``merge_lora``: with LoRA attached, the stream multiplies with merged copies of the
         weights (``speedups.merged_lora_view``): the speed of a merged model, the model itself
         unchanged, values as ``merge_and_unload`` rounds them. None (default): on for a model in
@@ -507,10 +512,16 @@ class MemoryStream:
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
-                 return_logits: bool = False, cuda_graph: bool = False, merge_lora: bool | None = None):
+                 return_logits: bool = False, cuda_graph: bool | None = None, merge_lora: bool | None = None):
         self.model = model
         self._view = merged_lora_view(model._stream_weights(merge_lora))
-        self._graph = None
+        self._graph, self._graph_from = None, 0  # the segment index the graph serves from
+        if cuda_graph is None:
+            cuda_graph, why = graph_pays(model, self._view.weights)
+            if why and why != model._graph_note:
+                logger.info(f"stream with CUDA graphs: {why}; stream(cuda_graph=...) overrides")
+            model._graph_note = why
+            self._graph_from = GRAPH_AFTER_SEGMENTS
         if cuda_graph:
             self._graph = SegmentGraph(model)
         self.compute_loss = compute_loss
@@ -593,7 +604,8 @@ class MemoryStream:
         num_labelled = None
         if targets is not None and self._all_labelled:
             num_labelled = targets.numel() - (targets.shape[0] if last else 0)
-        segment = self.model._segment if self._graph is None or last else self._graph  # last: a short one
+        eager = self._graph is None or last or self._segments < self._graph_from  # last: a short one
+        segment = self.model._segment if eager else self._graph
         with self._view:
             new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
                                                           num_labelled)

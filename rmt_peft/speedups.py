@@ -322,6 +322,46 @@ def _merged_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 
 
 # -- streaming: one segment as a CUDA graph --------------------------------------------------
+# The default stream (cuda_graph=None) reads this many full segments eagerly before it captures:
+# a capture costs about three segments (two warm-up runs and the capture), which a stream of a
+# few segments (one document of an evaluation) would not win back.
+GRAPH_AFTER_SEGMENTS = 16
+
+
+def graph_blocker(model: nn.Module, merged: dict) -> str | None:
+    """Why a stream of ``model`` should not capture its segments (None: nothing against it).
+    ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
+    Compiled blocks fail to capture; bitsandbytes layers that compute themselves (8-bit, or
+    4-bit without a dequantized copy) are not known to capture, so they are left eager."""
+    if any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model)):
+        return "the blocks are compiled (their capture fails)"
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    except ImportError:
+        return None
+    covered = {id(layer.get_base_layer()) for layer in merged}
+    for module in model.modules():
+        if isinstance(module, Linear8bitLt):
+            return "8-bit bitsandbytes layers"
+        if isinstance(module, Linear4bit) and id(module) not in covered and not hasattr(module, "dequantized_weight"):
+            return "4-bit layers without dequantized copies (from_backbone(cache_dequantized=True) adds them)"
+    return None
+
+
+def graph_pays(model: nn.Module, merged: dict) -> tuple[bool, str | None]:
+    """The default of ``rmt.stream(cuda_graph=None)``: on for a model in eval mode on a CUDA GPU
+    that ``graph_blocker`` finds nothing against, after ``GRAPH_AFTER_SEGMENTS`` eager segments.
+    Returns the decision and why (None: not on a GPU, nothing to say)."""
+    if not next(model.parameters()).is_cuda:
+        return False, None
+    if model.training:
+        return False, "off: the model is in training mode (dropout)"
+    blocker = graph_blocker(model, merged)
+    if blocker:
+        return False, f"off: {blocker}"
+    return True, f"on from segment {GRAPH_AFTER_SEGMENTS + 1}"
+
+
 class SegmentGraph:
     """``RMTModel._segment`` without gradients, captured once per input shape as a CUDA graph and
     replayed for every further segment (``rmt.stream(cuda_graph=True)``).

@@ -46,6 +46,22 @@ def test_train_bench_runs(tmp_path):
     assert json.loads(out.read_text())["environment"]["device"] == "cpu"
 
 
+def test_train_bench_forward_only_leaves_the_weights():
+    """The forward-only lever (what a recomputed segment costs) runs no backward and no step:
+    the LoRA weights keep their values and get no gradient; the full step changes them."""
+    bench = train.Bench(gpt_neo_config(tiny=True), None, torch.device("cpu"), 32, 4, None, 0, 1)
+    lora = [p for n, p in bench.peft.named_parameters() if "lora_B" in n]
+    before = [p.detach().clone() for p in lora]
+    bench.set_levers("sdpa", forward_only=True)
+    row = bench.run("ours", 2, 1, "forward")
+    assert row["forward_only"] and row["tokens_per_s"] > 0
+    assert train.best_by_segments([row]) == []  # never compared as a training step
+    assert all(p.grad is None and torch.equal(p, b) for p, b in zip(lora, before))
+    bench.set_levers("sdpa")
+    bench.run("ours", 2, 1, "step")
+    assert any(not torch.equal(p, b) for p, b in zip(lora, before))
+
+
 def test_bptt_bench_runs():
     rows = bptt_memory.main(["--tiny", "--quantization", "none", "--segments", "2", "--settings", "2"])
     assert rows[0]["setting"] == "segment + layer checkpointing" and rows[0]["tokens_per_s"] > 0
@@ -57,6 +73,18 @@ def test_stream_bench_runs():
     assert [r["tokens"] for r in rows] == [64, 128, 128, 256, 128, 256, 256]
     assert all(r["seconds"] > 0 for r in rows)
     assert [("time_vs_merged" in r) for r in rows] == [True, True, True, True, False, False, False]
+
+
+def test_stream_bench_sorts_kernels_by_kind():
+    """Kernel names from an H200 profile of a streamed GPT-Neo segment, sorted as the split counts them."""
+    names = {"nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128": "attention",
+             "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass": "attention",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float,": "other",
+             "void at::native::vectorized_elementwise_kernel<8, at::native::GeluCUDAKernelImpl(at::Tenso": "other",
+             "Memset (Device)": "other"}
+    assert {name: stream.kernel_kind(name) for name in names} == names
 
 
 def test_vs_full_attention_bench_runs():

@@ -74,6 +74,66 @@ def test_cuda_graph_stream_refuses_compiled_blocks():
         rmt.stream(cuda_graph=True)
 
 
+def test_graph_blocker_names_what_a_default_stream_keeps_eager(tmp_path):
+    """The default stream (cuda_graph=None) captures nothing when blocks are compiled or when a
+    bitsandbytes layer computes itself (8-bit; 4-bit without dequantized copies, its own cache
+    or the stream's merged LoRA copies); a plain model, or 4-bit with copies, has no blocker.
+    On the CPU the default is off, with nothing to log."""
+    from rmt_peft import load_backbone
+    from rmt_peft.speedups import cache_dequantized_weights, compile_blocks, graph_blocker, graph_pays
+    from rmt_peft.tiny_models import save_tiny_model
+
+    rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
+    assert graph_blocker(rmt, {}) is None
+    assert graph_pays(rmt, {}) == (False, None) and rmt.stream()._graph is None
+    compile_blocks(rmt.causal_lm)
+    assert "compiled" in graph_blocker(rmt, {})
+    compile_blocks(rmt.causal_lm, enable=False)
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
+    four = load_backbone(path, quantization="4bit", dtype="float32")
+    assert "4-bit layers without dequantized copies" in graph_blocker(four, {})
+    cache_dequantized_weights(four)
+    assert graph_blocker(four, {}) is None
+    cache_dequantized_weights(four, enable=False)
+    rmt4 = RMTModel.from_backbone(four, MemoryConfig(num_memory_tokens=2, segment_size=16), verbose=False,
+                                  lora={"r": 4, "target_modules": "all-linear"}, cache_dequantized=False)
+    merged = {layer: None for layer in rmt4.modules() if hasattr(layer, "lora_A")}
+    assert graph_blocker(rmt4, merged) is None  # every 4-bit layer is the base of a merged LoRA layer
+    assert "4-bit" in graph_blocker(rmt4, dict(list(merged.items())[1:]))
+    assert "8-bit" in graph_blocker(load_backbone(path, quantization="8bit", dtype="float32"), {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_gpu_default_stream_captures_after_the_first_segments(tmp_path, quantization):
+    """rmt.stream() on a GPU reads GRAPH_AFTER_SEGMENTS segments eagerly, then replays a graph:
+    the memory and loss of an eager stream, with plain and with cached 4-bit weights (the
+    default on a GPU); a short stream never captures."""
+    from rmt_peft import load_backbone
+    from rmt_peft.speedups import GRAPH_AFTER_SEGMENTS
+    from rmt_peft.tiny_models import save_tiny_model
+
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2, hidden_size=64)
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(load_backbone(path, quantization=quantization, dtype="float32").cuda() if
+                                 quantization is None else load_backbone(path, quantization=quantization),
+                                 MemoryConfig(num_memory_tokens=2, segment_size=16),
+                                 lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False},
+                                 verbose=False).eval()
+    ids = torch.randint(0, 128, (1, 16 * (GRAPH_AFTER_SEGMENTS + 4) + 3), device="cuda")
+    short = rmt.stream()
+    short.feed(ids[:, :16 * GRAPH_AFTER_SEGMENTS + 1])
+    assert short._graph is not None and not short._graph.graphs
+    eager, default = rmt.stream(compute_loss=True, cuda_graph=False), rmt.stream(compute_loss=True)
+    for reader in (eager, default):
+        reader.feed(ids)
+    assert len(default._graph.graphs) == 1
+    a, b = eager.finish(), default.finish()
+    torch.testing.assert_close(b.memory, a.memory, rtol=1e-5, atol=1e-5)
+    assert b.loss == pytest.approx(a.loss, rel=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("merge_lora", [False, None])
 def test_gpu_cuda_graph_stream_matches_eager(merge_lora):
