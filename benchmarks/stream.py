@@ -14,7 +14,6 @@ import time
 
 import torch
 
-from rmt_peft import attention
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import compile_blocks, merged_lora_view
@@ -180,14 +179,10 @@ def main(argv=None) -> list[dict]:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
             record(f"segment loop (floor), {lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
     if args.profile and device.type == "cuda":
-        for flex in (True, False):  # GPT-Neo's local layers: flex attention (the default) or SDPA's full mask
-            attention.LOCAL_FLEX = flex
-            with merged_lora_view(rmt._stream_weights(states[lora_state])):  # the last state, as it streamed
-                split = kernel_split(rmt, ids)
-            rows.append({"run": f"one segment, kernel time by kind, {lora_state}{suffix}, local layers: "
-                                f"{'flex' if flex else 'SDPA mask'}", **split})
-            print(rows[-1], flush=True)
-        attention.LOCAL_FLEX = True
+        with merged_lora_view(rmt._stream_weights(states[lora_state])):  # the last state, as it streamed
+            split = kernel_split(rmt, ids)
+        rows.append({"run": f"one segment, kernel time by kind, {lora_state}{suffix}", **split})
+        print(rows[-1], flush=True)
 
     def switches(run: str) -> str:  # the label without its LoRA state
         for state in sorted((label for label, _ in LORA_STATES.values()), key=len, reverse=True):

@@ -40,9 +40,6 @@ def gpt_neo_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     attention_mask: a boolean (batch, 1, q, k) SDPA mask (True = attend) or None (causal, no
     padding). Returns ((batch, q, heads, head_dim), None), the interface's layout."""
     q_len, k_len = query.shape[-2], key.shape[-2]
-    if (module.attention_type == "local" and attention_mask is None and q_len == k_len and local_flex_applies(query)
-            and dropout == 0.0):
-        return sliding_window_flex(query, key, value, module.config.window_size, scaling), None
     # The model's own causal(+window) table, aligned bottom-right as eager slices it.
     table = module.bias[:, :, k_len - q_len:k_len, :k_len]
     mask, is_causal = attention_mask, False
@@ -65,46 +62,6 @@ def gpt_neo_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2), None
-
-
-# -- local layers without padding, when reading: flex attention skips what the window hides ----
-# SDPA computes a local layer's whole (q, k) score matrix and masks all but a 256-key band: at
-# 2,048 positions the cuDNN kernel takes 0.11 ms a layer against 0.03 ms for flex attention,
-# which skips the blocks outside the band (H200, BENCHMARKS.md). Only without gradients (reading
-# and streaming) and outside compiled blocks, where nothing else compiles around it.
-LOCAL_FLEX = True  # False: every local layer through SDPA with the full mask (for comparisons)
-_FLEX_MIN_POSITIONS = 1024  # shorter: the band is most of the matrix, nothing to skip
-_block_masks: dict = {}
-_compiled_flex = None
-
-
-def local_flex_applies(query: torch.Tensor) -> bool:
-    return (LOCAL_FLEX and query.is_cuda and query.shape[-2] >= _FLEX_MIN_POSITIONS and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
-
-
-def sliding_window_flex(query, key, value, window: int, scaling: float, compiled: bool = True) -> torch.Tensor:
-    """Causal attention over the last ``window`` positions (GPT-Neo's local layers: key j seen by
-    query i iff i - window < j <= i), no padding, as flex attention with a block mask; the
-    layout of ``gpt_neo_sdpa_attention``'s output. ``compiled=False`` runs flex attention's
-    reference implementation (the same function, slowly: for tests on the CPU)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    global _compiled_flex
-    n = query.shape[-2]
-    cache_key = (n, window, query.device)
-    if cache_key not in _block_masks:
-        def band(batch, head, q, k):
-            return (k <= q) & (q - k < window)
-
-        if len(_block_masks) >= 64:  # inputs of many lengths: keep the newest
-            _block_masks.pop(next(iter(_block_masks)))
-        _block_masks[cache_key] = create_block_mask(band, None, None, n, n, device=query.device)
-    if compiled and _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    attend = _compiled_flex if compiled else flex_attention
-    out = attend(query, key, value, block_mask=_block_masks[cache_key], scale=scaling)
-    return out.transpose(1, 2)
 
 
 AttentionInterface.register(GPT_NEO_SDPA, gpt_neo_sdpa_attention)

@@ -55,40 +55,6 @@ def test_attention_function_matches_float64_reference(local):
     assert torch.isfinite(out).all()
 
 
-def test_local_layer_through_flex_matches_float64_reference():
-    """The flex path of a local layer (reading on a GPU) keeps GPT-Neo's window: the float64
-    full-matrix result, at a length where whole blocks of the mask are skipped (flex attention's
-    reference implementation here; the compiled kernel is checked on a GPU)."""
-    from rmt_peft.attention import sliding_window_flex
-
-    torch.manual_seed(2)
-    n = 300  # blocks of 128: the band of 32 leaves blocks below the diagonal empty
-    q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
-    out = sliding_window_flex(q * 1.5, k * 1.5, v, WINDOW, 1.0, compiled=False)
-    ref = reference_attention(q * 1.5, k * 1.5, v, WINDOW, True, torch.ones(2, n)).transpose(1, 2)
-    assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex path runs on CUDA")
-def test_gpu_local_layers_through_flex_read_as_sdpa():
-    """On a GPU without gradients, local layers of 1,024 positions or more go through compiled
-    flex attention: the logits of the SDPA masked path, in bf16."""
-    import rmt_peft.attention as attention
-
-    model = tiny_model("gpt_neo", num_layers=2, max_positions=2048).cuda().to(torch.bfloat16)
-    use_gpt_neo_sdpa(model)
-    ids = torch.randint(0, 128, (2, 1100), device="cuda")
-    with torch.no_grad():
-        assert attention.local_flex_applies(torch.zeros(1, 1, 1100, 16, device="cuda"))
-        flex = model(ids).logits.float()
-        attention.LOCAL_FLEX = False
-        try:
-            sdpa = model(ids).logits.float()
-        finally:
-            attention.LOCAL_FLEX = True
-    assert ((flex - sdpa).norm() / sdpa.norm()) < 1e-2
-
-
 def test_switch_is_idempotent_and_names_the_implementation():
     model = sharpened_gpt_neo(num_layers=4)
     assert use_gpt_neo_sdpa(model) == 4
