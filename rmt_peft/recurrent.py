@@ -125,8 +125,7 @@ class RMTModel(nn.Module):
             std = float(embeddings.weight.detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
-        self._merge_note: str | None = None  # the last reason logged for the streams' merge decision
-        self._graph_note: str | None = None  # the same for their CUDA-graph decision
+        self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
                                        device=embeddings.weight.device, update=memory_config.memory_update,
@@ -244,10 +243,7 @@ class RMTModel(nn.Module):
         one evaluation (one per document or batch) share them; ``train()`` frees them."""
         if merge_lora is None:
             merge_lora, why = merge_pays(self)
-            if why and why != self._merge_note:
-                logger.info(f"stream with LoRA merged into copies of the weights: {why}; "
-                            f"stream(merge_lora=...) overrides")
-            self._merge_note = why
+            self._note_stream_default("with LoRA merged into copies of the weights", why, "merge_lora")
         if not merge_lora:
             return {}
         if self.training:  # the weights change at every step: nothing to keep
@@ -257,6 +253,12 @@ class RMTModel(nn.Module):
             self._merged_lora = None  # the old copies go before the new ones are made
             self._merged_lora = (key, merged_lora_weights(self))
         return self._merged_lora[1]
+
+    def _note_stream_default(self, what: str, why: str | None, argument: str) -> None:
+        """Log a stream default's decision when its reason changes (not once per stream)."""
+        if why and why != self._stream_notes.get(argument):
+            logger.info(f"stream {what}: {why}; stream({argument}=...) overrides")
+        self._stream_notes[argument] = why
 
     def train(self, mode: bool = True) -> "RMTModel":
         if mode:
@@ -518,9 +520,7 @@ class MemoryStream:
         self._graph, self._graph_from = None, 0  # the segment index the graph serves from
         if cuda_graph is None:
             cuda_graph, why = graph_pays(model, self._view.weights)
-            if why and why != model._graph_note:
-                logger.info(f"stream with CUDA graphs: {why}; stream(cuda_graph=...) overrides")
-            model._graph_note = why
+            model._note_stream_default("with CUDA graphs", why, "cuda_graph")
             self._graph_from = GRAPH_AFTER_SEGMENTS
         if cuda_graph:
             self._graph = SegmentGraph(model)

@@ -77,6 +77,11 @@ def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> i
     return len(blocks)
 
 
+def blocks_compiled(model: nn.Module) -> bool:
+    """Whether ``compile_blocks`` compiled any decoder block of ``model``."""
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model))
+
+
 def _graphs_with_grad(block: nn.Module, compiled):
     def call(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -333,7 +338,7 @@ def graph_blocker(model: nn.Module, merged: dict) -> str | None:
     ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
     Compiled blocks fail to capture; bitsandbytes layers that compute themselves (8-bit, or
     4-bit without a dequantized copy) are not known to capture, so they are left eager."""
-    if any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model)):
+    if blocks_compiled(model):
         return "the blocks are compiled (their capture fails)"
     try:
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
@@ -373,7 +378,7 @@ class SegmentGraph:
     eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
 
     def __init__(self, model: nn.Module):
-        if any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model)):
+        if blocks_compiled(model):
             # measured on an H200 (BENCHMARKS.md, issue 15): the capture fails with
             # cudaErrorStreamCaptureInvalidated and leaves the CUDA context unusable
             raise UserError("cuda_graph=True cannot capture compiled blocks: the capture fails and leaves the GPU "
