@@ -51,11 +51,13 @@ def check_position_limit(config: PretrainedConfig, memory_config, extra: int = 0
     if limit is None:
         return
     m, s = memory_config.num_memory_tokens, memory_config.segment_size
-    if used is None and s + 2 * m > limit:
+    needed = memory_config.positions_per_segment
+    if used is None and needed > limit:
+        memory = "memory" if memory_config.associative else "2 x memory"
         raise ValueError(
-            f"segment_size={s} with num_memory_tokens={m} needs {s + 2 * m} positions "
-            f"(segment + 2 x memory) but {config.model_type} has a learned position table of {limit}; "
-            f"use segment_size <= {limit - 2 * m} or fewer memory tokens")
+            f"segment_size={s} with num_memory_tokens={m} needs {needed} positions "
+            f"(segment + {memory}) but {config.model_type} has a learned position table of {limit}; "
+            f"use segment_size <= {limit - (needed - s)} or fewer memory tokens")
     if used is not None and used + extra > limit:
         raise ValueError(
             f"generating {extra} tokens after {used} positions (memory + last segment) exceeds the "

@@ -1,10 +1,15 @@
-"""Memory settings and the three trainable memory parameters of the Recurrent Memory Transformer.
+"""Memory settings and the trainable memory parameters of the Recurrent Memory Transformer.
 
-A long input is cut into segments of ``segment_size`` tokens. Each segment is processed as
+A long input is cut into segments of ``segment_size`` tokens. With the paper's memory
+(``memory_kind="tokens"``, the default) each segment is processed as
 ``[memory + read_embedding ; segment ; memory + write_embedding]``; the backbone's last hidden
 states at the write positions become the memory of the next segment. ``memory_tokens`` is the
 initial memory. ``read_embedding`` and ``write_embedding`` start at zero, so an untrained model
 computes exactly the reference RMT (Bulatov et al., arXiv 2207.06881 / 2304.11062).
+
+With ``memory_kind="associative"`` (ARMT, rmt_peft/associative.py) each segment is
+``[segment ; memory_tokens]`` and the memory is a matrix per decoder layer, written from the
+memory tokens' states and read by every token of the next segment.
 """
 from __future__ import annotations
 
@@ -15,9 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .associative import AssociativeMemory
+
+MEMORY_KINDS = ("tokens", "associative")
 ALIGNMENTS = ("left", "right")
 MEMORY_UPDATES = ("replace", "gated")
 CHECKPOINT_POLICIES = ("recompute_all", "save_matmuls")
+# the fields that act on a memory of tokens passed between segments (not on an associative one)
+TOKEN_MEMORY_LEVERS = ("memory_update", "memory_gate_bias", "memory_noise_std", "memory_stability_weight",
+                       "memory_stability_tolerance", "memory_stability_power")
 
 
 @dataclass
@@ -26,6 +37,16 @@ class MemoryConfig:
 
     num_memory_tokens: memory size in tokens; 0 is the no-memory baseline (segments are
         processed independently).
+    memory_kind: "tokens" (the paper's RMT: the memory is the write tokens' last hidden states,
+        read back as the next segment's first tokens) or "associative" (ARMT, Rodkin et al. 2024:
+        the memory tokens are written into an associative matrix per decoder layer that every
+        token of the next segment reads; see rmt_peft/associative.py). The levers that act on a
+        memory of tokens (memory_update, memory_noise_std, memory_stability_*) need "tokens".
+    associative_key_size: with memory_kind="associative", the size of the keys each layer
+        projects its hidden states to; the matrices hold 6 x this many features (DPFP of order 3)
+        per hidden unit. The authors used 64 for GPT-2 and 32 for their tiny GPT-NeoX.
+    associative_correction: with memory_kind="associative", a key written again grows the
+        normaliser only by what is new about it (the authors' correction; on by default).
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -75,6 +96,9 @@ class MemoryConfig:
 
     num_memory_tokens: int = 10
     segment_size: int = 512
+    memory_kind: str = "tokens"
+    associative_key_size: int = 64
+    associative_correction: bool = True
     bptt_depth: int | None = None
     checkpoint_segments: bool = False
     segment_alignment: str = "left"
@@ -99,6 +123,10 @@ class MemoryConfig:
              "num_memory_tokens", "expected an integer >= 0 (0 = no-memory baseline)")
         need(isinstance(self.segment_size, int) and self.segment_size >= 1,
              "segment_size", "expected an integer >= 1")
+        need(self.memory_kind in MEMORY_KINDS, "memory_kind", f"expected one of {MEMORY_KINDS}")
+        need(isinstance(self.associative_key_size, int) and self.associative_key_size >= 1,
+             "associative_key_size", "expected an integer >= 1")
+        need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool), "checkpoint_segments", "expected true or false")
@@ -124,11 +152,23 @@ class MemoryConfig:
              "uncheckpointed_segments", "expected an integer >= 0")
         need(self.checkpoint_policy in CHECKPOINT_POLICIES, "checkpoint_policy",
              f"expected one of {CHECKPOINT_POLICIES}")
+        if self.memory_kind == "associative":
+            need(self.num_memory_tokens >= 1, "num_memory_tokens",
+                 "expected an integer >= 1 with memory_kind='associative' (the tokens it writes from)")
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in TOKEN_MEMORY_LEVERS:
+                need(getattr(self, name) == defaults[name], name,
+                     f"it acts on a memory of tokens: leave it at {defaults[name]!r} with memory_kind='associative'")
+
+    @property
+    def associative(self) -> bool:
+        return self.memory_kind == "associative"
 
     @property
     def positions_per_segment(self) -> int:
-        """Backbone positions one segment occupies: read memory, tokens, write memory."""
-        return self.segment_size + 2 * self.num_memory_tokens
+        """Backbone positions one segment occupies: read memory (tokens kind only), tokens, write memory."""
+        reads = 0 if self.associative else self.num_memory_tokens
+        return self.segment_size + reads + self.num_memory_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,33 +182,53 @@ class MemoryConfig:
         return cls(**values)
 
 
-def memory_tensor_shapes(config: MemoryConfig, hidden_size: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of ``MemoryParameters`` for ``config`` (what a saved memory holds)."""
+def memory_tensor_shapes(config: MemoryConfig, hidden_size: int, num_layers: int = 0) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of ``MemoryParameters`` for ``config`` (what a saved memory
+    holds); ``num_layers``: the backbone's decoder layers (the associative kind has a set each)."""
     m = config.num_memory_tokens
-    shapes = {"memory_tokens": (m, hidden_size), "read_embedding": (m, hidden_size), "write_embedding": (m, hidden_size)}
+    shapes = {"memory_tokens": (m, hidden_size)}
+    if config.associative:
+        k = config.associative_key_size
+        for i in range(num_layers):
+            shapes.update({f"associative.layers.{i}.query.weight": (k, hidden_size),
+                           f"associative.layers.{i}.key.weight": (k, hidden_size),
+                           f"associative.layers.{i}.value.weight": (hidden_size, hidden_size),
+                           f"associative.layers.{i}.gate.weight": (1, hidden_size),
+                           f"associative.layers.{i}.gate.bias": (1,)})
+        return shapes
+    shapes.update(read_embedding=(m, hidden_size), write_embedding=(m, hidden_size))
     if config.memory_update == "gated":
         shapes.update(gate_weight=(hidden_size,), gate_bias=(m,))
     return shapes
 
 
 class MemoryParameters(nn.Module):
-    """The initial memory and the read/write embeddings, each (num_memory_tokens, hidden); with
-    ``update="gated"`` also the write gate (a weight over the hidden size and a bias per token)."""
+    """The trainable memory. Tokens kind: the initial memory and the read/write embeddings, each
+    (num_memory_tokens, hidden); with ``memory_update="gated"`` also the write gate (a weight over
+    the hidden size and a bias per token). Associative kind: the memory tokens (written in every
+    segment) and ``associative``, the projections of each decoder layer (``num_layers``)."""
 
-    def __init__(self, num_memory_tokens: int, hidden_size: int, init_std: float,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 update: str = "replace", gate_bias: float = 0.0):
+    def __init__(self, config: MemoryConfig, hidden_size: int, init_std: float, num_layers: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
-        shape = (num_memory_tokens, hidden_size)
+        shape = (config.num_memory_tokens, hidden_size)
         self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
+        if config.associative:
+            self.associative = AssociativeMemory(num_layers, hidden_size, config.associative_key_size,
+                                                 config.associative_correction, dtype=dtype, device=device)
+            return
         self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.write_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
-        if update == "gated":
+        if config.memory_update == "gated":
             self.gate_weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
-            self.gate_bias = nn.Parameter(torch.full((num_memory_tokens,), float(gate_bias), dtype=dtype,
-                                                     device=device))
+            self.gate_bias = nn.Parameter(torch.full((config.num_memory_tokens,), float(config.memory_gate_bias),
+                                                     dtype=dtype, device=device))
 
-    def initial_memory(self, batch_size: int) -> torch.Tensor:
+    def initial_memory(self, batch_size: int):
+        """The state before the first segment: (batch, tokens, hidden) tokens, or an empty
+        ``AssociativeState``."""
+        if hasattr(self, "associative"):
+            return self.associative.initial_state(batch_size)
         return self.memory_tokens.unsqueeze(0).expand(batch_size, -1, -1)
 
     def update(self, memory: torch.Tensor, written: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,14 @@ from transformers.utils import ModelOutput
 
 from . import hub
 from .adapters import attach_lora, trainable_summary
+from .associative import AssociativeState
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
                        merge_pays, merged_lora_key,
-                       merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up)
+                       merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up, transformer_blocks)
 
 logger = logging.getLogger("rmt_peft")
 
@@ -42,14 +43,15 @@ logger = logging.getLogger("rmt_peft")
 class RMTOutput(ModelOutput):
     """loss: mean token loss over all labelled positions; logits: (batch, tokens, vocab) with
     memory positions removed (None when labels were given, unless asked for); memory: the final
-    memory (batch, num_memory_tokens, hidden); segment_losses / segment_token_counts: per
+    memory (batch, num_memory_tokens, hidden), or an ``AssociativeState`` for
+    ``memory_kind="associative"``; segment_losses / segment_token_counts: per
     segment (NaN where a segment has no labelled token), detached, for metrics; memory_drift:
     with ``memory_stability_weight`` in training, the mean relative squared change of the memory
     per transition after the first (part of ``loss``, times the weight)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    memory: torch.Tensor | None = None
+    memory: torch.Tensor | AssociativeState | None = None
     segment_losses: torch.Tensor | None = None
     segment_token_counts: torch.Tensor | None = None
     memory_drift: torch.Tensor | None = None
@@ -110,6 +112,16 @@ def _padded_head_pays(head: nn.Module, hidden: torch.Tensor) -> bool:
             and not hasattr(weight, "ds_id"))
 
 
+def _refuse_layer_checkpointing(causal_lm: nn.Module) -> None:
+    """The associative memory's hooks run inside the decoder layers and find their state in the
+    segment's call; per-layer activation checkpointing recomputes a layer in backward, after that
+    call: it would read no memory and give wrong gradients."""
+    if any(getattr(block, "gradient_checkpointing", False) for block in transformer_blocks(causal_lm)):
+        raise UserError("memory_kind='associative' cannot train with per-layer gradient checkpointing "
+                        "(training.gradient_checkpointing / gradient_checkpointing_enable): use "
+                        "memory.checkpoint_segments=true, which recomputes whole segments and keeps memory flat")
+
+
 class RMTModel(nn.Module):
     """Recurrent Memory Transformer around a causal LM (plain, quantized or with peft LoRA)."""
 
@@ -127,9 +139,11 @@ class RMTModel(nn.Module):
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
-        self.memory = MemoryParameters(memory_config.num_memory_tokens, embeddings.embedding_dim, std,
-                                       device=embeddings.weight.device, update=memory_config.memory_update,
-                                       gate_bias=memory_config.memory_gate_bias)
+        blocks = transformer_blocks(self.causal_lm) if memory_config.associative else []
+        self.memory = MemoryParameters(memory_config, embeddings.embedding_dim, std, num_layers=len(blocks),
+                                       device=embeddings.weight.device)
+        if memory_config.associative:
+            self.memory.associative.attach(blocks)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -202,14 +216,15 @@ class RMTModel(nn.Module):
         return self.memory.memory_tokens
 
     @property
-    def read_embedding(self) -> nn.Parameter:
-        return self.memory.read_embedding
+    def read_embedding(self) -> nn.Parameter | None:
+        """None for the associative kind (its memory tokens are only written from)."""
+        return getattr(self.memory, "read_embedding", None)
 
     @property
-    def write_embedding(self) -> nn.Parameter:
-        return self.memory.write_embedding
+    def write_embedding(self) -> nn.Parameter | None:
+        return getattr(self.memory, "write_embedding", None)
 
-    def initial_memory(self, batch_size: int) -> torch.Tensor:
+    def initial_memory(self, batch_size: int) -> torch.Tensor | AssociativeState:
         return self.memory.initial_memory(batch_size)
 
     # -- one segment ----------------------------------------------------------------------
@@ -276,10 +291,16 @@ class RMTModel(nn.Module):
         labelled targets, if the caller knows it) spares a host sync. Returns (new memory, loss
         sum, labelled count, logits or None)."""
         m = self.memory_config.num_memory_tokens
+        associative = self.memory_config.associative
         batch, n = input_ids.shape
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
         mask = attention_mask
-        if m:
+        if associative:  # [segment ; memory tokens]: the same tokens every segment, written from
+            write = self.memory.memory_tokens.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            embeds = torch.cat([embeds, write], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, m)], dim=1)
+        elif m:
             read = (memory + self.memory.read_embedding).to(embeds.dtype)
             write = (memory + self.memory.write_embedding).to(embeds.dtype)
             embeds = torch.cat([read, embeds, write], dim=1)
@@ -294,15 +315,21 @@ class RMTModel(nn.Module):
             # itself; the others would not) and a padded sample computes what it would alone.
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         body = self.causal_lm.base_model
-        hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      use_cache=False).last_hidden_state
-        # A copy, not a view: a view would keep this segment's whole hidden state alive for as
-        # long as the memory lives (every segment of a checkpointed BPTT step).
-        if m and self.memory_config.memory_update != "replace":
-            new_memory = self.memory.update(memory, hidden[:, m + n:])
+        if associative:
+            with self.memory.associative.session(memory, write_tokens=m) as session:
+                hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
+            new_memory, hidden = session.result(), hidden[:, :n]
         else:
-            new_memory = hidden[:, m + n:].clone()
-        hidden = hidden[:, m:m + n]
+            hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+            # A copy, not a view: a view would keep this segment's whole hidden state alive for as
+            # long as the memory lives (every segment of a checkpointed BPTT step).
+            if m and self.memory_config.memory_update != "replace":
+                new_memory = self.memory.update(memory, hidden[:, m + n:])
+            else:
+                new_memory = hidden[:, m + n:].clone()
+            hidden = hidden[:, m:m + n]
 
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         count = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -333,8 +360,26 @@ class RMTModel(nn.Module):
     def check_inputs(self, input_ids, attention_mask=None, labels=None, memory=None) -> None:
         """ValueError naming the argument for inputs forward / generate cannot process (inputs.py)."""
         embeddings = self.causal_lm.get_input_embeddings()  # its sizes stay whole under ZeRO-3
-        check_inputs(input_ids, attention_mask, labels, memory, vocab_size=embeddings.num_embeddings,
+        associative = self.memory_config.associative
+        check_inputs(input_ids, attention_mask, labels, None if associative else memory,
+                     vocab_size=embeddings.num_embeddings,
                      memory_shape=(self.memory_config.num_memory_tokens, embeddings.embedding_dim))
+        if associative and memory is not None:
+            self._check_state(memory, input_ids.shape[0])
+
+    def _check_state(self, state, batch: int) -> None:
+        """ValueError naming ``memory`` unless it is an associative state this model can read."""
+        assoc = self.memory.associative
+        hidden = self.memory.memory_tokens.shape[1]
+        if not isinstance(state, AssociativeState):
+            raise ValueError(f"memory must be an AssociativeState for memory_kind='associative' (what forward, "
+                             f"read and streams return), got {type(state).__name__}")
+        expected = (len(assoc.layers), assoc.key_features, hidden)
+        found = (len(state.matrices), *state.matrices[0].shape[1:]) if state.matrices else (0,)
+        if found != expected or state.batch_size not in (1, batch):
+            raise ValueError(f"memory (an AssociativeState of {found[0]} layers x {tuple(found[1:])} for "
+                             f"{state.batch_size} samples) does not fit this model: expected {expected[0]} layers x "
+                             f"{expected[1:]} for 1 or {batch} samples")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, memory: torch.Tensor | None = None,
@@ -351,8 +396,11 @@ class RMTModel(nn.Module):
         if return_logits is None:
             return_logits = labels is None
         targets = shift_labels(labels) if labels is not None else None
+        memory = self._start_memory(memory, batch) if cfg.associative else memory
         if memory is None:
             memory = self.initial_memory(batch)
+        if cfg.associative and self.training and torch.is_grad_enabled():
+            _refuse_layer_checkpointing(self.causal_lm)
         first_loss_segment = 0 if cfg.loss_segments is None else max(0, len(bounds) - cfg.loss_segments)
         use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
         learning = cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
@@ -384,8 +432,12 @@ class RMTModel(nn.Module):
             if padded:
                 # A sample whose segment is all padding has ended (or not begun): its memory stays as
                 # it was, without training noise, so it neither drifts nor adds to the stability loss.
-                active = seg_mask.bool().any(dim=1)[:, None, None]
-                memory = torch.where(active, new_memory.to(memory.dtype), clean)
+                active = seg_mask.bool().any(dim=1)
+                if cfg.associative:
+                    memory = new_memory.where(active, clean)
+                else:
+                    active = active[:, None, None]
+                    memory = torch.where(active, new_memory.to(memory.dtype), clean)
             else:
                 memory = new_memory.to(memory.dtype)
             if stabilize and index > 0:
@@ -434,7 +486,8 @@ class RMTModel(nn.Module):
         ``inputs_embeds``: only the new tokens (or a ``GenerateOutput`` with scores when asked).
         Batches should be left-padded (pair with segment_alignment="right").
 
-        ``memory`` (batch or 1, num_memory_tokens, hidden) continues from an earlier state instead
+        ``memory`` (batch or 1, num_memory_tokens, hidden), or an ``AssociativeState`` of 1 or
+        batch samples, continues from an earlier state instead
         of the learned initial memory: read a document once with ``rmt.read(document)``, a
         ``MemoryStream`` or ``MemoryState.load_for``, then ask many questions. With left
         alignment, ``generate(question, memory=rmt.read(document))`` gives the same tokens and
@@ -452,19 +505,25 @@ class RMTModel(nn.Module):
         ids, mask = input_ids[:, last:], attention_mask[:, last:]
         embeds = self.causal_lm.get_input_embeddings()(ids)
         m = cfg.num_memory_tokens
-        if m:
+        if m and not cfg.associative:
             embeds = torch.cat([(memory + self.memory.read_embedding).to(embeds.dtype), embeds], dim=1)
             mask = torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
         new_tokens = generate_kwargs.get("max_new_tokens")
         if new_tokens is not None:
             check_position_limit(self.causal_lm.config, cfg, extra=new_tokens, used=embeds.shape[1])
+        if cfg.associative:  # every generated position reads the memory; nothing is written
+            with self.memory.associative.session(memory):
+                return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
-    def _start_memory(self, memory: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _start_memory(self, memory, batch: int):
         """The memory a read starts from: the learned initial one, or ``memory`` (a batch of one
         serves every sample) on the parameters' device and dtype."""
         if memory is None:
             return self.initial_memory(batch)
+        if self.memory_config.associative:
+            self._check_state(memory, batch)
+            return memory.to(self.memory.memory_tokens.device).expand(batch)
         expected = (self.memory_config.num_memory_tokens, self.memory.memory_tokens.shape[1])
         if memory.dim() != 3 or tuple(memory.shape[1:]) != expected or memory.shape[0] not in (1, batch):
             raise UserError(f"memory of shape {tuple(memory.shape)} does not fit this model: expected "
@@ -567,10 +626,15 @@ class MemoryStream:
         return StreamResult(self.memory, self.num_tokens, self._segments, loss, list(self.segment_losses))
 
     @property
+    def batch_size(self) -> int:
+        memory = self.memory
+        return memory.batch_size if isinstance(memory, AssociativeState) else memory.shape[0]
+
+    @property
     def pending(self) -> torch.Tensor:
         """The tokens fed but not read yet (at most one segment): the start of the next segment."""
         if not self._ids:
-            return torch.zeros(self.memory.shape[0], 0, dtype=torch.long, device=self.memory.device)
+            return torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.model.memory.memory_tokens.device)
         return torch.cat(self._ids, dim=1)
 
     def generate(self, input_ids: torch.Tensor, **generate_kwargs):

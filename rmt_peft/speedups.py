@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .associative import AssociativeState
 from .attention import use_gpt_neo_sdpa
 from .errors import UserError
 
@@ -395,23 +396,29 @@ class SegmentGraph:
                  num_labelled: int | None = None):
         if attention_mask is not None or (target_ids is not None and num_labelled is None):
             return self.model._segment(memory, input_ids, attention_mask, target_ids, want_logits, num_labelled)
-        key = (tuple(input_ids.shape), tuple(memory.shape), memory.dtype, target_ids is not None, want_logits,
-               num_labelled)
+        flat = _memory_tensors(memory)
+        key = (tuple(input_ids.shape), tuple((tuple(t.shape), t.dtype) for t in flat),
+               getattr(memory, "empty", None), target_ids is not None, want_logits, num_labelled)
         if key not in self.graphs:
             self.graphs[key] = self._capture(memory, input_ids, target_ids, want_logits, num_labelled)
-        graph, inputs, outputs = self.graphs[key]
-        for static, value in zip(inputs, (memory, input_ids, target_ids)):
+        graph, inputs, outputs, new_memory = self.graphs[key]
+        for static, value in zip(inputs, (*flat, input_ids, target_ids)):
             if static is not None:
                 static.copy_(value)
         graph.replay()
         # copies: the next replay overwrites the outputs, and the stream keeps losses for later
-        return tuple(None if out is None else out.clone() for out in outputs)
+        outputs = [None if out is None else out.clone() for out in outputs]
+        k = len(outputs) - 3
+        return (_memory_like(new_memory, outputs[:k]), *outputs[k:])
 
     def _capture(self, memory, input_ids, target_ids, want_logits, num_labelled):
-        inputs = tuple(None if t is None else t.clone() for t in (memory, input_ids, target_ids))
+        flat = _memory_tensors(memory)
+        inputs = tuple(None if t is None else t.clone() for t in (*flat, input_ids, target_ids))
+        k = len(flat)
 
         def run():
-            return self.model._segment(inputs[0], inputs[1], None, inputs[2], want_logits, num_labelled)
+            return self.model._segment(_memory_like(memory, inputs[:k]), inputs[k], None, inputs[k + 1],
+                                       want_logits, num_labelled)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -421,5 +428,15 @@ class SegmentGraph:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = run()
-        return graph, inputs, outputs
+            new_memory, *rest = run()
+        return graph, inputs, (*_memory_tensors(new_memory), *rest), new_memory
+
+
+def _memory_tensors(memory) -> tuple[torch.Tensor, ...]:
+    """The tensors of a memory state: the token memory itself, or an associative state's."""
+    return memory.tensors() if isinstance(memory, AssociativeState) else (memory,)
+
+
+def _memory_like(template, tensors):
+    """A memory state of ``template``'s kind holding ``tensors`` (see ``_memory_tensors``)."""
+    return template.with_tensors(tensors) if isinstance(template, AssociativeState) else tensors[0]

@@ -1,0 +1,267 @@
+"""Associative memory (ARMT: Rodkin et al. 2024, arXiv 2407.04841) beside the memory tokens.
+
+With ``MemoryConfig(memory_kind="associative")`` each segment is processed as
+``[segment ; memory tokens]`` (the learned memory tokens, the same in every segment), and every
+decoder layer keeps an associative matrix ``A`` (key features x hidden) and a normaliser ``z``
+(key features), both zero before the first segment. In each layer:
+
+- **read** (before the layer, every position): ``h <- h + phi(h Wq) A / (phi(h Wq) . z + eps)``;
+- **write** (after the layer, from its outputs ``m_j`` at the memory positions): keys
+  ``k_j = phi(m_j Wk)``, values ``v_j = m_j Wv``, the value stored at the key so far
+  ``v'_j = k_j A / (k_j . z + eps)``, a write gate ``b_j = sigmoid(m_j wb + bb)``; then
+  ``A <- A + sum_j b_j k_j^T (v_j - v'_j)`` (the delta rule: a key written again replaces its
+  value instead of adding to it) and ``z <- z + sum_j c_j k_j`` with the correction
+  ``c_j = clip(1 - (k_j . z + eps) / |k_j|^2, 0, 1)`` (not differentiated): a key already
+  stored barely grows the normaliser.
+
+``phi`` is DPFP (deterministic parameter-free projection) of order 3: ``2 * 3 * key_size``
+non-negative features. ``Wv`` starts at zero, so an untrained associative memory reads nothing.
+
+What is ours: the state lives in an ``AssociativeState`` that the caller passes in and gets back
+(the authors keep it in module attributes), so it streams, saves, detaches for truncated BPTT
+and checkpoints like the memory tokens' state; nothing hides between calls. The read and write
+run in forward hooks of the backbone's decoder layers (its structure and LoRA names unchanged),
+outside compiled regions, active only inside ``AssociativeMemory.session``. The state is fp32
+(thousands of accumulated writes); under autocast the projections run in its dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DPFP_ORDER = 3  # the authors' nu
+EPS = 1e-5      # the authors' denominator epsilon
+
+
+def dpfp(x: torch.Tensor, order: int = DPFP_ORDER) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021): ``2 * order * d`` non-negative
+    features of ``x`` (..., d), products of its positive and negative parts with shifted copies."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, order + 1)], dim=-1)
+    return torch.cat([x] * order, dim=-1) * rolled
+
+
+@dataclass
+class AssociativeState:
+    """The associative memory after some segments: per decoder layer a matrix (batch, key
+    features, hidden) and a normaliser (batch, key features), fp32. ``empty``: nothing written
+    yet (the first segment then reads nothing and writes without a correction, exactly as the
+    authors' first segment)."""
+
+    matrices: tuple[torch.Tensor, ...]
+    normalizers: tuple[torch.Tensor, ...]
+    empty: bool = False
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch_size: int, key_features: int, hidden_size: int,
+              device: torch.device | str | None = None) -> "AssociativeState":
+        matrix = torch.zeros(1, key_features, hidden_size, device=device).expand(batch_size, -1, -1)
+        normalizer = torch.zeros(1, key_features, device=device).expand(batch_size, -1)
+        return cls((matrix,) * num_layers, (normalizer,) * num_layers, empty=True)
+
+    @property
+    def batch_size(self) -> int:
+        return self.matrices[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrices[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.matrices, *self.normalizers)
+
+    def with_tensors(self, tensors) -> "AssociativeState":
+        """The same kind of state holding ``tensors`` (in the order of ``tensors()``)."""
+        n = len(self.matrices)
+        return replace(self, matrices=tuple(tensors[:n]), normalizers=tuple(tensors[n:]))
+
+    def map(self, fn) -> "AssociativeState":
+        return self.with_tensors([fn(t) for t in self.tensors()])
+
+    def detach(self) -> "AssociativeState":
+        return self.map(torch.Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "AssociativeState":
+        """Moves between devices; the state stays fp32 whatever dtype is asked (it accumulates)."""
+        kwargs.pop("dtype", None)
+        args = [a for a in args if not isinstance(a, torch.dtype)]
+        return self.map(lambda t: t.to(*args, **kwargs)) if args or kwargs else self
+
+    def expand(self, batch_size: int) -> "AssociativeState":
+        """A state of one sample expanded to ``batch_size`` samples (a view)."""
+        if self.batch_size == batch_size:
+            return self
+        return self.map(lambda t: t.expand(batch_size, *t.shape[1:]))
+
+    def where(self, keep_new: torch.Tensor, old: "AssociativeState") -> "AssociativeState":
+        """Per sample (``keep_new``: (batch,) bool) this state or ``old``."""
+        pick = [torch.where(keep_new.view(-1, *[1] * (new.dim() - 1)), new, prev)
+                for new, prev in zip(self.tensors(), old.tensors())]
+        return replace(self.with_tensors(pick), empty=self.empty and old.empty)
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """{"matrices": (layers, batch, features, hidden), "normalizers": (layers, batch, features)}."""
+        return {"matrices": torch.stack(self.matrices), "normalizers": torch.stack(self.normalizers)}
+
+    @classmethod
+    def from_stacked(cls, matrices: torch.Tensor, normalizers: torch.Tensor, empty: bool = False):
+        return cls(tuple(matrices.unbind(0)), tuple(normalizers.unbind(0)), empty)
+
+
+class AssociativeLayer(nn.Module):
+    """The trainable projections of one decoder layer's associative memory (the authors'
+    W_mq, W_mk, W_mv, W_mb)."""
+
+    def __init__(self, hidden_size: int, key_size: int, dtype=torch.float32, device=None):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.query = nn.Linear(hidden_size, key_size, bias=False, **kw)
+        self.key = nn.Linear(hidden_size, key_size, bias=False, **kw)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=False, **kw)
+        self.gate = nn.Linear(hidden_size, 1, **kw)
+        nn.init.zeros_(self.value.weight)
+
+    def _input(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Under autocast the linear layers pick their dtype; otherwise compute in the parameters' (fp32).
+        if torch.is_autocast_enabled(hidden.device.type):
+            return hidden
+        return hidden.to(self.query.weight.dtype)
+
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+        """What every position (batch, tokens, hidden) reads from the memory, in ``hidden``'s dtype."""
+        features = dpfp(self.query(self._input(hidden)))
+        if matrix.shape[0] != features.shape[0]:  # generate() with several beams or sequences per sample
+            repeat = features.shape[0] // matrix.shape[0]
+            matrix, normalizer = matrix.repeat_interleave(repeat, 0), normalizer.repeat_interleave(repeat, 0)
+        found = torch.einsum("btk,bkh->bth", features, matrix.to(features.dtype))
+        weight = torch.einsum("bk,btk->bt", normalizer.to(features.dtype), features)[..., None] + EPS
+        return (found / weight).to(hidden.dtype)
+
+    def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
+              correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden)."""
+        memory = self._input(memory)
+        keys = dpfp(self.key(memory))
+        values = self.value(memory)
+        if empty:
+            stored, coefficient = torch.zeros_like(values), 1.0
+        else:
+            weight = torch.einsum("bk,bmk->bm", normalizer.to(keys.dtype), keys)[..., None] + EPS
+            stored = torch.einsum("bmk,bkh->bmh", keys, matrix.to(keys.dtype)) / weight
+            coefficient = 1.0
+            if correction:
+                coefficient = torch.clip(1 - weight / (torch.linalg.norm(keys, dim=-1) ** 2 + EPS)[..., None],
+                                         0, 1).detach()
+                # a sample with nothing written yet (padding so far) writes as a first segment does
+                started = (normalizer != 0).any(dim=-1)[:, None, None]
+                coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
+        gate = torch.sigmoid(self.gate(memory))[..., 0]
+        update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, gate)
+        return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
+
+
+class _Session:
+    """One call of the backbone with the associative memory active: the state every layer reads,
+    and, when ``write_tokens`` > 0, what each layer writes from its last ``write_tokens`` positions."""
+
+    def __init__(self, state: AssociativeState, write_tokens: int, correction: bool):
+        self.state, self.write_tokens, self.correction = state, write_tokens, correction
+        self.written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(state.matrices)
+
+    def result(self) -> AssociativeState:
+        if any(w is None for w in self.written):
+            missing = [i for i, w in enumerate(self.written) if w is None]
+            raise RuntimeError(f"the associative memory of decoder layers {missing} was not written: the backbone "
+                               f"did not call them (layer drop?)")
+        return AssociativeState(tuple(w[0] for w in self.written), tuple(w[1] for w in self.written))
+
+
+class AssociativeMemory(nn.Module):
+    """One ``AssociativeLayer`` per decoder layer, and the hooks that run them inside the backbone.
+
+    ``attach(blocks)`` hooks the decoder layers; the hooks do nothing outside ``session(...)``,
+    so the backbone called on its own computes as before."""
+
+    def __init__(self, num_layers: int, hidden_size: int, key_size: int, correction: bool = True,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.layers = nn.ModuleList(AssociativeLayer(hidden_size, key_size, dtype, device) for _ in range(num_layers))
+        self.correction = correction
+        self.key_features = 2 * DPFP_ORDER * key_size
+        self.__dict__["_session"] = None   # plain attributes: neither state dict nor submodules
+        self.__dict__["_handles"] = []
+
+    def initial_state(self, batch_size: int) -> AssociativeState:
+        weight = self.layers[0].value.weight
+        return AssociativeState.zeros(len(self.layers), batch_size, self.key_features, weight.shape[1],
+                                      device=weight.device)
+
+    def attach(self, blocks: list[nn.Module]) -> None:
+        """Hook the decoder layers (``blocks``, one per associative layer, in order)."""
+        if len(blocks) != len(self.layers):
+            raise ValueError(f"the backbone has {len(blocks)} decoder layers, the associative memory "
+                             f"{len(self.layers)}")
+        for handle in self._handles:
+            handle.remove()
+        self._handles[:] = []
+        for index, block in enumerate(blocks):
+            self._handles.append(block.register_forward_pre_hook(_ReadHook(self, index), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(_WriteHook(self, index)))
+
+    @contextlib.contextmanager
+    def session(self, state: AssociativeState, write_tokens: int = 0):
+        """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
+        ``write_tokens`` positions (``session.result()`` after the call gives the new state)."""
+        if self._session is not None:
+            raise RuntimeError("an associative memory session is already active (a nested backbone call)")
+        session = _Session(state, write_tokens, self.correction)
+        self.__dict__["_session"] = session
+        try:
+            yield session
+        finally:
+            self.__dict__["_session"] = None
+
+
+class _ReadHook:
+    """Forward pre-hook of decoder layer ``index``: its input plus what it reads from the memory."""
+
+    def __init__(self, owner: AssociativeMemory, index: int):
+        self.owner, self.index = owner, index
+
+    @torch.compiler.disable  # eager, outside a compiled block: one compiled graph serves every layer
+    def __call__(self, block, args, kwargs):
+        session = self.owner._session
+        if session is None or session.state.empty:
+            return None
+        i = self.index
+        hidden = args[0] if args else kwargs["hidden_states"]
+        read = self.owner.layers[i].read(hidden, session.state.matrices[i], session.state.normalizers[i])
+        if args:
+            return (hidden + read, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden + read}
+
+
+class _WriteHook:
+    """Forward hook of decoder layer ``index``: writes its outputs at the memory positions."""
+
+    def __init__(self, owner: AssociativeMemory, index: int):
+        self.owner, self.index = owner, index
+
+    @torch.compiler.disable
+    def __call__(self, block, args, output):
+        session = self.owner._session
+        if session is None or not session.write_tokens:
+            return None
+        i, state = self.index, session.state
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        session.written[i] = self.owner.layers[i].write(hidden[:, -session.write_tokens:], state.matrices[i],
+                                                        state.normalizers[i], state.empty, session.correction)
+        return None

@@ -1,0 +1,278 @@
+"""The associative memory (memory_kind="associative") against the ARMT update written out by hand.
+
+The reference below wraps the backbone's decoder layers in a plain module that adds the read
+before each layer and writes after it, with the delta rule computed token by token (outer
+products in a loop), and runs the whole causal LM on ``[segment ; memory tokens]``: no hooks,
+no sessions, no einsums of the code under test.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmt_peft import MemoryConfig, RMTModel
+from rmt_peft.associative import AssociativeState, dpfp
+from rmt_peft.errors import UserError
+from rmt_peft.memory_state import MemoryState
+from rmt_peft.tiny_models import tiny_model
+
+EPS = 1e-5
+
+
+def dpfp_by_hand(x, order=3):
+    """Feature i + j * 2d is x'[i] * x'[(i - j - 1) mod 2d], x' = [relu(x), relu(-x)]."""
+    plus_minus = torch.cat([x.clamp(min=0), (-x).clamp(min=0)], dim=-1)
+    width = plus_minus.shape[-1]
+    features = []
+    for j in range(order):
+        for i in range(width):
+            features.append(plus_minus[..., i] * plus_minus[..., (i - j - 1) % width])
+    return torch.stack(features, dim=-1)
+
+
+def test_dpfp_matches_its_definition():
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(dpfp(x), dpfp_by_hand(x), rtol=0, atol=0)
+    assert dpfp(x).shape == (3, 30) and (dpfp(x) >= 0).all()
+
+
+class HandLayer(nn.Module):
+    """A decoder layer with the associative read before it and the delta-rule write after it."""
+
+    def __init__(self, block, proj, state, index, m, correction=True):
+        super().__init__()
+        self.block, self.proj, self.state, self.index, self.m, self.correction = block, proj, state, index, m, correction
+
+    def forward(self, hidden, *args, **kwargs):
+        A, z, first = self.state["A"][self.index], self.state["z"][self.index], self.state["first"]
+        if not first:
+            q = dpfp_by_hand(hidden @ self.proj.query.weight.T)
+            hidden = hidden + (q @ A) / ((q * z[:, None, :]).sum(-1, keepdim=True) + EPS)
+        out = self.block(hidden, *args, **kwargs)
+        h = out if isinstance(out, torch.Tensor) else out[0]
+        memory = h[:, -self.m:]
+        new_A, new_z = [], []
+        for b in range(memory.shape[0]):
+            dA, dz = torch.zeros_like(A[b]), torch.zeros_like(z[b])
+            for j in range(self.m):
+                x = memory[b, j]
+                k = dpfp_by_hand(x @ self.proj.key.weight.T)
+                v = x @ self.proj.value.weight.T
+                gate = torch.sigmoid(x @ self.proj.gate.weight[0] + self.proj.gate.bias[0])
+                if first:
+                    old, c = torch.zeros_like(v), 1.0
+                else:
+                    weight = k @ z[b] + EPS
+                    old = (k @ A[b]) / weight
+                    c = (1 - weight / (k.norm() ** 2 + EPS)).clamp(0, 1).detach() if self.correction else 1.0
+                dA = dA + gate * torch.outer(k, v - old)
+                dz = dz + c * k
+            new_A.append(A[b] + dA)
+            new_z.append(z[b] + dz)
+        self.state["next_A"][self.index] = torch.stack(new_A)
+        self.state["next_z"][self.index] = torch.stack(new_z)
+        return out
+
+
+def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True):
+    """(logits, loss, final state) of ARMT computed by hand, segments cut from the left."""
+    model = copy.deepcopy(causal_lm)
+    parent, name = layers_path
+    layers = getattr(parent(model), name)
+    assoc, m = rmt.memory.associative, rmt.memory_config.num_memory_tokens
+    width, hidden = assoc.key_features, rmt.memory_tokens.shape[1]
+    batch = ids.shape[0]
+    state = {"A": [torch.zeros(batch, width, hidden)] * len(layers), "z": [torch.zeros(batch, width)] * len(layers),
+             "first": True, "next_A": [None] * len(layers), "next_z": [None] * len(layers)}
+    for i in range(len(layers)):
+        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction)
+    logits = []
+    for start in range(0, ids.shape[1], segment_size):
+        seg = ids[:, start:start + segment_size]
+        emb = model.get_input_embeddings()(seg)
+        x = torch.cat([emb, rmt.memory_tokens.unsqueeze(0).expand(batch, -1, -1)], dim=1)
+        logits.append(model(inputs_embeds=x).logits[:, :seg.shape[1]])
+        state.update(A=list(state["next_A"]), z=list(state["next_z"]), first=False)
+    logits = torch.cat(logits, dim=1)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return logits, loss, state
+
+
+LAYERS = {"gpt2": (lambda m: m.transformer, "h"), "gpt_neox": (lambda m: m.gpt_neox, "layers"),
+          "llama": (lambda m: m.model, "layers")}
+
+
+def associative_model(arch="gpt2", m=2, key_size=4, segment_size=5, seed=0, **memory):
+    backbone = tiny_model(arch, num_layers=2)
+    config = MemoryConfig(num_memory_tokens=m, segment_size=segment_size, memory_kind="associative",
+                          associative_key_size=key_size, **memory)
+    torch.manual_seed(seed)
+    rmt = RMTModel.from_backbone(backbone, config, verbose=False)
+    with torch.no_grad():  # the value projections start at zero: make the memory carry something
+        for layer in rmt.memory.associative.layers:
+            layer.value.weight.normal_(0, 0.3)
+            layer.query.weight.mul_(4)
+            layer.key.weight.mul_(4)
+    return backbone, rmt
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_two_and_three_segments_match_the_delta_rule_by_hand(arch):
+    backbone, rmt = associative_model(arch)
+    ids = torch.randint(2, 128, (2, 13))  # two full segments and a short one
+    params = list(rmt.memory.parameters())
+    out = rmt(ids, labels=ids, return_logits=True)
+    grads = torch.autograd.grad(out.loss, params)
+    ref_logits, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS[arch])
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(out.memory.matrices, state["A"]):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    for mine, ref in zip(out.memory.normalizers, state["z"]):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    for (name, _), mine, ref in zip(rmt.memory.named_parameters(), grads, ref_grads):
+        assert ref.abs().sum() > 0, name  # every memory parameter is on the path of the loss
+        torch.testing.assert_close(mine, ref, rtol=1e-3, atol=1e-6, msg=name)
+    # the memory changed what the second segment computes: an untrained backbone alone differs
+    assert not torch.allclose(out.logits[:, 5:10], backbone(ids[:, 5:10]).logits, atol=1e-3)
+
+
+def test_without_correction_matches_by_hand():
+    backbone, rmt = associative_model(associative_correction=False)
+    ids = torch.randint(2, 128, (1, 15))
+    with torch.no_grad():
+        out = rmt(ids, labels=ids)
+        _, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], correction=False)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.memory.normalizers[1], state["z"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_backbone_alone_is_unchanged_outside_the_model():
+    backbone = tiny_model("gpt2", num_layers=2)
+    RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative"),
+                           verbose=False, speedups=False)
+    ids = torch.randint(2, 128, (2, 7))
+    fresh = tiny_model("gpt2", num_layers=2)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+
+
+def test_truncated_bptt_and_segment_checkpointing_are_exact():
+    ids = torch.randint(2, 128, (2, 20))
+    _, full = associative_model("gpt_neox")  # no dropout in training mode
+    _, ckpt = associative_model("gpt_neox", checkpoint_segments=True, uncheckpointed_segments=0)
+    _, cut = associative_model("gpt_neox", bptt_depth=1)
+    losses, grads = [], []
+    for rmt in (full, ckpt, cut):
+        rmt.train()
+        out = rmt(ids, labels=ids)
+        losses.append(out.loss)
+        grads.append(torch.autograd.grad(out.loss, list(rmt.memory.parameters())))
+    torch.testing.assert_close(losses[1], losses[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # truncation keeps the loss, drops the gradient through the early transitions ...
+    torch.testing.assert_close(losses[2], losses[0])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[2], grads[0]))
+    # a depth covering every transition is full BPTT
+    _, deep = associative_model("gpt_neox", bptt_depth=3)
+    deep.train()
+    out = deep(ids, labels=ids)
+    for a, b in zip(torch.autograd.grad(out.loss, list(deep.memory.parameters())), grads[0]):
+        torch.testing.assert_close(a, b)
+
+
+def test_stream_and_read_equal_forward():
+    _, rmt = associative_model()
+    ids = torch.randint(2, 128, (1, 23))
+    with torch.no_grad():
+        out = rmt(ids, labels=ids)
+        stream = rmt.stream(compute_loss=True)
+        for chunk in ids.split(4, dim=1):
+            stream.feed(chunk)
+        result = stream.finish()
+        read = rmt.read(ids)
+    assert result.loss == pytest.approx(out.loss.item(), rel=1e-5)
+    for a, b, c in zip(result.memory.tensors(), out.memory.tensors(), read.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_from_a_read_memory_equals_generating_after_the_document():
+    _, rmt = associative_model()
+    rmt.causal_lm.generation_config.pad_token_id = 1
+    document, question = torch.randint(2, 128, (1, 10)), torch.randint(2, 128, (1, 3))
+    with torch.no_grad():
+        whole = rmt.generate(torch.cat([document, question], dim=1), max_new_tokens=4, do_sample=False)
+        memory = rmt.read(document)
+        split = rmt.generate(question, memory=memory, max_new_tokens=4, do_sample=False)
+        plain = rmt.generate(question, max_new_tokens=4, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+        read = rmt.generate(question, memory=memory, max_new_tokens=4, do_sample=False,
+                            output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(whole, split)
+    # the memory is read while generating: the scores differ from those of an empty memory
+    assert not torch.allclose(plain.scores[0], read.scores[0])
+
+
+def test_padded_samples_compute_what_they_compute_alone():
+    _, rmt = associative_model(segment_alignment="right")
+    long, short = torch.randint(2, 128, (1, 12)), torch.randint(2, 128, (1, 7))
+    ids = torch.cat([long, torch.cat([torch.ones(1, 5, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        both = rmt(ids, attention_mask=mask, labels=labels)
+        alone = rmt(short, labels=short)
+    for a, b in zip(both.memory.tensors(), alone.memory.tensors()):
+        torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_state_saves_and_loads_and_refuses_the_other_kind(tmp_path):
+    _, rmt = associative_model()
+    ids = torch.randint(2, 128, (1, 13))
+    with torch.no_grad():
+        stream = rmt.stream()
+        stream.feed(ids)
+        state = MemoryState.from_stream(stream, document="doc")
+        path = state.save(str(tmp_path / "doc.mem.safetensors"))
+        loaded = MemoryState.load_for(path, rmt)
+        question = torch.randint(2, 128, (1, 2))
+        rmt.causal_lm.generation_config.pad_token_id = 1
+        expected = rmt.generate(torch.cat([ids, question], dim=1), max_new_tokens=3, do_sample=False)
+        assert torch.equal(loaded.generate(rmt, question, max_new_tokens=3, do_sample=False), expected)
+    tokens = RMTModel.from_backbone(tiny_model("gpt2", num_layers=2), MemoryConfig(num_memory_tokens=2, segment_size=5),
+                                    verbose=False)
+    with pytest.raises(UserError, match="memory_kind: 'associative' in .*'tokens' in the model"):
+        MemoryState.load_for(path, tokens)
+
+
+def test_layer_checkpointing_is_refused_in_training():
+    backbone, rmt = associative_model()
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rmt.train()
+    with pytest.raises(UserError, match="checkpoint_segments"):
+        rmt(torch.randint(2, 128, (1, 6)), labels=torch.randint(2, 128, (1, 6)))
+
+
+def test_config_refuses_token_levers_and_no_memory_tokens():
+    with pytest.raises(ValueError, match="memory_noise_std.*memory_kind='associative'"):
+        MemoryConfig(memory_kind="associative", memory_noise_std=0.1)
+    with pytest.raises(ValueError, match="num_memory_tokens"):
+        MemoryConfig(memory_kind="associative", num_memory_tokens=0)
+    with pytest.raises(ValueError, match="memory_kind='bogus' is invalid: expected one of"):
+        MemoryConfig(memory_kind="bogus")
+    assert MemoryConfig(memory_kind="associative", segment_size=100, num_memory_tokens=10).positions_per_segment == 110
+
+
+def test_a_state_of_another_shape_is_refused():
+    _, rmt = associative_model()
+    wrong = AssociativeState.zeros(3, 1, rmt.memory.associative.key_features, 64)
+    with pytest.raises(ValueError, match="3 layers .* expected 2 layers"):
+        rmt(torch.randint(2, 128, (1, 5)), memory=wrong)
+    with pytest.raises(ValueError, match="AssociativeState"):
+        rmt(torch.randint(2, 128, (1, 5)), memory=torch.zeros(1, 2, 64))
