@@ -7,7 +7,8 @@ An adapter folder is a standard PEFT LoRA adapter with our memory beside it, so
     adapter_model.safetensors  peft: the LoRA weights
     memory_config.json         MemoryConfig.to_dict()
     memory.safetensors         memory_tokens, read_embedding, write_embedding (+ gate_weight, gate_bias for
-                               memory_update="gated"), fp32; its header
+                               memory_update="gated"), or memory_tokens and associative.layers.* for
+                               memory_kind="associative" (memory_config.json says which), fp32; its header
                                records the backbone's model_type and hidden size, the base model
                                and the quantization the memory was trained with, for checks on load
     README.md                  model card with Hub metadata (base_model, library_name, tags)
@@ -27,6 +28,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -129,6 +131,8 @@ def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None
     quantization, options = quantization_of(causal_lm)
     metadata = {"format": FORMAT, "model_type": causal_lm.config.model_type,
                 "hidden_size": str(causal_lm.get_input_embeddings().embedding_dim),
+                # the associative memory has a set of projections per decoder layer (0: memory tokens only)
+                "num_layers": str(len(rmt.memory.associative.layers) if rmt.memory_config.associative else 0),
                 "base_model": base or "", "quantization": quantization or "none",
                 "quantization_options": json.dumps(options)}
     with atomic_directory(save_directory) as tmp:
@@ -191,17 +195,27 @@ def read_memory(folder: str) -> tuple[MemoryConfig, dict[str, torch.Tensor], dic
     if metadata.get("format") != FORMAT or "hidden_size" not in metadata:
         raise ValueError(f"{path} has no {FORMAT} metadata (format, model_type, hidden_size); it was not "
                          f"written by RMTModel.save_pretrained of this version")
-    shapes = memory_tensor_shapes(memory_config, int(metadata["hidden_size"]))
+    shapes = memory_tensor_shapes(memory_config, int(metadata["hidden_size"]), int(metadata.get("num_layers", 0)))
     if sorted(tensors) != sorted(shapes):
-        raise ValueError(f"{path} holds tensors {sorted(tensors)}; {MEMORY_CONFIG_FILE} (memory_update="
-                         f"{memory_config.memory_update!r}) expects {sorted(shapes)}")
+        holds = "an associative memory" if any(k.startswith("associative.") for k in tensors) else "memory tokens"
+        raise ValueError(f"{path} holds {holds} (tensors {_names(tensors)}); {MEMORY_CONFIG_FILE} (memory_kind="
+                         f"{memory_config.memory_kind!r}, memory_update={memory_config.memory_update!r}) expects "
+                         f"{_names(shapes)}: the files do not belong together")
     for name, tensor in tensors.items():
         expected = shapes[name]
         if tuple(tensor.shape) != expected:
+            key_size = f", associative_key_size={memory_config.associative_key_size}" if memory_config.associative else ""
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} but {MEMORY_CONFIG_FILE} says "
-                             f"num_memory_tokens={memory_config.num_memory_tokens} and the backbone's hidden size "
-                             f"is {expected[1]} (expected shape {expected}); the files do not belong together")
+                             f"num_memory_tokens={memory_config.num_memory_tokens}{key_size} and the backbone's hidden "
+                             f"size is {metadata['hidden_size']} (expected shape {expected}); the files do not belong "
+                             f"together")
     return memory_config, tensors, metadata
+
+
+def _names(tensors) -> str:
+    """Tensor names for a message, the associative layers' folded into one pattern."""
+    names = sorted({re.sub(r"^associative\.layers\.\d+\.", "associative.layers.N.", n) for n in tensors})
+    return str(names)
 
 
 def read_metadata(folder: str) -> dict[str, str]:

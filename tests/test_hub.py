@@ -181,7 +181,39 @@ def test_gated_memory_round_trip(bases, tmp_path):
     torch.testing.assert_close(logits(loaded), logits(rmt.eval()))
     config_path = os.path.join(folder, "memory_config.json")
     json.dump({**json.load(open(config_path)), "memory_update": "replace"}, open(config_path, "w"))
-    with pytest.raises(ValueError, match=r"holds tensors .*gate_bias.*memory_update='replace'\) expects"):
+    with pytest.raises(ValueError, match=r"holds memory tokens \(tensors .*gate_bias.*memory_update='replace'\) expects"):
+        RMTModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_associative_memory_round_trip(bases, tmp_path, quantization):
+    backbone = load_backbone(bases["gpt_neo"], quantization=quantization, dtype="float32")
+    torch.manual_seed(0)
+    config = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative", associative_key_size=4)
+    rmt = RMTModel.from_backbone(backbone, config, lora={"target_modules": "all-linear", "r": 4,
+                                                         "init_lora_weights": False}, verbose=False)
+    for layer in rmt.memory.associative.layers:
+        layer.value.weight.data.normal_(0, 0.3)
+    folder = rmt.save_pretrained(str(tmp_path / "associative"))
+    saved = load_file(os.path.join(folder, "memory.safetensors"))
+    assert len([n for n in saved if n.startswith("associative.layers.")]) == 2 * 5  # 2 layers x 5 tensors
+    assert json.load(open(os.path.join(folder, "memory_config.json")))["memory_kind"] == "associative"
+    loaded = RMTModel.from_pretrained(folder, quantization=quantization, dtype="float32")
+    assert loaded.memory_config.associative
+    # frozen like the loaded one: bitsandbytes' CPU 4-bit path rounds a trainable memory's reads differently
+    rmt.memory.requires_grad_(False)
+    assert torch.equal(logits(loaded), logits(rmt.eval()))
+    expected = logits(rmt)
+    merged_error = (logits(rmt.merge_and_unload(dtype=torch.float32)) - expected).abs().max()
+    with rmt.backbone.disable_adapter():
+        lora_effect = (logits(rmt) - expected).abs().max()
+    # 4-bit kernels round differently from the dequantized merge, and reading the memory carries it on
+    assert merged_error < (1e-5 if quantization is None else 0.03) * expected.abs().max()
+    assert lora_effect > 10 * merged_error  # the merge is what makes them match
+    # a folder whose config names the other kind is refused, naming both
+    config_path = os.path.join(folder, "memory_config.json")
+    json.dump({**json.load(open(config_path)), "memory_kind": "tokens"}, open(config_path, "w"))
+    with pytest.raises(ValueError, match=r"holds an associative memory .*memory_kind='tokens'"):
         RMTModel.from_pretrained(folder)
 
 
