@@ -721,6 +721,12 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                   f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
                   f"needs {need} positions (segment + 2 x memory), but {model.name_or_path} has {limit}; "
                   f"allowed: segment_size <= {limit - 2 * mem.num_memory_tokens if limit else None}")
+            ids = registry.token_ids_needed(data.task, data.options) if recipe.trainer != "sft" else None
+            vocab = getattr(config, "vocab_size", None)
+            _need(ids is None or vocab is None or vocab >= ids,
+                  f"model's vocab_size={vocab} is smaller than the {ids} token ids that task "
+                  f"{data.task!r} uses with data.options={data.options!r}; raise the vocabulary "
+                  f"(model.config.vocab_size for a tiny model) or shrink the task's ids")
             if model.is_tiny and needs_tokenizer(recipe):
                 size = len(offline_tokenizer())
                 _need(config.vocab_size >= size,

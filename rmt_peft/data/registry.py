@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .arxiv_lm import ArxivLMOptions, HistoryLMDataset
+from .associative_retrieval import AssociativeRetrievalDataset, AssociativeRetrievalOptions, vocab_needed
 from .babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from .babilong_hub import BabilongHubDataset, BabilongHubOptions
 from .lean import LeanDataset, LeanOptions
@@ -64,11 +65,18 @@ class Task:
     options: type
     build: Callable[..., Dataset]
     needs_tokenizer: bool = True
+    # tasks on raw token ids: how many ids their samples use (the model's vocabulary must hold them)
+    token_ids: Callable[..., int] | None = None
 
 
 def _token_memory(options, *, tokenizer, segment_size, num_segments, num_samples, seed):
     return WithAnswerIds(TokenMemoryTask(num_samples, num_segments, segment_size, options.num_values,
                                          options.vocab_size, seed))
+
+
+def _associative_retrieval(options, *, tokenizer, segment_size, num_segments, num_samples, seed):
+    return AssociativeRetrievalDataset(options, segment_size=segment_size, num_segments=num_segments,
+                                       num_samples=num_samples, seed=seed)
 
 
 def _memory_task(name):
@@ -78,7 +86,10 @@ def _memory_task(name):
 
 
 TASKS: dict[str, Task] = {
-    "token_memory": Task(TokenMemoryOptions, _token_memory, needs_tokenizer=False),
+    "token_memory": Task(TokenMemoryOptions, _token_memory, needs_tokenizer=False,
+                         token_ids=lambda options: options.vocab_size),
+    "associative_retrieval": Task(AssociativeRetrievalOptions, _associative_retrieval, needs_tokenizer=False,
+                                  token_ids=vocab_needed),
     "babilong_memorize": Task(MemoryTaskOptions, _memory_task("babilong_memorize")),
     "babilong_detect": Task(MemoryTaskOptions, _memory_task("babilong_detect")),
     "babilong_reasoning": Task(ReasoningTaskOptions, _memory_task("babilong_reasoning")),
@@ -88,7 +99,8 @@ TASKS: dict[str, Task] = {
 }
 
 
-MEMORY_TASKS = tuple(name for name in TASKS if name == "token_memory" or name.startswith("babilong_"))
+MEMORY_TASKS = tuple(name for name in TASKS if name in ("token_memory", "associative_retrieval")
+                     or name.startswith("babilong_"))
 """Tasks whose samples carry ``answer_ids``: evaluate them by generation and exact match."""
 
 
@@ -105,6 +117,12 @@ def validate_options(task: str, options: dict | None):
     if unknown:
         raise ValueError(f"task {task!r}: unknown option(s) {unknown}; allowed: {allowed}")
     return spec(**options)
+
+
+def token_ids_needed(task: str, options: dict | None) -> int | None:
+    """How many token ids the samples of a raw-token task use (None: the task uses a tokenizer)."""
+    needed = TASKS[task].token_ids
+    return None if needed is None else needed(validate_options(task, options))
 
 
 def build_dataset(task: str, options: dict | None, *, tokenizer, segment_size: int, num_segments: int,
