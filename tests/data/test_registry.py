@@ -10,9 +10,9 @@ from rmt_peft.tiny_models import tiny_model
 
 def test_task_names():
     assert set(TASKS) == {"token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning", "arxiv_lm",
-                          "lean", "babilong_hub"}
+                          "lean", "babilong_hub", "associative_retrieval"}
     assert set(MEMORY_TASKS) == {"token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning",
-                                 "babilong_hub"}
+                                 "babilong_hub", "associative_retrieval"}
 
 
 # babilong_hub reads the Hub by default: tests/data/test_babilong_hub.py runs it on a local copy.
