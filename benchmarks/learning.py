@@ -8,15 +8,29 @@ same budget say what each lever buys; ``baseline`` is the same model with no mem
 
 Tasks: ``memorize`` (the fact opens the first segment), ``detect`` (the fact anywhere) and
 ``reasoning`` (two facts anywhere, bAbI task 4 relations), from babilong.py with offline generated
-noise, and ``token`` (the quickstart's raw-token task, token_memory.py).
+noise, ``token`` (the quickstart's raw-token task, token_memory.py) and ``retrieval`` (associative
+retrieval, associative_retrieval.py: how much a memory holds, not how long).
+
+Retrieval measures capacity: a run holds K = ``retrieval_pairs`` key-value pairs (one a segment by
+default), so its samples have K + 1 segments, the question in the last. Its curriculum is over K
+rather than over segments (``max_train_segments`` is unused): one segment first, a pair and its
+question side by side, when the segment has room (it teaches the format; started without it, the
+CPU preset stayed at chance), then 1, 2, 4, ... pairs up to K, each stage mixing every shorter
+sample as the other tasks do (a sample of n < K + 1 segments holds n - 1 pairs). It is tested at
+K + 1 segments (the capacity at K) and at the longer ``eval_segments`` (the same K pairs, then
+filler: how long they last). ``--pairs 1 2 4 8 16 32`` runs the grid over K and writes
+``capacity.txt`` and ``capacity.png`` (accuracy against K, one line per variant, mean and range
+over seeds); ``accuracy.png`` has a panel per K.
 
     python -m benchmarks.learning --tasks memorize detect reasoning --variants paper gated \\
         --seeds 0 1 2 --jobs 12 --out-dir results/learning          # one H200: a few minutes
     python -m benchmarks.learning --preset cpu --variants paper gated --out-dir /tmp/learning
+    python -m benchmarks.learning --tasks retrieval --variants paper --pairs 1 2 4 8 16 32 \\
+        --seeds 0 1 2 --jobs 12 --out-dir results/capacity            # accuracy against K
 
 Writes ``runs.json`` (every run: config, loss curve with every step's gradient norm, accuracy by
-length, time) and ``accuracy.png`` (accuracy against segments, mean and range over seeds, one
-panel per task).
+length, time; ``capacity``: retrieval accuracy by K) and ``accuracy.png`` (accuracy against
+segments, mean and range over seeds, one panel per task).
 """
 from __future__ import annotations
 
@@ -34,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rmt_peft import MemoryConfig, RMTModel
+from rmt_peft.data.associative_retrieval import AssociativeRetrievalDataset, AssociativeRetrievalOptions, vocab_needed
 from rmt_peft.data.babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.data.tokenizer import offline_tokenizer
@@ -44,7 +59,7 @@ from rmt_peft.train.curriculum import stage_memory
 from rmt_peft.train.guard import DivergenceGuard
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
-         "token": "token_memory"}
+         "token": "token_memory", "retrieval": "associative_retrieval"}
 
 
 @dataclass
@@ -103,6 +118,14 @@ class RunConfig:
     # bAbI task 2 (two supporting facts). The recipe's default, task-4 relations, stayed near 0.5
     # even at one segment within this budget (H200, 2026-11-30), so it would not measure the memory.
     reasoning_kind: str = "object_location"
+    # retrieval task (associative_retrieval.py): K pairs of keys of key_size tokens and values of
+    # value_size tokens, each token one of `symbols` ids (keys and values in separate ranges);
+    # chance is 1 / symbols ** value_size
+    retrieval_pairs: int = 4
+    retrieval_key_size: int = 2
+    retrieval_value_size: int = 1
+    retrieval_symbols: int = 16
+    retrieval_pairs_per_segment: int = 1
 
 
 # One lever at a time against "paper" (the paper's setting: replace, full BPTT, curriculum to 7).
@@ -201,14 +224,16 @@ class Samples:
 
     def __init__(self, cfg: RunConfig, split: str):
         self.cfg, self.split = cfg, split
-        self.tokenizer = offline_tokenizer() if cfg.task != "token" else None
+        self.tokenizer = offline_tokenizer() if cfg.task not in ("token", "retrieval") else None
         self._sets: dict[int, object] = {}
 
     def dataset(self, segments: int, num_samples: int):
         key = (segments, num_samples)
         if key not in self._sets:
             seed = self.cfg.seed * 1000 + SPLIT_OFFSETS[self.split] + segments
-            if self.cfg.task == "token":
+            if self.cfg.task == "retrieval":
+                self._sets[key] = retrieval_dataset(self.cfg, segments, num_samples, seed)
+            elif self.cfg.task == "token":
                 self._sets[key] = TokenMemoryTask(num_samples, segments, self.cfg.segment_size,
                                                   num_values=self.cfg.token_values, vocab_size=self.cfg.vocab_size,
                                                   seed=seed)
@@ -227,6 +252,66 @@ class Samples:
         ids = torch.stack([x["input_ids"] for x in items]).to(device)
         labels = torch.stack([x["labels"] for x in items]).to(device)
         return ids, labels
+
+
+def retrieval_options(cfg: RunConfig, segments: int) -> AssociativeRetrievalOptions:
+    """The retrieval task's samples of ``segments`` segments: ``cfg.retrieval_pairs`` pairs, or as many
+    as the segments before the last hold when fewer (one, beside the question, in a single segment)."""
+    per = cfg.retrieval_pairs_per_segment
+    return AssociativeRetrievalOptions(num_pairs=min(cfg.retrieval_pairs, max(1, (segments - 1) * per)),
+                                       key_size=cfg.retrieval_key_size, value_size=cfg.retrieval_value_size,
+                                       key_symbols=cfg.retrieval_symbols, value_symbols=cfg.retrieval_symbols,
+                                       pairs_per_segment=per)
+
+
+def retrieval_dataset(cfg: RunConfig, segments: int, num_samples: int, seed: int) -> AssociativeRetrievalDataset:
+    options = retrieval_options(cfg, segments)
+    if vocab_needed(options) > cfg.vocab_size:
+        raise ValueError(f"retrieval uses {vocab_needed(options)} token ids, more than vocab_size={cfg.vocab_size}; "
+                         f"raise vocab_size or lower retrieval_symbols")
+    return AssociativeRetrievalDataset(options, segment_size=cfg.segment_size, num_segments=segments,
+                                       num_samples=num_samples, seed=seed)
+
+
+def retrieval_segments(cfg: RunConfig, pairs: int | None = None) -> int:
+    """Segments of a sample of ``pairs`` pairs (default ``cfg.retrieval_pairs``) and the question
+    in a segment of its own: where the capacity at K is read."""
+    pairs = cfg.retrieval_pairs if pairs is None else pairs
+    return math.ceil(pairs / cfg.retrieval_pairs_per_segment) + 1
+
+
+def retrieval_in_context(cfg: RunConfig) -> bool:
+    """Whether one segment holds a pair and the question side by side (the in-context first stage)."""
+    pair = cfg.retrieval_key_size + cfg.retrieval_value_size + 2
+    return pair + cfg.retrieval_key_size + 1 + cfg.retrieval_value_size <= cfg.segment_size
+
+
+def shortest(cfg: RunConfig) -> int:
+    """The fewest segments a training sample has (retrieval needs two unless one holds pair and question)."""
+    return 2 if cfg.task == "retrieval" and not retrieval_in_context(cfg) else 1
+
+
+def train_lengths(cfg: RunConfig) -> list[int]:
+    """The curriculum's stages in segments: 1..max_train_segments, then extra_stages. The retrieval
+    task's curriculum is over K instead: 1, 2, 4, ... pairs up to retrieval_pairs (samples of
+    retrieval_segments each, the first stage one segment in context when it has room), then extra_stages."""
+    if cfg.task != "retrieval":
+        return [*range(1, cfg.max_train_segments + 1), *cfg.extra_stages]
+    pairs, k = [cfg.retrieval_pairs], 1
+    while k < cfg.retrieval_pairs:
+        pairs.append(k)
+        k *= 2
+    lengths = sorted({retrieval_segments(cfg, k) for k in pairs})
+    return [*([1] if retrieval_in_context(cfg) else []), *lengths, *cfg.extra_stages]
+
+
+def eval_lengths(cfg: RunConfig) -> list[int]:
+    """Test lengths: ``cfg.eval_segments``; for retrieval, the K pairs read right before the question
+    (retrieval_segments) and the longer of ``cfg.eval_segments`` (the same K pairs, then filler)."""
+    if cfg.task != "retrieval":
+        return list(cfg.eval_segments)
+    first = retrieval_segments(cfg)
+    return [first, *sorted(n for n in set(cfg.eval_segments) if n > first)]
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -256,14 +341,13 @@ class StagePlan:
 
 def lever_start(cfg: RunConfig) -> int:
     """The index of the first stage trained with the memory levers."""
-    stages = cfg.max_train_segments + len(cfg.extra_stages)
-    return 0 if cfg.lever_stages is None else stages - cfg.lever_stages
+    return 0 if cfg.lever_stages is None else len(train_lengths(cfg)) - cfg.lever_stages
 
 
 def stage_plan(cfg: RunConfig) -> list[StagePlan]:
     start = lever_start(cfg)
     plan = []
-    for index, segments in enumerate([*range(1, cfg.max_train_segments + 1), *cfg.extra_stages]):
+    for index, segments in enumerate(train_lengths(cfg)):
         late = cfg.lever_stages is not None and index >= start  # a lever stage of a late schedule
         lr = cfg.lever_stage_lr if late and cfg.lever_stage_lr else cfg.learning_rate
         plan.append(StagePlan(segments, (cfg.lever_stage_steps or cfg.steps_per_stage) if late else cfg.steps_per_stage,
@@ -300,7 +384,7 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
             lr = plan.peak_lr * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else plan.peak_lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            n = rng.randint(1, stage) if cfg.mix else stage
+            n = rng.randint(shortest(cfg), stage) if cfg.mix else stage
             start = drawn.get(n, 0) % pool
             drawn[n] = start + cfg.batch_size
             ids, labels = data.batch(n, list(range(start, start + cfg.batch_size)), pool, device)
@@ -438,7 +522,7 @@ def run_one(cfg: RunConfig) -> dict:
               f"({result['selected']['select_accuracy']:.2f} at {cfg.select_segments} segments); the last weights: "
               + ", ".join(f"{n}: {a:.2f}" for n, a in result["last_accuracy"].items()), flush=True)
     result["accuracy"] = {}
-    for n in cfg.eval_segments:
+    for n in eval_lengths(cfg):
         result["accuracy"][str(n)] = accuracy(cfg, model, n, device)
         # a run cut by a time limit still leaves its curve so far in the log
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
@@ -457,24 +541,108 @@ def configs(args) -> list[RunConfig]:
     base = dict(PRESETS[args.preset])
     base.update(json.loads(args.set) if args.set else {})
     runs = [r.split("/") for r in args.runs] or [[t, v] for t in args.tasks for v in args.variants]
+    if args.pairs and (min(args.pairs) < 1 or all(run[0] != "retrieval" for run in runs)):
+        raise SystemExit(f"--pairs {args.pairs}: numbers of pairs >= 1 for the retrieval task, which no run names")
     out = []
     for run in runs:
         if len(run) not in (2, 3) or run[0] not in TASKS or run[1] not in VARIANTS:
             raise SystemExit(f"--runs {'/'.join(run)}: expected TASK/VARIANT[/SEED], tasks {sorted(TASKS)}, "
                              f"variants {sorted(VARIANTS)}")
-        for seed in [int(run[2])] if len(run) == 3 else args.seeds:
-            out.append(RunConfig(**{**base, **VARIANTS[run[1]], "task": run[0], "variant": run[1], "seed": seed}))
+        # --pairs: one run per K for the retrieval task (other tasks ignore it)
+        pairs = [{"retrieval_pairs": k} for k in args.pairs] if run[0] == "retrieval" and args.pairs else [{}]
+        for grid_point in pairs:
+            for seed in [int(run[2])] if len(run) == 3 else args.seeds:
+                out.append(RunConfig(**{**base, **VARIANTS[run[1]], **grid_point, "task": run[0], "variant": run[1],
+                                        "seed": seed}))
     return out
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """task -> variant -> segments -> accuracies over seeds."""
+    """task -> variant -> segments -> accuracies over seeds (retrieval: one task per K)."""
     table: dict = {}
     for run in runs:
         cfg = run["config"]
         for n, acc in run.get("accuracy", {}).items():
-            table.setdefault(cfg["task"], {}).setdefault(cfg["variant"], {}).setdefault(n, []).append(acc)
+            table.setdefault(task_label(cfg), {}).setdefault(cfg["variant"], {}).setdefault(n, []).append(acc)
     return table
+
+
+def task_label(cfg: dict) -> str:
+    return f"retrieval K={cfg['retrieval_pairs']}" if cfg["task"] == "retrieval" else cfg["task"]
+
+
+def summarize_capacity(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Retrieval runs: variant -> K -> accuracies over seeds at K pairs read right before the question."""
+    table: dict = {}
+    for run in runs:
+        cfg = run["config"]
+        if cfg["task"] != "retrieval" or "accuracy" not in run:
+            continue
+        acc = run["accuracy"][str(retrieval_segments(RunConfig(**cfg)))]
+        table.setdefault(cfg["variant"], {}).setdefault(str(cfg["retrieval_pairs"]), []).append(acc)
+    return table
+
+
+def format_capacity(table: dict[str, dict[str, list[float]]], chance: float | None = None) -> str:
+    """The capacity table: one row per K, one column per variant (mean over seeds, min-max)."""
+    pairs = sorted({int(k) for by_k in table.values() for k in by_k})
+    widths = {variant: max(14, len(variant)) for variant in table}
+    lines = ["retrieval: accuracy by pairs K held before the question (mean over seeds, min-max)"
+             + (f"; chance {chance:.3g}" if chance is not None else ""),
+             f"{'K':>5} | " + " | ".join(f"{variant:>{widths[variant]}}" for variant in table)]
+    for k in pairs:
+        cells = []
+        for variant, by_k in table.items():
+            accs = by_k.get(str(k), [])
+            cell = f"{statistics.fmean(accs):.2f} {min(accs):.2f}-{max(accs):.2f}" if accs else ""
+            cells.append(cell.rjust(widths[variant]))
+        lines.append(f"{k:>5} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_capacity(table: dict[str, dict[str, list[float]]], path: str, title: str = "",
+                  chance: float | None = None) -> None:
+    """Accuracy against K, one line per variant (mean over seeds, min-max shaded)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, by_k in table.items():
+        pairs = sorted(by_k, key=int)
+        x = [int(k) for k in pairs]
+        line, = ax.plot(x, [statistics.fmean(by_k[k]) for k in pairs], marker="o",
+                        label=f"{variant} ({max(len(v) for v in by_k.values())} seeds)")
+        ax.fill_between(x, [min(by_k[k]) for k in pairs], [max(by_k[k]) for k in pairs], color=line.get_color(),
+                        alpha=0.15)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=0.8, label="chance")
+    ax.set_xscale("log", base=2)
+    pairs = sorted({int(k) for by_k in table.values() for k in by_k})
+    ax.set_xticks(pairs, [str(k) for k in pairs])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("key-value pairs K (read before the question)")
+    ax.set_ylabel("answer accuracy")
+    ax.set_title("associative retrieval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path, title)
+
+
+def write_capacity(out_dir: str, runs: list[dict], title: str = "") -> str | None:
+    """capacity.txt and capacity.png beside runs.json, when there are retrieval runs; the table."""
+    table = summarize_capacity(runs)
+    if not table:
+        return None
+    settings = {(r["config"]["retrieval_symbols"], r["config"]["retrieval_value_size"]) for r in runs
+                if r["config"]["task"] == "retrieval"}
+    chance = None
+    if len(settings) == 1:  # one chance line when every run shares it
+        symbols, value_size = settings.pop()
+        chance = 1 / symbols ** value_size
+    text = format_capacity(table, chance)
+    with open(os.path.join(out_dir, "capacity.txt"), "w") as f:
+        f.write(text + "\n")
+    plot_capacity(table, os.path.join(out_dir, "capacity.png"), title, chance)
+    return text
 
 
 def format_table(table) -> str:
@@ -564,6 +732,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", nargs="+", default=[], metavar="TASK/VARIANT[/SEED]",
                         help="explicit runs instead of --tasks x --variants x --seeds")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--pairs", nargs="+", type=int, default=[], metavar="K",
+                        help="retrieval task: one run per number of key-value pairs K (a capacity grid)")
     parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\'')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes; they share the GPU)")
@@ -595,12 +765,15 @@ def main(argv: list[str] | None = None) -> dict:
         if any(r.get("selected") for r in runs):
             plot_selection(runs, os.path.join(args.out_dir, "kept_vs_last.png"), f"{runs[0]['device']}, {report['date']}")
         print(format_table(table))
+    capacity = write_capacity(args.out_dir, runs, f"{runs[0]['device']}, {report['date']}" if runs else "")
+    if capacity:
+        print(capacity)
     return report
 
 
 def write_report(out_dir: str, runs: list[dict], started: float, argv) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.time() - started,
-              "argv": argv, "runs": runs, "accuracy": summarize(runs)}
+              "argv": argv, "runs": runs, "accuracy": summarize(runs), "capacity": summarize_capacity(runs)}
     tmp = os.path.join(out_dir, "runs.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
@@ -611,6 +784,8 @@ def write_report(out_dir: str, runs: list[dict], started: float, argv) -> dict:
 def _one_line(result: dict) -> str:
     cfg = result["config"]
     head = f"{cfg['task']}/{cfg['variant']}/seed{cfg['seed']}"
+    if cfg["task"] == "retrieval":
+        head += f" K={cfg['retrieval_pairs']}"
     if result["status"] != "ok":
         return f"{head}: {result['status']}: {result.get('error')}"
     accs = " ".join(f"{n}:{a:.2f}" for n, a in result["accuracy"].items())

@@ -131,3 +131,32 @@ def test_learning_bench_writes_curves_for_every_task(tmp_path):
         assert set(run["accuracy"]) == {"1", "3"} and all(a * 4 == int(a * 4) for a in run["accuracy"].values())
         assert report["accuracy"][run["config"]["task"]][run["config"]["variant"]]["3"] == [run["accuracy"]["3"]]
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_bench_runs_a_capacity_grid_over_pairs(tmp_path):
+    """--pairs 1 2 with 2 seeds: 4 retrieval runs, each tested at K + 1 segments; capacity.txt holds
+    one row per K with each variant's mean and min-max over the seeds' accuracies there."""
+    import statistics
+
+    from benchmarks import learning
+
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 64, "segment_size": 8,
+            "num_memory_tokens": 2, "steps_per_stage": 2, "batch_size": 4, "eval_segments": [1, 4], "eval_samples": 4}
+    learning.main(["--runs", "retrieval/paper", "--pairs", "1", "2", "--seeds", "0", "1", "--set", json.dumps(tiny),
+                   "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "runs.json").read_text())
+    runs = report["runs"]
+    assert sorted((r["config"]["retrieval_pairs"], r["config"]["seed"]) for r in runs) == [(1, 0), (1, 1), (2, 0),
+                                                                                           (2, 1)]
+    for run in runs:  # K + 1 segments, then the longer test lengths
+        k = run["config"]["retrieval_pairs"]
+        assert list(run["accuracy"]) == [str(k + 1), "4"]
+    at = {k: [r["accuracy"][str(k + 1)] for r in runs if r["config"]["retrieval_pairs"] == k] for k in (1, 2)}
+    assert report["capacity"] == {"paper": {"1": at[1], "2": at[2]}}
+    lines = (tmp_path / "capacity.txt").read_text().splitlines()
+    assert lines[0].endswith("chance 0.0625") and lines[1].split() == ["K", "|", "paper"]
+    assert [line.split()[:3] for line in lines[2:]] == [
+        [str(k), "|", f"{statistics.fmean(at[k]):.2f}"] for k in (1, 2)]
+    assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--pairs"):
+        learning.main(["--runs", "token/paper", "--pairs", "2", "--out-dir", str(tmp_path)])

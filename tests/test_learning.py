@@ -97,3 +97,38 @@ def test_selection_keeps_the_best_scored_checkpoint_and_the_run_ends_on_it():
     assert chosen["step"] == max(s["step"] for s in scores if s["accuracy"] == best)
     again = accuracy(cfg, model, 8, "cpu", Samples(cfg, "select"), 64)
     assert again == best
+
+
+def test_retrieval_curriculum_doubles_the_pairs_and_starts_in_context_when_a_segment_has_room():
+    """K = 8, one pair a segment: stages of 1, 2, 4, 8 pairs are 2, 3, 5, 9 segments; a 16-token
+    segment also holds a pair (5 tokens) and the question (4) for an in-context first stage, an
+    8-token one does not. Two pairs a segment: 1, 2, 4, 8 pairs fill 1, 1, 2, 4 segments + the
+    question. Tested at 9 segments and the longer eval lengths."""
+    from benchmarks.learning import eval_lengths, stage_plan, train_lengths
+
+    base = {"task": "retrieval", "retrieval_pairs": 8, "eval_segments": [1, 2, 9, 16, 64]}
+    assert train_lengths(RunConfig(**base, segment_size=8)) == [2, 3, 5, 9]
+    assert train_lengths(RunConfig(**base, segment_size=16)) == [1, 2, 3, 5, 9]
+    assert train_lengths(RunConfig(**base, segment_size=16, retrieval_pairs_per_segment=2)) == [1, 2, 3, 5]
+    assert train_lengths(RunConfig(**{**base, "retrieval_pairs": 1}, segment_size=8, extra_stages=[32])) == [2, 32]
+    assert eval_lengths(RunConfig(**base, segment_size=8)) == [9, 16, 64]
+    # the levers count the retrieval stages: the last two of [2, 3, 5, 9]
+    plan = stage_plan(RunConfig(**base, segment_size=8, lever_stages=2))
+    assert [(p.segments, p.levers) for p in plan] == [(2, False), (3, False), (5, True), (9, True)]
+
+
+def test_retrieval_samples_hold_k_pairs_or_as_many_as_their_segments_do():
+    """Counted by the SEP token (id 2) of each pair: 3 segments hold 2 of K = 4 pairs, 5 hold all 4,
+    and 8 hold the same 4 followed by filler (id 1) up to the question."""
+    from benchmarks.learning import Samples
+
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "retrieval", "retrieval_pairs": 4})
+    data = Samples(cfg, "train")
+    for segments, pairs in ((3, 2), (5, 4), (8, 4)):
+        ids, labels = data.batch(segments, [0, 1], 2, "cpu")
+        assert ids.shape == (2, segments * 8)
+        assert (ids[:, :-8] == 2).sum(dim=1).tolist() == [pairs, pairs]
+        assert (labels != -100).sum(dim=1).tolist() == [1, 1]
+    assert (ids[:, 32:-4] == 1).all()
+    with pytest.raises(ValueError, match="retrieval uses 37 token ids, more than vocab_size=32"):
+        Samples(RunConfig(**{**PRESETS["cpu"], "task": "retrieval", "vocab_size": 32}), "test").dataset(5, 4)
