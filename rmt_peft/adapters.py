@@ -11,6 +11,8 @@ these models and adapting it would change the memory's embedding space too.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any
 
 from torch import nn
@@ -83,6 +85,22 @@ def lora_config(preset_or_dict, architecture: str):
     return LoraConfig(**{**LORA_DEFAULTS, "task_type": "CAUSAL_LM", **fields})
 
 
+# peft's warnings that say nothing a user can act on: peft reads transformers' deprecated
+# ``is_gradient_checkpointing`` whenever it wraps a model, and when saving it looks the base up on
+# the Hub to compare vocabularies, which fails offline and for models built from a config (we never
+# resize or adapt the embeddings).
+PEFT_NOISE = (r"`is_gradient_checkpointing` is deprecated", r"Could not find a config file in ")
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence ``PEFT_NOISE`` (only those warnings) while peft wraps, loads or saves a model."""
+    with warnings.catch_warnings():
+        for message in PEFT_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
 def attach_lora(backbone: nn.Module, lora) -> nn.Module:
     """Freeze ``backbone`` and add LoRA (a LoraConfig, a preset name or a dict, see ``lora_config``)."""
     from peft import get_peft_model
@@ -90,7 +108,8 @@ def attach_lora(backbone: nn.Module, lora) -> nn.Module:
     config = lora_config(lora, backbone.config.model_type)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    model = get_peft_model(backbone, config)
+    with quiet_peft():
+        model = get_peft_model(backbone, config)
     # peft adds an input-requires-grad hook for (reentrant) checkpointing; non-reentrant
     # checkpointing (load_backbone's) does not need it.
     if uses_non_reentrant_checkpointing(backbone):

@@ -42,11 +42,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import quiet_peft
 from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
 from .backbones import load_backbone
 from .data.noise import PRESETS
 from .memory import MemoryConfig, memory_tensor_shapes
 from .speedups import FusedTanhGelu, use_fused_gelu
+from .tiny_models import TINY_PREFIX, save_tiny_model
 
 if TYPE_CHECKING:  # for annotations only: recurrent.py imports this module (RMTModel's save / load / merge)
     from .recurrent import RMTModel
@@ -137,7 +139,8 @@ def save_pretrained(rmt: "RMTModel", save_directory: str, base_model: str | None
                 "quantization_options": json.dumps(options)}
     with atomic_directory(save_directory) as tmp:
         if peft_model is not None:
-            peft_model.save_pretrained(tmp, selected_adapters=[peft_model.active_adapter])
+            with quiet_peft():
+                peft_model.save_pretrained(tmp, selected_adapters=[peft_model.active_adapter])
             if peft_model.active_adapter != "default":  # peft puts other adapters in a subfolder
                 sub = os.path.join(tmp, peft_model.active_adapter)
                 for name in os.listdir(sub):
@@ -248,6 +251,22 @@ def check_backbone(backbone_config, embedding_dim: int, metadata: dict[str, str]
                          f"{source!r} is {found[0]} with hidden size {found[1]}; load it onto its own base model")
 
 
+def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
+    """A backbone built from a config (``tiny:<arch>``) has no checkpoint: rebuild its frozen random
+    weights (same architecture, config and seed as in training) from the recipe.yaml of the run that
+    ``folder`` belongs to (``folder`` is its final/ or baseline/final/) into ``into``; None for any
+    other base (loaded from its name)."""
+    if not base.startswith(TINY_PREFIX):
+        return None
+    recipe, _ = read_run(os.path.dirname(os.path.abspath(folder)))
+    if not recipe:
+        raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
+                         f"loading it rebuilds them from its training run's {RUN_RECIPE_FILE}, which is not beside "
+                         f"it: load the run's final/ folder, or pass base_model= (--base-model)")
+    seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
+    return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **((recipe.get("model") or {}).get("config") or {}))
+
+
 def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=None, device_map=None,
                     base_model: str | None = None, is_trainable: bool = False, revision: str | None = None,
                     token: str | None = None, *, model_class, **load_kwargs) -> "RMTModel":
@@ -255,7 +274,8 @@ def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=No
 
     LoRA folders: the backbone is loaded from ``base_model`` (default: ``base_model_name_or_path``
     of adapter_config.json; pass it when the base moved) with ``quantization`` / ``dtype`` /
-    ``device_map`` / other ``load_backbone`` options, then LoRA through peft and the memory.
+    ``device_map`` / other ``load_backbone`` options, then LoRA through peft and the memory. A base
+    built from a config (``tiny:<arch>``) is rebuilt from the training run's recipe.yaml.
     Full folders load the backbone from the folder itself. The model comes back in eval mode
     and frozen unless ``is_trainable``. ``model_class``: the class to build, ``RMTModel`` or a
     subclass (``RMTModel.from_pretrained`` passes its own: this module sits below recurrent.py).
@@ -273,12 +293,18 @@ def from_pretrained(name_or_path: str, quantization: str | None = None, dtype=No
         if base_model is not None:
             raise ValueError(f"base_model= applies to LoRA adapter folders; {folder} holds full model weights")
         base = folder
-    backbone = load_backbone(base, quantization=quantization, dtype=dtype, device_map=device_map, **load_kwargs)
+    with tempfile.TemporaryDirectory() as rebuilt:
+        source = rebuild_config_base(folder, base, rebuilt) if kind == "lora" else None
+        backbone = load_backbone(source or base, quantization=quantization, dtype=dtype, device_map=device_map,
+                                 **load_kwargs)
+    if source:  # peft compares the name with the adapter's base_model_name_or_path
+        backbone.name_or_path = backbone.config._name_or_path = base
     check_backbone(backbone.config, backbone.get_input_embeddings().embedding_dim, metadata, folder, base)
     if kind == "lora":
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(backbone, folder, is_trainable=is_trainable)
+        with quiet_peft():
+            backbone = PeftModel.from_pretrained(backbone, folder, is_trainable=is_trainable)
     else:
         for p in backbone.parameters():
             p.requires_grad_(p.requires_grad and is_trainable)
@@ -344,7 +370,8 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | to
     plain.load_state_dict(state, strict=True)
     adapter = peft_model.active_adapter
     lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
-    lora = get_peft_model(plain, copy.deepcopy(peft_model.peft_config[adapter]))
+    with quiet_peft():
+        lora = get_peft_model(plain, copy.deepcopy(peft_model.peft_config[adapter]))
     # LoRA stays fp32 (peft upcasts adapters): the delta is computed in fp32, rounded once when added.
     set_peft_model_state_dict(lora, {k: v.detach().to(device) for k, v in lora_state.items()})
     merged = lora.merge_and_unload().eval()

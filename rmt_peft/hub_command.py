@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from .errors import UserError
 
@@ -69,25 +68,6 @@ def extra_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in exported_files(folder) if n not in replaced and not n.startswith("model")]
 
 
-def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
-    """A backbone built from a config (``tiny:<arch>``) has no checkpoint: rebuild its frozen random
-    weights (same architecture, config and seed as in training) from the run's recipe.yaml into
-    ``into``; None for any other base (loaded from its name)."""
-    from .recipe import TINY_PREFIX
-    from .runs import read_run, run_folder
-    from .tiny_models import save_tiny_model
-
-    if not base.startswith(TINY_PREFIX):
-        return None
-    recipe, _ = read_run(run_folder(folder))
-    if not recipe:
-        raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
-                         f"merging rebuilds them from the run's recipe.yaml, which is not beside it: export the "
-                         f"run's OUTPUT_DIR, or pass --base-model")
-    seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
-    return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **(recipe["model"].get("config") or {}))
-
-
 def inside(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -131,11 +111,9 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
         if quantization == "as-trained":
             quantization = metadata.get("quantization", "none")
             options = json.loads(metadata.get("quantization_options") or "{}")
-        with tempfile.TemporaryDirectory() as rebuilt:
-            base_model = base_model or rebuild_config_base(folder, metadata.get("base_model", ""), rebuilt)
-            rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
-                                           base_model=base_model, **options)
-            merged = hub.merge(rmt, resolve_dtype(dtype))
+        rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
+                                       base_model=base_model, **options)
+        merged = hub.merge(rmt, resolve_dtype(dtype))
         hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
         hub.write_model_card(to, push_to_hub or os.path.basename(os.path.abspath(to)), run_dir=run_folder(folder))
     else:

@@ -41,9 +41,8 @@ from .fileio import check_writable
 from .memory import MemoryConfig
 from .quantization import QUANTIZATIONS
 from .speedups import CUDA_GRAPH_MODES
-from .tiny_models import ARCHITECTURES, tiny_config
+from .tiny_models import ARCHITECTURES, TINY_PREFIX, tiny_config
 
-TINY_PREFIX = "tiny:"
 DTYPES = (None, *TORCH_DTYPES)  # null: the checkpoint's own
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

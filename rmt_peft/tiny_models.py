@@ -11,6 +11,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoConfig, GPTNeo
                           OPTConfig, PretrainedConfig)
 
 ARCHITECTURES = ("gpt_neo", "gpt2", "opt", "llama", "gpt_neox")
+TINY_PREFIX = "tiny:"  # a recipe's model.name_or_path "tiny:<arch>": built from a config, no checkpoint
 
 
 def tiny_config(architecture: str = "gpt_neo", vocab_size: int = 128, hidden_size: int = 64,

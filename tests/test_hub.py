@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,30 @@ def test_adapter_on_another_architecture_or_size(neo_adapter, bases):
         RMTModel.from_pretrained(folder, base_model=bases["opt"])
     with pytest.raises(ValueError, match=r"hidden size 64.*is gpt_neo with hidden size 128"):
         RMTModel.from_pretrained(folder, base_model=bases["gpt_neo_128"])
+
+
+def test_adapter_on_a_base_built_from_a_config(tmp_path):
+    """A run on tiny:<arch> has no checkpoint: from_pretrained rebuilds the frozen random weights
+    from the run's recipe.yaml (architecture, config, training seed), as training built them."""
+    from rmt_peft.tiny_models import tiny_model
+
+    config = {"vocab_size": 64, "max_positions": 64}
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo", seed=5, **config), MEMORY, verbose=False,
+                                 lora={"target_modules": "attention", "init_lora_weights": False})
+    run = tmp_path / "run"
+    rmt.save_pretrained(str(run / "final"), base_model="tiny:gpt_neo")
+    ids = IDS % 64
+    with pytest.raises(ValueError, match="recipe.yaml, which is not beside it"):
+        RMTModel.from_pretrained(str(run / "final"))
+    (run / "recipe.yaml").write_text(json.dumps({"model": {"name_or_path": "tiny:gpt_neo", "config": config},
+                                                 "training": {"seed": 5}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft's warnings about the base are ours to silence
+        loaded = RMTModel.from_pretrained(str(run / "final"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, rmt.eval()(ids).logits)
+    assert loaded.causal_lm.name_or_path == "tiny:gpt_neo"
 
 
 def test_memory_not_matching_its_config(neo_adapter, tmp_path):
