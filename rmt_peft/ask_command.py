@@ -77,8 +77,6 @@ def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
     from .data.noise import encode
     from .memory_state import MemoryState
 
-    if not os.path.isfile(path):
-        raise UserError(f"--document {path} is not a file")
     stream = rmt.stream()
     device = rmt.memory.memory_tokens.device
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="reading", disable=not progress,
@@ -99,24 +97,46 @@ def questions(args) -> Iterable[str]:
     return (line.rstrip("\n") for line in sys.stdin if line.strip())
 
 
+def check_reads_text(args, recipe) -> None:
+    """A run trained on raw token ids (token_memory: the quickstart) has no tokenizer: nothing can
+    turn a document or a question into its ids."""
+    from .data.registry import TASKS
+
+    task = recipe.data.task if recipe is not None else None
+    if task in TASKS and not TASKS[task].needs_tokenizer and not (args.tokenizer or recipe.model.tokenizer):
+        raise UserError(f"{args.path} was trained on raw token ids (data.task {task!r}, no tokenizer), so it cannot "
+                        f"read text; ask needs a run trained on a text task, such as those of the babilong_*, "
+                        f"arxiv_gpt2 or lean_gptneo_1.3b recipes (rmt-peft recipes)")
+
+
 def run(args: argparse.Namespace) -> int:
+    # cheap checks first, before torch and the model load (seconds to minutes)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+    for flag, path in (("--document", args.document), ("--memory", args.memory)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} {path} is not a file")
     import torch
 
     from . import runs
     from .data.noise import encode
     from .memory_state import MemoryState
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
     try:
         adapter, recipe_path = runs.locate(args.path)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
     recipe = runs.read_recipe(recipe_path)
+    check_reads_text(args, recipe)
     # The stream cuts segments from the first token: the state after a document is then the same
     # whatever question follows (right alignment would cut the document by the question's length).
     rmt = runs.load_model(adapter, recipe, args, {"segment_alignment": "left"})
-    tokenizer = runs.load_tokenizer(runs.tokenizer_name(recipe, adapter, args.tokenizer))
+    name = runs.tokenizer_name(recipe, adapter, args.tokenizer)
+    tokenizer = runs.load_tokenizer(name)
+    vocabulary = rmt.causal_lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocabulary:
+        raise UserError(f"the tokenizer {name!r} has {len(tokenizer)} tokens but {args.path} reads ids below "
+                        f"{vocabulary}: they do not belong together; pass the run's own tokenizer (--tokenizer)")
     if args.memory:
         state = MemoryState.load_for(args.memory, rmt)
         read_by = state.info.get("model")

@@ -137,3 +137,18 @@ def test_ask_reads_a_million_token_document_in_constant_memory(tmp_path):
     # more than 10 MiB from piece to piece.)
     growth = peaks[-1] - peaks[1]
     assert growth < 2 * 2**20, f"the Python heap's peak grew by {growth / 2**20:.1f} MiBover a 1M-token document"
+
+
+def test_ask_refuses_a_run_on_raw_token_ids_before_loading_it(tmp_path, capsys):
+    """The quickstart learns token ids without a tokenizer: one line saying why, not an IndexError."""
+    from rmt_peft import resources
+
+    run = tmp_path / "quickstart"
+    (run / "final").mkdir(parents=True)  # never opened: the check comes before the model loads
+    (run / "recipe.yaml").write_text(open(resources.path(resources.RECIPES, "quickstart")).read())
+    (tmp_path / "doc.txt").write_text("Mary went to the garden.")
+    assert main(["ask", str(run), "--document", str(tmp_path / "doc.txt"), "--question", "Where is Mary?"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on raw token ids (data.task 'token_memory'" in err and "babilong_" in err
+    assert main(["ask", str(run), "--document", str(tmp_path / "missing.txt")]) == 2
+    assert "--document" in capsys.readouterr().err

@@ -59,11 +59,15 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import runs
+    # cheap checks first, before transformers and the models load (seconds to minutes)
+    check_counts(args)
     from ..data.registry import TASKS, build_dataset, validate_options
+
+    if args.task is not None and args.task not in TASKS:
+        raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
+    from .. import runs
     from .runner import EvalSettings, curve_for_task, evaluate
 
-    check_counts(args)
     adapter, recipe_path = runs.locate(args.path)
     recipe = runs.read_recipe(recipe_path, args.overrides)
     if recipe is None and args.overrides:
