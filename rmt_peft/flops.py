@@ -34,6 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from .errors import UserError
+
 # model_type values whose MLP has three matrices (gate, up, down) instead of two.
 GATED_MLP_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                    "phi3", "olmo", "olmo2", "granite", "cohere", "deepseek_v2", "internlm2")
@@ -128,8 +130,9 @@ def resolve_shape(model) -> TransformerShape:
         try:
             config = AutoConfig.from_pretrained(model)
         except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"model={model!r} is neither a built-in config ({', '.join(OPT_FAMILY)}) nor a "
-                             f"loadable transformers config: {err}") from err
+                             f"loadable transformers config: {reason}") from err
         return shape_from_config(config, name=model)
     return shape_from_config(model)
 
@@ -225,7 +228,10 @@ def plot_lengths(segment_size: int, total_tokens: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = estimate(args.model, args.total_tokens, args.segment_size, args.memory_tokens, args.count_embeddings)
+    try:
+        result = estimate(args.model, args.total_tokens, args.segment_size, args.memory_tokens, args.count_embeddings)
+    except ValueError as err:  # a model that cannot be read (offline, a typo), a count <= 0
+        raise UserError(str(err)) from err
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -134,6 +134,9 @@ def run_export(args) -> int:
     except (OSError, ValueError, RuntimeError) as err:  # bad input: the message says what is wrong
         print(f"rmt-peft export: error: {err}", file=sys.stderr)
         return 2
-    what = "merged model" if args.merge else "adapter"
+    from .hub import folder_kind
+
+    what = ("merged model (full weights + memory)" if args.merge else "adapter (LoRA + memory)"
+            if folder_kind(to) == "lora" else "model (full weights + memory)")
     print(f"wrote {what} to {to}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0

@@ -71,3 +71,10 @@ def test_cli_json_and_plot(tmp_path, capsys):
     assert result["ratio"] == pytest.approx(result["full_attention_flops"] / result["rmt_flops"])
     assert result["num_segments"] == math.ceil(2_048_000 / 512)
     assert out.stat().st_size > 10_000
+
+
+def test_cli_bad_model_or_count_is_one_line(tmp_path, capsys):
+    for args in (["--model", str(tmp_path / "no-such-model")], ["--total-tokens", "0"], ["--segment-size", "-5"]):
+        assert main(["flops", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rmt-peft flops: error: ") and err.count("\n") == 1, err

@@ -329,6 +329,7 @@ def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch, cap
     (run / "summary.json").write_text("{}")
 
     assert cli_main(["export", str(run), "--to", str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().out.startswith("wrote adapter (LoRA + memory) to ")
     assert set(os.listdir(tmp_path / "plain")) == PEFT_FILES | OUR_FILES | {"tokenizer.json"}
     assert torch.equal(logits(RMTModel.from_pretrained(str(tmp_path / "plain"))), logits(rmt))
 

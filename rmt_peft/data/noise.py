@@ -296,6 +296,10 @@ class DatasetText:
         self.name = f"dataset {path}" + (f"/{options.name}" if options.name else "") + f"[{options.split}]"
         try:
             self.dataset = datasets.load_dataset(path, options.name, **kwargs)
+        except ConnectionError as error:  # offline, or the Hub unreachable: say which dataset and what to do
+            raise ConnectionError(f"{self.name} is not in the local cache and the Hub cannot be reached ({error}): "
+                                  f"run once online to cache it, or use a local source (noise: generated, or "
+                                  f"{{source: files, ...}})") from error
         except datasets.exceptions.DatasetGenerationError as error:
             raise ValueError(f"{self.name} could not be prepared ({error.__cause__!r}); for text files that are "
                              "not UTF-8 pass load_kwargs: {encoding_errors: replace}") from error

@@ -53,45 +53,50 @@ def _load(args):
 
 
 def validate_command(args) -> int:
+    """One outcome: "RECIPE: valid (...)" on stdout and exit 0, or one error line and exit 2;
+    what could not be checked here (offline) is a note on stderr."""
     recipe = _load(args)
     from ..recipe import model_config, stage_segments
 
+    if model_config(recipe.model) is None:
+        note(f"the config of {recipe.model.name_or_path} could not be read here (offline?): the position limit is "
+             f"checked when the model loads")
+    filled = _check_data(args, recipe)
     stages = ", ".join(f"{stage_segments(s)}x{s.max_steps or 'max'}" for s in recipe.curriculum.stages)
     print(f"{args.recipe}: valid ({recipe.model.name_or_path}, task {recipe.data.task}, "
           f"{recipe.memory.num_memory_tokens} memory tokens, segment {recipe.memory.segment_size}, "
-          f"stages [segments x steps] {stages}, output {recipe.output_dir})")
-    if recipe.training.get("deepspeed"):
-        print(f"deepspeed: {recipe.training['deepspeed']}")
-    if model_config(recipe.model) is None:
-        print(f"note: the config of {recipe.model.name_or_path} could not be read here (offline?): the position "
-              f"limit is checked when the model loads")
-    return _check_data(args, recipe)
+          f"stages [segments x steps] {stages}, output {recipe.output_dir}"
+          + (f", deepspeed {recipe.training['deepspeed']}" if recipe.training.get("deepspeed") else "") + ")"
+          + ("; the data fills every stage" if filled else ""))
+    return 0
 
 
-def _check_data(args, recipe) -> int:
-    """Whether the data fills every stage (needs the tokenizer; without it, training checks first)."""
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _check_data(args, recipe) -> bool:
+    """Whether the data fills every stage (needs the tokenizer and the data source; without them,
+    training checks first): True when checked, a RecipeError when it does not."""
     from ..recipe import RecipeError
-    from .trainer import build_tokenizer, check_stage_data
+    from .trainer import DataUnavailable, build_tokenizer, check_stage_data
 
     if recipe.trainer != "rmt":  # trl's trainers prepare their own rows when training starts
-        return 0
+        return False
     try:
         tokenizer = build_tokenizer(recipe)
     except (OSError, UserError):  # UserError: a Hub tokenizer not in the cache while offline
-        print("note: the tokenizer could not be loaded here (offline?): whether the data fills every stage is "
-              "checked when training starts")
-        return 0
+        note("the tokenizer could not be loaded here (offline?): whether the data fills every stage is checked "
+             "when training starts")
+        return False
     try:
         check_stage_data(recipe, tokenizer)
+    except DataUnavailable as err:  # a Hub data source while offline, for instance
+        note(f"{err}; whether the data fills every stage is checked when training starts")
+        return False
     except RecipeError as err:
-        print(f"invalid recipe {args.recipe}: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a Hub data source while offline, for instance
-        print(f"note: the data could not be read here ({err}): whether it fills every stage is checked when "
-              "training starts")
-        return 0
-    print("data: every stage can be filled")
-    return 0
+        raise RecipeError(f"invalid recipe {args.recipe}: {err}") from err
+    return True
 
 
 def train_command(args) -> int:
@@ -134,5 +139,7 @@ def recipes_command(args) -> int:
     if os.path.exists(target):
         raise UserError(f"--to {target} already exists; nothing is overwritten: choose another file")
     shutil.copyfile(source, target)
-    print(f"wrote {target} (from {source}); run it with: rmt-peft train {target}")
+    use = (f"rmt-peft train {target}" if kind == resources.RECIPES else
+           f"rmt-peft train RECIPE training.deepspeed={target}")
+    print(f"wrote {target} (from {source}); use it with: {use}")
     return 0

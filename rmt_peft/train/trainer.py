@@ -139,6 +139,11 @@ def build_model(recipe: Recipe, seed: int):
     return rmt.train()
 
 
+class DataUnavailable(RecipeError):
+    """The data source could not be read at all (a Hub dataset while offline, an unreadable file):
+    not a source too small for a stage."""
+
+
 def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: int, seed: int) -> Dataset:
     """Samples of every count in ``segments`` (num_samples split evenly), for one stage."""
     parts = []
@@ -148,7 +153,9 @@ def build_dataset(recipe: Recipe, tokenizer, segments: list[int], num_samples: i
             ds = registry_build(recipe.data.task, recipe.data.options, tokenizer=tokenizer,
                                 segment_size=recipe.memory.segment_size, num_segments=n,
                                 num_samples=count, seed=seed * 1000 + n)
-        except (ValueError, OSError) as err:  # the data readers name the file, line or option
+        except OSError as err:  # a Hub dataset offline, a file that cannot be read: nothing to build from
+            raise DataUnavailable(f"data.task={recipe.data.task!r}: {err}") from err
+        except ValueError as err:  # the data readers name the file, line or option
             raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments: {err}") from err
         if len(ds) == 0:
             raise RecipeError(f"data.task={recipe.data.task!r} with {n} segments produced no usable samples; "
@@ -172,6 +179,10 @@ def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
     for n, what in checks.items():  # in curriculum order: the first stage that cannot be filled is named
         try:
             build_dataset(recipe, tokenizer, [n], 1, recipe.data.seed)[0]
+        except DataUnavailable:
+            raise
+        except OSError as err:  # a source opened lazily, at the first sample
+            raise DataUnavailable(f"data.task={recipe.data.task!r}: {err}") from err
         except (ValueError, IndexError) as err:
             raise RecipeError(f"{what}: data.task={recipe.data.task!r} cannot fill {n} segments of "
                               f"{recipe.memory.segment_size} tokens: {err}") from None

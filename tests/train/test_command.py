@@ -1,5 +1,6 @@
 """``rmt-peft train``: a model that cannot load is one line, a failed start leaves no folder behind,
 and a run that failed after training began keeps what it wrote."""
+import json
 import os
 
 import pytest
@@ -44,5 +45,14 @@ def test_every_shipped_recipe_validates_offline_without_its_hub_tokenizer(capsys
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in resources.names(resources.RECIPES):
         assert main(["validate", name]) == 0, capsys.readouterr().err
-        out = capsys.readouterr().out
-        assert "valid (" in out and ("every stage can be filled" in out or "tokenizer could not be loaded" in out)
+        out, err = capsys.readouterr()
+        assert out.startswith(f"{name}: valid (") and out.count("\n") == 1  # one outcome, one line
+        assert "the data fills every stage" in out or "note: the tokenizer could not be loaded" in err
+
+
+def test_recipes_copies_a_deepspeed_config_with_how_to_use_it(tmp_path, capsys):
+    target = tmp_path / "zero2.json"
+    assert main(["recipes", "zero2", "--to", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert f"training.deepspeed={target}" in out and f"rmt-peft train {target}" not in out
+    json.loads(target.read_text())

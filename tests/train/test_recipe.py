@@ -242,9 +242,20 @@ def test_validate_names_the_stage_a_data_source_cannot_fill(capsys):
     # The Lean recipe's generated data fills every stage (1..4 segments of 2028) and the eval lengths.
     lean = "lean_gptneo_1.3b"
     assert main(["validate", lean, "model.tokenizer=offline", "eval.num_segments=[1,4]"]) == 0
-    assert "every stage can be filled" in capsys.readouterr().out
-    # The 42 shipped example lemmas fill about one segment: the second stage is named, with the shortfall.
+    assert "the data fills every stage" in capsys.readouterr().out
+    # The 42 shipped example lemmas fill about one segment: the second stage is named, with the shortfall;
+    # one outcome (no "valid" before the error), with the command's error prefix.
     assert main(["validate", lean, "model.tokenizer=offline", f"data.options.theorems={EXAMPLE_THEOREMS}",
                  f"data.options.lemmas={EXAMPLE_LEMMAS}"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1].startswith("rmt-peft validate: error: invalid recipe lean_gptneo_1.3b: ")
     assert "curriculum stage 1 (2 segments)" in err and "short of the 2029 needed for 2 segments" in err
+
+
+def test_validate_offline_hub_data_is_a_note_and_train_names_the_dataset(capsys, tmp_path):
+    # QuALITY noise is a Hub dataset: offline it is not "a source too small" but one that cannot be read.
+    args = ["babilong_memorize", "model.tokenizer=offline", "data.options.noise=quality"]
+    assert main(["validate", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "valid (" in out and "tasksource/QuALITY" in err and "not in the local cache" in err
+    assert "cannot fill" not in err
