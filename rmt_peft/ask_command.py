@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterable
 
 from .errors import UserError
+from .log import hide_library_progress_bars
 from .options import add_model_options
 
 READ_CHARS = 1 << 20  # characters of the document read (and tokenized) at a time
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from . import runs
     from .data.noise import encode
     from .memory_state import MemoryState
+
+    if args.no_progress:
+        hide_library_progress_bars()  # transformers' "Loading weights" too
 
     try:
         adapter, recipe_path = runs.locate(args.path)

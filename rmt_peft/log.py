@@ -6,7 +6,8 @@ stderr, as transformers logs) and transformers' logging to the same level. Under
 errors only, so every stage header and parameter summary appears once. Known third-party noise is
 filtered unless ``-v``: bitsandbytes' warning that its optional CPU kernel package (``kernels``) is
 missing, and DeepSpeed's "Setting accelerator to CPU" on machines without a GPU. ``-q`` also
-turns off progress bars and the Trainer's printed log dicts (``quiet_trainer``).
+turns off progress bars and the Trainer's log lines (``trainer_output``, which also keeps them off
+stdout and keeps bars out of logs that are not a terminal).
 """
 from __future__ import annotations
 
@@ -83,17 +84,73 @@ def setup(verbosity: int = 0) -> None:
                                      NOISE.get(name, ()) if verbosity < 1 else ()))
     if not main or verbosity < 0:
         warnings.filterwarnings("ignore")
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' and the Hub's bars (read at import)
-        if "transformers" in sys.modules:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+    if not main or verbosity < 0 or not sys.stderr.isatty():
+        hide_library_progress_bars()  # in a log file a bar is a line of carriage returns
 
 
-def quiet_trainer(trainer) -> None:
-    """With ``-q`` (or on a rank other than 0) the Trainer prints no progress bar and no log dicts."""
-    if logger.getEffectiveLevel() > logging.INFO:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+def hide_library_progress_bars() -> None:
+    """No "Loading weights" / "Writing model shards" / download bars from transformers and the Hub
+    (``-q``, ``--no-progress``, and stderr that is not a terminal)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def trainer_output(trainer) -> None:
+    """Where a Trainer's progress goes: its log dicts (loss, learning rate, ...) to stderr through the
+    ``rmt_peft`` logger instead of ``print`` on stdout (stdout holds a command's result), its
+    progress bars only where stderr is a terminal (a log file gets no carriage returns or cursor
+    moves, only the log lines); with ``-q`` (or on a rank other than 0) neither."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if logger.getEffectiveLevel() <= logging.INFO and not trainer.args.disable_tqdm:
+        trainer.add_callback(_logged_progress(ProgressCallback)(bars=sys.stderr.isatty()))
+    elif logger.getEffectiveLevel() <= logging.INFO:
+        trainer.add_callback(_logged_progress(ProgressCallback)(bars=False))
+
+
+def _logged_progress(progress_class):
+    class LoggedProgress(progress_class):
+        """transformers' ProgressCallback with bars only on a terminal and the log lines on stderr."""
+
+        def __init__(self, bars: bool):
+            super().__init__()
+            self.bars = bars
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.current_step = 0
+            if self.bars:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.training_bar is not None:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            if self.bars:
+                super().on_prediction_step(args, state, control, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = {k: v for k, v in logs.items() if k != "total_flos"}
+            line = f"step {state.global_step}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+            if self.training_bar is not None:
+                self.training_bar.write(line, file=sys.stderr)
+            else:
+                logger.info(line)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.training_bar is not None:
+                super().on_train_end(args, state, control, **kwargs)
+
+    return LoggedProgress

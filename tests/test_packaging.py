@@ -91,7 +91,7 @@ def test_installed_package_trains_on_two_ranks_from_another_folder(installed, tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"][0]["steps"] == 2 and set(summary["eval"]) == {"2"}
     logs = result.stdout + result.stderr
-    assert logs.count("stage 0: [1] segment(s)") == 1  # the main process speaks, the other rank does not
+    assert logs.count("stage 1 of 1 (stage-0): [1] segment(s)") == 1  # the main process speaks, the other rank does not
     assert "gemm_4bit_forward" not in logs and "Setting accelerator to CPU" not in logs
 
 

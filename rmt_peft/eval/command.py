@@ -15,6 +15,7 @@ import json
 import os
 
 from ..errors import UserError
+from ..log import hide_library_progress_bars
 from ..options import add_model_options
 
 DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
     from .. import runs
     from .runner import EvalSettings, curve_for_task, evaluate
+
+    if args.no_progress:
+        hide_library_progress_bars()  # transformers' "Loading weights" too
 
     adapter, recipe_path = runs.locate(args.path)
     recipe = runs.read_recipe(recipe_path, args.overrides)

@@ -86,7 +86,7 @@ def history_curve(rmt: RMTModel, samples: Sequence[dict], history_sizes: Sequenc
                   chunk_size: int | None = None, progress: bool = True, bar: tqdm | None = None,
                   context_tokens: int | None = None, target_size: int | None = None) -> HistoryCurve:
     """Perplexity and per-position loss of the target segment for each history size
-    (``bar``: a progress bar to advance instead of a new one). ``context_tokens``: score a
+    (``bar``: a progress bar of segments read to advance instead of a new one). ``context_tokens``: score a
     plain-context model on targets of ``target_size`` tokens (the samples' segment size) instead."""
     rmt.eval()
     device = rmt.memory_tokens.device
@@ -95,14 +95,15 @@ def history_curve(rmt: RMTModel, samples: Sequence[dict], history_sizes: Sequenc
     sums = {h: None for h in history_sizes}
     own_bar = bar is None
     if own_bar:
-        bar = tqdm(total=count * len(history_sizes), desc="history", unit="sample", disable=not progress)
+        bar = tqdm(total=count * sum(h + 1 for h in history_sizes), desc="history", unit="segment",
+                   disable=not progress)
     for index in range(count):
         ids = samples[index]["input_ids"].unsqueeze(0).to(device)
         plain = None if context_tokens is None else context_token_losses(rmt, ids, target_size, context_tokens)
         for h in history_sizes:
             losses = (plain if plain is not None else target_token_losses(rmt, ids, h, chunk_size))[0].double()
             sums[h] = losses if sums[h] is None else sums[h] + losses
-            bar.update(1)
+            bar.update(h + 1)  # segments read: the history and the target
     if own_bar:
         bar.close()
     for h in history_sizes:
@@ -141,7 +142,7 @@ def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[in
                       chunk_size: int | None = None, progress: bool = True,
                       bar: tqdm | None = None) -> list[LengthPerplexity]:
     """Perplexity on all labelled tokens and on the last segment for each number of segments
-    (``bar``: a progress bar to advance instead of a new one)."""
+    (``bar``: a progress bar of segments read to advance instead of a new one)."""
     rmt.eval()
     cfg = rmt.memory_config
     device = rmt.memory_tokens.device
@@ -149,7 +150,7 @@ def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[in
     points = []
     own_bar = bar is None
     if own_bar:
-        bar = tqdm(total=len(segments) * num_samples, desc="perplexity", unit="sample", disable=not progress)
+        bar = tqdm(total=sum(segments) * num_samples, desc="perplexity", unit="segment", disable=not progress)
     for n in segments:
         bar.set_postfix(segments=n)
         dataset = source(n, num_samples)
@@ -179,7 +180,7 @@ def length_perplexity(rmt: RMTModel, source: SampleSource, segments: Sequence[in
                     last_sum += result.segment_losses[-1] * last
                     last_count += last
                 tokens += len(ids)
-                bar.update(1)
+                bar.update(n)  # segments read
         loss_all = all_sum / max(all_count, 1)
         loss_last = last_sum / max(last_count, 1)
         points.append(LengthPerplexity(n, tokens // max(count, 1), count, math.exp(loss_all), math.exp(loss_last),

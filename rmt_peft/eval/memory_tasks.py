@@ -96,13 +96,13 @@ def length_generalization(rmt: RMTModel, source: SampleSource, segments: Sequenc
                           batch_size: int = 1, chunk_size: int | None = None, progress: bool = True,
                           bar: tqdm | None = None) -> list[LengthPoint]:
     """Accuracy, model time and peak memory for each number of segments in ``segments``
-    (``bar``: a progress bar to advance instead of a new one)."""
+    (``bar``: a progress bar of segments read to advance instead of a new one)."""
     rmt.eval()
     device = rmt.memory_tokens.device
     points = []
     own_bar = bar is None
     if own_bar:
-        bar = tqdm(total=len(segments) * num_samples, desc="memory task", unit="sample", disable=not progress)
+        bar = tqdm(total=sum(segments) * num_samples, desc="memory task", unit="segment", disable=not progress)
     for n in segments:
         bar.set_postfix(segments=n)
         dataset = source(n, num_samples)
@@ -114,7 +114,7 @@ def length_generalization(rmt: RMTModel, source: SampleSource, segments: Sequenc
                 correct.append(score_batch(rmt, batch, chunk_size))  # .cpu() inside waits for the device
                 seconds += time.perf_counter() - start
                 tokens += sum(len(s["input_ids"]) for s in batch)
-                bar.update(len(batch))
+                bar.update(len(batch) * n)  # segments read
         accuracy = float(torch.cat(correct).mean())
         points.append(LengthPoint(n, tokens // count, count, accuracy, seconds, m.seconds,
                                   seconds / count, tokens / seconds, m.peak_memory_bytes, m.memory_kind))

@@ -64,13 +64,15 @@ def evaluate(models: dict[str, RMTModel], build: SampleSource, settings: EvalSet
     os.makedirs(out_dir, exist_ok=True)
     s = settings
     results: dict = {name: [] for name in models}
+    # The bar counts segments read, not samples: a sample of 1,024 segments takes 1,024 times as
+    # long as one of a single segment, and the ETA must know it.
     if s.curve == "history":
         samples = build(max(s.segments), s.num_samples)
         histories = sorted(n - 1 for n in s.segments)
-        total = len(models) * min(s.num_samples, len(samples)) * len(histories)
+        total = len(models) * min(s.num_samples, len(samples)) * sum(h + 1 for h in histories)
     else:
-        total = len(models) * s.num_samples * len(s.segments)
-    bar = tqdm(total=total, desc=f"eval {s.curve}", unit="sample", disable=not s.progress)
+        total = len(models) * s.num_samples * sum(s.segments)
+    bar = tqdm(total=total, desc=f"eval {s.curve}", unit="segment", unit_scale=True, disable=not s.progress)
     if s.curve == "history":
         # Samples are cut in the first model's segments; plain-context models score the same targets.
         target_size = next(iter(models.values())).memory_config.segment_size

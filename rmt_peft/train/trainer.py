@@ -36,7 +36,7 @@ from ..data.registry import build_dataset as registry_build
 from ..errors import TrainingDiverged, UserError
 from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
 from ..hub import write_model_card
-from ..log import is_main_process, logger, quiet_trainer
+from ..log import is_main_process, logger, trainer_output
 from ..inputs import IGNORE_INDEX
 from ..metrics import exact_match
 from ..recurrent import RMTModel, context_split
@@ -49,7 +49,7 @@ from .guard import DivergenceGuard, set_base_learning_rate
 from .keep_best import Kept, KeepBest, best_dir, read_kept
 from .lock import LOCK_FILE, RunLock
 from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, RecipeError, needs_tokenizer, stage_segments
-from .tracking import continue_curve, end_run
+from .tracking import continue_curve, end_run, final_evaluation, log_final_evaluation
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
@@ -497,7 +497,8 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             log(f"stage {index}: no steps left under training.max_steps={total}; stopping the curriculum")
             break
         segments = stage_segments(stage)
-        log(f"stage {index}: {segments} segment(s), up to {budget} steps")
+        log(f"stage {index + 1} of {len(stages)} ({os.path.basename(stage_dir(out, index))}): {segments} "
+            f"segment(s), up to {budget} steps")
         checkpoint = point.checkpoint if index == resume_stage else None
         while True:  # once, or again after each rollback of the divergence guard
             release_deepspeed(trainer)
@@ -515,8 +516,9 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, callbacks)
             if keeper is not None:
                 keeper.trainer = trainer
-            continue_curve(trainer, out, state.steps_before, index, segments)  # one curve for all stages
-            quiet_trainer(trainer)  # -q: no progress bars or printed log dicts
+            continue_curve(trainer, out, state.steps_before, index, segments,  # one curve for all stages
+                           sum(f.get("epochs") or 0.0 for f in state.finished))
+            trainer_output(trainer)  # log lines on stderr, bars on a terminal only; -q: neither
             trainer.guard = DivergenceGuard(recipe.guard.spike_factor, recipe.guard.spike_steps)
             trainer.base_learning_rate = args.learning_rate if state.lr_scale != 1 else None
             try:
@@ -546,7 +548,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                     state.best, state.bad_evals = None, 0
         steps = trainer.state.global_step
         state.finished.append({"stage": index, "num_segments": stage.num_segments, "steps": steps,
-                               "train_loss": finite(result.training_loss),
+                               "epochs": finite(trainer.state.epoch), "train_loss": finite(result.training_loss),
                                "reason": state.stop_reason or f"step budget ({budget})"})
         state.stage, state.steps_before = index + 1, state.steps_before + steps
         state.best, state.bad_evals, state.stop_reason = None, 0, None
@@ -570,14 +572,18 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     save_adapter(trainer.model, os.path.join(out, FINAL_DIR), trainer.base_model, trainer.args.should_save, False)
 
     evaluation = {}
-    if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
-        metrics = trainer.evaluate(metric_key_prefix="final")
-        evaluation["all"] = eval_entry(metrics["final_accuracy"], metrics["final_loss"])
-    for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
-        ds = build_dataset(recipe, tokenizer, [n], recipe.eval.num_samples or recipe.data.num_eval_samples,
-                           recipe.data.seed + 2)
-        metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"final_{n}")
-        evaluation[str(n)] = eval_entry(metrics[f"final_{n}_accuracy"], metrics[f"final_{n}_loss"])
+    with final_evaluation(trainer):  # reported once below, not as a scalar per length and metric
+        if recipe.trainer == "sft":  # trl prepared (and truncated) the eval split with the last stage
+            metrics = trainer.evaluate(metric_key_prefix="final")
+            evaluation["all"] = eval_entry(metrics["final_accuracy"], metrics["final_loss"])
+        for n in final_segments(recipe) if recipe.trainer == "rmt" else []:
+            ds = build_dataset(recipe, tokenizer, [n], recipe.eval.num_samples or recipe.data.num_eval_samples,
+                               recipe.data.seed + 2)
+            metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"final_{n}")
+            evaluation[str(n)] = eval_entry(metrics[f"final_{n}_accuracy"], metrics[f"final_{n}_loss"])
+    if trainer.args.should_save:
+        log_final_evaluation(trainer.args.report_to, out, evaluation,
+                             format_table({"eval": evaluation, "num_memory_tokens": recipe.memory.num_memory_tokens}))
     summary = {"status": "completed", "num_memory_tokens": recipe.memory.num_memory_tokens,
                "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
                "eval": evaluation}
@@ -693,7 +699,7 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
 
 def run(recipe: Recipe, log=print) -> dict:
     """``train_recipe``, plus the 0-memory baseline when ``eval.baseline`` asks; the combined
-    accuracy table is printed and written to summary.json."""
+    accuracy table is printed (stdout) and written to summary.json."""
     summary = train_recipe(recipe, log)
     if recipe.eval.baseline:
         end_run()  # the baseline reports as a run of its own
@@ -701,6 +707,8 @@ def run(recipe: Recipe, log=print) -> dict:
         if lock is not None:
             lock.acquire()
         try:
+            log(f"the 0-memory baseline (eval.baseline): the same curriculum in "
+                f"{os.path.join(recipe.output_dir, BASELINE_DIR)}")
             base = train_recipe(baseline_recipe(recipe), log)
         except TrainingDiverged as err:
             summary["status"] = "baseline diverged"
@@ -717,7 +725,7 @@ def run(recipe: Recipe, log=print) -> dict:
                 lock.release()
     if is_main_process():
         write_model_card(os.path.join(recipe.output_dir, FINAL_DIR), run_dir=recipe.output_dir)  # with the results
-        log(format_table(summary))
+        print(format_table(summary), flush=True)  # the result: stdout, whatever the verbosity
     return summary
 
 

@@ -63,3 +63,33 @@ def test_history_and_perplexity_curves(tmp_path):
     point = metrics["results"]["baseline"][1]
     assert point["perplexity_all"] > 1 and point["num_tokens"] == 16
     assert os.path.getsize(tmp_path / "p" / "perplexity_vs_length.png") > 10_000
+
+
+def test_the_progress_bar_counts_segments_read(tmp_path, monkeypatch):
+    """The bar's total and its updates are segments (a sample of 4 segments is 4 times the work of
+    one), so its ETA is right; every curve fills it exactly."""
+    import rmt_peft.eval.runner as runner
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runner, "tqdm", Bar)
+    evaluate(models(), lambda n, k: TokenMemoryTask(k, n, 8), EvalSettings("accuracy", [1, 4], num_samples=3,
+                                                                            batch_size=2), tmp_path / "a")
+    evaluate(models(), lm_builder, EvalSettings("history", [1, 3], num_samples=2), tmp_path / "h")
+    evaluate(models(), lm_builder, EvalSettings("perplexity", [2, 5], num_samples=2), tmp_path / "p")
+    # models x samples x segments: (1 + 4) x 3; history sizes 0 and 2 read 1 and 3 segments; (2 + 5) x 2
+    assert [(b.total, b.n) for b in bars] == [(2 * 3 * 5,) * 2, (2 * 2 * 4,) * 2, (2 * 2 * 7,) * 2]

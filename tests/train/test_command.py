@@ -56,3 +56,18 @@ def test_recipes_copies_a_deepspeed_config_with_how_to_use_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"training.deepspeed={target}" in out and f"rmt-peft train {target}" not in out
     json.loads(target.read_text())
+
+
+def test_the_result_table_is_stdout_and_the_trainer_logs_are_not(write_recipe, tmp_path, capsys):
+    """stdout holds the result (also with -q); the Trainer's loss lines go to stderr, without
+    progress bars when stderr is not a terminal (a log file gets no carriage returns)."""
+    path = write_recipe({"training.disable_tqdm": False})
+    assert main(["train", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["segments", "|", "accuracy", "(4", "memory)"] and len(out.splitlines()) == 3
+    assert "stage 1 of 2 (stage-0): [1] segment(s)" in err and "step 1: loss " in err
+    assert "\r" not in err and "\x1b[" not in err
+    path = write_recipe({"training.output_dir": str(tmp_path / "quiet")}, name="quiet.yaml")
+    assert main(["train", path, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "accuracy (4 memory)" in out and err == ""

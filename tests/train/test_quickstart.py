@@ -9,7 +9,7 @@ from rmt_peft.train.trainer import run
 
 
 @pytest.mark.slow
-def test_quickstart_memory_beats_the_no_memory_baseline(tmp_path):
+def test_quickstart_memory_beats_the_no_memory_baseline(tmp_path, capsys):
     out = tmp_path / "quickstart"
     lines = []
     recipe = load_recipe("quickstart", [
@@ -29,5 +29,7 @@ def test_quickstart_memory_beats_the_no_memory_baseline(tmp_path):
         assert (folder / "memory_config.json").exists() and (folder / "memory.safetensors").exists()
     assert json.loads((out / "baseline" / "final" / "memory_config.json").read_text())["num_memory_tokens"] == 0
     assert (out / "recipe.yaml").exists()
-    table = lines[-1]
+    # stdout holds the result table and nothing else (the Trainer's log dicts go to stderr)
+    table = capsys.readouterr().out
     assert "accuracy (4 memory)" in table and "accuracy (0 memory)" in table and len(table.splitlines()) == 5
+    assert lines[0] == "stage 1 of 3 (stage-0): [1] segment(s), up to 40 steps"

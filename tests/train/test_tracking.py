@@ -28,6 +28,14 @@ def test_stages_log_one_curve_with_a_global_step_and_the_stage(write_recipe):
     assert {(e.step, e.value) for e in stage} == {(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)}
     segments = {e.step: e.value for e in events.Scalars("train/curriculum_num_segments")}
     assert segments[3] == 1 and segments[5] == 2
+    # epoch grows across stages (16 samples / batch 4: 0.25 a step), not a sawtooth restarting at 0
+    epochs = [e.value for e in events.Scalars("train/epoch")]
+    assert epochs == sorted(epochs) and epochs[-1] > 1.0
+    tags = events.Tags()["scalars"]
+    assert not [t for t in tags if "total_flos" in t or "/final_" in t], tags  # no 0 FLOPs, no one-point scalars
+    # the final evaluation: one group, accuracy and loss against the number of segments (eval.num_segments [2])
+    assert [e.step for e in events.Scalars("final_eval/accuracy")] == [2]
+    assert [e.step for e in events.Scalars("final_eval/loss")] == [2]
 
 
 def test_the_baseline_gets_a_wandb_run_of_its_own(monkeypatch):
