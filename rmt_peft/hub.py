@@ -476,7 +476,8 @@ def recipe_datasets(recipe: dict) -> list[str]:
 def eval_results(model_name: str, task: str, datasets: list[str], summary: dict):
     """model-index entries: accuracy and perplexity of the final evaluation per number of segments."""
     results = []
-    for segments, metrics in sorted(summary.get("eval", {}).items(), key=lambda kv: (not kv[0].isdigit(), kv[0])):
+    for segments, metrics in sorted(summary.get("eval", {}).items(),
+                                    key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)):
         what = f"{segments} segment(s)" if segments.isdigit() else "held-out split"
         for metric in ("accuracy", "perplexity"):
             value = metrics.get(metric)
@@ -524,6 +525,26 @@ def _hyperparameters(recipe: dict) -> str:
             f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n\n</details>\n\n")
 
 
+DEFAULT_LICENSE = "apache-2.0"  # rmt-peft's own: for weights built from a config (tiny:<arch>)
+
+
+def base_license(base: str | None) -> str | None:
+    """The license in the card of the base model: a local folder's README.md, or a Hub model's
+    card in the local cache (never downloaded); None when it cannot be read here."""
+    if not base:
+        return None
+    path = os.path.join(base, CARD_FILE) if os.path.isdir(base) else None
+    if path is None and hub_repo_id(base):
+        cached = huggingface_hub.try_to_load_from_cache(base, CARD_FILE)
+        path = cached if isinstance(cached, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # a card without or with broken metadata: the license is unknown, not an error
+        return None
+
+
 def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | None = None) -> str:
     """Write README.md for a saved ``folder`` through ``huggingface_hub.ModelCard``: Hub metadata
     (base_model when it is a Hub repo id, datasets, tags, model-index with the evaluation of the
@@ -543,7 +564,9 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     task = (recipe.get("data") or {}).get("task")
     datasets = recipe_datasets(recipe) if recipe else []
     hub_base = hub_repo_id(base)
-    data = ModelCardData(base_model=hub_base, datasets=datasets or None, model_name=name,
+    found_license = base_license(base)
+    license = found_license or (DEFAULT_LICENSE if base and base.startswith(TINY_PREFIX) else "other")
+    data = ModelCardData(base_model=hub_base, datasets=datasets or None, model_name=name, license=license,
                          eval_results=eval_results(name, task, datasets, summary) if task else None,
                          library_name="peft" if kind == "lora" else "transformers", tags=tags,
                          pipeline_tag="text-generation")
@@ -555,23 +578,36 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
             else "full model weights plus the trained memory")
     trained_on = (f"a {quantization} (bitsandbytes) copy of `{base}`" if quantization != "none" and base
                   else f"`{base}`" if base else "its backbone")
-    built = "" if hub_base or not base else (f"\n`{base}` is not a Hub model (a local folder, or a model built from "
-                                             f"a config), so the card names no `base_model`.\n")
+    if found_license:
+        license_line = f"License: `{license}`, the license of the base model `{base}`."
+    elif license == DEFAULT_LICENSE:
+        license_line = (f"License: `{license}` (rmt-peft's own): `{base}` is a small model built from a config with "
+                        f"random weights, not a published model.")
+    else:
+        license_line = (f"License: the license of the base model{f' `{base}`' if base else ''} applies to these "
+                        f"weights; its card could not be read where this card was written, so the metadata says "
+                        f"`other`: set it before sharing.")
     base_hint = ("" if hub_base or kind != "lora" else
                  "# the base is not a Hub model: where it is not at its recorded path, add base_model=PATH\n")
     peft_note = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
-                 "(without the memory, the model does not read long inputs).\n" if kind == "lora" else "")
+                 "(without the memory, the model does not read long inputs).\n" if kind == "lora" else
+                 "\n`transformers.AutoModelForCausalLM.from_pretrained(path)` loads these weights alone: it ignores "
+                 f"the memory (`{MEMORY_WEIGHTS_FILE}`) and reads one context window like the base model. Load "
+                 "the model with `RMTModel.from_pretrained` to read long inputs through the memory.\n")
+    model_id = repo_id or f"path/to/{name}"  # a repo id once pushed; until then the folder
     data_line = f" on the `{task}` task" + (f" ({', '.join(datasets)})" if datasets else "") if task else ""
     files = ", ".join(f"`{n}`" for n in sorted(set(os.listdir(folder)) | {CARD_FILE}))
     body = f"""
 # {name}
 
 A Recurrent Memory Transformer (Bulatov et al., [arXiv 2304.11062](https://arxiv.org/abs/2304.11062))
-trained with [rmt-peft](https://pypi.org/project/rmt-peft/){data_line} on {trained_on}: {what}.
+trained with rmt-peft{data_line} on {trained_on}: {what}.
 The input is read in segments of {memory_config.segment_size} tokens; {memory_config.num_memory_tokens}
 memory tokens carry what was read from one segment to the next, so inputs may be longer than the
 backbone's context.
-{built}
+
+{license_line}
+
 ## Results
 
 Final evaluation of the training run, by input length in segments:
@@ -591,7 +627,7 @@ Final evaluation of the training run, by input length in segments:
 import torch
 from rmt_peft import RMTModel
 
-{base_hint}rmt = RMTModel.from_pretrained("{name}"{load_quant})
+{base_hint}rmt = RMTModel.from_pretrained("{model_id}"{load_quant})
 input_ids = torch.tensor([[...]])  # token ids of any length; the model reads them segment by segment
 out = rmt(input_ids)
 new_tokens = rmt.generate(input_ids, max_new_tokens=32)

@@ -115,7 +115,7 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
                                        base_model=base_model, **options)
         merged = hub.merge(rmt, resolve_dtype(dtype))
         hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
-        hub.write_model_card(to, push_to_hub or os.path.basename(os.path.abspath(to)), run_dir=run_folder(folder))
+        hub.write_model_card(to, push_to_hub, run_dir=run_folder(folder))
     else:
         with hub.atomic_directory(to) as tmp:
             for name in exported_files(folder):

@@ -111,7 +111,8 @@ def test_saved_files_describe_the_model(neo_adapter, bases):
     assert "library_name: peft" in header and "- rmt-peft" in header and "- lora" in header
     assert "base_model" not in header  # a local path is no Hub id
     assert "| `num_memory_tokens` | `4` |" in card and "| `segment_size` | `8` |" in card
-    assert 'RMTModel.from_pretrained("neo")' in card
+    assert 'RMTModel.from_pretrained("path/to/neo")' in card  # no Hub id is known yet
+    assert "license: other" in header and "its card could not be read" in card  # a local base without a card
 
 
 def test_card_records_hub_base_and_quantization(bases, tmp_path):

@@ -14,7 +14,7 @@ from rmt_peft.train.trainer import TRAINABLE_FILE, run
 
 
 def test_run_card_holds_results_and_hyperparameters_and_exports_only_what_users_need(write_recipe, tmp_path):
-    recipe = load_recipe(write_recipe({"eval.num_segments": [1, 2], "curriculum.steps_per_stage": 2,
+    recipe = load_recipe(write_recipe({"eval.num_segments": [1, 2, 10], "curriculum.steps_per_stage": 2,
                                        "data.options": {"vocab_size": 64}}))
     run(recipe, log=lambda *_: None)
     out, final = recipe.output_dir, os.path.join(recipe.output_dir, "final")
@@ -28,7 +28,11 @@ def test_run_card_holds_results_and_hyperparameters_and_exports_only_what_users_
     assert card.data.model_name == "run" and "\n# run\n" in card.content  # the run's name, not "final"
     _, results = model_index_to_eval_results(data["model-index"])  # what the Hub's parser reads back
     accuracy = {r.dataset_config: r.metric_value for r in results if r.metric_type == "accuracy"}
-    assert accuracy == {n: round(summary["eval"][n]["accuracy"], 4) for n in ("1", "2")}
+    assert accuracy == {n: round(summary["eval"][n]["accuracy"], 4) for n in ("1", "2", "10")}
+    assert list(accuracy) == ["1", "2", "10"]  # by number, not as strings ("1", "10", "2")
+    # weights built from a config: rmt-peft's license, said in the text; no developer notes, no dead links
+    assert card.data.license == "apache-2.0" and "License: `apache-2.0`" in card.text
+    assert "pypi.org" not in card.text and "so the card names no" not in card.text
     assert all(r.dataset_type == "token_memory" and r.task_type == "text-generation" for r in results)
     assert "| learning_rate | `0.002` |" in card.text and "RMTModel.from_pretrained(" in card.text
     assert f"| 2 | {summary['eval']['2']['accuracy']:.4f} |" in card.text
@@ -38,6 +42,7 @@ def test_run_card_holds_results_and_hyperparameters_and_exports_only_what_users_
     assert TRAINABLE_FILE not in shipped and shipped == set(os.listdir(final))
     exported = ModelCard.load(str(tmp_path / "shipped" / "README.md"))
     assert exported.data.eval_results and exported.data.model_name == "shipped"
+    assert 'RMTModel.from_pretrained("path/to/shipped")' in exported.text  # not a made-up Hub id
 
 
 def test_card_base_model_is_a_hub_repo_id_or_left_out(tmp_path):
@@ -68,4 +73,14 @@ def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_
         expected = trained(input_ids=ids, return_logits=True).logits
         got = RMTModel.from_pretrained(str(merged))(input_ids=ids, return_logits=True).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert "base_model" not in ModelCard.load(str(merged / "README.md")).data.to_dict()
+    card = ModelCard.load(str(merged / "README.md"))
+    assert "base_model" not in card.data.to_dict()
+    assert "AutoModelForCausalLM.from_pretrained(path)` loads these weights alone: it ignores the memory" in card.text
+
+
+def test_card_license_is_the_base_models_where_its_card_is_at_hand(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
+    assert hub.base_license(str(tmp_path / "base")) == "mit"
+    assert hub.base_license(str(tmp_path)) is None  # no card
+    assert hub.base_license("rmt-peft-tests/not-cached") is None  # never downloaded
