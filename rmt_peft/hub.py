@@ -369,8 +369,8 @@ def merge(rmt: "RMTModel", dtype: torch.dtype = torch.bfloat16, device: str | to
         state[name] = _base_tensor(source, name, plain).to(device, dtype)
     plain.load_state_dict(state, strict=True)
     adapter = peft_model.active_adapter
-    lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
     with quiet_peft():
+        lora_state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
         lora = get_peft_model(plain, copy.deepcopy(peft_model.peft_config[adapter]))
     # LoRA stays fp32 (peft upcasts adapters): the delta is computed in fp32, rounded once when added.
     set_peft_model_state_dict(lora, {k: v.detach().to(device) for k, v in lora_state.items()})

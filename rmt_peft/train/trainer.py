@@ -654,10 +654,11 @@ def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: li
         # does not write the pad token into a generation_config our wrapper does not have.
         sft_collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
-        trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                      processing_class=tokenizer, data_collator=sft_collator,
-                                      compute_metrics=accuracy_metrics, callbacks=callbacks,
-                                      base_model=recipe.model.name_or_path)
+        with no_datasets_bars():  # trl maps each split several times: a bar per map per stage
+            trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                          processing_class=tokenizer, data_collator=sft_collator,
+                                          compute_metrics=accuracy_metrics, callbacks=callbacks,
+                                          base_model=recipe.model.name_or_path)
         if len(trainer.train_dataset) == 0:
             raise RecipeError(f"data.options={recipe.data.options!r}: no usable rows once truncated to "
                               f"{args.max_length} tokens ({max(segments)} segment(s)): trl drops samples whose "
@@ -669,6 +670,20 @@ def stage_trainer(recipe: Recipe, model, args, tokenizer, collator, segments: li
         eval_ds = build_dataset(recipe, tokenizer, segments, recipe.data.num_eval_samples, recipe.data.seed + 1)
     return RMTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       compute_metrics=accuracy_metrics, callbacks=callbacks, base_model=recipe.model.name_or_path)
+
+
+@contextlib.contextmanager
+def no_datasets_bars():
+    """The ``datasets`` library's progress bars off inside (restored after)."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def instruction_datasets(recipe: Recipe):

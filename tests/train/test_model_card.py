@@ -54,7 +54,9 @@ def test_card_base_model_is_a_hub_repo_id_or_left_out(tmp_path):
     assert hub.recipe_datasets({"data": {"options": {"path": "json", "data_files": "qa.jsonl"}}}) == []
 
 
-def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_path):
+def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_path, capsys):
+    import warnings
+
     import torch
 
     from rmt_peft import RMTModel
@@ -64,7 +66,14 @@ def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_
                                        "eval.num_segments": [1], "training.learning_rate": 0.05}))
     run(recipe, log=lambda *_: None)
     merged = tmp_path / "merged"
-    assert main(["export", recipe.output_dir, "--to", str(merged), "--merge", "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", recipe.output_dir, "--to", str(merged), "--merge", "--dtype", "float32"]) == 0
+    # one line; no peft warnings about the rebuilt base or a temporary folder
+    assert not [str(w.message) for w in caught if "peft" in w.filename or "checkpointing" in str(w.message)]
+    out, err = capsys.readouterr()
+    assert out == f"wrote merged model (full weights + memory) to {merged}\n" and "tmp" not in err, err
     # the reference: the adapter on the frozen tiny backbone rebuilt independently (training seed 0)
     base = save_tiny_model(str(tmp_path / "base"), "gpt_neo", seed=0, vocab_size=64, max_positions=64)
     trained = RMTModel.from_pretrained(os.path.join(recipe.output_dir, "final"), base_model=base)
