@@ -9,8 +9,11 @@ reader holds one segment). Each answer is what ``generate(document + separator +
 would give (greedy), without reading the document again. ``--save-memory`` keeps the state after
 the document (a small safetensors file) for later ``--memory`` calls. With no ``--question``,
 questions come from standard input, one per line. Answers go to standard output, one per line.
-The run (or adapter) is opened through ``rmt_peft.runs``, imported with torch when the command
-runs, so that ``--help`` stays fast.
+The run must have been trained on text (a run on raw token ids, like the quickstart's, has no
+tokenizer and is refused).
+
+For developers: the run (or adapter) is opened through ``rmt_peft.runs``, imported with torch
+when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -21,14 +24,15 @@ from collections.abc import Iterable
 
 from .errors import UserError
 from .log import hide_library_progress_bars
-from .options import add_model_options
+from .options import add_model_options, description
 
 READ_CHARS = 1 << 20  # characters of the document read (and tokenized) at a time
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("ask", help="read a long document once, answer questions from its memory",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=description(__doc__),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_ADAPTER", help="a training run, an adapter folder or a Hub id")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--document", metavar="FILE", help="a UTF-8 text file of any length to read")

@@ -13,8 +13,9 @@ loads with ``RMTModel.from_pretrained`` without peft. Other files of the source 
 Export never deletes what it did not write: a --to folder that exists and is not empty is refused
 unless --overwrite is given, and a --to folder that is the source, holds it, or lies inside the
 adapter folder is always refused. The folder is written beside the target and renamed into place.
-What a source path is: ``rmt_peft.runs.adapter_folder``; torch and the model code are imported
-when the command runs, so that ``--help`` stays fast.
+
+For developers: what a source path is: ``rmt_peft.runs.adapter_folder``; torch and the model
+code are imported when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ import shutil
 import sys
 
 from .errors import UserError
+from .options import description
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="copy / merge a trained adapter and optionally push it to the Hub",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=description(__doc__),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
                    help="a training run's OUTPUT_DIR (uses OUTPUT_DIR/final) or an adapter folder")
     p.add_argument("--to", required=True, metavar="DIR",

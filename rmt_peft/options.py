@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+DEVELOPER_NOTES = "For developers:"  # a command module's docstring from here on is not --help text
+
+
+def description(doc: str) -> str:
+    """A command's --help text from its module docstring: the part before ``DEVELOPER_NOTES``,
+    without reST markup (``code`` reads as code)."""
+    text = doc.split(DEVELOPER_NOTES)[0].strip()
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ written for a checkout keep working anywhere. Cheap to import: ``rmt-peft --help
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 
 RECIPES = "recipes"
@@ -46,11 +47,13 @@ def recipe_path(value: str) -> str | None:
 
 
 def describe_recipe(file: str) -> str:
-    """The first line of a recipe's leading comment (what it trains)."""
+    """The first sentence of a recipe's leading comment (what it trains), whole."""
+    lines = []
     with open(file, encoding="utf-8") as f:
         for line in f:
-            if line.startswith("#") and line.strip("# \n"):
-                return line.strip("# \n")
-            if not line.startswith("#"):
+            if not line.startswith("#") or line.startswith("#  "):  # the YAML, or an indented example command
                 break
-    return ""
+            lines.append(line.strip("# \n"))
+    text = " ".join(part for part in lines if part)
+    end = re.search(r"\.(\s|$)", text)
+    return text[:end.start() + 1] if end else text

@@ -4,9 +4,11 @@ RUN_OR_ADAPTER_DIR is a training run (``recipe.yaml`` + ``final/``), an adapter 
 ``recipe.yaml`` is taken from its parent when there is one) or a Hub id. The recipe supplies the
 task, its options, the model's quantization / dtype / tokenizer and the eval section's lengths;
 flags and ``dotted.key=value`` overrides (applied to the recipe as in training) take precedence.
-Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out`` (default RUN/eval).
-The run folder is read through ``rmt_peft.runs``; it and the evaluators are imported when the
-command runs, so that ``--help`` stays fast.
+Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out`` (default RUN/eval) and prints
+a short JSON summary (accuracy or perplexity per length and model) on stdout.
+
+For developers: the run folder is read through ``rmt_peft.runs``; it and the evaluators are
+imported when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 
 from ..errors import UserError
 from ..log import hide_library_progress_bars
-from ..options import add_model_options
+from ..options import add_model_options, description
 
 DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
 DEFAULT_SAMPLES = 100
@@ -170,7 +172,8 @@ def _headline(curve: str, result) -> dict:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="curves of a trained run: accuracy / perplexity vs length",
-                              description=__doc__.splitlines()[0])
+                              description=description(__doc__),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_ADAPTER_DIR", help="a training run, an adapter folder or a Hub id")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="recipe overrides, e.g. data.options.noise=pg19 memory.segment_alignment=left")

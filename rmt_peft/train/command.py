@@ -17,6 +17,7 @@ import argparse
 import os
 import shutil
 import sys
+import textwrap
 
 from .. import resources
 from ..errors import UserError
@@ -123,9 +124,13 @@ def train_command(args) -> int:
 def recipes_command(args) -> int:
     if args.name is None:
         print("recipes (rmt-peft train NAME, or rmt-peft recipes NAME to copy one out and edit it):")
-        for name in resources.names(resources.RECIPES):
+        names = resources.names(resources.RECIPES)
+        width = max(map(len, names)) + 2
+        columns = max(shutil.get_terminal_size().columns, width + 40)
+        for name in names:
             description = resources.describe_recipe(resources.path(resources.RECIPES, name))
-            print(f"  {name:<22} {description}")
+            print(textwrap.fill(description, columns, initial_indent=f"  {name:<{width}}",
+                                subsequent_indent=" " * (width + 2)))
         print("DeepSpeed configs (training.deepspeed=NAME): " + ", ".join(resources.names(resources.DEEPSPEED_CONFIGS)))
         return 0
     for kind in (resources.RECIPES, resources.DEEPSPEED_CONFIGS):

@@ -71,3 +71,18 @@ def test_the_result_table_is_stdout_and_the_trainer_logs_are_not(write_recipe, t
     assert main(["train", path, "-q"]) == 0
     out, err = capsys.readouterr()
     assert "accuracy (4 memory)" in out and err == ""
+
+
+def test_recipes_lists_whole_first_sentences_in_one_column(capsys, monkeypatch):
+    from rmt_peft import resources
+
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:-1]
+    names = resources.names(resources.RECIPES)
+    starts = [line for line in lines if line.split()[0] in names]
+    column = len(starts[0]) - len(starts[0][2:].split(None, 1)[1]) if starts else 0
+    assert len(starts) == len(names)
+    assert all(line[column - 1] == " " and line[column] != " " for line in lines), lines  # one column, wrapped
+    text = " ".join(line[column:].strip() for line in lines)
+    assert text.count(". ") + 1 == len(names) and text.endswith(".")  # each description one whole sentence
