@@ -1,4 +1,4 @@
-"""The ``rmt-peft`` command: train | validate | recipes | eval | export | ask | flops.
+"""The ``rmt-peft`` command: train | validate | recipes | eval | export | ask | flops | env.
 
 Each subcommand lives beside the code it drives; a module named here exposes
 ``register(subparsers)`` (adds its parser, cheap imports only: ``--help`` must not import torch)
@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "rmt_peft.hub_command",     # export
     "rmt_peft.ask_command",     # ask
     "rmt_peft.flops",           # flops
+    "rmt_peft.env",             # env (versions and devices for bug reports)
 ]
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import math
 import os
 import re
 import shutil
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +35,7 @@ from ..attention import use_gpt_neo_sdpa
 from ..backbones import DTYPES, enable_checkpointing, load_backbone
 from ..data.collate import collate
 from ..data.registry import build_dataset as registry_build
+from ..env import versions
 from ..errors import TrainingDiverged, UserError
 from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
 from ..hub import write_model_card
@@ -425,9 +428,19 @@ def final_segments(recipe: Recipe) -> list[int]:
     return sorted({n for s in recipe.curriculum.stages for n in stage_segments(s)})
 
 
+def with_local_paths_resolved(recipe: Recipe) -> Recipe:
+    """``model.name_or_path`` and ``model.tokenizer`` that name local folders, made absolute: the
+    run's recipe.yaml and its adapter's recorded base then load from any folder (eval, ask, export)."""
+    model = recipe.model
+    changes = {key: os.path.abspath(value) for key in ("name_or_path", "tokenizer")
+               if (value := getattr(model, key)) and os.path.exists(value) and not os.path.isabs(value)}
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, **changes)) if changes else recipe
+
+
 def train_recipe(recipe: Recipe, log=print) -> dict:
     """Run the recipe's curriculum, save ``final/``, evaluate, write ``summary.json``; the output
     folder is locked for the run (lock.py). Raises TrainingDiverged when the guard stops the run."""
+    recipe = with_local_paths_resolved(recipe)
     lock = RunLock(recipe.output_dir) if is_main_process() else None
     try:
         if lock is not None:
@@ -448,7 +461,19 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
             lock.release()
 
 
+def provenance(started: float) -> dict:
+    """When the run (this process's part of it) started and ended, its wall time, and the software
+    and devices it ran on: what a result needs to be traced or compared."""
+    now = time.time()
+    return {"started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(now - started, 1), "versions": versions(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
 def _train_recipe(recipe: Recipe, log) -> dict:
+    started = time.time()
     resume = recipe.training.get("resume_from_checkpoint")
     check_output_dir(recipe, bool(resume))  # on every rank, before any rank writes
     out = recipe.output_dir
@@ -586,7 +611,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                              format_table({"eval": evaluation, "num_memory_tokens": recipe.memory.num_memory_tokens}))
     summary = {"status": "completed", "num_memory_tokens": recipe.memory.num_memory_tokens,
                "segment_size": recipe.memory.segment_size, "stages": state.finished, "rollbacks": state.rollbacks,
-               "eval": evaluation}
+               "eval": evaluation, **provenance(started)}
     if kept is not None:
         summary["keep_best"] = {"kept": kept.record, "scores": kept.scores}
     if is_main_process():  # one writer, as in run()

@@ -67,6 +67,15 @@ def test_the_result_table_is_stdout_and_the_trainer_logs_are_not(write_recipe, t
     assert out.splitlines()[0].split() == ["segments", "|", "accuracy", "(4", "memory)"] and len(out.splitlines()) == 3
     assert "stage 1 of 2 (stage-0): [1] segment(s)" in err and "step 1: loss " in err
     assert "\r" not in err and "\x1b[" not in err
+    # summary.json says when, how long and with what software
+    import datetime
+
+    import torch
+
+    summary = json.loads(open(os.path.join(yaml.safe_load(open(path))["training"]["output_dir"], "summary.json")).read())
+    assert summary["versions"]["torch"] == torch.__version__ and summary["device"] == "cpu"
+    started, finished = (datetime.datetime.fromisoformat(summary[k]) for k in ("started", "finished"))
+    assert 0 < summary["wall_seconds"] <= (finished - started).total_seconds() + 1
     path = write_recipe({"training.output_dir": str(tmp_path / "quiet")}, name="quiet.yaml")
     assert main(["train", path, "-q"]) == 0
     out, err = capsys.readouterr()
@@ -86,3 +95,24 @@ def test_recipes_lists_whole_first_sentences_in_one_column(capsys, monkeypatch):
     assert all(line[column - 1] == " " and line[column] != " " for line in lines), lines  # one column, wrapped
     text = " ".join(line[column:].strip() for line in lines)
     assert text.count(". ") + 1 == len(names) and text.endswith(".")  # each description one whole sentence
+
+
+def test_env_prints_versions_and_devices(capsys):
+    import torch
+    import transformers
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "- torch:" in out and torch.__version__ in out and transformers.__version__ in out and "cuda" in out
+
+
+def test_recipe_yaml_records_a_local_model_by_its_absolute_path(write_recipe, tmp_path, monkeypatch):
+    """So that eval / ask / export of the run work from any folder."""
+    from rmt_peft.tiny_models import save_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny_model("neo", "gpt_neo", vocab_size=64, max_positions=64)
+    path = write_recipe({"model": {"name_or_path": "neo"}, "curriculum.segments": [1]})
+    assert main(["train", path, "-q"]) == 0
+    out = yaml.safe_load(open(path))["training"]["output_dir"]
+    assert yaml.safe_load(open(os.path.join(out, "recipe.yaml")))["model"]["name_or_path"] == str(tmp_path / "neo")
