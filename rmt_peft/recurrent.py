@@ -122,6 +122,13 @@ def _refuse_layer_checkpointing(causal_lm: nn.Module) -> None:
                         "memory.checkpoint_segments=true, which recomputes whole segments and keeps memory flat")
 
 
+def _drop_causal_lm_keys(module, state_dict, prefix, *args) -> None:
+    """State dicts of earlier versions also held the backbone under ``causal_lm.*`` (the same
+    tensors as ``backbone.*``): drop those keys so the old dicts still load, strict or not."""
+    for key in [k for k in state_dict if k.startswith(prefix + "causal_lm.")]:
+        del state_dict[key]
+
+
 class RMTModel(nn.Module):
     """Recurrent Memory Transformer around a causal LM (plain, quantized or with peft LoRA)."""
 
@@ -129,7 +136,10 @@ class RMTModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.memory_config = memory_config
-        self.causal_lm: PreTrainedModel = causal_lm_of(backbone)
+        # The causal LM lies inside ``backbone`` (it is the backbone, or peft wraps it): a plain
+        # attribute, not a second submodule, so state_dict() holds each weight once (backbone.*).
+        object.__setattr__(self, "_causal_lm", causal_lm_of(backbone))
+        self.register_load_state_dict_pre_hook(_drop_causal_lm_keys)
         check_position_limit(self.causal_lm.config, memory_config)
         embeddings = self.causal_lm.get_input_embeddings()
         std = memory_config.memory_init_std
@@ -181,6 +191,11 @@ class RMTModel(nn.Module):
         if verbose:
             print(model.trainable_summary())
         return model
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers causal LM inside ``backbone`` (under peft's wrappers, if any)."""
+        return self._causal_lm
 
     def trainable_summary(self) -> str:
         return trainable_summary(self)

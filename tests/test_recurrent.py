@@ -204,6 +204,25 @@ def test_bad_inputs_are_rejected():
         rmt(torch.zeros(5, dtype=torch.long))
 
 
+def test_state_dict_holds_each_weight_once_and_old_dicts_still_load():
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=8),
+                                 lora="attention", verbose=False)
+    state = rmt.state_dict()
+    assert not [k for k in state if k.startswith("causal_lm.")]
+    assert len(state) == len(rmt.backbone.state_dict()) + len(rmt.memory.state_dict())  # the backbone's once
+    assert rmt.causal_lm is rmt.backbone.get_base_model()
+    # a dict of an earlier version (the backbone also under causal_lm.*) loads, strictly, into a fresh model
+    old = {**state, **{"causal_lm." + k.removeprefix("backbone.base_model.model."): v.clone()
+                       for k, v in state.items() if k.startswith("backbone.")}}
+    fresh = RMTModel.from_backbone(tiny_model("gpt_neo", seed=1), MemoryConfig(num_memory_tokens=2, segment_size=8),
+                                   lora="attention", verbose=False)
+    fresh.load_state_dict(old, strict=True)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(ids).logits, rmt.eval()(ids).logits)
+
+
 def test_segment_bounds():
     assert segment_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert segment_bounds(10, 4, "right") == [(0, 2), (2, 6), (6, 10)]
