@@ -111,10 +111,9 @@ def trainer_output(trainer) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if logger.getEffectiveLevel() <= logging.INFO and not trainer.args.disable_tqdm:
-        trainer.add_callback(_logged_progress(ProgressCallback)(bars=sys.stderr.isatty()))
-    elif logger.getEffectiveLevel() <= logging.INFO:
-        trainer.add_callback(_logged_progress(ProgressCallback)(bars=False))
+    if logger.getEffectiveLevel() <= logging.INFO:
+        bars = sys.stderr.isatty() and not trainer.args.disable_tqdm
+        trainer.add_callback(_logged_progress(ProgressCallback)(bars=bars))
 
 
 def _logged_progress(progress_class):
