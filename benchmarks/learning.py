@@ -75,6 +75,8 @@ class RunConfig:
     vocab_size: int = 640            # >= the offline tokenizer (594) for the text tasks
     segment_size: int = 32
     num_memory_tokens: int = 8
+    memory_kind: str = "tokens"      # "associative": ARMT (rmt_peft/associative.py)
+    associative_key_size: int = 64
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
@@ -131,6 +133,8 @@ class RunConfig:
 # One lever at a time against "paper" (the paper's setting: replace, full BPTT, curriculum to 7).
 VARIANTS: dict[str, dict] = {
     "paper": {},
+    # ARMT (Rodkin et al. 2024): an associative matrix per layer beside the memory tokens, no levers
+    "associative": {"memory_kind": "associative"},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
@@ -470,7 +474,11 @@ def accuracy(cfg: RunConfig, model: RMTModel, segments: int, device, data: Sampl
     for first in range(0, samples, batch):
         indices = list(range(first, min(first + batch, samples)))
         ids, labels = data.batch(segments, indices, samples, device)
-        memory = model.read(ids[:, :-seg]) if segments > 1 else None
+        memory = None
+        if segments > 1:  # a stream: on a GPU it replays segments as CUDA graphs (the same memory as read())
+            reader = model.stream(batch_size=len(indices))
+            reader.feed(ids[:, :-seg])
+            memory = reader.finish().memory
         logits = model(ids[:, -seg:], memory=memory, return_logits=True).logits
         correct += exact_match(logits.float(), labels[:, -seg:]).sum().item()
         del ids, labels
@@ -530,7 +538,7 @@ def run_one(cfg: RunConfig) -> dict:
         # a run cut by a time limit still leaves its curve so far in the log
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
     result["eval_seconds"] = time.time() - started
-    if cfg.drift_segments:
+    if cfg.drift_segments and cfg.memory_kind == "tokens":  # the drift of a memory of tokens
         result["drift"] = memory_drift(cfg, model, cfg.drift_segments, device)
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: memory norm / change per segment "
               + ", ".join(f"{r['segments']}: {r['norm']:.3g} / " + ("-" if r["change"] is None else f"{r['change']:.2%}")

@@ -689,6 +689,11 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                   f"{key}.metric={stage.metric!r} is computed by evaluations during training; set "
                   f"training.eval_strategy=steps and training.eval_steps")
 
+    _need(not (mem.associative and train.get("gradient_checkpointing")),
+          "training.gradient_checkpointing=true with memory.memory_kind='associative' is not supported: the "
+          "associative memory reads and writes inside the decoder layers, which a per-layer recompute would run "
+          "without it; use memory.checkpoint_segments=true (whole segments, memory flat in their number)")
+
     # distributed and precision combinations
     ds = recipe.deepspeed_config
     if ds is not None:
@@ -715,11 +720,12 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         config = model_config(model)
         if config is not None:
             limit = position_limit(config)
-            need = mem.segment_size + 2 * mem.num_memory_tokens
+            need = mem.positions_per_segment
+            memory_positions = "memory" if mem.associative else "2 x memory"
             _need(limit is None or need <= limit,
                   f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
-                  f"needs {need} positions (segment + 2 x memory), but {model.name_or_path} has {limit}; "
-                  f"allowed: segment_size <= {limit - 2 * mem.num_memory_tokens if limit else None}")
+                  f"needs {need} positions (segment + {memory_positions}), but {model.name_or_path} has {limit}; "
+                  f"allowed: segment_size <= {limit - (need - mem.segment_size) if limit else None}")
             ids = registry.token_ids_needed(data.task, data.options) if recipe.trainer != "sft" else None
             vocab = getattr(config, "vocab_size", None)
             _need(ids is None or vocab is None or vocab >= ids,

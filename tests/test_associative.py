@@ -276,3 +276,32 @@ def test_a_state_of_another_shape_is_refused():
         rmt(torch.randint(2, 128, (1, 5)), memory=wrong)
     with pytest.raises(ValueError, match="AssociativeState"):
         rmt(torch.randint(2, 128, (1, 5)), memory=torch.zeros(1, 2, 64))
+
+
+def test_compiled_blocks_run_the_hooks_with_one_graph_for_every_layer():
+    """The hooks run outside the compiled graph (torch.compiler.disable): a compiled block is one
+    code object for every layer, and a hook specialised per layer would compile a graph each."""
+    from torch._dynamo.utils import counters
+
+    from rmt_peft.speedups import compile_blocks
+
+    backbone = tiny_model("gpt2", num_layers=4)
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative",
+                                                        associative_key_size=4), verbose=False)
+    for layer in rmt.memory.associative.layers:
+        layer.value.weight.data.normal_(0, 0.3)
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        eager = rmt(ids, return_logits=True).logits
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(rmt.causal_lm, backend="eager")  # dynamo's tracing and guards, without inductor's compile time
+    try:
+        with torch.no_grad():
+            compiled = rmt(ids, return_logits=True).logits
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        compile_blocks(rmt.causal_lm, enable=False)
+        torch._dynamo.reset()

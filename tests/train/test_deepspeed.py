@@ -2,7 +2,9 @@
 the module entry (``deepspeed --module rmt_peft.train``, from a folder outside the checkout), against
 one process on the same data: a 1-segment stage, then 3-segment BPTT
 with LoRA reused in every segment under non-reentrant checkpointing (whole segments with ZeRO-2,
-per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The backbone
+per layer with ZeRO-3), must give the same loss curve and the same trained adapter. The same holds
+for the associative memory, whose projections ZeRO-3 partitions and gathers inside the decoder
+layers' hooks (without checkpointing under ZeRO-3: it takes neither kind). The backbone
 loads from a folder, so under ZeRO-3 it is partitioned while loading (the memory's init std is
 then computed on the gathered embedding) and the adapter must still be saved whole."""
 import json
@@ -49,9 +51,16 @@ def free_port():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("deepspeed") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "deepspeed")), reason="the deepspeed launcher is not installed")
-def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_path):
+@pytest.mark.parametrize("memory_kind", ["tokens", "associative"])
+def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_path, memory_kind):
     backbone = save_tiny_model(str(tmp_path / "tiny-gpt-neo"), "gpt_neo", vocab_size=64, max_positions=64)
-    path = write_recipe({**CHANGES, "model": {"name_or_path": backbone}})
+    changes = {**CHANGES, "model": {"name_or_path": backbone}}
+    zero3_checkpointing = "training.gradient_checkpointing=true"
+    if memory_kind == "associative":
+        changes.update({"memory.memory_kind": "associative", "memory.associative_key_size": 4})
+        # ZeRO-3 refuses whole-segment checkpointing and the associative memory per-layer checkpointing
+        zero3_checkpointing = "memory.checkpoint_segments=false"
+    path = write_recipe(changes)
     single = load_recipe(path, ["training.gradient_accumulation_steps=2"])
     single.training["output_dir"] = str(tmp_path / "single")
     summary = train_recipe(single, log=lambda *_: None)
@@ -64,7 +73,7 @@ def test_zero2_and_zero3_on_two_cpu_ranks_match_one_process(write_recipe, tmp_pa
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {}
     for config, checkpointing in (("zero2", "memory.checkpoint_segments=true"),
-                                  ("zero3", "training.gradient_checkpointing=true")):
+                                  ("zero3", zero3_checkpointing)):
         out = tmp_path / config
         # both launches at once: most of their time is start-up (imports), which overlaps well
         runs[config] = out, subprocess.Popen(
