@@ -89,47 +89,24 @@ def kernel_split(rmt: RMTModel, ids: torch.Tensor, segments: int = 5) -> dict:
     return split
 
 
-def main(argv=None) -> list[dict]:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
-    parser.add_argument("--tokens", type=int, default=2_048_000)
-    parser.add_argument("--segment-size", type=int, default=1024)
-    parser.add_argument("--memory-tokens", type=int, default=10)
-    parser.add_argument("--chunk", type=int, default=8192)
-    parser.add_argument("--attached-tokens", type=int, default=512_000,
-                        help="tokens streamed with LoRA attached (slower: launch-bound), before merging")
-    parser.add_argument("--compile", choices=["none", "blocks"], default="none",
-                        help="compiled blocks (CUDA-graph modes serve training only, see compile_blocks)")
-    parser.add_argument("--cuda-graph", choices=["off", "on", "both"], default="off",
-                        help="rmt.stream(cuda_graph=True): each segment replayed as a CUDA graph (GPU only); "
-                             "'both' measures with and without, side by side")
-    parser.add_argument("--no-floor", action="store_true", help="skip the segment-loop floor")
-    parser.add_argument("--profile", action="store_true",
-                        help="GPU kernel time of one segment by kind (matmul, attention, other), last LoRA state")
-    parser.add_argument("--lora", nargs="+", choices=list(LORA_STATES), default=list(LORA_STATES),
-                        help="which LoRA states to stream (always in this order: merging is for good)")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
-        args.segment_size, args.memory_tokens = 32, 4
-    device = device_of(args)
-    env = environment(device)
-    env["bf16_matmul_tflops"] = peak = bf16_matmul_tflops(device)
-    print(env, flush=True)
-    config = gpt_neo_config(args.tiny)
-    q = None if args.quantization == "none" else args.quantization
+def memory_difference(a, b) -> float:
+    """Largest absolute difference of two memory states (token memories or associative states)."""
+    flat = (lambda m: m.tensors()) if hasattr(a, "tensors") else (lambda m: (m,))
+    return max(float((x - y).abs().max()) for x, y in zip(flat(a), flat(b)))
+
+
+def stream_memory_kind(args, kind: str, config, q, device, ids, env, peak, rows: list[dict]) -> None:
+    """Every LoRA state and graph setting of ``args`` for one memory kind, on a backbone of its own
+    (the merged state replaces it); rows appended to ``rows``."""
     backbone = build_backbone(config, q, device, attention="sdpa")
-    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=args.memory_tokens,
-                                                        segment_size=args.segment_size), lora=lora_config(),
-                                 verbose=False)
+    memory = MemoryConfig(num_memory_tokens=args.memory_tokens, segment_size=args.segment_size, memory_kind=kind)
+    rmt = RMTModel.from_backbone(backbone, memory, lora=lora_config(), verbose=False)
     rmt.eval()
     if args.compile == "blocks":
         compile_blocks(rmt.causal_lm)
     suffix = ", compiled blocks" if args.compile == "blocks" else ""
-    torch.manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=device)
-    flops = forward_flops_per_token(config, args.segment_size + 2 * args.memory_tokens)
-    rows = []
+    prefix = "associative memory, " if kind == "associative" else ""
+    flops = forward_flops_per_token(config, memory.positions_per_segment)
 
     def record(label, tokens, seconds, peak_gib, one_segment_gib):
         row = {"run": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -154,7 +131,7 @@ def main(argv=None) -> list[dict]:
             # LoRA attached without graphs is launch-bound (slow): fewer tokens
             tokens = min(args.tokens, args.attached_tokens) if lora_state == "LoRA attached" and not graph \
                 else args.tokens
-            label = f"stream, {lora_state}{suffix}{', CUDA graph' if graph else ''}"
+            label = f"stream, {prefix}{lora_state}{suffix}{', CUDA graph' if graph else ''}"
             try:
                 check = ids[:, :16 * args.segment_size + 1]  # 16 full segments (a last short one runs eagerly)
                 memory = stream_all(rmt, check, args.chunk, graph, merge_lora).memory  # also the warm-up
@@ -170,19 +147,59 @@ def main(argv=None) -> list[dict]:
                 row = record(label, tokens, s_all, p_all, one)
                 row["time_ratio_2x_tokens"] = s_all / s_half
                 # the graph replays the eager kernels: the memory after 16 segments must not move
-                row["memory_max_abs_diff_vs_eager"] = float((memory - eager_memory).abs().max())
+                row["memory_max_abs_diff_vs_eager"] = memory_difference(memory, eager_memory)
             except Exception as err:  # e.g. a capture torch refuses: a result too, the other runs go on
                 rows.append({"run": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
                 print(rows[-1], flush=True)
                 free()
         if lora_state == "LoRA merged" and not args.no_floor:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
-            record(f"segment loop (floor), {lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
+            record(f"segment loop (floor), {prefix}{lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
     if args.profile and device.type == "cuda":
         with merged_lora_view(rmt._stream_weights(states[lora_state])):  # the last state, as it streamed
             split = kernel_split(rmt, ids)
-        rows.append({"run": f"one segment, kernel time by kind, {lora_state}{suffix}", **split})
+        rows.append({"run": f"one segment, kernel time by kind, {prefix}{lora_state}{suffix}", **split})
         print(rows[-1], flush=True)
+
+
+
+def main(argv=None) -> list[dict]:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    parser.add_argument("--tokens", type=int, default=2_048_000)
+    parser.add_argument("--segment-size", type=int, default=1024)
+    parser.add_argument("--memory-tokens", type=int, default=10)
+    parser.add_argument("--memory-kind", nargs="+", choices=["tokens", "associative"], default=["tokens"],
+                        help="stream each memory kind (each on a backbone of its own), in this order")
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--attached-tokens", type=int, default=512_000,
+                        help="tokens streamed with LoRA attached (slower: launch-bound), before merging")
+    parser.add_argument("--compile", choices=["none", "blocks"], default="none",
+                        help="compiled blocks (CUDA-graph modes serve training only, see compile_blocks)")
+    parser.add_argument("--cuda-graph", choices=["off", "on", "both"], default="off",
+                        help="rmt.stream(cuda_graph=True): each segment replayed as a CUDA graph (GPU only); "
+                             "'both' measures with and without, side by side")
+    parser.add_argument("--no-floor", action="store_true", help="skip the segment-loop floor")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU kernel time of one segment by kind (matmul, attention, other), last LoRA state")
+    parser.add_argument("--lora", nargs="+", choices=list(LORA_STATES), default=list(LORA_STATES),
+                        help="which LoRA states to stream (always in this order: merging is for good)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.tokens, args.chunk = min(args.tokens, 2048), min(args.chunk, 100)
+        args.segment_size, args.memory_tokens = 32, 4
+    device = device_of(args)
+    env = environment(device)
+    env["bf16_matmul_tflops"] = peak = bf16_matmul_tflops(device)
+    print(env, flush=True)
+    config = gpt_neo_config(args.tiny)
+    q = None if args.quantization == "none" else args.quantization
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=device)
+    rows = []
+    for kind in args.memory_kind:
+        stream_memory_kind(args, kind, config, q, device, ids, env, peak, rows)
+        free()
 
     def switches(run: str) -> str:  # the label without its LoRA state
         for state in sorted((label for label, _ in LORA_STATES.values()), key=len, reverse=True):

@@ -45,10 +45,14 @@ class Bench:
         self.ours = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
                                                      loss_chunk_size=1024))
         self.independent = RMTModel(self.peft, MemoryConfig(num_memory_tokens=0, segment_size=segment))
-        for model in (self.reference, self.ours, self.independent):
+        # the associative memory (ARMT) on the same backbone: its hooks act only inside its own calls
+        self.associative = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
+                                                            loss_chunk_size=1024, memory_kind="associative"))
+        models = (("reference", self.reference), ("ours", self.ours), ("independent", self.independent),
+                  ("associative", self.associative))
+        for _, model in models:
             model.train()
-        self.optimizers = {name: optimizer_for(model) for name, model in
-                           (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))}
+        self.optimizers = {name: optimizer_for(model) for name, model in models}
         self.optimizers["independent-memory"] = self.optimizers["ours"]
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
@@ -66,7 +70,7 @@ class Bench:
         if dequant_cache != self.dequant_cache:
             cache_dequantized_weights(self.peft, enable=dequant_cache)
             self.dequant_cache = dequant_cache
-        for model in (self.ours, self.independent):
+        for model in (self.ours, self.independent, self.associative):
             model.memory_config.uncheckpointed_segments = uncheckpointed
             model.memory_config.checkpoint_policy = policy
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
@@ -77,8 +81,8 @@ class Bench:
             if compile:
                 compile_blocks(self.peft, **({"mode": compile} if isinstance(compile, str) else {}))
             self.compiled = compile
-        self.ours.memory_config.checkpoint_segments = checkpoint_segments
-        self.independent.memory_config.checkpoint_segments = checkpoint_segments
+        for model in (self.ours, self.independent, self.associative):
+            model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
         if checkpoint_layers:
             lm.activation_checkpointing_enable()
@@ -90,6 +94,8 @@ class Bench:
             return self.reference(ids)
         if impl == "ours":
             return self.ours(ids, labels=ids).loss
+        if impl == "associative":
+            return self.associative(ids, labels=ids).loss
         flat = ids.reshape(batch * segments, self.segment)  # the segments as independent sequences
         if impl == "independent-memory":  # each with the initial memory, no recurrence
             return self.ours(flat, labels=flat).loss
@@ -119,7 +125,7 @@ class Bench:
         if self.forward_only:
             row["forward_only"] = True
         if self.peak_tflops and not result.oom and not self.forward_only:  # training FLOPs only
-            positions = self.segment + (2 * self.m if impl != "independent" else 0)
+            positions = self.segment + {"independent": 0, "associative": self.m}.get(impl, 2 * self.m)
             flops = train_flops_per_token(self.config, positions) * tokens
             row["mfu_pct"] = 100 * flops / result.seconds / 1e12 / self.peak_tflops
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -277,6 +283,14 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
          **{f"ours-compiled-{key}": ("ours", f"ours (compiled blocks, segment checkpointing, {label})",
                                      dict(FAST, compile=True, checkpoint_segments=True, **levers))
             for key, label, levers in FLAT_FAST},
+         # the associative memory (ARMT) in the settings of the rows above, for the ratio to ours
+         "associative-default-compiled": ("associative", "associative memory as from_backbone(compile=True) builds "
+                                          "it (no autocast, no checkpointing)",
+                                          dict(attention="sdpa", fused_gelu=True, compile=True, dequant_cache="auto")),
+         "associative-compiled-nockpt": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled "
+                                         "blocks, no checkpointing)", dict(FAST, compile=True)),
+         "associative-compiled": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled blocks, "
+                                  "segment checkpointing)", dict(FAST, compile=True, checkpoint_segments=True)),
          "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",
                                         dict(FAST, compile=True, dequant_cache=True)),
          # its forward alone: the cost that recomputing a checkpointed segment adds (the bound of flat and fast)
@@ -326,7 +340,7 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["oom"] or "error" in row or row.get("forward_only"):  # not a training step
             continue
-        if row["impl"].startswith("independent"):
+        if row["impl"].startswith(("independent", "associative")):
             continue
         if row["impl"].startswith("reference"):
             key = "ref"
