@@ -7,7 +7,9 @@ The document streams through the model one segment at a time (a progress bar on 
 stays constant in its length: the text is read and tokenized in pieces cut at whitespace, and the
 reader holds one segment). Each answer is what ``generate(document + separator + question)``
 would give (greedy), without reading the document again. ``--save-memory`` keeps the state after
-the document (a small safetensors file) for later ``--memory`` calls. With no ``--question``,
+the document (a small safetensors file) for later ``--memory`` calls; like every command that
+writes (``rmt_peft.runs.check_output``), it refuses an existing file or a path inside a training
+run unless ``--overwrite`` is given, and a run's own files always. With no ``--question``,
 questions come from standard input, one per line. Answers go to standard output, one per line.
 The run must have been trained on text (a run on raw token ids, like the quickstart's, has no
 tokenizer and is refused).
@@ -39,7 +41,10 @@ def register(subparsers) -> None:
     source.add_argument("--memory", metavar="FILE", help="a memory state saved by --save-memory (no re-reading)")
     p.add_argument("--question", action="append", default=[], metavar="TEXT",
                    help="a question (repeat for more); none: one question per line of standard input")
-    p.add_argument("--save-memory", metavar="FILE", help="save the state after the document (.safetensors)")
+    p.add_argument("--save-memory", metavar="FILE", help="save the state after the document (.safetensors); "
+                                                            "a new file, outside training runs, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --save-memory file (never a training run's own files)")
     p.add_argument("--separator", default=" ", help="text between the document and each question (default: a space)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
     add_model_options(p)
@@ -130,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         hide_library_progress_bars()  # transformers' "Loading weights" too
 
+    if args.save_memory is not None:  # before the model loads: a refusal costs nothing
+        runs.check_output(args.save_memory, "--save-memory", args.overwrite, folder=False)
     try:
         adapter, recipe_path = runs.locate(args.path)
     except FileNotFoundError as err:
@@ -153,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {args.memory} was read by {read_by}, not {args.path}", file=sys.stderr)
     else:
         state = read_document(rmt, tokenizer, args.document, not args.no_progress, args.path)
-    if args.save_memory:
+    if args.save_memory is not None:
         state.save(args.save_memory)
         print(f"saved the memory of {state.num_tokens} tokens to {args.save_memory}", file=sys.stderr)
 

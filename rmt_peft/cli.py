@@ -4,8 +4,9 @@ Each subcommand lives beside the code it drives; a module named here exposes
 ``register(subparsers)`` (adds its parser, cheap imports only: ``--help`` must not import torch)
 and the parser's ``func``. Options of every command: ``-v`` (more output, tracebacks of user
 errors), ``-q`` (errors only). A mistake in the input (``rmt_peft.errors.UserError``: a bad
-recipe, a missing file, a Hub model that is not cached offline) ends the command with one line on
-stderr and exit code 2.
+recipe, a missing file, a Hub model that is not cached offline) and a write that failed for want of
+space or permission (``rmt_peft.fileio.disk_error``) end the command with one line on stderr and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 
 from . import __version__, log
 from .errors import UserError
+from .fileio import disk_error
 
 COMMAND_MODULES = [
     "rmt_peft.train.command",   # train, validate, recipes
@@ -51,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(args.verbosity)
     try:
         return int(args.func(args) or 0)
-    except UserError as err:  # a mistake in the input: one line naming it; the traceback with -v
-        if args.verbosity > 0:
+    except Exception as err:
+        # a mistake in the input, or a write that failed for want of space or permission
+        # (fileio.disk_error: a full disk, a read-only folder): one line naming it; the traceback with -v
+        problem = err if isinstance(err, UserError) else disk_error(err)
+        if not isinstance(problem, UserError) or args.verbosity > 0:
             raise
-        print(f"rmt-peft {args.command}: error: {err}", file=sys.stderr)
+        print(f"rmt-peft {args.command}: error: {problem}", file=sys.stderr)
         return 2
 
 

@@ -11,8 +11,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -21,19 +24,24 @@ TEMP_MARK = ".tmp-"
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path beside ``path``; once the block succeeds it replaces ``path``."""
+    """Yield a temporary path beside ``path``; once the block succeeds it replaces ``path``. A write
+    that fails for want of space or permission is a UserError naming ``path`` (``disk_error``)."""
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMP_MARK}", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMP_MARK}", dir=folder)
+    except OSError as err:
+        raise disk_error(err, path) from err
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it private; run files are meant to be read
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         raise disk_error(err, path) from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # a failed clean-up (the folder became read-only) must not hide the error of the write
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -50,18 +58,42 @@ def write_json(path: str, data) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def disk_error(err: OSError, path: str) -> OSError:
-    """``err`` as a UserError naming ``path`` when the disk is full or the folder is not writable."""
-    if err.errno == errno.ENOSPC:
-        return UserError(f"no space left on the device while writing {path}: free some space and run again "
+# errno -> what the line says; EFBIG: a file over the file system's or the shell's limit (ulimit -f)
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EFBIG: "the file is too large for this file system (or over the shell's ulimit -f)",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted"}
+
+
+def error_number(err: BaseException) -> int | None:
+    """The errno of an OSError, or of a write error safetensors reports as text ("(os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    if isinstance(err, SafetensorError):
+        found = re.search(r"os error (\d+)", str(err))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def disk_error(err: BaseException, path: str | None = None) -> BaseException:
+    """``err`` as a UserError naming the file when it is a write that failed for want of space or
+    permission (``WRITE_FAILURES``; OSError or safetensors' SafetensorError); else ``err`` itself."""
+    number = error_number(err)
+    if number not in WRITE_FAILURES:
+        return err
+    path = path or getattr(err, "filename", None) or "a file"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"{WRITE_FAILURES[number]} while writing {path}: free some space and run again "
                          f"(nothing half-written was kept)")
-    if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return UserError(f"cannot write {path}: {os.strerror(err.errno)}; choose a writable folder")
-    return err
+    if number == errno.EFBIG:
+        return UserError(f"cannot write {path}: {WRITE_FAILURES[number]}")
+    return UserError(f"cannot write {path}: {WRITE_FAILURES[number]}; choose a writable folder")
 
 
 def check_writable(folder: str, key: str) -> None:
-    """Raise a UserError naming ``key`` when ``folder`` (or the nearest existing parent) cannot be written."""
+    """Raise a UserError naming ``key`` when ``folder`` (or the nearest existing parent) cannot be
+    written. A file is created there and removed: permissions alone miss read-only mounts and
+    pseudo file systems (/proc), and say nothing for root."""
     probe = os.path.abspath(folder)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -70,8 +102,14 @@ def check_writable(folder: str, key: str) -> None:
         probe = parent
     if not os.path.isdir(probe):
         raise UserError(f"{key}={folder!r}: {probe} is a file; expected a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={folder!r}: {probe} is not writable; choose a writable folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".rmt-peft-probe{TEMP_MARK}", dir=probe)
+    except OSError as err:
+        raise UserError(f"{key}={folder!r}: {probe} is not writable ({os.strerror(err.errno or 0)}); choose a "
+                        f"writable folder") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
 
 
 def remove_temp_files(folder: str) -> list[str]:

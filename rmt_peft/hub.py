@@ -74,7 +74,13 @@ def atomic_directory(target: str):
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is meant to be shared
+        # mkdtemp makes the folder private and safetensors its files (0600); a saved model is meant to be shared
+        os.chmod(tmp, 0o755)
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
         if os.path.exists(target):
             old = tmp + ".old"
             os.rename(target, old)
@@ -83,7 +89,7 @@ def atomic_directory(target: str):
             except OSError:
                 os.rename(old, target)  # put the previous save back
                 raise
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the new save is in place; a leftover is a temp file
         else:
             os.rename(tmp, target)
     finally:

@@ -10,9 +10,12 @@ memory.safetensors), LoRA is merged into a bf16 copy and full weights are writte
 loads with ``RMTModel.from_pretrained`` without peft. Other files of the source folder
 (tokenizer files, for instance) travel along. --push-to-hub uploads the written folder.
 
-Export never deletes what it did not write: a --to folder that exists and is not empty is refused
-unless --overwrite is given, and a --to folder that is the source, holds it, or lies inside the
-adapter folder is always refused. The folder is written beside the target and renamed into place.
+Export never deletes what it did not write (``rmt_peft.runs.check_output``, the rule of every
+command that writes): a --to folder that exists and is not empty, or lies inside a training run,
+is refused unless --overwrite is given; an empty --to, the current folder, a training run, a run's
+own files (stages, checkpoints, logs, final weights), a folder holding a run, the source and the
+inside of the adapter folder are always refused. The folder is written beside the target and
+renamed into place.
 
 For developers: what a source path is: ``rmt_peft.runs.adapter_folder``; torch and the model
 code are imported when the command runs, so that ``--help`` stays fast.
@@ -25,7 +28,10 @@ import os
 import shutil
 import sys
 
+from safetensors import SafetensorError
+
 from .errors import UserError
+from .fileio import disk_error
 from .options import description
 
 QUANTIZATION_CHOICES = ("as-trained", "none", "8bit", "4bit")
@@ -78,19 +84,19 @@ def inside(path: str, folder: str) -> bool:
 
 
 def check_target(source: str, folder: str, to: str, overwrite: bool) -> None:
-    """Refuse a --to that would replace the source (or a folder holding it), the inside of the
-    adapter folder, or, without --overwrite, any existing non-empty folder."""
-    for path in (source, folder):
-        if inside(path, to):
-            raise UserError(f"--to {to} is the source {path} or a folder holding it: exporting there would replace "
-                            f"it; choose another folder (--overwrite does not change this)")
-    if inside(to, folder):
-        raise UserError(f"--to {to} lies inside the adapter folder {folder}; choose a folder outside it")
-    if os.path.exists(to) and not os.path.isdir(to):
-        raise UserError(f"--to {to} is a file; expected a folder")
-    if os.path.isdir(to) and os.listdir(to) and not overwrite:
-        raise UserError(f"--to {to} already holds files; nothing is overwritten: choose a new folder, or give "
-                        f"--overwrite to replace its content")
+    """The rule of every command that writes (``runs.check_output``: never the current folder, a
+    run's own files or a folder holding a run; an existing folder only with --overwrite), and
+    never the source, a folder holding it, or the inside of the adapter folder."""
+    from .runs import check_output
+
+    if to and to.strip():
+        for path in (source, folder):
+            if inside(path, to):
+                raise UserError(f"--to {to} is the source {path} or a folder holding it: exporting there would "
+                                f"replace it; choose another folder (--overwrite does not change this)")
+        if inside(to, folder):
+            raise UserError(f"--to {to} lies inside the adapter folder {folder}; choose a folder outside it")
+    check_output(to, "--to", overwrite, folder=True)
 
 
 def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = None, private: bool = False,
@@ -100,11 +106,12 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
     from . import hub
     from .backbones import resolve_dtype
     from .recurrent import RMTModel
-    from .runs import adapter_folder, run_folder
+    from .runs import adapter_folder, check_weight_files, run_folder
 
     folder = adapter_folder(source)
     check_target(source, folder, to, overwrite)
     kind = hub.folder_kind(folder)
+    check_weight_files(folder)  # a truncated file is named, as eval and ask name it
     hub.read_memory(folder)  # raises when the memory does not match its config
     if merge:
         if kind != "lora":
@@ -134,8 +141,10 @@ def run_export(args) -> int:
         to = export(args.source, args.to, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private,
                     token=args.token, base_model=args.base_model, quantization=args.quantization, dtype=args.dtype,
                     overwrite=args.overwrite)
-    except (OSError, ValueError, RuntimeError) as err:  # bad input: the message says what is wrong
-        print(f"rmt-peft export: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # bad input: the message says what is wrong
+        if args.verbosity > 0:
+            raise
+        print(f"rmt-peft export: error: {disk_error(err)}", file=sys.stderr)
         return 2
     from .hub import folder_kind
 

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .associative import AssociativeState
 from .errors import UserError
+from .fileio import atomic_path
 from .memory import MemoryConfig
 
 FORMAT = "rmt-peft-memory/1"
@@ -91,15 +92,8 @@ class MemoryState:
         else:
             tensors = {"memory": self.memory.detach().float().cpu().contiguous()}
         tensors["pending"] = self.pending.detach().long().cpu().contiguous()
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:  # a full disk or a read-only folder: one line (fileio.disk_error)
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
     @classmethod

@@ -9,19 +9,22 @@
       stage-<k>/         curriculum stage k's checkpoints and end/ (train/curriculum.py),
                          each an adapter + the resume state (RESUME_FILES)
       best/              curriculum.keep_best_segments' best-scoring weights (train/keep_best.py)
+      logs/              TensorBoard's curve of the whole curriculum (train/tracking.py)
       .rmt-peft.lock     while a run owns the folder               (train/lock.py)
 
 The names the model card reads (recipe.yaml, summary.json, final/) are defined in hub.py, below
 this module; everything that decides something about a run folder is here: what a path given to a
 command is (``locate`` for eval and ask, ``adapter_folder`` for export), which tokenizer goes with
 a run (``tokenizer_name``, the same precedence for training and loading) and how a run's model is
-loaded with the recipe's settings (``load_model``; its flags are in ``options.py``).
+loaded with the recipe's settings (``load_model``; its flags are in ``options.py``), and where a
+command may write (``check_output``: the one rule of every command that writes, below).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -31,6 +34,7 @@ from transformers import AutoTokenizer
 from .backbones import check_position_limit
 from .data.tokenizer import offline_tokenizer
 from .errors import UserError
+from .fileio import check_writable
 from .hub import (ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE, RUN_FINAL_DIR, RUN_RECIPE_FILE,
                   RUN_SUMMARY_FILE, read_run)
 from .recipe import Recipe, load_recipe
@@ -39,6 +43,12 @@ from .recurrent import RMTModel
 FINAL_DIR = RUN_FINAL_DIR
 BASELINE_DIR = "baseline"
 EVAL_DIR = "eval"
+BEST_DIR = "best"
+LOG_DIR = "logs"
+LOCK_FILE = ".rmt-peft.lock"
+# what train writes at the top of a run folder: no other command writes there, even with --overwrite
+RUN_OWNED = {RUN_RECIPE_FILE, RUN_SUMMARY_FILE, FINAL_DIR, BASELINE_DIR, BEST_DIR, LOG_DIR, LOCK_FILE}
+STAGE_DIR = re.compile(r"stage-\d+")
 # beside the adapter in a checkpoint or a stage's end/ (train/curriculum.py): resume state, never exported
 STATE_FILE = "curriculum.json"            # the curriculum's progress; written last, so it marks a finished save
 TRAINABLE_FILE = "trainable.safetensors"  # every trainable tensor by name (trainer.save_adapter)
@@ -49,8 +59,9 @@ OFFLINE_TOKENIZER = "offline"                     # model.tokenizer / --tokenize
 
 # RUN_SUMMARY_FILE and read_run are hub.py's, re-exported: the run folder's vocabulary in one place
 __all__ = ["RUN_RECIPE_FILE", "RUN_SUMMARY_FILE", "FINAL_DIR", "BASELINE_DIR", "EVAL_DIR", "STATE_FILE", "TRAINABLE_FILE",
-           "RESUME_FILES", "read_run", "is_run",
-           "run_folder", "locate", "model_name", "adapter_folder", "remove_failed_start", "read_recipe",
+           "RESUME_FILES", "BEST_DIR", "LOG_DIR", "LOCK_FILE", "RUN_OWNED", "read_run", "is_run",
+           "run_folder", "enclosing_run", "check_output", "check_train_output", "free_eval_dir", "locate",
+           "model_name", "adapter_folder", "remove_failed_start", "read_recipe",
            "tokenizer_name", "load_tokenizer", "base_model", "check_weight_files", "load_model"]
 
 
@@ -107,6 +118,114 @@ def adapter_folder(source: str) -> str:
         return final
     raise FileNotFoundError(f"{source} is neither an adapter folder (no {ADAPTER_CONFIG_FILE} / "
                             f"{MEMORY_CONFIG_FILE}) nor a training run (no {FINAL_DIR}/ folder)")
+
+
+# -- where a command may write ---------------------------------------------------------------
+def _is_run_folder(path: str) -> bool:
+    """A folder train writes (or wrote) into: the lock of a run there, or its recipe.yaml with what
+    training writes beside it (a recipe.yaml alone may be the user's own recipe file)."""
+    if os.path.exists(os.path.join(path, LOCK_FILE)):
+        return True
+    if not os.path.isfile(os.path.join(path, RUN_RECIPE_FILE)):
+        return False
+    return any(name in (FINAL_DIR, RUN_SUMMARY_FILE) or STAGE_DIR.fullmatch(name) for name in os.listdir(path))
+
+
+def enclosing_run(path: str) -> str | None:
+    """The nearest training run folder that is ``path`` or holds it (symbolic links resolved), or None."""
+    probe = os.path.realpath(path)
+    while True:
+        if _is_run_folder(probe):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _holds_run(folder: str) -> str | None:
+    """A training run inside ``folder`` (itself excluded), or None."""
+    for root, dirs, _ in os.walk(folder):
+        for name in dirs:
+            if _is_run_folder(os.path.join(root, name)):
+                return os.path.join(root, name)
+    return None
+
+
+def check_output(path: str, flag: str, overwrite: bool = False, *, folder: bool, own: str | None = None) -> None:
+    """The rule of every command that writes (export --to, eval --out, ask --save-memory; train's
+    output_dir: ``check_train_output``): no command writes into, or deletes, what it does not own.
+
+    Refused always (a UserError naming ``flag``): an empty path; the current folder or one that holds
+    it; a training run itself, what train writes in it (``RUN_OWNED``, ``stage-<k>/``) or, for a folder
+    that would be replaced, one that holds a run; a folder where a file is expected (``folder`` False)
+    or the reverse. Refused unless ``overwrite``: an existing file, a folder that is not empty, a path
+    inside a run folder. ``own``: a name pattern the command owns at the top of a run (eval's
+    ``eval``, ``eval-<n>``), checked there like a path outside a run."""
+    what = "folder" if folder else "file"
+    if not path or not path.strip():
+        raise UserError(f"{flag} is empty; give the {what} to write")
+    real = os.path.realpath(path)
+    if folder and _inside(os.path.realpath(os.getcwd()), real):
+        raise UserError(f"{flag} {path} is the current folder or holds it: writing there would replace what you "
+                        f"work in; choose a new folder (--overwrite does not change this)")
+    if os.path.isdir(real) and not folder:
+        raise UserError(f"{flag} {path} is a folder; expected a file")
+    if os.path.exists(real) and not os.path.isdir(real) and folder:
+        raise UserError(f"{flag} {path} is a file; expected a folder")
+    run = enclosing_run(real)
+    if run is not None:
+        if real == run:
+            raise UserError(f"{flag} {path} is a training run: its files are never overwritten (--overwrite does not "
+                            f"change this); choose a new {what}")
+        top = os.path.relpath(real, run).split(os.sep)[0]
+        if top in RUN_OWNED or STAGE_DIR.fullmatch(top):
+            raise UserError(f"{flag} {path} is part of the training run {run} (its {top}): a run's stages, "
+                            f"checkpoints, logs and final weights are never overwritten (--overwrite does not "
+                            f"change this); choose a path outside them")
+        owned = own is not None and re.fullmatch(own, top) and real == os.path.join(run, top)
+        if not overwrite and not owned:
+            raise UserError(f"{flag} {path} lies inside the training run {run}; choose a path outside it, or give "
+                            f"--overwrite to write there (a run's own files stay protected)")
+    if folder and os.path.isdir(real):
+        holds = _holds_run(real)
+        if holds is not None:
+            raise UserError(f"{flag} {path} holds the training run {holds}: replacing it would delete the run "
+                            f"(--overwrite does not change this); choose a new folder")
+        if os.listdir(real) and not overwrite:
+            raise UserError(f"{flag} {path} already holds files; nothing is overwritten: choose a new folder, or "
+                            f"give --overwrite to replace its content")
+    if not folder and os.path.exists(real) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; nothing is overwritten: choose a new file, or give "
+                        f"--overwrite to replace it")
+    check_writable(os.path.dirname(real) if not folder else real, flag)
+
+
+def check_train_output(out: str) -> None:
+    """check_output for training.output_dir, which train owns once it starts there: the current
+    folder, and a folder inside another run (or a run's own files), are refused; whether an
+    existing folder may be started or resumed in is the trainer's check (``check_output_dir``)."""
+    key = "training.output_dir"
+    real = os.path.realpath(out)
+    if _inside(os.path.realpath(os.getcwd()), real):
+        raise UserError(f"{key}={out!r} is the current folder or holds it; a run needs a folder of its own "
+                        f"(e.g. runs/NAME)")
+    run = enclosing_run(os.path.dirname(real))
+    if run is not None:
+        raise UserError(f"{key}={out!r} lies inside the training run {run}; choose a folder outside it")
+
+
+def free_eval_dir(folder: str) -> str:
+    """``folder/eval``, or beside it ``eval-2``, ``eval-3``, ... when it holds an earlier evaluation."""
+    path, n = os.path.join(folder, EVAL_DIR), 1
+    while os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        n += 1
+        path = os.path.join(folder, f"{EVAL_DIR}-{n}")
+    return path
 
 
 def remove_failed_start(out: str) -> None:

@@ -4,8 +4,12 @@ RUN_OR_ADAPTER_DIR is a training run (``recipe.yaml`` + ``final/``), an adapter 
 ``recipe.yaml`` is taken from its parent when there is one) or a Hub id. The recipe supplies the
 task, its options, the model's quantization / dtype / tokenizer and the eval section's lengths;
 flags and ``dotted.key=value`` overrides (applied to the recipe as in training) take precedence.
-Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out`` (default RUN/eval) and prints
-a short JSON summary (accuracy or perplexity per length and model) on stdout.
+Writes ``metrics.json``, a CSV per curve and PNG plots to ``--out``, all at once when the evaluation
+ends (a folder written beside it, then renamed into place), and prints a short JSON summary
+(accuracy or perplexity per length and model) on stdout. The default --out is RUN/eval, or beside
+it RUN/eval-2, eval-3, ... when an earlier evaluation is there (never overwritten); an explicit
+--out that exists or lies inside a training run needs --overwrite (``rmt_peft.runs.check_output``,
+the rule of every command that writes), and a run's own files are never written.
 
 For developers: the run folder is read through ``rmt_peft.runs``; it and the evaluators are
 imported when the command runs, so that ``--help`` stays fast.
@@ -23,6 +27,7 @@ from ..options import add_model_options, description
 DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
 DEFAULT_SAMPLES = 100
 EVAL_SEED_OFFSET = 1000  # evaluation samples differ from the training ones (seeded data.seed)
+OWN_PATTERN = r"eval(-\d+)?"  # eval's folders at the top of a run: RUN/eval, RUN/eval-2, ...
 
 
 def parse_segments(text: str) -> list[int]:
@@ -69,12 +74,14 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
     from .. import runs
+    from ..hub import atomic_directory
     from .runner import EvalSettings, curve_for_task, evaluate
 
     if args.no_progress:
         hide_library_progress_bars()  # transformers' "Loading weights" too
 
     adapter, recipe_path = runs.locate(args.path)
+    out = output_folder(args, adapter)
     recipe = runs.read_recipe(recipe_path, args.overrides)
     if recipe is None and args.overrides:
         raise UserError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
@@ -150,14 +157,33 @@ def run(args: argparse.Namespace) -> int:
         return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
                              num_segments=num_segments, num_samples=num_samples, seed=seed)
 
-    out = args.out or (os.path.join(args.path, runs.EVAL_DIR) if os.path.isdir(args.path) else runs.EVAL_DIR)
     settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
                       "task_options": options, "seed": seed, "overrides": list(args.overrides),
                       "plain_context": settings.plain_context}
-    metrics = evaluate(models, build, settings, out)
+    with atomic_directory(out) as tmp:
+        metrics = evaluate(models, build, settings, tmp)
     summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
     print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
     return 0
+
+
+def output_folder(args: argparse.Namespace, adapter: str) -> str:
+    """--out, checked; or the first free of RUN/eval, RUN/eval-2, ... (the run of ``args.path``, else
+    the adapter folder, else the current folder for a Hub id)."""
+    from .. import runs
+
+    if args.out is not None:
+        runs.check_output(args.out, "--out", args.overwrite, folder=True, own=OWN_PATTERN)
+        return args.out
+    if runs.is_run(args.path):
+        base = args.path
+    elif os.path.isdir(adapter):
+        base = runs.run_folder(adapter) or adapter
+    else:
+        base = "."
+    out = runs.free_eval_dir(base)
+    runs.check_output(out, "--out", folder=True, own=OWN_PATTERN)
+    return out
 
 
 def _headline(curve: str, result) -> dict:
@@ -191,7 +217,9 @@ def register(subparsers) -> None:
                    help="a no-memory run / adapter evaluated on the same samples; repeat for more (Fig. 8: the "
                         "plain-context runs of arxiv_gpt2_context.yaml) (default: RUN/baseline when the recipe "
                         "trained one)")
-    p.add_argument("--out", help="output folder (default: RUN_OR_ADAPTER_DIR/eval)")
+    p.add_argument("--out", help="output folder (default: RUN/eval, or RUN/eval-2, ... beside an earlier one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (never a training run's own files)")
     p.add_argument("--seed", type=int, help=f"sample seed (default: the recipe's data.seed + {EVAL_SEED_OFFSET})")
     add_model_options(p)
     p.set_defaults(func=run)

@@ -46,11 +46,14 @@ def register(subparsers) -> None:
 
 def _load(args):
     from ..recipe import RecipeError, load_recipe
+    from ..runs import check_train_output
 
     try:
-        return load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_train_output(recipe.output_dir)  # not the current folder, not inside another run
+    except UserError as err:
         raise RecipeError(f"invalid recipe {args.recipe}: {err}") from err
+    return recipe
 
 
 def validate_command(args) -> int:

@@ -21,8 +21,7 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..fileio import TEMP_MARK, write_json
-
-BEST_DIR = "best"
+from ..runs import BEST_DIR  # the run folder's names live in runs.py
 KEPT_FILE = "kept.json"
 
 

@@ -16,8 +16,8 @@ import socket
 import time
 
 from ..errors import UserError
-
-LOCK_FILE = ".rmt-peft.lock"
+from ..log import logger
+from ..runs import LOCK_FILE  # the run folder's names live in runs.py
 
 
 def pid_alive(pid: int) -> bool:
@@ -93,9 +93,17 @@ class RunLock:
             return 0.0
 
     def release(self) -> None:
+        """Remove the lock. Never raises: a release runs while an error (a full disk, a folder that
+        became read-only) ends the run, and must not hide it; a lock left behind is stale once its
+        owner has ended, so the next start replaces it."""
         if self.held:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.warning(f"could not remove the run lock {self.path} ({os.strerror(err.errno or 0)}); "
+                               f"the next start replaces it")
             self.held = False
 
     def __enter__(self):

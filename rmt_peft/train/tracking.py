@@ -25,7 +25,7 @@ import copy
 import os
 import sys
 
-LOG_DIR = "logs"
+from ..runs import LOG_DIR  # the run folder's names live in runs.py
 
 
 class ContinuedCurve:

@@ -27,6 +27,7 @@ import shutil
 import time
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset, Dataset
 from transformers import Trainer, TrainingArguments
@@ -37,14 +38,14 @@ from ..data.collate import collate
 from ..data.registry import build_dataset as registry_build
 from ..env import versions
 from ..errors import TrainingDiverged, UserError
-from ..fileio import atomic_path, disk_error, remove_temp_files, write_json, write_text
+from ..fileio import TEMP_MARK, atomic_path, disk_error, remove_temp_files, write_json, write_text
 from ..hub import write_model_card
 from ..log import is_main_process, logger, trainer_output
 from ..inputs import IGNORE_INDEX
 from ..metrics import exact_match
 from ..recurrent import RMTModel, context_split
-from ..runs import (BASELINE_DIR, FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE, load_tokenizer,
-                    tokenizer_name)
+from ..runs import (BASELINE_DIR, FINAL_DIR, LOG_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE,
+                    load_tokenizer, tokenizer_name)
 from ..tiny_models import tiny_model
 from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
                          latest_checkpoint, stage_budget, stage_dir, stage_memory)
@@ -405,21 +406,31 @@ def saved_progress(folder: str) -> bool:
     return False
 
 
-def check_output_dir(recipe: Recipe, resume: bool) -> None:
+def check_output_dir(recipe: Recipe, resume: bool) -> bool:
+    """Whether ``recipe`` may start (or resume) in its output_dir; returns the resume flag to use.
+    What a start killed before its first save leaves (recipe.yaml, stage folders with logs, TensorBoard
+    logs, a stale lock, the temporary files of an interrupted write: removed next) never blocks a fresh
+    start, and a resume of such a folder starts afresh (there is nothing to resume)."""
     out = recipe.output_dir
-    if resume:
-        if not os.path.exists(os.path.join(out, RUN_RECIPE_FILE)):
-            raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume")
-        return
     if not os.path.isdir(out):
-        return
-    names = set(os.listdir(out)) - {LOCK_FILE}
-    # a start that failed before saving anything left recipe.yaml, stage folders with logs: start over
-    left_by_failed_start = all(n in (RUN_RECIPE_FILE, BASELINE_DIR) or re.fullmatch(r"stage-\d+", n) for n in names)
-    if names and not (left_by_failed_start and not saved_progress(out)):
+        if resume:
+            raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume")
+        return resume
+    names = {n for n in os.listdir(out) if n != LOCK_FILE and not (n.startswith(".") and TEMP_MARK in n)}
+    left_by_failed_start = all(n in (RUN_RECIPE_FILE, BASELINE_DIR, LOG_DIR) or re.fullmatch(r"stage-\d+", n)
+                               for n in names) and not saved_progress(out)
+    if resume:
+        if RUN_RECIPE_FILE in names or not names:
+            return resume
+        if left_by_failed_start:
+            return False
+        raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume (no "
+                          f"{RUN_RECIPE_FILE})")
+    if names and not left_by_failed_start:
         raise RecipeError(f"training.output_dir={out!r} already holds files (another run?); nothing is "
                           f"overwritten: choose a new output_dir, resume with training.resume_from_checkpoint=true, "
                           f"or delete the folder")
+    return resume
 
 
 def final_segments(recipe: Recipe) -> list[int]:
@@ -446,7 +457,7 @@ def train_recipe(recipe: Recipe, log=print) -> dict:
         if lock is not None:
             lock.acquire()
         return _train_recipe(recipe, log)
-    except OSError as err:  # a full disk or a folder that became read-only while training
+    except (OSError, SafetensorError) as err:  # a full disk or a folder that became read-only while training
         raise disk_error(err, getattr(err, "filename", None) or recipe.output_dir) from err
     except RuntimeError as err:
         if not any(sign in str(err) for sign in TORCH_SAVE_FAILURES):
@@ -475,7 +486,9 @@ def provenance(started: float) -> dict:
 def _train_recipe(recipe: Recipe, log) -> dict:
     started = time.time()
     resume = recipe.training.get("resume_from_checkpoint")
-    check_output_dir(recipe, bool(resume))  # on every rank, before any rank writes
+    # on every rank, before any rank writes
+    if not check_output_dir(recipe, bool(resume)) and resume is True:
+        resume = None  # a folder a killed first start left: nothing to resume, start afresh
     out = recipe.output_dir
     if is_main_process():
         for path in remove_temp_files(out):

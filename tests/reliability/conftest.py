@@ -34,3 +34,25 @@ def final_weights():
         return {f"{name}:{key}": tensor for name in sorted(os.listdir(final)) if name.endswith(".safetensors")
                 for key, tensor in load_file(os.path.join(final, name)).items()}
     return read
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny finished run shared by the tests that only read it (or refuse to write into it):
+    a checkpoint, TensorBoard logs and final/; vocabulary 640 fits the offline tokenizer, so
+    `ask` can read text with it. Tests must not change it."""
+    import yaml
+
+    from rmt_peft.recipe import load_recipe
+    from rmt_peft.train.trainer import run
+
+    folder = tmp_path_factory.mktemp("shared")
+    raw = {**TINY, "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 640, "max_positions": 64}},
+           "data": {**TINY["data"], "num_train_samples": 8, "num_eval_samples": 4},
+           "curriculum": {"segments": [1], "steps_per_stage": 2},
+           "eval": {"num_segments": [1], "num_samples": 4},
+           "training": {**TINY["training"], "output_dir": str(folder / "run"), "save_steps": 1,
+                        "report_to": "tensorboard"}}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    run(load_recipe(str(folder / "recipe.yaml")), log=lambda *_: None)
+    return folder / "run"
