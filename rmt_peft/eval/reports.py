@@ -49,8 +49,10 @@ def _figure(xlabel: str, ylabel: str, title: str):
 def _save(fig, ax, path: str) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:  # a full disk: the figure is closed all the same
+        plt.close(fig)
     return path
 
 
@@ -145,8 +147,10 @@ def write_length_perplexity(out_dir: str, curves: dict[str, list], prefix: str =
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return {
         "csv": write_csv(os.path.join(out_dir, f"{prefix}.csv"), [{"model": m, **r} for m, rs in rows.items() for r in rs]),
         "plot": path,
