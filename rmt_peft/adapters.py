@@ -16,8 +16,10 @@ import warnings
 from typing import Any
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .backbones import uses_non_reentrant_checkpointing
+from .errors import UserError
 
 PRESETS = ("attention", "all-linear")
 
@@ -104,12 +106,21 @@ def quiet_peft():
 def attach_lora(backbone: nn.Module, lora) -> nn.Module:
     """Freeze ``backbone`` and add LoRA (a LoraConfig, a preset name or a dict, see ``lora_config``)."""
     from peft import get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
 
     config = lora_config(lora, backbone.config.model_type)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    with quiet_peft():
-        model = get_peft_model(backbone, config)
+    try:
+        with quiet_peft():
+            model = get_peft_model(backbone, config)
+    except NoMatchingPeftModuleError:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                         if isinstance(module, (nn.Linear, Conv1D)) or "Linear" in type(module).__name__})
+        targets = config.target_modules
+        raise UserError(f"lora.target_modules={sorted(targets) if isinstance(targets, set) else targets!r} "
+                        f"matches no module of the {backbone.config.model_type} backbone; its linear layers are "
+                        f"named {linear} (or use a preset: {list(PRESETS)})") from None
     # peft adds an input-requires-grad hook for (reentrant) checkpointing; non-reentrant
     # checkpointing (load_backbone's) does not need it.
     if uses_non_reentrant_checkpointing(backbone):

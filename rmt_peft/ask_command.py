@@ -20,6 +20,7 @@ when the command runs, so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_ADAPTER", help="a training run, an adapter folder or a Hub id")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--document", metavar="FILE", help="a UTF-8 text file of any length to read")
+    source.add_argument("--document", metavar="FILE", help="a text file of any length to read (see --encoding)")
     source.add_argument("--memory", metavar="FILE", help="a memory state saved by --save-memory (no re-reading)")
     p.add_argument("--question", action="append", default=[], metavar="TEXT",
                    help="a question (repeat for more); none: one question per line of standard input")
@@ -47,22 +48,25 @@ def register(subparsers) -> None:
                    help="replace an existing --save-memory file (never a training run's own files)")
     p.add_argument("--separator", default=" ", help="text between the document and each question (default: a space)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--encoding", default="utf-8", help="the document's text encoding (default utf-8; e.g. latin-1)")
     add_model_options(p)
     p.set_defaults(func=run)
 
 
-def text_pieces(path: str, chars: int | None = None):
+def text_pieces(path: str, chars: int | None = None, encoding: str = "utf-8"):
     """The text of ``path`` in pieces of about ``chars`` characters, each cut before a whitespace run,
     so that tokenizing the pieces one by one gives the tokens of the whole text (words and the
     space that leads them stay together). Yields (piece, bytes read since the last piece)."""
     chars = chars or READ_CHARS
     carry, read = "", 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=encoding) as f:
         while True:
             block = f.read(chars)
             if not block:
                 break
-            read += len(block.encode("utf-8"))
+            if "\0" in block:
+                raise UserError(f"--document {path} is binary (it holds NUL characters), not text")
+            read += len(block.encode(encoding, errors="replace"))
             text = carry + block
             cut = len(text)
             while cut > 0 and not text[cut - 1].isspace():  # back over the last (maybe unfinished) word
@@ -79,7 +83,7 @@ def text_pieces(path: str, chars: int | None = None):
         yield carry, read
 
 
-def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
+def read_document(rmt, tokenizer, path: str, progress: bool, model: str, encoding: str = "utf-8"):
     """Stream ``path`` through ``rmt`` (loaded from ``model``); returns the MemoryState after it."""
     import torch
     from tqdm.auto import tqdm
@@ -91,12 +95,18 @@ def read_document(rmt, tokenizer, path: str, progress: bool, model: str):
     device = rmt.memory.memory_tokens.device
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="reading", disable=not progress,
               file=sys.stderr) as bar:
-        for piece, size in text_pieces(path):
-            ids = encode(tokenizer, piece)
-            if ids:
-                stream.feed(torch.tensor([ids], dtype=torch.long, device=device))
-            bar.update(size)
-            bar.set_postfix(tokens=stream.num_tokens, refresh=False)
+        try:
+            for piece, size in text_pieces(path, encoding=encoding):
+                ids = encode(tokenizer, piece)
+                if ids:
+                    stream.feed(torch.tensor([ids], dtype=torch.long, device=device))
+                bar.update(size)
+                bar.set_postfix(tokens=stream.num_tokens, refresh=False)
+        except UnicodeDecodeError as err:
+            raise UserError(f"--document {path} is not {encoding} text ({err.reason}); give its --encoding, e.g. "
+                            f"--encoding latin-1") from None
+    if stream.num_tokens == 0:
+        raise UserError(f"--document {path} holds no text to read; the answers would come from the initial memory")
     return MemoryState.from_stream(stream, document=os.path.basename(path), model=model)
 
 
@@ -129,12 +139,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from . import runs
+    from .backbones import position_limit
     from .data.noise import encode
     from .memory_state import MemoryState
 
     if args.no_progress:
         hide_library_progress_bars()  # transformers' "Loading weights" too
 
+    if args.document is not None:
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            raise UserError(f"--encoding {args.encoding!r} is not a text encoding Python knows (e.g. utf-8, "
+                            f"latin-1)") from None
     if args.save_memory is not None:  # before the model loads: a refusal costs nothing
         runs.check_output(args.save_memory, "--save-memory", args.overwrite, folder=False)
     try:
@@ -147,11 +164,18 @@ def run(args: argparse.Namespace) -> int:
     # whatever question follows (right alignment would cut the document by the question's length).
     rmt = runs.load_model(adapter, recipe, args, {"segment_alignment": "left"})
     name = runs.tokenizer_name(recipe, adapter, args.tokenizer)
-    tokenizer = runs.load_tokenizer(name)
+    tokenizer = runs.command_tokenizer(recipe, adapter, args.tokenizer)
     vocabulary = rmt.causal_lm.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocabulary:
         raise UserError(f"the tokenizer {name!r} has {len(tokenizer)} tokens but {args.path} reads ids below "
                         f"{vocabulary}: they do not belong together; pass the run's own tokenizer (--tokenizer)")
+    # the answer's positions: the read memory, at least one token to answer, the new tokens
+    limit = position_limit(rmt.causal_lm.config)
+    most = None if limit is None else limit - rmt.memory_config.num_memory_tokens - 1
+    if most is not None and args.max_new_tokens > most:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model has {limit} positions, of which "
+                        f"{rmt.memory_config.num_memory_tokens} hold the memory; allowed: at most {most} "
+                        f"(less the question's and the pending tokens)")
     if args.memory:
         state = MemoryState.load_for(args.memory, rmt)
         read_by = state.info.get("model")
@@ -159,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             # Same memory config, maybe another model: a memory is only meaningful to the model that wrote it.
             print(f"note: {args.memory} was read by {read_by}, not {args.path}", file=sys.stderr)
     else:
-        state = read_document(rmt, tokenizer, args.document, not args.no_progress, args.path)
+        state = read_document(rmt, tokenizer, args.document, not args.no_progress, args.path, args.encoding)
     if args.save_memory is not None:
         state.save(args.save_memory)
         print(f"saved the memory of {state.num_tokens} tokens to {args.save_memory}", file=sys.stderr)
@@ -168,8 +192,11 @@ def run(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for question in questions(args):
         ids = torch.tensor([encode(tokenizer, args.separator + question)], dtype=torch.long, device=device)
-        new = state.generate(rmt, ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+        try:
+            new = state.generate(rmt, ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+        except ValueError as err:  # a question (+ the pending tokens + the answer) beyond the position table
+            raise UserError(f"--question {question[:40]!r}: {err}") from None
         answer = tokenizer.decode(new[0], skip_special_tokens=True)
         print(" ".join(answer.split()), flush=True)
     return 0

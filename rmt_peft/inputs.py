@@ -22,7 +22,8 @@ def check_inputs(input_ids, attention_mask=None, labels=None, memory=None, *, vo
 
     input_ids: (batch, length) integers in [0, vocab_size); attention_mask and labels: the same
     shape, the mask of 0/1 values with at least one 1 per sample, labels integers in
-    [0, vocab_size) or -100 (ignored); memory: (batch, *memory_shape)."""
+    [0, vocab_size) or -100 (ignored); memory: (batch, *memory_shape), finite. Labels that are all
+    -100 are allowed: the loss is then 0 (nothing to learn from the batch, a zero gradient)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -42,9 +43,12 @@ def check_inputs(input_ids, attention_mask=None, labels=None, memory=None, *, vo
             raise ValueError(f"{name} must have the shape of input_ids {shape}, got {tuple(tensor.shape)}")
     if labels is not None and not _integer(labels):
         raise ValueError(f"labels must hold integer token ids (or {IGNORE_INDEX}), got dtype {labels.dtype}")
-    if memory is not None and memory_shape is not None:
-        expected = (shape[0], *memory_shape)
-        if tuple(memory.shape) != expected:
+    if memory is not None:
+        if not isinstance(memory, torch.Tensor) or not memory.dtype.is_floating_point:
+            raise ValueError(f"memory must be a floating-point torch.Tensor, got "
+                             f"{getattr(memory, 'dtype', type(memory).__name__)}")
+        expected = (shape[0], *memory_shape) if memory_shape is not None else None
+        if expected is not None and tuple(memory.shape) != expected:
             raise ValueError(f"memory must be (batch, num_memory_tokens, hidden) = {expected}, got "
                              f"{tuple(memory.shape)}")
 
@@ -53,6 +57,8 @@ def check_inputs(input_ids, attention_mask=None, labels=None, memory=None, *, vo
     if labels is not None:
         kept = torch.where(labels != IGNORE_INDEX, labels, 0)
         checks += [kept.min(), kept.max()]
+    if memory is not None:
+        checks.append((~torch.isfinite(memory)).any())
     if attention_mask is not None:
         mask = attention_mask
         checks += [((mask != 0) & (mask != 1)).any(), (~(mask != 0).any(dim=1)).any()]
@@ -66,6 +72,9 @@ def check_inputs(input_ids, attention_mask=None, labels=None, memory=None, *, vo
         if l_low < 0 or (vocab_size is not None and l_high >= vocab_size):
             raise ValueError(f"labels must lie in [0, {vocab_size}) or be {IGNORE_INDEX} (ignored), got values "
                              f"from {l_low} to {l_high}")
+    if memory is not None and values[4 if labels is not None else 2]:
+        raise ValueError("memory holds NaN or infinite values; it would make every output NaN (was it read by a "
+                         "model that diverged?)")
     if attention_mask is not None:
         not_binary, empty_row = values[-2:]
         if not_binary:

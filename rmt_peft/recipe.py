@@ -1,7 +1,7 @@
 """Recipes: one YAML file describes a whole run; this module loads, overrides and validates it.
 
 Sections (each a dataclass below): ``model``, ``memory`` (``MemoryConfig`` fields), ``lora``
-(a preset name or ``peft.LoraConfig`` fields; null trains the memory only), ``data`` (a task of
+(a preset name or ``peft.LoraConfig`` fields; null fine-tunes the whole, unquantized, backbone), ``data`` (a task of
 ``rmt_peft.data.registry`` and its options), ``curriculum`` (stages by number of segments),
 ``training`` (``transformers.TrainingArguments`` fields, verbatim), ``eval`` and ``guard`` (what a
 diverging run does).
@@ -15,6 +15,7 @@ Every error is a ``RecipeError`` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -209,6 +210,9 @@ class EvalSection:
     def __post_init__(self) -> None:
         for n in self.num_segments:
             _need(n >= 1, f"eval.num_segments contains {n}; expected integers >= 1")
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            _need(value is None or value >= 1, f"eval.{name}={value} must be >= 1 (or null: the default)")
 
 
 @dataclass
@@ -421,6 +425,10 @@ def check_training(values, trainer: str = "rmt") -> dict:
     for name in TRAINING_POSITIVE:
         value = out.get(name)
         _need(value is None or 0 < value < math.inf, f"training.{name}={value!r} must be a finite number > 0")
+    max_steps = out.get("max_steps")
+    _need(max_steps is None or max_steps >= 1,
+          f"training.max_steps={max_steps!r} must be an integer >= 1 (the cap on all stages together); leave it out "
+          f"for no cap")
     for name in TRAINING_NON_NEGATIVE:
         value = out.get(name)
         _need(value is None or 0 <= value < math.inf, f"training.{name}={value!r} must be a finite number >= 0")
@@ -489,7 +497,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {item!r} is not of the form dotted.key=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else None
+            value = safe_load(text) if text != "" else None
         except yaml.YAMLError as err:
             raise RecipeError(f"override {key}: value {text!r} is not YAML: {err}") from err
         parts = key.strip().split(".")
@@ -518,15 +526,35 @@ def resolve_recipe(path: str) -> str:
     return shipped
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text_or_stream):
+    """yaml.safe_load, refusing duplicate keys (``UniqueKeyLoader``)."""
+    return yaml.load(text_or_stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str) -> dict:
     path = resolve_recipe(path)
     if os.path.isdir(path):
         raise RecipeError(f"recipe {path!r} is a folder; expected a YAML file")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RecipeError(f"recipe file {path!r} is not valid YAML: {err}") from err
+        message = " ".join(str(err).split())
+        raise RecipeError(f"recipe file {path!r} is not valid YAML: {message}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe file {path!r} must hold a mapping with sections {list(SECTIONS)}, "
                           f"got {type(raw).__name__}")
@@ -548,6 +576,12 @@ def recipe_from_dict(raw: dict, check_files: bool = True) -> Recipe:
     for required in ("model", "data", "training"):
         if not raw.get(required):
             raise RecipeError(f"section {required!r} is required")
+    curriculum = raw.get("curriculum")
+    if isinstance(curriculum, dict) and not curriculum.get("segments") and not curriculum.get("stages"):
+        for key in ("segments", "stages"):  # given, but empty (a resolved recipe.yaml lists stages, segments: [])
+            _need(curriculum.get(key, None) != [],
+                  f"curriculum.{key}=[] has no stage; give at least one (e.g. segments: [1, 2, 4]), or leave "
+                  f"curriculum out for one stage of 1 segment")
     sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
     lora = raw.get("lora")
     if lora is not None and not isinstance(lora, (str, dict)):
@@ -594,6 +628,14 @@ def model_config(model: ModelSection):
         arch = model.name_or_path[len(TINY_PREFIX):]
         _need(arch in ARCHITECTURES, f"model.name_or_path={model.name_or_path!r}: unknown tiny architecture "
                                      f"{arch!r}; allowed: {[TINY_PREFIX + a for a in ARCHITECTURES]}")
+        for key, value in model.config.items():
+            _need(not isinstance(value, int) or isinstance(value, bool) or value >= 1,
+                  f"model.config.{key}={value} must be an integer >= 1")
+        # built in memory (tiny_models.py; model.dtype is applied): bitsandbytes quantizes while loading a checkpoint
+        _need(model.quantization is None,
+              f"model.quantization={model.quantization!r} is not applied to {model.name_or_path} (random weights built "
+              f"from a config, not loaded); leave it out, or save the model (rmt_peft.tiny_models.save_tiny_model) "
+              f"and give its folder in model.name_or_path")
         try:
             return tiny_config(arch, **model.config)
         except (TypeError, ValueError, StrictDataclassError) as err:
@@ -610,6 +652,127 @@ def model_config(model: ModelSection):
         if os.path.isdir(os.path.expanduser(path)):
             raise RecipeError(f"model.name_or_path={path!r} has no readable config.json") from None
         return None
+
+
+def check_lora(recipe: Recipe) -> None:
+    """``lora``: a preset, or fields of peft's LoraConfig with values training can use (peft itself
+    accepts r=0 or a dropout of 2 and fails later, in the middle of building the model); null
+    fine-tunes the whole backbone, which a quantized backbone cannot."""
+    from .adapters import PRESETS
+
+    lora = recipe.lora
+    if lora is None:
+        _need(recipe.model.quantization is None,
+              f"lora=null fine-tunes the whole backbone, but model.quantization={recipe.model.quantization!r} "
+              f"freezes it (quantized weights do not train): give a LoRA preset ({list(PRESETS)}) or fields, or "
+              f"set model.quantization=null")
+        return
+    if isinstance(lora, str):
+        _need(lora in PRESETS, f"lora={lora!r} is not a preset; allowed: {list(PRESETS)}, a mapping of "
+                               f"peft.LoraConfig fields, or null (fine-tune the whole backbone)")
+        return
+    from peft import LoraConfig
+
+    fields_ = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    unknown = sorted(set(lora) - fields_)
+    _need(not unknown, f"unknown key(s) {[f'lora.{u}' for u in unknown]}: not peft.LoraConfig fields")
+    r, alpha, dropout = lora.get("r", 8), lora.get("lora_alpha", 16), lora.get("lora_dropout", 0.0)
+    _need(isinstance(r, int) and not isinstance(r, bool) and r >= 1, f"lora.r={r!r} must be an integer >= 1")
+    _need(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < math.inf,
+          f"lora.lora_alpha={alpha!r} must be a finite number > 0")
+    _need(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+          f"lora.lora_dropout={dropout!r} must be a number in [0, 1)")
+    _need(lora.get("bias", "none") in ("none", "all", "lora_only"),
+          f"lora.bias={lora.get('bias')!r} is not allowed; allowed: ['none', 'all', 'lora_only']")
+    targets = lora.get("target_modules", "attention")
+    _need(isinstance(targets, str) and targets or isinstance(targets, list) and targets
+          and all(isinstance(t, str) and t for t in targets),
+          f"lora.target_modules={targets!r}: expected a preset {list(PRESETS)}, a regex, or a list of module names")
+    try:
+        LoraConfig(**{k: v for k, v in lora.items() if k != "target_modules"})
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"lora: peft.LoraConfig refuses it: {' '.join(str(err).split())}") from None
+
+
+# int64 ids, attention mask and labels: what one sample of a stage or an evaluation holds
+SAMPLE_BYTES_PER_TOKEN = 3 * 8
+
+
+def check_sample_fits(num_segments: int, segment_size: int, key: str) -> None:
+    """A RecipeError naming ``key`` when one sample of ``num_segments`` segments would not fit in the
+    memory this machine has free: refused by arithmetic before anything is allocated."""
+    import psutil
+
+    per_segment = segment_size * SAMPLE_BYTES_PER_TOKEN
+    need, free = num_segments * per_segment, psutil.virtual_memory().available
+    _need(need <= free, f"{key}: {num_segments} segments of {segment_size} tokens make samples of "
+                        f"{num_segments * segment_size:,} tokens, {need / 2**30:,.1f} GiB each, but this machine has "
+                        f"{free / 2**30:,.1f} GiB free; allowed here: at most {free // per_segment:,} segments")
+
+
+INSTRUCTION_FIELDS = (("text",), ("prompt", "completion"), ("messages",))  # what trl's SFTTrainer reads
+
+
+def check_instruction_files(options: dict) -> None:
+    """Local ``data_files`` of an instruction dataset exist and their first record has a field trl
+    reads (``INSTRUCTION_FIELDS``): a file that is missing, empty, binary, not JSON or lacking those
+    fields fails here, naming it, instead of inside datasets / trl once training starts."""
+    builder, files = options.get("path"), options.get("data_files")
+    if builder not in ("json", "csv", "text") or files is None:
+        return
+    if isinstance(files, dict):
+        files = [f for value in files.values() for f in ([value] if isinstance(value, str) else value)]
+    for pattern in [files] if isinstance(files, str) else files:
+        _need(isinstance(pattern, str), f"data.options.data_files: {pattern!r} is not a file name")
+        if "://" in pattern:
+            continue  # a remote file: datasets reads it
+        paths = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        _need(bool(paths), f"data.options.data_files={pattern!r}: no file matches")
+        for path in paths:
+            _need(os.path.isfile(path), f"data.options.data_files: {path} is not a file")
+            problem = first_record_problem(path, builder)
+            _need(problem is None, f"data.options.data_files: {path}: {problem}")
+
+
+def first_record_problem(path: str, builder: str) -> str | None:
+    """Why the first record of a ``builder`` ("json", "csv", "text") file cannot train, or None."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        return "empty"
+    if b"\0" in head:
+        return "binary (it holds NUL bytes), not text"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not a character cut at the end of the block read
+            return f"not UTF-8 text (byte {err.start})"
+        text = head[:err.start].decode("utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    wanted = " or ".join("+".join(f) for f in INSTRUCTION_FIELDS)
+    if builder == "text":
+        return None
+    if builder == "csv":
+        columns = {c.strip() for c in lines[0].split(",")}
+        return None if any(set(f) <= columns for f in INSTRUCTION_FIELDS) else \
+            f"its header {sorted(columns)} has no column {wanted}"
+    if text.lstrip().startswith("["):  # a JSON array of records
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"not JSON ({err})"
+        first = records[0] if isinstance(records, list) and records else None
+    else:  # JSON lines
+        try:
+            first = json.loads(lines[0])
+        except ValueError as err:
+            return f"line 1 is not JSON ({err})"
+    if not isinstance(first, dict):
+        return f"the first record is {type(first).__name__}, not an object with {wanted}"
+    if not any(set(f) <= set(first) for f in INSTRUCTION_FIELDS):
+        return f"the first record has fields {sorted(first)}, none of {wanted} (what trl's SFTTrainer reads)"
+    return None
 
 
 def needs_tokenizer(recipe: Recipe) -> bool:
@@ -633,12 +796,14 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                                              f"allowed: {INSTRUCTION_TASK!r}")
         _need("path" in data.options, f"data.options={data.options!r} needs path (datasets.load_dataset's, e.g. "
                                       f"json with data_files); optional: name, data_files, split, eval_split")
+        if check_files:
+            check_instruction_files(data.options)
     else:
         _need(data.task in registry.TASKS, f"data.task={data.task!r} is not known; allowed: {list(registry.TASKS)} "
                                            f"(or {INSTRUCTION_TASK!r} with trainer: sft)")
         try:
             registry.validate_options(data.task, data.options)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, OSError) as err:  # OSError: a named file (Lean theorems, ...) is missing
             raise RecipeError(f"data.options: {err}") from err
 
     # curriculum: the stages are checked here, once expand_curriculum has filled in the section's defaults
@@ -715,10 +880,23 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
               "model.quantization='4bit' with ZeRO-3 needs model.dtype=bfloat16 (or float16): the 4-bit "
               "storage dtype must equal the compute dtype to be partitioned")
 
+    check_lora(recipe)
+    for i, stage in enumerate(cur.stages):
+        check_sample_fits(max(stage_segments(stage)), mem.segment_size, f"curriculum.stages[{i}].num_segments")
+    if recipe.eval.num_segments:
+        check_sample_fits(max(recipe.eval.num_segments), mem.segment_size, "eval.num_segments")
+    if cur.keep_best_segments is not None:
+        check_sample_fits(cur.keep_best_segments, mem.segment_size, "curriculum.keep_best_segments")
+
     # positions: a segment with read and write memory must fit a learned position table
     if check_files:
         config = model_config(model)
         if config is not None:
+            options_vocab = data.options.get("vocab_size") if recipe.trainer == "rmt" else None
+            _need(not isinstance(options_vocab, int) or options_vocab <= config.vocab_size,
+                  f"data.options.vocab_size={options_vocab} is larger than the vocabulary of {model.name_or_path} "
+                  f"({config.vocab_size} tokens): token ids from {config.vocab_size} on have no embedding; allowed: "
+                  f"data.options.vocab_size <= {config.vocab_size}")
             limit = position_limit(config)
             need = mem.positions_per_segment
             memory_positions = "memory" if mem.associative else "2 x memory"

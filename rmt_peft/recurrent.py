@@ -405,6 +405,8 @@ class RMTModel(nn.Module):
         ``return_logits`` defaults to True without labels and False with them.
         """
         self.check_inputs(input_ids, attention_mask, labels, memory)
+        if labels is not None and labels.dtype != torch.long:  # int32 labels, like int32 ids (cross_entropy: long)
+            labels = labels.long()
         cfg = self.memory_config
         batch, length = input_ids.shape
         bounds = segment_bounds(length, cfg.segment_size, cfg.segment_alignment)
@@ -543,6 +545,9 @@ class RMTModel(nn.Module):
         if memory.dim() != 3 or tuple(memory.shape[1:]) != expected or memory.shape[0] not in (1, batch):
             raise UserError(f"memory of shape {tuple(memory.shape)} does not fit this model: expected "
                             f"(1 or {batch}, {expected[0]}, {expected[1]}) = (batch, num_memory_tokens, hidden)")
+        if not bool(torch.isfinite(memory).all()):
+            raise ValueError("memory holds NaN or infinite values; it would make every output NaN (was it read by a "
+                             "model that diverged?)")
         reference = self.memory.memory_tokens
         return memory.to(reference.device, reference.dtype).expand(batch, -1, -1)
 
@@ -614,15 +619,23 @@ class MemoryStream:
         self._pending: list[torch.Tensor] = []  # (loss sum, count) per segment, still on the device
 
     def feed(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Add (batch, n) tokens; labels default to the tokens themselves (language modelling)."""
-        if input_ids.dim() == 1:
+        """Add (batch, n) tokens; labels default to the tokens themselves (language modelling). A bad
+        chunk (not a tensor of integer ids in the vocabulary, another batch size) is a ValueError naming
+        the argument, checked once per call (one sync), not per segment."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
+        if isinstance(labels, torch.Tensor) and labels.dim() == 1:
+            labels = labels.unsqueeze(0)
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            return []  # an empty chunk: nothing to read
+        self.model.check_inputs(input_ids, labels=labels)
+        if input_ids.shape[0] != self.memory.shape[0]:
+            raise ValueError(f"input_ids has a batch of {input_ids.shape[0]}, but this stream reads a batch of "
+                             f"{self.memory.shape[0]} (rmt.stream(batch_size=...))")
         if labels is None:
             labels = input_ids
         else:
             self._all_labelled = False  # labels may hold IGNORE_INDEX: count them on the device
-            if labels.dim() == 1:
-                labels = labels.unsqueeze(0)
         self._ids.append(input_ids)
         self._labels.append(labels)
         self._buffered += input_ids.shape[1]

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from .backbones import check_position_limit
+from .backbones import DTYPES, check_position_limit
 from .data.tokenizer import offline_tokenizer
 from .errors import UserError
 from .fileio import check_writable
@@ -62,7 +62,8 @@ __all__ = ["RUN_RECIPE_FILE", "RUN_SUMMARY_FILE", "FINAL_DIR", "BASELINE_DIR", "
            "RESUME_FILES", "BEST_DIR", "LOG_DIR", "LOCK_FILE", "RUN_OWNED", "read_run", "is_run",
            "run_folder", "enclosing_run", "check_output", "check_train_output", "free_eval_dir", "locate",
            "model_name", "adapter_folder", "remove_failed_start", "read_recipe",
-           "tokenizer_name", "load_tokenizer", "base_model", "check_weight_files", "load_model"]
+           "tokenizer_name", "load_tokenizer", "command_tokenizer", "base_model", "check_weight_files", "model_device",
+           "load_model"]
 
 
 # -- what a path is -------------------------------------------------------------------------
@@ -279,18 +280,57 @@ def base_model(adapter: str) -> str:
 
 # -- loading a run's model ------------------------------------------------------------------
 def check_weight_files(folder: str) -> None:
-    """A UserError naming the first .safetensors file of ``folder`` whose header cannot be read."""
+    """A UserError naming the first .safetensors file of ``folder`` whose header cannot be read, or
+    .json file that does not parse (a truncated or hand-edited memory_config.json, ...)."""
     if not os.path.isdir(folder):
         return  # a Hub id
     for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
         if name.endswith(".safetensors"):
-            path = os.path.join(folder, name)
             try:
                 with safe_open(path, framework="pt") as f:
                     f.keys()
             except Exception as err:  # safetensors' own error types, one per kind of damage
                 raise UserError(f"{path} is damaged or not a safetensors file ({err}); export or train it "
                                 f"again") from None
+        elif name.endswith(".json") and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is damaged or not JSON ({err}); export or train it again") from None
+
+
+def model_device(args) -> torch.device:
+    """--device checked (a UserError naming the flag for a name torch does not know, or a GPU that is
+    not here); None: cuda when available, else cpu."""
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {args.device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {args.device!r} is not supported; allowed: cpu, cuda, cuda:N")
+    return device
+
+
+def command_tokenizer(recipe: Recipe | None, adapter: str, override: str | None):
+    """The tokenizer of a command (``tokenizer_name``), loaded; a UserError naming --tokenizer (or
+    the tokenizer chosen) when it cannot be loaded."""
+    name = tokenizer_name(recipe, adapter, override)
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = f"--tokenizer {override!r}" if override else f"the tokenizer {name!r}"
+        raise UserError(f"{where} could not be loaded: {reason}") from None
 
 
 def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict) -> RMTModel:
@@ -298,19 +338,24 @@ def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict
     (``options.add_model_options``) say otherwise; ``memory_overrides`` (MemoryConfig fields)
     change how inputs are read."""
     model = recipe.model if recipe is not None else None
+    device = model_device(args)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
     kwargs = {"quantization": args.quantization or (model.quantization if model else None),
               "dtype": args.dtype or (model.dtype if model else None)}
     if model is not None and model.attention:
         kwargs["attn_implementation"] = model.attention
     if args.base_model:
         kwargs["base_model"] = args.base_model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     check_weight_files(adapter)
     try:
         rmt = RMTModel.from_pretrained(adapter, **kwargs)
-    except OSError as err:  # a Hub id that is unknown or unreachable (offline), a base model that moved
+    except (OSError, ValueError, TypeError) as err:
+        # OSError: a Hub id that is unknown or unreachable (offline), a base model that moved; ValueError /
+        # TypeError: files that do not belong together (--base-model on full weights, a memory config
+        # with fields this version does not know, a backbone of another kind)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {adapter}: {first}") from None
     if device.type != "cuda":
@@ -320,5 +365,8 @@ def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict
             raise UserError("memory.num_memory_tokens cannot be overridden at evaluation: the memory was "
                             "trained with that many tokens")
         rmt.memory_config = dataclasses.replace(rmt.memory_config, **memory_overrides)
-        check_position_limit(rmt.causal_lm.config, rmt.memory_config)
+        try:
+            check_position_limit(rmt.causal_lm.config, rmt.memory_config)
+        except ValueError as err:
+            raise UserError(f"memory overrides {sorted(memory_overrides)}: {err}") from None
     return rmt.eval()

@@ -100,9 +100,9 @@ from rmt_peft import ask_command
 from rmt_peft.cli import main
 ask_command.READ_CHARS = 1 << 18
 pieces = ask_command.text_pieces
-def recorded(path):
+def recorded(path, **kwargs):
     tracemalloc.start()
-    for item in pieces(path):
+    for item in pieces(path, **kwargs):
         yield item
         print("PEAK", tracemalloc.get_traced_memory()[1], file=sys.stderr)
 ask_command.text_pieces = recorded

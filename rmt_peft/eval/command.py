@@ -30,31 +30,46 @@ EVAL_SEED_OFFSET = 1000  # evaluation samples differ from the training ones (see
 OWN_PATTERN = r"eval(-\d+)?"  # eval's folders at the top of a run: RUN/eval, RUN/eval-2, ...
 
 
+MAX_LENGTHS = 10_000  # lengths one --segments may list (an ellipsis to 10^11 in steps of one would never end)
+
+
 def parse_segments(text: str) -> list[int]:
     """"1,2,4,8" or with an ellipsis continuing the progression: "1,2,4,...,4096" (doubling),
-    "1,2,3,...,10" (steps of one)."""
-    error = argparse.ArgumentTypeError(
-        f"--segments {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4,8 or 1,2,4,...,4096")
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    "1,2,3,...,10" (steps of one). Strict: an empty item, an ellipsis without two values before
+    it and a larger end after it, or a value < 1 is an error."""
+    def error(why: str):
+        return argparse.ArgumentTypeError(f"--segments {text!r}: {why}; expected comma-separated integers >= 1, "
+                                          f"e.g. 1,2,4,8 or 1,2,4,...,4096")
+    parts = [p.strip() for p in text.split(",")]
+    if "" in parts:
+        raise error("an item is empty")
     values: list[int] = []
-    try:
-        for i, part in enumerate(parts):
-            if part != "...":
+    for i, part in enumerate(parts):
+        if part != "...":
+            try:
                 values.append(int(part))
-                continue
-            if len(values) < 2 or i + 1 >= len(parts):
-                raise error
-            a, b, end = values[-2], values[-1], int(parts[i + 1])
-            geometric = a > 0 and b % a == 0 and b // a > 1
-            while True:
-                b, a = (b * (b // a), b) if geometric else (b + (b - a), b)
-                if b >= end or b <= a:
-                    break
-                values.append(b)
-    except ValueError:
-        raise error from None
-    if not values or min(values) < 1:
-        raise error
+            except ValueError:
+                raise error(f"{part!r} is not an integer") from None
+            if values[-1] < 1:
+                raise error(f"{values[-1]} is < 1")
+            continue
+        if len(values) < 2 or i + 1 >= len(parts) or parts[i + 1] == "...":
+            raise error("'...' needs two values before it and the last value after it")
+        a, b = values[-2], values[-1]
+        try:
+            end = int(parts[i + 1])
+        except ValueError:
+            raise error(f"{parts[i + 1]!r} is not an integer") from None
+        if b <= a or end <= b:
+            raise error(f"'...' continues an increasing progression ({a}, {b}) up to a larger end, not {end}")
+        geometric = b % a == 0 and b // a > 1
+        while True:
+            b, a = (b * (b // a), b) if geometric else (b + (b - a), b)
+            if b >= end:
+                break
+            values.append(b)
+            if len(values) > MAX_LENGTHS:
+                raise error(f"more than {MAX_LENGTHS:,} lengths")
     return sorted(set(values))
 
 
@@ -94,16 +109,25 @@ def run(args: argparse.Namespace) -> int:
     if args.task_options is not None:
         import yaml
 
+        from ..recipe import safe_load
+
         try:
-            options = yaml.safe_load(args.task_options) or {}
+            options = safe_load(args.task_options) or {}
         except yaml.YAMLError as err:
-            raise UserError(f"--task-options is not YAML / JSON: {err}") from None
+            raise UserError(f"--task-options is not YAML / JSON: {' '.join(str(err).split())}") from None
     else:
         options = dict(recipe.data.options) if recipe is not None and recipe.data.task == task else {}
     try:
         validate_options(task, options)
     except (ValueError, TypeError, OSError) as err:
         raise UserError(f"--task-options / data.options of task {task!r}: {err}") from None
+    curve = args.curve or curve_for_task(task)
+    if curve != "perplexity" and curve != curve_for_task(task):
+        # accuracy needs the memory tasks' answers; history, arxiv_lm's history segments
+        raise UserError(f"--curve {curve} does not apply to task {task!r}; allowed: {curve_for_task(task)} or "
+                        f"perplexity")
+    if args.tokenizer is not None and not TASKS[task].needs_tokenizer:
+        raise UserError(f"--tokenizer {args.tokenizer!r}: task {task!r} reads raw token ids and takes no tokenizer")
     eval_section = recipe.eval if recipe is not None else None
     if (args.curve or curve_for_task(task)) == "history":
         # Training may mix history sizes (arxiv_lm's history_sizes); the curve needs every sample
@@ -149,9 +173,9 @@ def run(args: argparse.Namespace) -> int:
             settings.plain_context[name] = context
     rmt = next(iter(models.values()))
     # tasks on raw token ids (token_memory) need none
-    tokenizer = (runs.load_tokenizer(runs.tokenizer_name(recipe, adapter, args.tokenizer))
-                 if TASKS[task].needs_tokenizer else None)
+    tokenizer = runs.command_tokenizer(recipe, adapter, args.tokenizer) if TASKS[task].needs_tokenizer else None
     segment_size = rmt.memory_config.segment_size
+    check_fits(settings, options, tokenizer, models)
 
     def build(num_segments: int, num_samples: int):
         return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
@@ -165,6 +189,24 @@ def run(args: argparse.Namespace) -> int:
     summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
     print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
     return 0
+
+
+def check_fits(settings, options: dict, tokenizer, models: dict) -> None:
+    """Lengths that fit this machine's memory (by arithmetic, before a sample is built) and token ids
+    that fit every model's vocabulary (the task's ``vocab_size``, the tokenizer's)."""
+    from ..recipe import RecipeError, check_sample_fits
+
+    for name, rmt in models.items():
+        try:
+            check_sample_fits(max(settings.segments), rmt.memory_config.segment_size, "--segments / eval.num_segments")
+        except RecipeError as err:
+            raise UserError(str(err)) from None
+        vocab = rmt.causal_lm.get_input_embeddings().num_embeddings
+        for what, size in (("--task-options / data.options vocab_size", options.get("vocab_size")),
+                           ("the tokenizer's vocabulary", len(tokenizer) if tokenizer is not None else None)):
+            if isinstance(size, int) and size > vocab:
+                raise UserError(f"{what} ({size} tokens) is larger than the vocabulary of {name} ({vocab}): token ids "
+                                f"from {vocab} on have no embedding")
 
 
 def output_folder(args: argparse.Namespace, adapter: str) -> str:

@@ -51,8 +51,9 @@ def stage_dir(output_dir: str, index: int) -> str:
 class CurriculumState:
     """Where a run is: ``stage`` (index), ``steps_before`` (optimizer steps of the stages before
     it, for the global ``training.max_steps`` cap), the finished stages' records, the plateau
-    tracker of the current stage, and the divergence guard's rollbacks so far (``lr_scale``: the
-    learning rate's factor after them, kept by a resume)."""
+    tracker of the current stage, the divergence guard's rollbacks so far (``lr_scale``: the
+    learning rate's factor after them, kept by a resume) and the current stage's summed step losses
+    (``loss_sum``: a resumed stage's train_loss averages all its steps, not only those after the resume)."""
 
     stage: int = 0
     steps_before: int = 0
@@ -62,6 +63,7 @@ class CurriculumState:
     stop_reason: str | None = None
     lr_scale: float = 1.0
     rollbacks: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # the current stage's step losses summed up to this save: its train_loss after a resume
 
     def save(self, folder: str) -> None:
         write_json(os.path.join(folder, STATE_FILE), asdict(self))  # atomic: a kill leaves the old one or none
@@ -104,6 +106,12 @@ class StageCallback(TrainerCallback):
     def __init__(self, stage: Stage, state: CurriculumState):
         self.stage = stage
         self.state = state
+        self.loss_before = state.loss_sum  # the steps before a resume
+        self.trainer = None  # set once the stage's Trainer exists: its step losses go into every save
+
+    def loss_sum(self) -> float:
+        """The stage's step losses summed so far, those before a resume included."""
+        return self.loss_before + (self.trainer.step_loss_sum() if self.trainer is not None else 0.0)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         name = self.stage.metric
@@ -131,6 +139,7 @@ class StageCallback(TrainerCallback):
                     control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
+        self.state.loss_sum = self.loss_sum()
         if args.should_save:
             self.state.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 

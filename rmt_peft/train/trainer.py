@@ -102,8 +102,9 @@ def embedding_std(causal_lm) -> float:
 
 def build_backbone(recipe: Recipe, seed: int):
     model = recipe.model
-    if model.is_tiny:
-        return tiny_model(model.name_or_path[len(TINY_PREFIX):], seed=seed, **model.config)
+    if model.is_tiny:  # built in fp32 from a config, then in model.dtype (a quantization is refused by the recipe)
+        backbone = tiny_model(model.name_or_path[len(TINY_PREFIX):], seed=seed, **model.config)
+        return backbone.to(DTYPES[model.dtype]) if model.dtype else backbone
     kwargs = {}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
@@ -248,12 +249,18 @@ class RMTTrainerMixin:
     base_model: str = ""
     guard: DivergenceGuard | None = None
     base_learning_rate: float | None = None  # set by a rollback: replaces the resumed checkpoint's
+    _loss_sum: torch.Tensor | None = None  # this Trainer's step losses, summed on the device (no sync a step)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
             self.guard.note_loss(loss)
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         return loss
+
+    def step_loss_sum(self) -> float:
+        """The summed losses of the steps this Trainer took (the Trainer's train_loss times its steps)."""
+        return float(self._loss_sum) if self._loss_sum is not None else 0.0
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm of the step, checked (with the step's losses) before the
@@ -547,11 +554,13 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                 check_stage_data(recipe, tokenizer, index)
             model.memory_config = stage_memory(model.memory_config, recipe.memory, index,
                                                recipe.curriculum.levers_from_stage)
-            callbacks = [StageCallback(stage, state)]
+            stage_callback = StageCallback(stage, state)
+            callbacks = [stage_callback]
             keeper = keep_best_callback(recipe, tokenizer, index, state.steps_before, kept)
             if keeper is not None:
                 callbacks.append(keeper)
             trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, callbacks)
+            stage_callback.trainer = trainer
             if keeper is not None:
                 keeper.trainer = trainer
             continue_curve(trainer, out, state.steps_before, index, segments,  # one curve for all stages
@@ -578,18 +587,21 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                     f"{args.learning_rate * recipe.guard.rollback_lr_factor:.3g}")
                 if checkpoint is not None:
                     saved = CurriculumState.load(checkpoint)
-                    state.best, state.bad_evals = saved.best, saved.bad_evals
+                    state.best, state.bad_evals, state.loss_sum = saved.best, saved.bad_evals, saved.loss_sum
                 elif index == 0:
                     model = None  # the stage's start is the initialisation: build it again (same seed)
+                    state.loss_sum = 0.0
                 else:
                     load_trainable(model, os.path.join(stage_dir(out, index - 1), END_DIR))
-                    state.best, state.bad_evals = None, 0
+                    state.best, state.bad_evals, state.loss_sum = None, 0, 0.0
         steps = trainer.state.global_step
+        # all the stage's steps: the Trainer's own training_loss covers only those after a resume
+        train_loss = stage_callback.loss_sum() / steps if steps else result.training_loss
         state.finished.append({"stage": index, "num_segments": stage.num_segments, "steps": steps,
-                               "epochs": finite(trainer.state.epoch), "train_loss": finite(result.training_loss),
+                               "epochs": finite(trainer.state.epoch), "train_loss": finite(train_loss),
                                "reason": state.stop_reason or f"step budget ({budget})"})
         state.stage, state.steps_before = index + 1, state.steps_before + steps
-        state.best, state.bad_evals, state.stop_reason = None, 0, None
+        state.best, state.bad_evals, state.stop_reason, state.loss_sum = None, 0, None, 0.0
         end = os.path.join(stage_dir(out, index), END_DIR)
         trainer.save_model(end)
         if trainer.args.should_save:

@@ -1,6 +1,6 @@
 """Killed at any step of any stage (or in the baseline run), a resumed run ends with the same
 logged losses and the same weights as an uninterrupted run, and summary.json counts the steps
-that were trained. The kill is an exception raised from a Trainer callback after a step: what
+that were trained and averages each stage's loss over all of them. The kill is an exception raised from a Trainer callback after a step: what
 is on disk is what a kill -9 at that moment leaves (saves are atomic, see test_files.py)."""
 import json
 import os
@@ -61,6 +61,8 @@ def test_killed_in_the_first_middle_or_last_stage_resumes_exactly(write_recipe, 
         for k in range(3):
             assert losses(killed.output_dir, k) == pytest.approx(reference[k], rel=1e-5, abs=1e-7), (stage, k)
         assert [s["steps"] for s in resumed["stages"]] == [4, 4, 4]
+        # each stage's train_loss averages all its steps (logged one by one), not only those after the resume
+        assert [s["train_loss"] for s in resumed["stages"]] == pytest.approx([sum(r) / 4 for r in reference], rel=1e-4)
         assert_same_weights(final_weights(killed.output_dir), final_weights(full.output_dir))
         assert resumed["eval"]["3"]["loss"] == pytest.approx(summary["eval"]["3"]["loss"], rel=1e-5)
 
