@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         except LookupError:
             raise UserError(f"--encoding {args.encoding!r} is not a text encoding Python knows (e.g. utf-8, "
                             f"latin-1)") from None
+        wide = any(n in codecs.lookup(args.encoding).name for n in ("16", "32"))  # UTF-16 / 32 text holds NULs
+        with open(args.document, "rb") as f:
+            if not wide and b"\0" in f.read(1 << 13):
+                raise UserError(f"--document {args.document} is binary (it holds NUL bytes), not text")
     if args.save_memory is not None:  # before the model loads: a refusal costs nothing
         runs.check_output(args.save_memory, "--save-memory", args.overwrite, folder=False)
     try:

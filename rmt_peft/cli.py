@@ -36,8 +36,16 @@ def verbosity_options(parser: argparse.ArgumentParser, default) -> None:
                        help="errors only")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line like every other error (argparse prints the usage
+    first); the usage stays one --help away. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmt-peft", description=__doc__.splitlines()[0])
+    parser = Parser(prog="rmt-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rmt-peft {__version__}")
     verbosity_options(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -90,10 +90,12 @@ def disk_error(err: BaseException, path: str | None = None) -> BaseException:
     return UserError(f"cannot write {path}: {WRITE_FAILURES[number]}; choose a writable folder")
 
 
-def check_writable(folder: str, key: str) -> None:
+def check_writable(folder: str, key: str, given: str | None = None) -> None:
     """Raise a UserError naming ``key`` when ``folder`` (or the nearest existing parent) cannot be
     written. A file is created there and removed: permissions alone miss read-only mounts and
-    pseudo file systems (/proc), and say nothing for root."""
+    pseudo file systems (/proc), and say nothing for root. ``given``: the path the user gave, when
+    ``folder`` is the one it would be written in."""
+    given = folder if given is None else given
     probe = os.path.abspath(folder)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -101,11 +103,11 @@ def check_writable(folder: str, key: str) -> None:
             break
         probe = parent
     if not os.path.isdir(probe):
-        raise UserError(f"{key}={folder!r}: {probe} is a file; expected a folder")
+        raise UserError(f"{key}={given!r}: {probe} is a file; expected a folder")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".rmt-peft-probe{TEMP_MARK}", dir=probe)
     except OSError as err:
-        raise UserError(f"{key}={folder!r}: {probe} is not writable ({os.strerror(err.errno or 0)}); choose a "
+        raise UserError(f"{key}={given!r}: {probe} is not writable ({os.strerror(err.errno or 0)}); choose a "
                         f"writable folder") from None
     os.close(fd)
     with contextlib.suppress(OSError):

@@ -499,7 +499,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = safe_load(text) if text != "" else None
         except yaml.YAMLError as err:
-            raise RecipeError(f"override {key}: value {text!r} is not YAML: {err}") from err
+            raise RecipeError(f"override {key}: value {text!r} is not YAML: {' '.join(str(err).split())}") from err
         parts = key.strip().split(".")
         if parts[0] not in SECTIONS + ("trainer",):
             raise RecipeError(f"override {key!r}: unknown section {parts[0]!r}; allowed: {list(SECTIONS) + ['trainer']}")
@@ -639,7 +639,8 @@ def model_config(model: ModelSection):
         try:
             return tiny_config(arch, **model.config)
         except (TypeError, ValueError, StrictDataclassError) as err:
-            raise RecipeError(f"model.config={model.config!r} is not valid for tiny_config: {err}") from err
+            raise RecipeError(f"model.config={model.config!r} is not valid for tiny_config: "
+                              f"{' '.join(str(err).split())}") from err
     _need(not model.config, "model.config is only for tiny:<arch> models (a real model's config comes with it)")
     path = model.name_or_path
     looks_local = path.startswith((".", "/", "~")) or os.path.isabs(path) or path.count("/") > 1

@@ -203,7 +203,7 @@ def check_output(path: str, flag: str, overwrite: bool = False, *, folder: bool,
     if not folder and os.path.exists(real) and not overwrite:
         raise UserError(f"{flag} {path} already exists; nothing is overwritten: choose a new file, or give "
                         f"--overwrite to replace it")
-    check_writable(os.path.dirname(real) if not folder else real, flag)
+    check_writable(os.path.dirname(real) if not folder else real, flag, given=path)
 
 
 def check_train_output(out: str) -> None:
@@ -325,6 +325,8 @@ def command_tokenizer(recipe: Recipe | None, adapter: str, override: str | None)
     """The tokenizer of a command (``tokenizer_name``), loaded; a UserError naming --tokenizer (or
     the tokenizer chosen) when it cannot be loaded."""
     name = tokenizer_name(recipe, adapter, override)
+    if override and override.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(override)):
+        raise UserError(f"--tokenizer {override!r} does not exist (a tokenizer folder, a Hub id, or 'offline')")
     try:
         return load_tokenizer(name)
     except (OSError, ValueError) as err:

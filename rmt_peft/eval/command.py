@@ -38,7 +38,7 @@ def parse_segments(text: str) -> list[int]:
     "1,2,3,...,10" (steps of one). Strict: an empty item, an ellipsis without two values before
     it and a larger end after it, or a value < 1 is an error."""
     def error(why: str):
-        return argparse.ArgumentTypeError(f"--segments {text!r}: {why}; expected comma-separated integers >= 1, "
+        return argparse.ArgumentTypeError(f"{text!r}: {why}; expected comma-separated integers >= 1, "
                                           f"e.g. 1,2,4,8 or 1,2,4,...,4096")
     parts = [p.strip() for p in text.split(",")]
     if "" in parts:

@@ -37,6 +37,12 @@ def final_weights():
 
 
 @pytest.fixture(scope="session")
+def tiny_recipe():
+    """TINY, for modules that cannot import this conftest."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny finished run shared by the tests that only read it (or refuse to write into it):
     a checkpoint, TensorBoard logs and final/; vocabulary 640 fits the offline tokenizer, so

@@ -1,7 +1,8 @@
 """Killed at any step of any stage (or in the baseline run), a resumed run ends with the same
 logged losses and the same weights as an uninterrupted run, and summary.json counts the steps
-that were trained and averages each stage's loss over all of them. The kill is an exception raised from a Trainer callback after a step: what
-is on disk is what a kill -9 at that moment leaves (saves are atomic, see test_files.py)."""
+that were trained and averages each stage's loss over all of them. The kill is an exception
+raised from a Trainer callback after a step: what is on disk is what a kill -9 at that moment
+leaves (saves are atomic, see test_files.py)."""
 import json
 import os
 
