@@ -367,8 +367,20 @@ def main(argv: list[str] | None = None) -> int:
                               "(formal_statement, proof or formal_proof)")
     for field_name in ("statement", "proof", "premises", "name"):
         records.add_argument(f"--{field_name}-field", help=f"the records' {field_name} field (overrides --preset)")
+    for command in (importer, minictx, records):
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace theorems.jsonl / lemmas.jsonl already in OUT_DIR")
     args = parser.parse_args(argv)
     try:
+        # like every command that writes (rmt_peft.runs.check_output): nothing is replaced unless asked
+        existing = [n for n in ("theorems.jsonl", "lemmas.jsonl") if os.path.exists(os.path.join(args.out_dir, n))]
+        if not args.out_dir.strip():
+            raise UserError("OUT_DIR is empty; give the folder to write theorems.jsonl and lemmas.jsonl to")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UserError(f"{args.out_dir} is a file; expected a folder (OUT_DIR)")
+        if existing and not args.overwrite:
+            raise UserError(f"{args.out_dir} already holds {' and '.join(existing)}; nothing is overwritten: choose "
+                            f"another OUT_DIR, or give --overwrite")
         if args.command == "import-leandojo":
             theorems, lemmas = import_leandojo(args.benchmark_json, args.corpus_jsonl, args.out_dir)
         elif args.command == "import-minictx":

@@ -110,3 +110,16 @@ def test_the_lean_importer_skips_bad_records_and_writes_the_good_ones(tmp_path, 
     assert lean.main(["import-leandojo", *paths, str(tmp_path / "out")]) == 0
     assert "wrote 1 theorems and 1 lemmas" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out")) == ["lemmas.jsonl", "theorems.jsonl"]
+
+
+def test_the_lean_importer_replaces_its_files_only_with_overwrite(tmp_path, capsys):
+    paths = leandojo(tmp_path, [GOOD_THEOREM], GOOD_CORPUS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theorems.jsonl").write_text("mine\n")
+    assert lean.main(["import-leandojo", *paths, str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds theorems.jsonl" in err and "--overwrite" in err
+    assert (out / "theorems.jsonl").read_text() == "mine\n" and not (out / "lemmas.jsonl").exists()
+    assert lean.main(["import-leandojo", *paths, str(out), "--overwrite"]) == 0
+    assert (out / "theorems.jsonl").read_text() != "mine\n"
