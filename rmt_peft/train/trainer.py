@@ -427,9 +427,9 @@ def check_output_dir(recipe: Recipe, resume: bool) -> bool:
     left_by_failed_start = all(n in (RUN_RECIPE_FILE, BASELINE_DIR, LOG_DIR) or re.fullmatch(r"stage-\d+", n)
                                for n in names) and not saved_progress(out)
     if resume:
-        if RUN_RECIPE_FILE in names or not names:
+        if RUN_RECIPE_FILE in names:
             return resume
-        if left_by_failed_start:
+        if left_by_failed_start:  # nothing (but temporary files and a lock), or no recipe.yaml yet
             return False
         raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume (no "
                           f"{RUN_RECIPE_FILE})")

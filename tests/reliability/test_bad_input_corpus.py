@@ -763,3 +763,11 @@ def test_int32_labels_work_like_int32_ids_and_all_ignored_labels_give_a_zero_los
 
 def test_the_corpus_holds_300_cases():
     assert len(CLI) + len(API) >= 300, (len(CLI), len(API))
+
+
+def test_model_dtype_is_applied_to_a_tiny_model(bad):
+    from rmt_peft.recipe import load_recipe
+    from rmt_peft.train.trainer import build_backbone
+
+    recipe = load_recipe(str(bad / "recipe.yaml"), ["model.dtype=bfloat16"])
+    assert {p.dtype for p in build_backbone(recipe, seed=0).parameters()} == {torch.bfloat16}

@@ -164,3 +164,33 @@ def test_a_run_killed_during_its_first_write_starts_and_resumes_cleanly(write_re
         assert summary["status"] == "completed" and [s["steps"] for s in summary["stages"]] == [2]
         assert not [n for n in os.listdir(out) if ".tmp-" in n or n == runs.LOCK_FILE]
         shutil.rmtree(out)
+
+
+def test_saved_weights_are_readable_by_all(trained_run):
+    # safetensors writes its files 0600; a saved model is meant to be shared, like the rest of the run
+    for folder in ("final", "stage-0/end", "stage-0/checkpoint-1"):
+        for name in os.listdir(trained_run / folder):
+            mode = (trained_run / folder / name).stat().st_mode & 0o777
+            assert mode == 0o644, (folder, name, oct(mode))
+
+
+@pytest.mark.parametrize("left", [
+    [".recipe.yaml.tmp-ab12", runs.LOCK_FILE],                    # killed in the first write
+    ["recipe.yaml", "stage-0/", "logs/events.out.tfevents.1"],     # killed before the first checkpoint
+    ["recipe.yaml", "stage-0/checkpoint-2/optimizer.pt", "stage-0/.curriculum.json.tmp-x"],  # in its first save
+])
+def test_what_a_kill_before_the_first_save_leaves_never_blocks_a_start_or_a_resume(write_recipe, left):
+    from rmt_peft.train.trainer import check_output_dir
+
+    recipe = load_recipe(write_recipe(name="killed.yaml"))
+    for path in left:
+        target = os.path.join(recipe.output_dir, path)
+        os.makedirs(os.path.dirname(target) if not path.endswith("/") else target, exist_ok=True)
+        if not path.endswith("/"):
+            open(target, "w").close()
+    assert check_output_dir(recipe, resume=False) is False  # a fresh start is allowed
+    resumes = check_output_dir(recipe, resume=True)  # a resume goes on, or starts afresh without a recipe.yaml
+    assert resumes is ("recipe.yaml" in left)
+    (open(os.path.join(recipe.output_dir, "notes.txt"), "w")).close()  # a file of the user's: refused
+    with pytest.raises(UserError, match="already holds files"):
+        check_output_dir(recipe, resume=False)
