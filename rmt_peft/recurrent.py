@@ -629,9 +629,9 @@ class MemoryStream:
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
             return []  # an empty chunk: nothing to read
         self.model.check_inputs(input_ids, labels=labels)
-        if input_ids.shape[0] != self.memory.shape[0]:
+        if input_ids.shape[0] != self.batch_size:
             raise ValueError(f"input_ids has a batch of {input_ids.shape[0]}, but this stream reads a batch of "
-                             f"{self.memory.shape[0]} (rmt.stream(batch_size=...))")
+                             f"{self.batch_size} (rmt.stream(batch_size=...))")
         if labels is None:
             labels = input_ids
         else:

@@ -138,6 +138,7 @@ RECIPES = {
     "memory.checkpoint_policy bogus": (validate("memory.checkpoint_policy=bogus"), "checkpoint_policy='bogus'"),
     "memory.checkpoint_segments maybe": (validate("memory.checkpoint_segments=maybe"), "memory.checkpoint_segments"),
     "memory unknown key": (validate("memory.num_memory_token=3"), "memory.num_memory_token"),
+    "memory.memory_kind bogus": (validate("memory.memory_kind=bogus"), "memory_kind='bogus'"),
     # lora
     "lora preset bogus": (validate("lora=bogus_preset"), "lora='bogus_preset' is not a preset"),
     "lora r 0": (validate("lora={r: 0}"), "lora.r=0"),
@@ -624,6 +625,12 @@ MEMORY = torch.zeros(2, 2, 64)
 NAN = torch.full((2, 2, 64), float("nan"))
 
 
+def associative():
+    return RMTModel.from_backbone(tiny_model("gpt_neo", vocab_size=VOCAB, max_positions=64),
+                                  MemoryConfig(num_memory_tokens=2, segment_size=8, memory_kind="associative"),
+                                  lora=None, verbose=False).eval()
+
+
 def forward(**kwargs):
     return lambda m: m(**{"input_ids": IDS, **kwargs})
 
@@ -685,6 +692,13 @@ API = {  # name: (call on the module's rmt, the argument the ValueError names)
     "stream: labels >= vocab": (feed(IDS, IDS + VOCAB), "labels must lie in"),
     "stream: generate with float ids": (lambda m: m.stream().generate(IDS[:1].float(), max_new_tokens=1),
                                         "input_ids must hold integer"),
+    "associative: a tensor memory": (lambda m: associative()(input_ids=IDS, memory=MEMORY),
+                                     "memory must be an AssociativeState"),
+    "associative: stream batch of 2 into 1": (lambda m: associative().stream().feed(IDS),
+                                              "input_ids has a batch of 2"),
+    "associative: stream ids >= vocab": (lambda m: associative().stream().feed(IDS[:1] + VOCAB),
+                                         "input_ids must lie in"),
+    "MemoryConfig: memory_kind bogus": (lambda m: MemoryConfig(memory_kind="bogus"), "memory_kind='bogus'"),
     "MemoryConfig: num_memory_tokens -1": (lambda m: MemoryConfig(num_memory_tokens=-1), "num_memory_tokens=-1"),
     "MemoryConfig: segment_size 0": (lambda m: MemoryConfig(segment_size=0), "segment_size=0"),
     "MemoryConfig: segment_alignment": (lambda m: MemoryConfig(segment_alignment="middle"), "segment_alignment"),
