@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import psutil
 import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassError  # transformers configs validate their fields
@@ -33,6 +34,7 @@ from transformers.integrations import get_available_reporting_integrations
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from . import resources
+from .adapters import PRESETS as LORA_PRESETS
 from .backbones import DTYPES as TORCH_DTYPES
 from .backbones import position_limit
 from .data import registry
@@ -659,17 +661,15 @@ def check_lora(recipe: Recipe) -> None:
     """``lora``: a preset, or fields of peft's LoraConfig with values training can use (peft itself
     accepts r=0 or a dropout of 2 and fails later, in the middle of building the model); null
     fine-tunes the whole backbone, which a quantized backbone cannot."""
-    from .adapters import PRESETS
-
     lora = recipe.lora
     if lora is None:
         _need(recipe.model.quantization is None,
               f"lora=null fine-tunes the whole backbone, but model.quantization={recipe.model.quantization!r} "
-              f"freezes it (quantized weights do not train): give a LoRA preset ({list(PRESETS)}) or fields, or "
+              f"freezes it (quantized weights do not train): give a LoRA preset ({list(LORA_PRESETS)}) or fields, or "
               f"set model.quantization=null")
         return
     if isinstance(lora, str):
-        _need(lora in PRESETS, f"lora={lora!r} is not a preset; allowed: {list(PRESETS)}, a mapping of "
+        _need(lora in LORA_PRESETS, f"lora={lora!r} is not a preset; allowed: {list(LORA_PRESETS)}, a mapping of "
                                f"peft.LoraConfig fields, or null (fine-tune the whole backbone)")
         return
     from peft import LoraConfig
@@ -688,7 +688,7 @@ def check_lora(recipe: Recipe) -> None:
     targets = lora.get("target_modules", "attention")
     _need(isinstance(targets, str) and targets or isinstance(targets, list) and targets
           and all(isinstance(t, str) and t for t in targets),
-          f"lora.target_modules={targets!r}: expected a preset {list(PRESETS)}, a regex, or a list of module names")
+          f"lora.target_modules={targets!r}: expected a preset {list(LORA_PRESETS)}, a regex, or a list of module names")
     try:
         LoraConfig(**{k: v for k, v in lora.items() if k != "target_modules"})
     except (TypeError, ValueError) as err:
@@ -702,8 +702,6 @@ SAMPLE_BYTES_PER_TOKEN = 3 * 8
 def check_sample_fits(num_segments: int, segment_size: int, key: str) -> None:
     """A RecipeError naming ``key`` when one sample of ``num_segments`` segments would not fit in the
     memory this machine has free: refused by arithmetic before anything is allocated."""
-    import psutil
-
     per_segment = segment_size * SAMPLE_BYTES_PER_TOKEN
     need, free = num_segments * per_segment, psutil.virtual_memory().available
     _need(need <= free, f"{key}: {num_segments} segments of {segment_size} tokens make samples of "

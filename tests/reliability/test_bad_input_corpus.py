@@ -6,6 +6,7 @@ the argument. Commands run in-process through the CLI's `main`, against files ma
 session and one shared tiny trained run (conftest.trained_run), so the corpus takes seconds."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -761,8 +762,6 @@ def test_api_bad_input_is_a_value_error_naming_the_argument(name, rmt):
     call, message = API[name]
     with pytest.raises((ValueError, TypeError, FileNotFoundError)) as caught:
         call(rmt)
-    import re
-
     assert re.search(message, str(caught.value)), str(caught.value)
     assert isinstance(caught.value, ValueError) or name.startswith(("from_pretrained", "hub.", "from_backbone")), \
         type(caught.value)
