@@ -45,15 +45,16 @@ def tiny_recipe():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny finished run shared by the tests that only read it (or refuse to write into it):
-    a checkpoint, TensorBoard logs and final/; vocabulary 640 fits the offline tokenizer, so
-    `ask` can read text with it. Tests must not change it."""
+    a checkpoint, TensorBoard logs and final/; its model.tokenizer is the offline one (vocabulary
+    640 fits it), so `ask` can read text with it. Tests must not change it."""
     import yaml
 
     from rmt_peft.recipe import load_recipe
     from rmt_peft.train.trainer import run
 
     folder = tmp_path_factory.mktemp("shared")
-    raw = {**TINY, "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 640, "max_positions": 64}},
+    raw = {**TINY, "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 640, "max_positions": 64},
+                             "tokenizer": "offline"},  # ask reads text with it
            "data": {**TINY["data"], "num_train_samples": 8, "num_eval_samples": 4},
            "curriculum": {"segments": [1], "steps_per_stage": 2},
            "eval": {"num_segments": [1], "num_samples": 4},

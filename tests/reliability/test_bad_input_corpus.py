@@ -513,7 +513,7 @@ ASK = {
     "ask: neither document nor memory": (["ask", "{run}", "--question", "q"], "--document"),
     "ask: both document and memory": (ask("--document", "{t}/doc.txt", "--memory", "{t}/other.mem.safetensors"),
                                       "not allowed with argument"),
-    "ask: --memory missing": (ask("--memory", "{t}/no_such.safetensors"), "no_such.safetensors does not exist"),
+    "ask: --memory missing": (ask("--memory", "{t}/no_such.safetensors"), "--memory {t}/no_such.safetensors is not a file"),
     "ask: --memory not safetensors": (ask("--memory", "{t}/not_a_state.safetensors"),
                                       "not_a_state.safetensors is not a safetensors memory state"),
     "ask: --memory of another model": (ask("--memory", "{t}/other.mem.safetensors"),
@@ -550,9 +550,13 @@ ASK = {
     "ask: --base-model on full weights": (ask("--document", "{t}/doc.txt", "--base-model", "{t}/neo"),
                                           "base_model= applies to LoRA"),
     "ask: not a run": (ask("--document", "{t}/doc.txt", run="{t}"), "is neither a training run"),
-    "ask: damaged weights": (ask("--document", "{t}/doc.txt", run="{t}/truncated"), "memory.safetensors is damaged"),
-    "ask: damaged memory_config.json": (ask("--document", "{t}/doc.txt", run="{t}/bad_config"),
-                                        "memory_config.json is damaged"),
+    # the recipe.yaml beside these adapters trains on raw token ids: --tokenizer lets ask read text
+    "ask: damaged weights": (ask("--document", "{t}/doc.txt", "--tokenizer", "offline", run="{t}/truncated"),
+                             "memory.safetensors is damaged"),
+    "ask: damaged memory_config.json": (ask("--document", "{t}/doc.txt", "--tokenizer", "offline",
+                                            run="{t}/bad_config"), "memory_config.json is damaged"),
+    "ask: a run on raw token ids": (ask("--document", "{t}/doc.txt", run="{t}/truncated"),
+                                    "was trained on raw token ids"),
 }
 
 
