@@ -178,16 +178,19 @@ def check_output(path: str, flag: str, overwrite: bool = False, *, folder: bool,
         raise UserError(f"{flag} {path} is a folder; expected a file")
     if os.path.exists(real) and not os.path.isdir(real) and folder:
         raise UserError(f"{flag} {path} is a file; expected a folder")
-    run = enclosing_run(real)
-    if run is not None:
-        if real == run:
-            raise UserError(f"{flag} {path} is a training run: its files are never overwritten (--overwrite does not "
-                            f"change this); choose a new {what}")
-        top = os.path.relpath(real, run).split(os.sep)[0]
+    run = outer = enclosing_run(real)
+    if run is not None and real == run:
+        raise UserError(f"{flag} {path} is a training run: its files are never overwritten (--overwrite does not "
+                        f"change this); choose a new {what}")
+    while outer is not None:  # every run that holds the path (a run's baseline/ is a run of its own)
+        top = os.path.relpath(real, outer).split(os.sep)[0]
         if top in RUN_OWNED or STAGE_DIR.fullmatch(top):
-            raise UserError(f"{flag} {path} is part of the training run {run} (its {top}): a run's stages, "
+            raise UserError(f"{flag} {path} is part of the training run {outer} (its {top}): a run's stages, "
                             f"checkpoints, logs and final weights are never overwritten (--overwrite does not "
                             f"change this); choose a path outside them")
+        outer = enclosing_run(os.path.dirname(outer))
+    if run is not None:
+        top = os.path.relpath(real, run).split(os.sep)[0]
         owned = own is not None and re.fullmatch(own, top) and real == os.path.join(run, top)
         if not overwrite and not owned:
             raise UserError(f"{flag} {path} lies inside the training run {run}; choose a path outside it, or give "

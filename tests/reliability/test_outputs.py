@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from rmt_peft import runs
+from rmt_peft.runs import check_output
 from rmt_peft.cli import main
 from rmt_peft.errors import UserError
 from rmt_peft.recipe import load_recipe
@@ -194,3 +195,14 @@ def test_what_a_kill_before_the_first_save_leaves_never_blocks_a_start_or_a_resu
     (open(os.path.join(recipe.output_dir, "notes.txt"), "w")).close()  # a file of the user's: refused
     with pytest.raises(UserError, match="already holds files"):
         check_output_dir(recipe, resume=False)
+
+
+def test_overwrite_never_reaches_into_a_runs_baseline_run_either(tmp_path):
+    run = tmp_path / "run"
+    for folder in (run / "final", run / "baseline" / "stage-0"):
+        folder.mkdir(parents=True)
+    for recipe in (run / "recipe.yaml", run / "baseline" / "recipe.yaml"):
+        recipe.write_text("model: {}\n")
+    with pytest.raises(UserError, match=r"is part of the training run .*run \(its baseline\)"):
+        check_output(str(run / "baseline" / "mine.safetensors"), "--save-memory", True, folder=False)
+    check_output(str(run / "mine.safetensors"), "--save-memory", True, folder=False)  # with --overwrite: allowed
