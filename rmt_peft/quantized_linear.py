@@ -1,0 +1,243 @@
+"""Frozen linear layers whose weights stay quantized in memory and are dequantized inside each matmul.
+
+``quantize_linears(model, quantization)`` replaces the linear layers of a loaded model (not its
+LM head, as bitsandbytes leaves it) by ``QuantizedLinear``: an ``nn.Linear`` (so peft's LoRA wraps
+it as usual) holding one of three formats:
+
+- "8bit": int8 per output channel (symmetric, absmax / 127) and one fp32 scale per row:
+  1 byte per weight. The weight is dequantized into the compute dtype for each matmul.
+- "4bit": torchao's NF4 (QLoRA's normal float in blocks of 64, with the blocks' scales
+  quantized again in blocks of up to 256): about 0.52 bytes per weight; torchao's
+  ``linear_nf4`` (what torchtune's QLoRA compiles) dequantizes it for each matmul.
+- "fp8": float8 e4m3 per output channel, 1 byte per weight; the matmuls run at FP8 rate
+  (``torch._scaled_mm``), each row of the input (and in backward, of the gradient) scaled to
+  e4m3 on the fly. Needs FP8 tensor cores (``check_fp8``).
+
+Why not bitsandbytes: its layers dequantize through Python and ctypes on every call, which
+makes RMT training (every layer called once per segment, forward and backward) CPU-bound,
+and ``torch.compile`` cannot fuse them. Here the dequantization is plain torch ops: a compiled
+block turns it into one kernel feeding cuBLAS. Each autograd function keeps only the quantized
+weight for backward and dequantizes again there (grad @ dequant(W)), so no call holds a bf16
+copy of a weight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+FORMATS = ("8bit", "4bit", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's (and torchao's default) block sizes
+
+
+def nf4_functions():
+    """torchao's ``to_nf4`` and ``linear_nf4`` (moved between torchao 0.17 and 0.18)."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+        except ImportError as err:
+            raise UserError("quantization='4bit' with quantization_backend='torch' needs torchao (pip install "
+                            "torchao>=0.17); or use quantization_backend='bitsandbytes'") from err
+    return to_nf4, linear_nf4
+
+
+def torchao_available() -> bool:
+    try:
+        nf4_functions()
+    except UserError:
+        return False
+    return True
+
+
+# -- the formats ---------------------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per row (out, 1)): weight ~ int8 * scale."""
+    scale = weight.detach().float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return (weight.detach().float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, fp32 scale per row (out, 1)): weight ~ e4m3 * scale; each row's largest
+    magnitude maps to 448, the largest e4m3 value."""
+    scale = weight.detach().float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (weight.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_scaled(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 / e4m3 weight times its per-row scale, in fp32, rounded once to ``dtype``."""
+    return (qweight.float() * scale).to(dtype)
+
+
+def nf4_scaler_block(numel: int) -> int | None:
+    """The scaler block size for a weight of ``numel`` elements (None: not NF4-quantizable).
+    torchao needs the number of 64-element blocks divisible by it: 256 for real layers, a
+    smaller power of two for small ones."""
+    if numel % NF4_BLOCK:
+        return None
+    return math.gcd(numel // NF4_BLOCK, NF4_SCALER_BLOCK)
+
+
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of a 2-d tensor scaled so its largest magnitude is 448, in e4m3, and the scales (rows, 1)."""
+    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+# -- the matmuls ---------------------------------------------------------------------------
+class _ScaledLinear(torch.autograd.Function):
+    """x @ dequant(W)^T for int8 weights; backward grad @ dequant(W), dequantized again (the
+    frozen weight gets no gradient), so only the quantized weight is kept between the two."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale):
+        ctx.save_for_backward(qweight, scale)
+        return F.linear(x, dequantize_scaled(qweight, scale, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        return grad @ dequantize_scaled(qweight, scale, grad.dtype), None, None
+
+
+class _FP8Linear(torch.autograd.Function):
+    """x @ (q * s)^T at FP8 rate: x is quantized per row (e4m3) and multiplied by the e4m3 weight
+    with both scales applied in the matmul. Backward: grad_x = (grad * s) @ q, the weight's
+    per-output scale folded into the gradient before quantizing it per row, so it runs at FP8 rate
+    too (the weight's transpose is laid out for it on the fly: 1 byte per weight read and written)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale):
+        ctx.save_for_backward(qweight, scale)
+        rows = x.reshape(-1, x.shape[-1])
+        xq, xs = _rowwise_fp8(rows)
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
+        return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1]).float() * scale.t()
+        gq, gs = _rowwise_fp8(rows)
+        ones = torch.ones(1, qweight.shape[1], device=grad.device, dtype=torch.float32)
+        column_major = qweight.t().contiguous().t()
+        dx = torch._scaled_mm(gq, column_major, scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+        return dx.to(grad.dtype).reshape(*grad.shape[:-1], qweight.shape[1]), None, None
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is held quantized (``format``: "8bit", "4bit", "fp8")
+    and dequantized inside each matmul. ``compute_dtype`` is the dtype of its outputs' math
+    (peft reads it to place LoRA); ``dequantize()`` gives the weight as the matmuls see it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
+        if format not in FORMATS:
+            raise ValueError(f"format={format!r} is not supported; allowed: {FORMATS}")
+        self.out_features, self.in_features = weight.shape
+        self.format = format
+        self.compute_dtype = weight.dtype
+        scale = None
+        if format == "8bit":
+            qweight, scale = quantize_int8(weight)
+        elif format == "fp8":
+            qweight, scale = quantize_fp8(weight)
+        else:
+            to_nf4 = nf4_functions()[0]
+            qweight = to_nf4(weight.detach(), NF4_BLOCK, nf4_scaler_block(weight.numel()))
+        self.weight = nn.Parameter(qweight, requires_grad=False)
+        # a buffer: moves with the layer, never handed to an optimizer
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "8bit":
+            y = _ScaledLinear.apply(x, self.weight, self.weight_scale)
+        elif self.format == "fp8":
+            y = _FP8Linear.apply(x, self.weight, self.weight_scale)
+        else:
+            y = nf4_functions()[1](x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self.format == "4bit":
+            return self.weight.get_original_weight().to(dtype)
+        return dequantize_scaled(self.weight, self.weight_scale, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}, compute_dtype={self.compute_dtype}")
+
+
+# -- whole models --------------------------------------------------------------------------
+def quantizable(shape: tuple[int, int], format: str) -> bool:
+    """Whether a weight of ``shape`` (out, in) suits the format: FP8 matmuls need both sides a
+    multiple of 16, NF4 whole blocks of 64; layers that do not suit stay in full precision."""
+    out_features, in_features = shape
+    if format == "fp8":
+        return out_features % 16 == 0 and in_features % 16 == 0
+    if format == "4bit":
+        return nf4_scaler_block(out_features * in_features) is not None
+    return True
+
+
+def quantize_linears(model: nn.Module, format: str, device: torch.device | str | None = None) -> int:
+    """Replace each linear layer of ``model`` but its LM head by a ``QuantizedLinear`` of
+    ``format``, moving each weight to ``device`` first (one layer at a time, so the full-precision
+    model never needs to fit there). GPT-2's Conv1D layers become linear layers, as with
+    bitsandbytes. Returns the number of layers replaced; every parameter of ``model`` is frozen."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is head or type(child) not in (nn.Linear, Conv1D):
+                continue
+            weight = child.weight.detach().t() if isinstance(child, Conv1D) else child.weight.detach()
+            if not quantizable(tuple(weight.shape), format):
+                continue
+            bias = None if child.bias is None else child.bias.detach().to(device)
+            setattr(parent, name, QuantizedLinear(weight.to(device), bias, format))
+            replaced += 1
+    model.requires_grad_(False)
+    return replaced
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the quantized layers' weights, scales and NF4 metadata take, weights they hold)."""
+    total = weights = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            weights += layer.in_features * layer.out_features
+            tensors = [layer.weight_scale] if layer.weight_scale is not None else []
+            if layer.format == "4bit":
+                tensors += [getattr(layer.weight, name) for name in layer.weight.__tensor_flatten__()[0]]
+            else:
+                tensors.append(layer.weight)
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total, weights
+
+
+def check_fp8(device: torch.device | str) -> None:
+    """UserError unless ``device`` is a CUDA GPU with FP8 tensor cores (compute capability >= 8.9:
+    Ada, Hopper and later), where e4m3 matmuls run at twice the bf16 rate."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise UserError(f"quantization='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+                        f"the model would be on {device.type!r}; use quantization='8bit' (also 1 byte per weight)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise UserError(f"quantization='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, "
+                        f"Hopper or later); {torch.cuda.get_device_name(device)} has {major}.{minor}; use "
+                        f"quantization='8bit' (also 1 byte per weight, bf16 matmuls)")
