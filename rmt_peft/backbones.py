@@ -1,12 +1,13 @@
 """Loading backbones and knowing their limits.
 
-``load_backbone`` returns a plain Hugging Face causal LM (bf16/fp32, or frozen 8-bit / NF4 4-bit
-through bitsandbytes, prepared for training deliberately: non-reentrant checkpointing, no fp32
+``load_backbone`` returns a plain Hugging Face causal LM (bf16/fp32, or frozen 8-bit / 4-bit / FP8
+through bitsandbytes or torch, see ``quantization``; prepared for training deliberately: non-reentrant checkpointing, no fp32
 upcasts). ``check_position_limit`` enforces that a segment with its memory fits
 the position table of models with learned absolute positions (GPT-2, GPT-Neo, OPT).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,8 +15,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .attention import use_gpt_neo_sdpa
-from .quantization import check_bitsandbytes, quantization_config, target_device
+from .quantization import check_bitsandbytes, choose_backend, quantization_config, single_device, target_device
+from .quantized_linear import check_fp8, quantize_linears
 from .speedups import use_fused_gelu
+
+logger = logging.getLogger("rmt_peft")
 
 # model_type -> config attribute holding the size of a learned absolute position table
 LEARNED_POSITION_LIMITS = {
@@ -76,15 +80,23 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
                   device_map=None, attn_implementation: str | None = None, *,
                   quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype: str | torch.dtype | None = None, quant_storage: str | torch.dtype | None = None,
-                  gradient_checkpointing: bool = False, train: bool = False, speedups: bool = True,
-                  **kwargs) -> PreTrainedModel:
+                  quantization_backend: str = "auto", gradient_checkpointing: bool = False, train: bool = False,
+                  speedups: bool = True, **kwargs) -> PreTrainedModel:
     """Load a causal LM (GPT-Neo, OPT, GPT-2, GPT-NeoX/Pythia, Llama-style...) from the Hub or a folder.
 
-    quantization: None, "8bit" (LLM.int8) or "4bit" via bitsandbytes; the quantized model is
-    frozen (every parameter ``requires_grad=False``). 4-bit options: ``quant_type`` "nf4" / "fp4",
-    ``double_quant``, ``compute_dtype`` (default: ``dtype``, else bfloat16), ``quant_storage``
-    (set it to the compute dtype for FSDP / ZeRO-3). Before loading, bitsandbytes is tried on the
-    target device; where it cannot run a RuntimeError names the quantization and the device.
+    quantization: None, "8bit", "4bit" or "fp8" (e4m3, CUDA GPUs with FP8 tensor cores only); the
+    quantized model is frozen (every parameter ``requires_grad=False``).
+    quantization_backend: which library holds the weights (``quantization.choose_backend``).
+    "bitsandbytes": LLM.int8 / NF4 as in the paper, the linear layers replaced while loading.
+    "torch": ``rmt_peft.quantized_linear`` (int8 per channel, torchao's NF4, FP8): the model is
+    loaded on the CPU and each linear layer but the LM head is moved to the device and quantized
+    there, one at a time; each matmul dequantizes its weight (compiled blocks fuse it), so no
+    bf16 copy is kept. "auto" (default): torch on a CUDA GPU, bitsandbytes elsewhere (logged).
+    4-bit options: ``quant_type`` "nf4" / "fp4", ``double_quant``, ``compute_dtype`` (default:
+    ``dtype``, else bfloat16), ``quant_storage`` (set it to the compute dtype for FSDP / ZeRO-3);
+    all but compute_dtype are bitsandbytes' (other values than the defaults select it). Before
+    loading, bitsandbytes is tried on the target device; where it cannot run a RuntimeError names
+    the quantization and the device.
     dtype: dtype of the weights that stay unquantized ("bfloat16", "float32", ...).
     attn_implementation: as in transformers; "sdpa" for GPT-Neo (which transformers runs eager
     only) selects our exact SDPA attention (``rmt_peft.attention``): same outputs, less memory.
@@ -120,19 +132,38 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         attn_implementation = "eager"
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
-    if device_map is not None:
-        load_kwargs["device_map"] = device_map
-    qconfig = quantization_config(quantization, resolve_dtype(compute_dtype) or torch_dtype, quant_type,
-                                  double_quant, resolve_dtype(quant_storage))
+    device = single_device(device_map)
+    bnb_options = tuple(f"{name}={value!r}" for name, value, default in
+                        (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, True),
+                         ("quant_storage", quant_storage, None)) if value != default) if quantization == "4bit" else ()
+    backend, why = choose_backend(quantization, quantization_backend, "multi" if device is None else device.type,
+                                  bnb_options)
+    if why:
+        logger.info(f"quantization={quantization!r} held by {why}; load_backbone(quantization_backend=...) "
+                    f"(recipes: model.quantization_backend) overrides")
+    compute = resolve_dtype(compute_dtype) or torch_dtype or torch.bfloat16
+    qconfig = None
+    if backend == "torch":
+        if quantization == "fp8":
+            check_fp8(device)
+        load_kwargs["dtype"] = torch_dtype or compute  # on the CPU; quantized onto the device below
+    else:
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        qconfig = quantization_config(quantization, resolve_dtype(compute_dtype) or torch_dtype, quant_type,
+                                      double_quant, resolve_dtype(quant_storage))
     if qconfig is not None:
         check_bitsandbytes(quantization, target_device(device_map), quant_type)
         load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
+    if backend == "torch":
+        quantize_linears(model, quantization, device, dtype=compute)
+        model.to(device)
     if gpt_neo_sdpa:
         use_gpt_neo_sdpa(model)
     if speedups:
         use_fused_gelu(model)
-    if qconfig is not None:
+    if backend is not None:
         for p in model.parameters():
             p.requires_grad_(False)
     if gradient_checkpointing:

@@ -47,6 +47,7 @@ from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
 from .backbones import load_backbone
 from .data.noise import PRESETS
 from .memory import MemoryConfig, memory_tensor_shapes
+from .quantized_linear import QuantizedLinear
 from .speedups import FusedTanhGelu, use_fused_gelu
 from .tiny_models import TINY_PREFIX, save_tiny_model
 
@@ -97,7 +98,10 @@ def atomic_directory(target: str):
 
 
 def quantization_of(causal_lm) -> tuple[str | None, dict[str, Any]]:
-    """("4bit" / "8bit" / None, the load_backbone options that reproduce it) of a loaded model."""
+    """("4bit" / "8bit" / "fp8" / None, the load_backbone options that reproduce it) of a loaded model."""
+    held = {m.format for m in causal_lm.modules() if isinstance(m, QuantizedLinear)}
+    if held:
+        return held.pop(), {"quantization_backend": "torch"}
     qc = getattr(causal_lm.config, "quantization_config", None)
     if qc is None:
         return None, {}
@@ -105,9 +109,10 @@ def quantization_of(causal_lm) -> tuple[str | None, dict[str, Any]]:
     if qc.get("load_in_4bit"):
         return "4bit", {"quant_type": qc.get("bnb_4bit_quant_type", "nf4"),
                         "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
-                        "compute_dtype": str(qc.get("bnb_4bit_compute_dtype", "bfloat16")).replace("torch.", "")}
+                        "compute_dtype": str(qc.get("bnb_4bit_compute_dtype", "bfloat16")).replace("torch.", ""),
+                        "quantization_backend": "bitsandbytes"}
     if qc.get("load_in_8bit"):
-        return "8bit", {}
+        return "8bit", {"quantization_backend": "bitsandbytes"}
     return None, {}
 
 
@@ -340,7 +345,9 @@ def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         tensor.data, tensor.quant_state = _convert_weight_packed_for_cpu_inverse(tensor.data, tensor.quant_state)
-    if kind in ("Params4bit", "Int8Params"):
+    if isinstance(module, QuantizedLinear) and leaf == "weight":
+        tensor = module.dequantize()
+    elif kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 
         tensor = dequantize_bnb_weight(tensor, state=getattr(module, "state", None))
@@ -582,7 +589,8 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in memory_config.to_dict().items())
     what = ("LoRA adapter (standard PEFT files) plus the trained memory" if kind == "lora"
             else "full model weights plus the trained memory")
-    trained_on = (f"a {quantization} (bitsandbytes) copy of `{base}`" if quantization != "none" and base
+    library = "torch" if options.get("quantization_backend") == "torch" else "bitsandbytes"
+    trained_on = (f"a {quantization} ({library}) copy of `{base}`" if quantization != "none" and base
                   else f"`{base}`" if base else "its backbone")
     if found_license:
         license_line = f"License: `{license}`, the license of the base model `{base}`."

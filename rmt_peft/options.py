@@ -18,7 +18,7 @@ def description(doc: str) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """How a run or adapter is loaded (eval and ask; ``runs.load_model`` and ``runs.tokenizer_name``
     read them)."""
-    p.add_argument("--quantization", choices=("8bit", "4bit"), help="default: the recipe's")
+    p.add_argument("--quantization", choices=("8bit", "4bit", "fp8"), help="default: the recipe's")
     p.add_argument("--dtype", help="default: the recipe's")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--base-model", help="the backbone of a LoRA adapter, when it moved")

@@ -1,4 +1,10 @@
-"""bitsandbytes settings for frozen 8-bit (LLM.int8) and 4-bit (NF4 / FP4) backbones.
+"""How a frozen backbone is quantized: which library holds the weights, and bitsandbytes' settings.
+
+Two backends: "bitsandbytes" (LLM.int8 for 8-bit, NF4 / FP4 for 4-bit: the paper's setup and
+peft's k-bit path) and "torch" (``rmt_peft.quantized_linear``: int8 per channel, torchao's NF4,
+or FP8 e4m3, dequantized inside each matmul, so compiled blocks train at close to bf16 speed
+without bf16 copies). ``choose_backend`` resolves "auto": torch on a CUDA GPU, bitsandbytes
+elsewhere or where only bitsandbytes has the options asked for.
 
 ``quantization_config`` builds the transformers ``BitsAndBytesConfig``; ``check_bitsandbytes``
 runs one tiny quantize / dequantize on the target device first, so a machine where
@@ -11,8 +17,53 @@ import functools
 
 import torch
 
-QUANTIZATIONS = (None, "8bit", "4bit")
+from .errors import UserError
+from .quantized_linear import torchao_available
+
+QUANTIZATIONS = (None, "8bit", "4bit", "fp8")
+BACKENDS = ("auto", "bitsandbytes", "torch")
 QUANT_TYPES = ("nf4", "fp4")
+
+
+def choose_backend(quantization: str | None, backend: str, device_type: str, bnb_options: tuple[str, ...] = (),
+                   torchao: bool | None = None) -> tuple[str | None, str | None]:
+    """The backend that holds ``quantization``'s weights, and why (for the log; None when there
+    was no choice). ``device_type``: where the weights go ("cuda", "cpu", ...; "multi" for a
+    device map over several devices); ``bnb_options``: options given that only bitsandbytes has
+    (e.g. "quant_type='fp4'"); ``torchao``: whether torchao imports (None: look).
+
+    "auto" picks "torch" on a CUDA GPU: bitsandbytes dequantizes through Python on every call,
+    which leaves RMT training CPU-bound (8-bit 6.8x slower than NF4 with bf16 copies,
+    BENCHMARKS.md); elsewhere it keeps bitsandbytes, as before (its CPU path is what CI tests)."""
+    if backend not in BACKENDS:
+        raise UserError(f"quantization_backend={backend!r} is not supported; allowed: {list(BACKENDS)}")
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"quantization={quantization!r} is not supported; allowed: {list(QUANTIZATIONS)}")
+    if quantization is None:
+        return None, None
+    if quantization == "fp8":
+        if backend == "bitsandbytes":
+            raise UserError("quantization='fp8' is held by torch (torch._scaled_mm), not bitsandbytes; use "
+                            "quantization_backend='auto' or 'torch'")
+        return "torch", None
+    if backend == "torch":
+        if bnb_options:
+            raise UserError(f"{', '.join(bnb_options)} exist(s) only in bitsandbytes; use "
+                            f"quantization_backend='bitsandbytes', or leave the option at its default")
+        if device_type == "multi":
+            raise UserError("quantization_backend='torch' holds the whole model on one device; use a device_map "
+                            "with one device, or quantization_backend='bitsandbytes'")
+        return "torch", None
+    if backend == "bitsandbytes":
+        return "bitsandbytes", None
+    if bnb_options:
+        return "bitsandbytes", f"bitsandbytes: {', '.join(bnb_options)} exist(s) only there"
+    if device_type != "cuda":
+        return "bitsandbytes", f"bitsandbytes: the weights go to {device_type!r}, not a CUDA GPU"
+    if quantization == "4bit" and not (torchao_available() if torchao is None else torchao):
+        return "bitsandbytes", "bitsandbytes: torch's NF4 needs torchao, which is not installed"
+    return "torch", ("torch: weights stay quantized on the GPU and each (compiled) matmul dequantizes them, "
+                     "instead of bitsandbytes' per-call dequantization through Python")
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype | None = None,
@@ -27,8 +78,9 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype | N
     which shard all parameters of one dtype together). 8-bit: ``int8_threshold`` is LLM.int8's
     outlier threshold (features above it are computed in fp16).
     """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r} is not supported; allowed: None, '8bit', '4bit'")
+    if quantization not in (None, "8bit", "4bit"):
+        raise ValueError(f"quantization={quantization!r} is not supported by bitsandbytes; allowed: None, '8bit', "
+                         f"'4bit'")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type={quant_type!r} is not supported; allowed: {QUANT_TYPES}")
     if quantization is None:
@@ -54,6 +106,22 @@ def target_device(device_map) -> str:
     if isinstance(device_map, int):
         return accelerator
     return torch.device(device_map).type
+
+
+def single_device(device_map) -> torch.device | None:
+    """The one device a transformers ``device_map`` puts the model on (None: several)."""
+    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, dict):
+        placed = set(device_map.values())
+        if len(placed) != 1:
+            return None
+        device_map = placed.pop()
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    device = torch.device(device_map)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
 
 
 @functools.lru_cache(maxsize=None)

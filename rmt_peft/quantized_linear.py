@@ -191,11 +191,13 @@ def quantizable(shape: tuple[int, int], format: str) -> bool:
     return True
 
 
-def quantize_linears(model: nn.Module, format: str, device: torch.device | str | None = None) -> int:
+def quantize_linears(model: nn.Module, format: str, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> int:
     """Replace each linear layer of ``model`` but its LM head by a ``QuantizedLinear`` of
     ``format``, moving each weight to ``device`` first (one layer at a time, so the full-precision
-    model never needs to fit there). GPT-2's Conv1D layers become linear layers, as with
-    bitsandbytes. Returns the number of layers replaced; every parameter of ``model`` is frozen."""
+    model never needs to fit there); ``dtype``: the layers' compute dtype (default: the weights').
+    GPT-2's Conv1D layers become linear layers, as with bitsandbytes. Returns the number of
+    layers replaced; every parameter of ``model`` is frozen."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -207,8 +209,8 @@ def quantize_linears(model: nn.Module, format: str, device: torch.device | str |
             weight = child.weight.detach().t() if isinstance(child, Conv1D) else child.weight.detach()
             if not quantizable(tuple(weight.shape), format):
                 continue
-            bias = None if child.bias is None else child.bias.detach().to(device)
-            setattr(parent, name, QuantizedLinear(weight.to(device), bias, format))
+            bias = None if child.bias is None else child.bias.detach().to(device, dtype)
+            setattr(parent, name, QuantizedLinear(weight.to(device, dtype), bias, format))
             replaced += 1
     model.requires_grad_(False)
     return replaced

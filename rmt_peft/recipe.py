@@ -42,7 +42,7 @@ from .data.tokenizer import offline_tokenizer
 from .errors import UserError
 from .fileio import check_writable
 from .memory import MemoryConfig
-from .quantization import QUANTIZATIONS
+from .quantization import BACKENDS, QUANTIZATIONS
 from .speedups import CUDA_GRAPH_MODES
 from .tiny_models import ARCHITECTURES, TINY_PREFIX, tiny_config
 
@@ -105,10 +105,18 @@ class ModelSection:
     dequantized in the compute dtype instead of dequantizing it on every call (same values;
     2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``); null
     (default) = on where the copies take at most a tenth of the GPU's memory
-    (``speedups.cache_pays``), never on the CPU or under ZeRO-3."""
+    (``speedups.cache_pays``), never on the CPU or under ZeRO-3.
+    quantization: null (the dtype's full precision), "8bit", "4bit" or "fp8" (e4m3 weights,
+    matmuls at FP8 rate; CUDA GPUs with FP8 tensor cores only). quantization_backend: which
+    library holds the quantized weights: "bitsandbytes" (LLM.int8 / NF4, the paper's),
+    "torch" (weights stay int8 / NF4 / e4m3 and each compiled matmul dequantizes them: about
+    bf16 speed without bf16 copies; ``rmt_peft.quantized_linear``), or "auto" (default): torch
+    on a CUDA GPU, bitsandbytes on the CPU, under DeepSpeed and with cache_dequantized_weights
+    (logged; ``quantization.choose_backend``)."""
 
     name_or_path: str = ""
     quantization: str | None = None
+    quantization_backend: str = "auto"
     dtype: str | None = None
     attention: str | None = None
     config: dict = field(default_factory=dict)
@@ -127,8 +135,16 @@ class ModelSection:
               f"model.compile_mode={self.compile_mode!r} is not allowed; allowed: {list(COMPILE_MODES)}")
         _need(self.compile_mode is None or self.compile_blocks is not False,
               f"model.compile_mode={self.compile_mode!r} needs model.compile_blocks=true (or null: on a GPU)")
+        _need(self.quantization_backend in BACKENDS,
+              f"model.quantization_backend={self.quantization_backend!r} is not allowed; allowed: {list(BACKENDS)}")
+        _need(not (self.quantization == "fp8" and self.quantization_backend == "bitsandbytes"),
+              "model.quantization='fp8' is held by torch, not bitsandbytes; allowed model.quantization_backend: "
+              "['auto', 'torch']")
         _need(not self.cache_dequantized_weights or self.quantization == "4bit",
               f"model.cache_dequantized_weights=true needs model.quantization='4bit' (got {self.quantization!r})")
+        _need(not self.cache_dequantized_weights or self.quantization_backend != "torch",
+              "model.cache_dequantized_weights=true keeps copies of bitsandbytes' 4-bit weights; with "
+              "model.quantization_backend='torch' there are none to keep (use 'bitsandbytes' or 'auto')")
         _need(self.attention in ATTENTIONS,
               f"model.attention={self.attention!r} is not allowed; allowed: {list(ATTENTIONS)}")
 
@@ -863,6 +879,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     if ds is not None:
         train["deepspeed"] = resolve_deepspeed(train["deepspeed"])
         stage = recipe.zero_stage
+        _need(model.quantization != "fp8",
+              "model.quantization='fp8' with training.deepspeed is not supported: the e4m3 weights were not tested "
+              "with DeepSpeed's broadcast and partitioning; train on one GPU, or use '8bit' / '4bit' (bitsandbytes "
+              "under DeepSpeed)")
         _need(not (stage == 3 and model.quantization == "8bit"),
               "model.quantization='8bit' with ZeRO-3 (training.deepspeed) is not possible: bitsandbytes 8-bit "
               "weights cannot be partitioned; use ZeRO-2, or 4-bit with model.dtype set")

@@ -350,6 +350,8 @@ def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict
               "dtype": args.dtype or (model.dtype if model else None)}
     if model is not None and model.attention:
         kwargs["attn_implementation"] = model.attention
+    if model is not None and not args.quantization:
+        kwargs["quantization_backend"] = model.quantization_backend
     if args.base_model:
         kwargs["base_model"] = args.base_model
     if device.type == "cuda":

@@ -26,6 +26,7 @@ from torch import nn
 from .associative import AssociativeState
 from .attention import use_gpt_neo_sdpa
 from .errors import UserError
+from .quantized_linear import QuantizedLinear
 
 
 class FusedTanhGelu(nn.GELU):
@@ -265,13 +266,15 @@ def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool,
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
+    if isinstance(base, QuantizedLinear):
+        return base.compute_dtype
     state = getattr(base.weight, "quant_state", None)
     return (getattr(base, "compute_dtype", None) or state.dtype) if state is not None else base.weight.dtype
 
 
 @torch.no_grad()
 def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
-    """For each LoRA layer ``merged_lora_view`` can fold: its base weight (dequantized if 4-bit)
+    """For each LoRA layer ``merged_lora_view`` can fold: its base weight (dequantized if quantized)
     plus ``scaling * B @ A`` of the active adapters, summed in fp32 and rounded once to the
     layer's compute dtype (what ``merge_and_unload`` gives), and its bias. The model is unchanged."""
     out = {}
@@ -280,6 +283,8 @@ def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor,
         dtype = _compute_dtype(base)
         if hasattr(base, "dequantized_weight"):
             weight = base.dequantized_weight
+        elif isinstance(base, QuantizedLinear):
+            weight = base.dequantize()
         elif getattr(base.weight, "quant_state", None) is not None:
             weight = _dequantize(base)
         else:

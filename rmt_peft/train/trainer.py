@@ -105,9 +105,13 @@ def build_backbone(recipe: Recipe, seed: int):
     if model.is_tiny:  # built in fp32 from a config, then in model.dtype (a quantization is refused by the recipe)
         backbone = tiny_model(model.name_or_path[len(TINY_PREFIX):], seed=seed, **model.config)
         return backbone.to(DTYPES[model.dtype]) if model.dtype else backbone
-    kwargs = {}
+    kwargs = {"quantization_backend": model.quantization_backend}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
+    if model.quantization_backend == "auto" and model.quantization in ("8bit", "4bit") and (
+            recipe.deepspeed_config is not None or model.cache_dequantized_weights):
+        # DeepSpeed broadcasts and partitions plain parameters, and the cache copies bitsandbytes' layers
+        kwargs["quantization_backend"] = "bitsandbytes"
     with not_found_is_user_error("model.name_or_path", model.name_or_path):
         return load_backbone(model.name_or_path, quantization=model.quantization, dtype=model.dtype,
                              attn_implementation=model.attention, speedups=model.speedups, **kwargs)
