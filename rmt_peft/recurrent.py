@@ -13,6 +13,7 @@ without gradients in constant memory.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -284,6 +285,18 @@ class RMTModel(nn.Module):
             self._merged_lora = (key, merged_lora_weights(self))
         return self._merged_lora[1]
 
+    def _own_precision(self):
+        """A context for reading (``read``, streams): inside ``torch.autocast`` to the dtype the
+        backbone already computes in, autocast is switched off. It would only add per-op casts
+        (norms and softmax up to fp32 and back, LoRA's fp32 weights down; 1.4-1.7x slower
+        streams, BENCHMARKS.md), so reading under it gives exactly what reading without it gives.
+        An autocast to another dtype (an fp32 model read in bf16) is the caller's choice: kept."""
+        weight = self.causal_lm.get_input_embeddings().weight
+        device = weight.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == weight.dtype:
+            return torch.autocast(device, enabled=False)
+        return contextlib.nullcontext()
+
     def _note_stream_default(self, what: str, why: str | None, argument: str) -> None:
         """Log a stream default's decision when its reason changes (not once per stream)."""
         if why and why != self._stream_notes.get(argument):
@@ -492,8 +505,10 @@ class RMTModel(nn.Module):
     @torch.no_grad()
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              memory: torch.Tensor | None = None) -> torch.Tensor:
-        """The memory after reading ``input_ids``, without gradients or logits."""
-        return self.forward(input_ids, attention_mask, memory=memory, return_logits=False).memory
+        """The memory after reading ``input_ids``, without gradients or logits (inside an autocast to
+        the backbone's own dtype, as without it: ``_own_precision``)."""
+        with self._own_precision():
+            return self.forward(input_ids, attention_mask, memory=memory, return_logits=False).memory
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -698,7 +713,7 @@ class MemoryStream:
             num_labelled = targets.numel() - (targets.shape[0] if last else 0)
         eager = self._graph is None or last or self._segments < self._graph_from  # last: a short one
         segment = self.model._segment if eager else self._graph
-        with self._view:
+        with self._view, self.model._own_precision():
             new_memory, loss_sum, count, logits = segment(self.memory, seg, None, targets, self.return_logits,
                                                           num_labelled)
         self.memory = new_memory.to(self.memory.dtype)

@@ -30,6 +30,40 @@ def test_stream_in_odd_chunks_equals_forward():
     torch.testing.assert_close(torch.cat(logits, 1), full.logits[:, :40], rtol=1e-4, atol=1e-5)
 
 
+def test_reading_under_autocast_to_the_model_dtype_equals_reading_without_it():
+    """Inside torch.autocast to the backbone's own dtype (bf16), streams and ``read`` compute
+    exactly what they compute without it (autocast would only add casts: LoRA's fp32 weights down
+    to bf16, norms up); ``forward`` keeps the caller's autocast, and there it changes the result,
+    so the equality is the guard's doing. An fp32 model read under a bf16 autocast keeps it."""
+    lora = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo").to(torch.bfloat16), MemoryConfig(num_memory_tokens=3,
+                                 segment_size=8), lora=lora, verbose=False).eval()
+    ids = torch.randint(2, 128, (1, 37))
+
+    def stream(model):
+        reader = model.stream(compute_loss=True)
+        reader.feed(ids)
+        return reader.finish()
+
+    plain, memory = stream(rmt), rmt.read(ids)
+    with torch.no_grad():
+        loss = rmt(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, memory_under = stream(rmt), rmt.read(ids)
+        with torch.no_grad():
+            loss_under = rmt(ids, labels=ids).loss
+    assert torch.equal(under.memory, plain.memory) and under.loss == plain.loss
+    assert torch.equal(memory_under, memory)
+    assert loss_under != loss
+
+    fp32 = RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=3, segment_size=8),
+                                  lora=lora, verbose=False).eval()
+    plain = stream(fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(stream(fp32).memory, plain.memory)
+
+
 def test_streaming_100k_tokens_holds_memory_flat():
     rmt = RMTModel.from_backbone(tiny_model("gpt_neo", vocab_size=128), MemoryConfig(num_memory_tokens=4, segment_size=100))
     rss = []
