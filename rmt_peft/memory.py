@@ -53,7 +53,12 @@ class MemoryConfig:
         i >= n - k, for n segments), so the loss of the last segment back-propagates through
         exactly k transitions. Aligned to the end because memory tasks put their loss there.
     checkpoint_segments: recompute each segment in the backward pass (non-reentrant activation
-        checkpointing), so training memory does not grow with the number of segments.
+        checkpointing), so training memory does not grow with the number of segments. "auto":
+        on a CUDA GPU, as many segments keep their activations as fit in the memory left, the
+        others are recomputed (the flat path as fast as the memory allows): each forward keeps
+        the first segment's activations, measures them, and ``segments_to_keep`` decides from
+        the free memory (logged when the decision changes); ``uncheckpointed_segments`` is then
+        not used. Elsewhere (the CPU) "auto" acts as true.
     segment_alignment: "left" cuts segments from the first token (the last segment may be
         short; pair with right padding); "right" cuts from the last token (the first segment may
         be short; pair with left padding).
@@ -100,7 +105,7 @@ class MemoryConfig:
     associative_key_size: int = 64
     associative_correction: bool = True
     bptt_depth: int | None = None
-    checkpoint_segments: bool = False
+    checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
     loss_segments: int | None = None
     memory_init_std: float | None = None
@@ -129,7 +134,8 @@ class MemoryConfig:
         need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
-        need(isinstance(self.checkpoint_segments, bool), "checkpoint_segments", "expected true or false")
+        need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",
+             "checkpoint_segments", "expected true, false or 'auto'")
         need(self.segment_alignment in ALIGNMENTS, "segment_alignment", f"expected one of {ALIGNMENTS}")
         need(self.loss_segments is None or (isinstance(self.loss_segments, int) and self.loss_segments >= 1),
              "loss_segments", "expected None (all segments) or an integer >= 1")
@@ -180,6 +186,40 @@ class MemoryConfig:
         if unknown:
             raise ValueError(f"unknown MemoryConfig field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+# checkpoint_segments="auto" leaves this share of the free memory spare: backward's own
+# transients (gradients of a segment's activations, the loss chunks) and fragmentation
+AUTO_CHECKPOINT_MARGIN = 0.10
+
+
+def segments_to_keep(free_bytes: int, segment_bytes: int, num_segments: int,
+                     margin: float = AUTO_CHECKPOINT_MARGIN) -> int:
+    """How many of ``num_segments`` segments keep their activations under
+    ``checkpoint_segments="auto"``, given the memory free before the segments ran and one
+    segment's activations. All of them when they fit in ``free_bytes`` less ``margin``;
+    otherwise k with room for one more segment (recomputing a checkpointed segment in backward
+    holds its activations while the kept ones wait), and at least 1: the last segment's
+    backward runs first, so keeping it costs nothing over recomputing the others."""
+    usable = free_bytes * (1 - margin)
+    if segment_bytes <= 0 or num_segments * segment_bytes <= usable:
+        return num_segments
+    return max(1, min(num_segments, int(usable // segment_bytes) - 1))
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """Bytes torch has allocated on ``device``; None where it cannot tell (not a CUDA GPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on a CUDA ``device``: the device's free memory plus
+    what torch's caching allocator holds unused, within ``torch.cuda.set_per_process_memory_fraction``."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    room = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return int(min(room, fraction * total - allocated))
 
 
 def memory_tensor_shapes(config: MemoryConfig, hidden_size: int, num_layers: int = 0) -> dict[str, tuple[int, ...]]:

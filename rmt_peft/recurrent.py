@@ -32,7 +32,8 @@ from .associative import AssociativeState
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .inputs import IGNORE_INDEX, check_inputs
-from .memory import MemoryConfig, MemoryParameters, perturb, relative_change
+from .memory import (MemoryConfig, MemoryParameters, allocated_bytes, free_gpu_bytes, perturb, relative_change,
+                     segments_to_keep)
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
                        merge_pays, merged_lora_key,
                        merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up, transformer_blocks)
@@ -149,6 +150,7 @@ class RMTModel(nn.Module):
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
+        self._auto_kept: int | None = None  # checkpoint_segments="auto": segments kept at the last step
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         blocks = transformer_blocks(self.causal_lm) if memory_config.associative else []
         self.memory = MemoryParameters(memory_config, embeddings.embedding_dim, std, num_layers=len(blocks),
@@ -377,6 +379,16 @@ class RMTModel(nn.Module):
         logits = self._lm_logits(hidden) if want_logits else None
         return new_memory, loss_sum, count, logits
 
+    def _keep_what_fits(self, free: int, segment_bytes: int, num_segments: int) -> int:
+        """checkpoint_segments="auto": how many segments keep their activations (``segments_to_keep``),
+        logged when the decision changes."""
+        keep = segments_to_keep(free, segment_bytes, num_segments)
+        if keep != self._auto_kept:
+            logger.info(f"checkpoint_segments='auto': {keep} of {num_segments} segments keep their activations "
+                        f"({segment_bytes / 2**30:.2f} GiB each, measured; {free / 2**30:.1f} GiB free)")
+        self._auto_kept = keep
+        return keep
+
     def _checkpoint_policy(self) -> dict:
         """torch.utils.checkpoint options for MemoryConfig.checkpoint_policy."""
         if self.memory_config.checkpoint_policy == "recompute_all":
@@ -433,6 +445,10 @@ class RMTModel(nn.Module):
             _refuse_layer_checkpointing(self.causal_lm)
         first_loss_segment = 0 if cfg.loss_segments is None else max(0, len(bounds) - cfg.loss_segments)
         use_checkpoint = cfg.checkpoint_segments and self.training and torch.is_grad_enabled()
+        # "auto" on a GPU: the first segment keeps its activations and measures them (_keep_what_fits)
+        measure = (use_checkpoint and cfg.checkpoint_segments == "auto" and len(bounds) > 1
+                   and allocated_bytes(input_ids.device) is not None)
+        kept_last = cfg.uncheckpointed_segments
         learning = cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
         noisy = learning and cfg.memory_noise_std > 0
         stabilize = learning and cfg.memory_stability_weight > 0 and labels is not None and len(bounds) > 1
@@ -454,7 +470,12 @@ class RMTModel(nn.Module):
                 seg_mask = attention_mask[:, start:end]
             seg_targets = targets[:, start:end] if targets is not None and index >= first_loss_segment else None
             args = (memory, input_ids[:, start:end], seg_mask, seg_targets, return_logits, labelled[index])
-            if use_checkpoint and index < len(bounds) - cfg.uncheckpointed_segments:
+            if measure and index == 0:
+                free, before = free_gpu_bytes(input_ids.device), allocated_bytes(input_ids.device)
+                new_memory, s_loss, s_count, s_logits = self._segment(*args)
+                kept_last = self._keep_what_fits(free, allocated_bytes(input_ids.device) - before,
+                                                 len(bounds)) - 1  # the first one is kept already
+            elif use_checkpoint and index < len(bounds) - kept_last:
                 new_memory, s_loss, s_count, s_logits = checkpoint(self._segment, *args, use_reentrant=False,
                                                                    **self._checkpoint_policy())
             else:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rmt_peft import MemoryConfig, RMTModel, load_backbone
+from rmt_peft import MemoryConfig, RMTModel, load_backbone, recurrent
+from rmt_peft.memory import segments_to_keep
 from rmt_peft.speedups import cache_dequantized_weights
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 
@@ -49,13 +50,14 @@ def runs():
                           "last kept": {"checkpoint_segments": True},
                           "two kept": {"checkpoint_segments": True, "uncheckpointed_segments": 2},
                           "save matmuls": {"checkpoint_segments": True, "uncheckpointed_segments": 0,
-                                           "checkpoint_policy": "save_matmuls"}}.items():
+                                           "checkpoint_policy": "save_matmuls"},
+                          "auto on the CPU": {"checkpoint_segments": "auto"}}.items():
         model.memory_config = dataclasses.replace(PLAIN, **changes)
         out[name] = loss_and_grads(model, ids)
     return out
 
 
-@pytest.mark.parametrize("name", ["all", "last kept", "two kept", "save matmuls"])
+@pytest.mark.parametrize("name", ["all", "last kept", "two kept", "save matmuls", "auto on the CPU"])
 def test_checkpointing_options_give_the_plain_loss_and_gradients(runs, name):
     loss, grads = runs["plain"][:2]
     got_loss, got_grads = runs[name][:2]
@@ -68,13 +70,48 @@ def test_checkpointing_options_give_the_plain_loss_and_gradients(runs, name):
 def test_they_recompute_less(runs):
     # 4 segments: each checkpointed segment runs the block again in backward; kept ones do not
     assert [runs[n][2] for n in ("plain", "all", "last kept", "two kept")] == [4, 8, 7, 6]
+    assert runs["auto on the CPU"][2] == 7  # no GPU memory to measure: "auto" acts as true
     # save_matmuls recomputes the segments, but their matmuls come from what was saved
     # (only the LM head's, and the backward's own, run): fewer than recompute_all
     plain, everything, selective = (runs[n][3] for n in ("plain", "all", "save matmuls"))
     assert runs["save matmuls"][2] == 8 and plain < selective < everything
 
 
+def test_auto_keeps_the_segments_that_fit():
+    """segments_to_keep by hand: all when they fit in the free memory less 10%; else k with room
+    for one segment's recompute; never fewer than 1 (the last is free)."""
+    gib = 2 ** 30
+    assert segments_to_keep(100 * gib, 9 * gib, 8) == 8  # 72 GiB <= 90
+    assert segments_to_keep(50 * gib, int(8.9 * gib), 8) == 4  # 45 GiB usable: 5 segments' room, one for recompute
+    assert segments_to_keep(10 * gib, 9 * gib, 8) == 1  # nothing fits: the last one, free anyway
+    assert segments_to_keep(10 * gib, 0, 8) == 8
+    assert segments_to_keep(40 * gib, 9 * gib, 8, margin=0.0) == 3
+
+
+@pytest.mark.parametrize("free, blocks", [(450, 4), (400, 6), (330, 7)])
+def test_auto_on_a_gpu_checkpoints_what_does_not_fit(monkeypatch, free, blocks):
+    """The "auto" step with a GPU's memory simulated: the first segment keeps its activations
+    (100 bytes measured), segments_to_keep decides from the free memory (450: all 4 fit; 400:
+    2 kept; 330: only the first), the rest are recomputed; loss and gradients are the plain run's."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 64))  # 4 segments
+    model = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), PLAIN, lora=LORA, verbose=False).train()
+    loss, grads = loss_and_grads(model, ids)[:2]
+    calls = []
+    model.causal_lm.transformer.h[0].register_forward_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(recurrent, "allocated_bytes", lambda device: 100 * len(calls))
+    monkeypatch.setattr(recurrent, "free_gpu_bytes", lambda device: free)
+    model.memory_config = dataclasses.replace(PLAIN, checkpoint_segments="auto", uncheckpointed_segments=0)
+    got_loss, got_grads, got_blocks = loss_and_grads(model, ids)[:3]
+    assert got_blocks == blocks
+    torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
+    for key in grads:
+        torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_bad_option_values_are_named():
+    with pytest.raises(ValueError, match="checkpoint_segments='yes'.*'auto'"):
+        MemoryConfig(checkpoint_segments="yes")
     with pytest.raises(ValueError, match="checkpoint_policy='save_all'.*recompute_all"):
         MemoryConfig(checkpoint_policy="save_all")
     with pytest.raises(ValueError, match="uncheckpointed_segments=-1"):

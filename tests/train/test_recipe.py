@@ -28,6 +28,13 @@ def test_overrides_are_parsed_as_yaml_and_reach_every_section(write_recipe):
     assert recipe.lora == {"r": 4} and recipe.eval.baseline is True
 
 
+def test_recipes_take_the_new_quantizations_and_auto_checkpointing(write_recipe):
+    recipe = load_recipe(write_recipe(), ["model.quantization=fp8", "model.quantization_backend=torch",
+                                          "memory.checkpoint_segments=auto"])
+    assert (recipe.model.quantization, recipe.model.quantization_backend) == ("fp8", "torch")
+    assert recipe.memory.checkpoint_segments == "auto"
+
+
 def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path):
     recipe = load_recipe(write_recipe({"curriculum.mix_previous": True, "curriculum.segments": [1, 2, 3]}))
     assert [s.num_segments for s in recipe.curriculum.stages] == [1, [1, 2], [1, 2, 3]]
@@ -43,7 +50,14 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     ("training.learning_rat=0.1", ["training.learning_rat", "TrainingArguments"]),
     ("training.max_steps=many", ["training.max_steps='many'", "an integer"]),
     ("training.eval_strategy=sometimes", ["training.eval_strategy='sometimes'", "steps", "epoch"]),
-    ("model.quantization=3bit", ["model.quantization='3bit'", "8bit", "4bit"]),
+    ("model.quantization=3bit", ["model.quantization='3bit'", "8bit", "4bit", "fp8"]),
+    ("model.quantization_backend=cuda", ["model.quantization_backend='cuda'", "auto", "bitsandbytes", "torch"]),
+    (["model.quantization=fp8", "model.quantization_backend=bitsandbytes"],
+     ["model.quantization='fp8'", "['auto', 'torch']"]),
+    (["model.quantization=4bit", "model.quantization_backend=torch", "model.cache_dequantized_weights=true"],
+     ["cache_dequantized_weights=true", "quantization_backend='torch'"]),
+    (["model.quantization=fp8", "training.deepspeed=zero2"], ["model.quantization='fp8'", "training.deepspeed"]),
+    ("memory.checkpoint_segments=sometimes", ["checkpoint_segments='sometimes'", "'auto'"]),
     ("model.compile_mode=fastest", ["model.compile_mode='fastest'", "reduce-overhead"]),
     (["model.compile_blocks=false", "model.compile_mode=reduce-overhead"],
      ["model.compile_mode='reduce-overhead'", "compile_blocks=true"]),
