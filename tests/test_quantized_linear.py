@@ -1,0 +1,214 @@
+"""Torch-held quantized backbones (rmt_peft.quantized_linear, quantization_backend="torch"): each
+format against a quantize / dequantize done by hand, input gradients through the frozen weight,
+a LoRA training step against full-precision layers holding the dequantized weights, the choice
+of backend and the errors on devices that cannot run a format."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmt_peft import MemoryConfig, RMTModel, stream_tokens
+from rmt_peft import quantized_linear as ql
+from rmt_peft.adapters import attach_lora
+from rmt_peft.backbones import load_backbone
+from rmt_peft.errors import UserError
+from rmt_peft.hub import quantization_of
+from rmt_peft.quantization import choose_backend
+from rmt_peft.tiny_models import save_tiny_model, tiny_model
+
+# QLoRA's 16 NF4 values (Dettmers et al. 2023, appendix E) to 4 digits, as torchao's format holds them
+NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379,
+                    0.4407, 0.5626, 0.7230, 1.0])
+
+
+def by_hand(layer: ql.QuantizedLinear, weight: torch.Tensor) -> torch.Tensor:
+    """The weight ``layer`` should compute with, quantized and dequantized here (fp32)."""
+    w = weight.float()
+    if layer.format == "8bit":
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.round(w / scale).clamp(-127, 127)
+        assert torch.equal(layer.weight, q.to(torch.int8))
+        return q * scale
+    if layer.format == "fp8":
+        scale = w.abs().amax(dim=1, keepdim=True) / 448
+        q = (w / scale).to(torch.float8_e4m3fn)
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8))
+        return q.float() * scale
+    nf4 = layer.weight  # two 4-bit indices a byte (high nibble first), blocks of 64 with double-quantized scales
+    packed = nf4.quantized_data.to(torch.int64)
+    index = torch.stack([packed >> 4, packed & 15], dim=1).flatten()
+    blocks = nf4.quantized_scalers.view(-1, nf4.scaler_block_size)  # int8, per block of scalers a factor
+    scalers = (blocks / nf4.quantization_factor[:, None]).flatten().to(weight.dtype) + nf4.scaler_mean
+    return (NF4.to(weight.dtype)[index].view(-1, 64) * scalers[:, None]).view(weight.shape).float()  # in bf16
+
+
+def rowwise_fp8(t: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to e4m3 and back (what the FP8 matmuls do to their left operand)."""
+    scale = t.float().abs().amax(dim=-1, keepdim=True) / 448
+    return (t.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+@pytest.mark.parametrize("format", ql.FORMATS)
+def test_each_format_computes_with_its_weight_dequantized_by_hand(format):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128, dtype=torch.bfloat16) * 0.05
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    layer = ql.QuantizedLinear(weight, bias, format)
+    expected_weight = by_hand(layer, weight)
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert y.dtype == torch.bfloat16 and not layer.weight.requires_grad and layer.weight.grad is None
+    if format == "fp8":  # both operands e4m3: the input (forward) and the scaled gradient (backward) per row
+        out = rowwise_fp8(x.detach()) @ expected_weight.t() + bias.float()
+        scale = expected_weight.abs().amax(dim=1, keepdim=True) / layer.weight.float().abs().amax(dim=1, keepdim=True)
+        grad_x = rowwise_fp8(grad.float() * scale.t()) @ (expected_weight / scale)
+        tolerance = dict(rtol=2e-2, atol=2e-2)
+    else:  # bf16 matmuls with the dequantized weight
+        dequantized = expected_weight.to(torch.bfloat16)
+        out, grad_x = F.linear(x.detach(), dequantized) + bias, grad @ dequantized
+        tolerance = dict(rtol=0, atol=0)
+        torch.testing.assert_close(layer.dequantize(), dequantized, **tolerance)
+    torch.testing.assert_close(y.float(), out.float(), **tolerance)
+    torch.testing.assert_close(x.grad.float(), grad_x.float(), **tolerance)
+    # and close to the full-precision layer
+    full = F.linear(x.detach().float(), weight.float(), bias.float())
+    assert (y.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+@pytest.mark.parametrize("format", ql.FORMATS)
+def test_a_lora_step_matches_full_precision_layers_holding_the_dequantized_weights(format):
+    """Loss, LoRA gradients and the gradient reaching the inputs through every frozen quantized layer,
+    against the same model whose linear layers are plain bf16 layers with the dequantized weights."""
+    model = tiny_model("gpt_neo").to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    assert ql.quantize_linears(model, format) == 12  # 6 linear layers x 2 blocks; the LM head stays
+    for name, module in model.named_modules():
+        if isinstance(module, ql.QuantizedLinear):
+            reference.get_submodule(name).weight.data.copy_(module.dequantize())
+    lora = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}
+    runs = []
+    for backbone in (model, reference):
+        torch.manual_seed(0)
+        peft_model = attach_lora(backbone, lora)
+        embeds = backbone.get_input_embeddings()(torch.arange(2, 34).view(2, 16)).detach().requires_grad_()
+        loss = peft_model(inputs_embeds=embeds, labels=torch.arange(2, 34).view(2, 16)).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        runs.append((loss.detach(), embeds.grad, grads))
+    (loss, grad_in, grads), (ref_loss, ref_grad_in, ref_grads) = runs
+    exact = format != "fp8"  # FP8 also quantizes the activations and gradients
+    tolerance = dict(rtol=1e-3, atol=1e-4) if exact else dict(rtol=0.05, atol=0.02)
+    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    assert ref_grad_in.abs().max() > 0
+    if exact:
+        torch.testing.assert_close(grad_in.float(), ref_grad_in.float(), **tolerance)
+    else:  # e4m3 keeps 3 mantissa bits: about 4% error per matmul (by hand above), compounding over the layers
+        assert cosine(grad_in, ref_grad_in) > 0.85
+    assert grads.keys() == ref_grads.keys() and len(grads) == 24
+    for name in grads:
+        if exact:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+        else:
+            assert cosine(grads[name], ref_grads[name]) > 0.8, name
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def test_load_backbone_quantizes_onto_the_device_and_reports_bytes_per_weight(tmp_path):
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", hidden_size=128)
+    reference = load_backbone(path, dtype="bfloat16")
+    ids = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+    for quantization, low, high in (("8bit", 1.0, 1.04), ("4bit", 0.5, 0.55)):
+        model = load_backbone(path, quantization=quantization, quantization_backend="torch", dtype="bfloat16")
+        layers = [m for m in model.modules() if isinstance(m, ql.QuantizedLinear)]
+        assert len(layers) == 12 and all(layer.compute_dtype == torch.bfloat16 for layer in layers)
+        assert not any(p.requires_grad for p in model.parameters())
+        assert quantization_of(model) == (quantization, {"quantization_backend": "torch"})
+        size, weights = ql.quantized_bytes(model)
+        assert weights == 2 * (4 * 128 * 128 + 2 * 4 * 128 * 128) and low < size / weights < high
+        with torch.no_grad():
+            got = model(ids).logits.float()
+        assert (got - expected).abs().max() < 0.25 * expected.abs().max()
+
+
+def test_merging_and_merged_stream_copies_use_the_dequantized_weights(tmp_path):
+    """merge_and_unload and the stream's merged LoRA copies dequantize the torch-held weights: all
+    three read the same memory as peft's own layers over the quantized ones."""
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo")
+    backbone = load_backbone(path, quantization="8bit", quantization_backend="torch", dtype="float32")
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=3, segment_size=8), verbose=False,
+                                 lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False}).eval()
+    ids = torch.randint(2, 128, (1, 37), generator=torch.Generator().manual_seed(0))
+    attached = stream_tokens(rmt, [ids], compute_loss=True)
+    reader = rmt.stream(compute_loss=True, merge_lora=True)
+    assert len(reader._view.weights) == 12
+    reader.feed(ids)
+    copies = reader.finish()
+    merged = stream_tokens(rmt.merge_and_unload(dtype=torch.float32), [ids], compute_loss=True)
+    for got in (copies, merged):
+        torch.testing.assert_close(got.memory, attached.memory, rtol=1e-4, atol=1e-4)
+        assert abs(got.loss - attached.loss) < 1e-4
+
+
+def test_backend_choice():
+    assert choose_backend(None, "auto", "cuda") == (None, None)
+    for quantization in ("8bit", "4bit"):
+        assert choose_backend(quantization, "auto", "cuda", torchao=True)[0] == "torch"
+        backend, why = choose_backend(quantization, "auto", "cpu", torchao=True)
+        assert backend == "bitsandbytes" and "'cpu'" in why  # CPU: as before
+        assert choose_backend(quantization, "bitsandbytes", "cuda") == ("bitsandbytes", None)
+    backend, why = choose_backend("4bit", "auto", "cuda", torchao=False)
+    assert backend == "bitsandbytes" and "torchao" in why
+    backend, why = choose_backend("4bit", "auto", "cuda", ("quant_type='fp4'",), torchao=True)
+    assert backend == "bitsandbytes" and "quant_type='fp4'" in why
+    assert choose_backend("fp8", "auto", "cuda") == ("torch", None)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("fp8", "bitsandbytes", "cuda"), ["quantization='fp8'", "'auto' or 'torch'"]),
+    (("8bit", "cuda", "cuda"), ["quantization_backend='cuda'", "bitsandbytes", "torch"]),
+    (("3bit", "auto", "cuda"), ["quantization='3bit'", "fp8"]),
+    (("4bit", "torch", "cuda", ("double_quant=False",)), ["double_quant=False", "bitsandbytes"]),
+    (("8bit", "torch", "multi"), ["one device"]),
+])
+def test_backend_errors_name_the_setting_and_what_is_allowed(args, words):
+    with pytest.raises(UserError) as err:
+        choose_backend(*args)
+    assert all(word in str(err.value) for word in words), str(err.value)
+
+
+def test_fp8_is_refused_on_the_cpu_and_on_gpus_without_fp8_tensor_cores(tmp_path, monkeypatch):
+    path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo")
+    with pytest.raises(UserError, match="quantization='fp8'.*compute capability >= 8.9.*'cpu'"):
+        load_backbone(path, quantization="fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    with pytest.raises(UserError, match="NVIDIA A100 has 8.0"):
+        ql.check_fp8("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    ql.check_fp8("cuda:0")  # Hopper: no error
+
+
+@pytest.mark.slow
+def test_compiled_layers_compute_what_eager_layers_compute():
+    """torch.compile traces each format's autograd function (and torchao's NF4 tensor): same
+    outputs and input gradients as eager."""
+    torch.manual_seed(0)
+    for format in ql.FORMATS:
+        layer = ql.QuantizedLinear(torch.randn(64, 64, dtype=torch.bfloat16) * 0.05, None, format)
+        x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+        layer(x).square().sum().backward()
+        expected, expected_grad = layer(x).detach(), x.grad.clone()
+        x.grad = None
+        compiled = torch.compile(layer)
+        compiled(x).square().sum().backward()
+        torch.testing.assert_close(compiled(x).detach(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(x.grad, expected_grad, rtol=1e-2, atol=1e-2)
