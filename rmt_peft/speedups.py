@@ -247,7 +247,7 @@ def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
 def merged_lora_bytes(model: nn.Module) -> tuple[int, torch.device | None]:
     """Bytes ``merged_lora_weights`` would hold, and the weights' device."""
     layers = _mergeable_lora_layers(model)
-    total = sum(m.out_features * m.in_features * _compute_dtype(m.get_base_layer()).itemsize for m in layers)
+    total = sum(m.out_features * m.in_features * _merged_itemsize(m.get_base_layer()) for m in layers)
     return total, (layers[0].get_base_layer().weight.device if layers else None)
 
 
@@ -265,6 +265,11 @@ def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool,
     return _small_share(size, device, share)
 
 
+def _merged_itemsize(base: nn.Module) -> int:
+    """Bytes per weight of a merged copy: FP8 layers keep theirs in FP8 (``merged_lora_weights``)."""
+    return 1 if getattr(base, "format", None) == "fp8" else _compute_dtype(base).itemsize
+
+
 def _compute_dtype(base: nn.Module) -> torch.dtype:
     if isinstance(base, QuantizedLinear):
         return base.compute_dtype
@@ -273,10 +278,12 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
+def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor | nn.Module, torch.Tensor | None]]:
     """For each LoRA layer ``merged_lora_view`` can fold: its base weight (dequantized if quantized)
     plus ``scaling * B @ A`` of the active adapters, summed in fp32 and rounded once to the
-    layer's compute dtype (what ``merge_and_unload`` gives), and its bias. The model is unchanged."""
+    layer's compute dtype (what ``merge_and_unload`` gives), and its bias; for an FP8 layer, a
+    ``QuantizedLinear`` of that sum in FP8 (1 byte per weight, matmuls at FP8 rate) and None.
+    The model is unchanged."""
     out = {}
     for layer in _mergeable_lora_layers(model):
         base = layer.get_base_layer()
@@ -294,7 +301,10 @@ def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor,
             if name in layer.lora_A:
                 weight = weight + layer.get_delta_weight(name).float()
         bias = None if base.bias is None else base.bias.to(dtype)
-        out[layer] = (weight.to(dtype), bias)
+        if getattr(base, "format", None) == "fp8":  # quantized again: the stream keeps FP8's matmul rate
+            out[layer] = (QuantizedLinear(weight.to(dtype), bias, "fp8"), None)
+        else:
+            out[layer] = (weight.to(dtype), bias)
     return out
 
 
@@ -313,10 +323,11 @@ class merged_lora_view:
     kernels; the layers are restored on exit. Reading with LoRA attached then runs at the speed
     of a merged model without merging it (the model stays trainable, its weights untouched)."""
 
-    def __init__(self, weights: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]):
+    def __init__(self, weights: dict[nn.Module, tuple[torch.Tensor | nn.Module, torch.Tensor | None]]):
         self.weights = weights
         # made once: the same objects on every entry, so compiled blocks see one forward per layer
-        self._forwards = {layer: partial(_merged_forward, weight, bias) for layer, (weight, bias) in weights.items()}
+        self._forwards = {layer: weight if isinstance(weight, nn.Module) else partial(_merged_forward, weight, bias)
+                          for layer, (weight, bias) in weights.items()}
 
     def __enter__(self):
         for layer, forward in self._forwards.items():

@@ -158,6 +158,24 @@ def test_merging_and_merged_stream_copies_use_the_dequantized_weights(tmp_path):
         assert abs(got.loss - attached.loss) < 1e-4
 
 
+def test_fp8_merged_stream_copies_stay_fp8():
+    """FP8 layers' merged copies are FP8 again (1 byte per weight, FP8 matmuls): the stream reads
+    close to peft's own layers over the FP8 weights (both round to e4m3)."""
+    backbone = tiny_model("gpt_neo").to(torch.bfloat16)
+    ql.quantize_linears(backbone, "fp8")
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=3, segment_size=8), verbose=False,
+                                 lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False}).eval()
+    ids = torch.randint(2, 128, (1, 37), generator=torch.Generator().manual_seed(0))
+    attached = stream_tokens(rmt, [ids], compute_loss=True)
+    reader = rmt.stream(compute_loss=True, merge_lora=True)
+    copies = list(reader._view.weights.values())
+    assert len(copies) == 12 and all(isinstance(c, ql.QuantizedLinear) and c.format == "fp8" for c, _ in copies)
+    reader.feed(ids)
+    got = reader.finish()
+    assert cosine(got.memory, attached.memory) > 0.98 and abs(got.loss - attached.loss) < 0.05 * attached.loss
+
+
 def test_backend_choice():
     assert choose_backend(None, "auto", "cuda") == (None, None)
     for quantization in ("8bit", "4bit"):
