@@ -21,11 +21,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig, OPTConfig
 
 from rmt_peft import flops
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.backbones import load_backbone
+from rmt_peft.quantized_linear import quantize_linears
 
 GIB = 2 ** 30
 
@@ -53,6 +54,17 @@ def llama_config(tiny: bool = False) -> LlamaConfig:
                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+def opt_config(tiny: bool = False) -> OPTConfig:
+    """facebook/opt-6.7b's shape (the babilong_reasoning_opt_6.7b_8bit recipe's backbone), or a CPU-sized one."""
+    if tiny:
+        return OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                         word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=2, eos_token_id=2,
+                         pad_token_id=1)
+    return OPTConfig(vocab_size=50272, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     ffn_dim=16384, word_embed_proj_dim=4096, max_position_embeddings=2048, bos_token_id=2,
+                     eos_token_id=2, pad_token_id=1)
+
+
 def device_of(args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 
@@ -60,17 +72,28 @@ def device_of(args) -> torch.device:
 _SAVED: dict[str, str] = {}
 
 
+# backbones held by torch (quantization_backend="torch"): their name -> load_backbone's quantization
+TORCH_HELD = {"torch-8bit": "8bit", "torch-4bit": "4bit", "fp8": "fp8"}
+
+
 def build_backbone(config, quantization: str | None, device: torch.device, attention: str = "sdpa"):
-    """A random-weight causal LM of ``config``: bf16 on the GPU (fp32 on CPU), or NF4 / int8 by
-    saving the random bf16 weights and loading them through ``load_backbone`` (the user's path).
+    """A random-weight causal LM of ``config``: bf16 on the GPU (fp32 on CPU); bitsandbytes NF4 /
+    LLM.int8 ("4bit" / "8bit") by saving the random bf16 weights and loading them through
+    ``load_backbone`` (the user's path); or torch-held "torch-8bit" / "torch-4bit" / "fp8"
+    (``TORCH_HELD``): the random model quantized in place by ``quantize_linears``, what
+    ``load_backbone(quantization_backend="torch")`` does after loading, without the round trip
+    through the disk (an OPT-6.7B would write and read 13 GB), and FP8 also on the CPU (tests).
     attention: "sdpa" (GPT-Neo: rmt_peft.attention; others: torch SDPA) or "eager"."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     native = "eager" if config.model_type == "gpt_neo" else attention
     config = copy.deepcopy(config)  # switching attention renames the config's implementation
-    if quantization is None:
+    if quantization is None or quantization in TORCH_HELD:
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=native)
+        if quantization is not None:
+            quantize_linears(model, TORCH_HELD[quantization], device)
+            free()
     else:
         key = repr(config.to_dict())
         if key not in _SAVED:
@@ -83,7 +106,8 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
             free()
         device_map = {"": device.index or 0} if device.type == "cuda" else None
         model = load_backbone(_SAVED[key], quantization=quantization, dtype=dtype, device_map=device_map,
-                              attn_implementation=native, speedups=False)  # the levers are set per run
+                              attn_implementation=native, speedups=False,  # the levers are set per run
+                              quantization_backend="bitsandbytes")
     if attention == "sdpa":
         use_gpt_neo_sdpa(model)
     return model

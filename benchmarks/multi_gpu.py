@@ -115,7 +115,8 @@ def recipe_dict(args, backbone: str, vocab: int, quantization: str | None) -> di
     gpu = not args.tiny
     per_step = args.batch * args.gpus
     return {
-        "model": {"name_or_path": backbone, "quantization": quantization,
+        # bitsandbytes on one GPU too: DeepSpeed runs get it (trainer.build_backbone), so both hold the same weights
+        "model": {"name_or_path": backbone, "quantization": quantization, "quantization_backend": "bitsandbytes",
                   "dtype": "bfloat16" if gpu else "float32"},
         "memory": {"num_memory_tokens": args.memory_tokens, "segment_size": args.segment_size},
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from rmt_peft.adapters import parameter_count
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, use_fused_gelu
 
-from .common import (ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
+from .common import (TORCH_HELD, ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
                      train_flops_per_token, write_json)
 
@@ -39,7 +40,12 @@ class Bench:
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
         self.autocast = self.compiled = self.dequant_cache = self.forward_only = False
+        free()
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         backbone = build_backbone(config, quantization, device, attention="sdpa")
+        # what the frozen backbone holds on the GPU, per weight (bitsandbytes' packed 4-bit counted whole)
+        self.backbone_bytes = torch.cuda.memory_allocated(device) - before if before is not None else None
+        self.frozen_weights = sum(parameter_count(p) for p in backbone.parameters())
         self.peft = get_peft_model(backbone, lora_config())
         self.reference = ReferenceRMT(self.peft, memory_tokens, segment)
         self.ours = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
@@ -364,7 +370,10 @@ def best_by_segments(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--quantization", nargs="+", default=["4bit"], choices=["none", "4bit", "8bit"])
+    parser.add_argument("--quantization", nargs="+", default=["4bit"],
+                        choices=["none", "4bit", "8bit", *TORCH_HELD],
+                        help="4bit / 8bit: bitsandbytes NF4 / LLM.int8; torch-4bit / torch-8bit / fp8: held by torch "
+                             "(rmt_peft.quantized_linear)")
     parser.add_argument("--sections", nargs="+", default=["levers", "sweep"],
                         choices=["levers", "sweep", "profile", "compile", "lm_head"])
     parser.add_argument("--runs", nargs="+", help="instead of the sweep grid: IMPL:SEGMENTSxBATCH ...")

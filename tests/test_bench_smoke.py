@@ -62,6 +62,27 @@ def test_train_bench_forward_only_leaves_the_weights():
     assert any(not torch.equal(p, b) for p, b in zip(lora, before))
 
 
+def test_quantized_bench_runs_every_section(tmp_path):
+    """benchmarks.quantized on CPU-sized shapes: a row per backbone and section, none failed, each
+    appended to its section's JSON lines; bf16 is the reference of the others."""
+    from benchmarks import quantized
+
+    rows = quantized.main(["--tiny", "--out-dir", str(tmp_path), "--warmup", "0", "--repeat", "1", "--shape", "2x1",
+                           "--backbones", "bf16", "torch-4bit", "fp8", "--opt-shape", "2x1",
+                           "--opt-backbones", "torch-8bit"])
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    assert [(r["section"], r["backbone"]) for r in rows] == [
+        ("train", "bf16"), ("train", "torch-4bit"), ("auto", "torch-4bit"), ("train", "fp8"),
+        ("stream", "bf16"), ("stream", "bf16"), ("stream", "fp8"), ("opt", "torch-8bit")]
+    train_rows = [r for r in rows if r["section"] == "train"]
+    assert train_rows[1]["speed_vs_bf16"] == pytest.approx(train_rows[1]["tokens_per_s"] / train_rows[0]["tokens_per_s"])
+    assert 0.5 < train_rows[1]["quantized_layer_bytes_per_weight"] < 0.55  # NF4 and its scales
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    for section in ("train", "auto", "stream", "opt"):
+        logged = [json.loads(line) for line in (tmp_path / f"{section}.jsonl").read_text().splitlines()]
+        assert logged == [json.loads(json.dumps(r)) for r in rows if r["section"] == section]
+
+
 def test_bptt_bench_runs():
     rows = bptt_memory.main(["--tiny", "--quantization", "none", "--segments", "2", "--settings", "2"])
     assert rows[0]["setting"] == "segment + layer checkpointing" and rows[0]["tokens_per_s"] > 0
