@@ -129,8 +129,9 @@ def attach_lora(backbone: nn.Module, lora) -> nn.Module:
 
 
 def parameter_count(param: nn.Parameter) -> int:
-    """Number of weights in ``param``; bitsandbytes packs 4-bit weights (2 per byte of storage)."""
-    if param.__class__.__name__ == "Params4bit":
+    """Number of weights in ``param``; bitsandbytes and ``QuantizedLinear`` pack 4-bit weights (2
+    per byte of storage)."""
+    if param.__class__.__name__ == "Params4bit" or getattr(param, "packed_4bit", False):
         return param.numel() * 2 * param.element_size()
     return param.numel()
 

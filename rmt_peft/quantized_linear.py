@@ -7,8 +7,9 @@ it as usual) holding one of three formats:
 - "8bit": int8 per output channel (symmetric, absmax / 127) and one fp32 scale per row:
   1 byte per weight. The weight is dequantized into the compute dtype for each matmul.
 - "4bit": torchao's NF4 (QLoRA's normal float in blocks of 64, with the blocks' scales
-  quantized again in blocks of up to 256): about 0.52 bytes per weight; torchao's
-  ``linear_nf4`` (what torchtune's QLoRA compiles) dequantizes it for each matmul.
+  quantized again in blocks of up to 256): about 0.52 bytes per weight. torchao quantizes;
+  the layer keeps its tensors as plain buffers and dequantizes them with torchao's arithmetic
+  (torchao's own ``linear_nf4`` lets compile keep a bf16 copy per call, see below).
 - "fp8": float8 e4m3 per output channel, 1 byte per weight; the matmuls run at FP8 rate
   (``torch._scaled_mm``), each row of the input (and in backward, of the gradient) scaled to
   e4m3 on the fly. Needs FP8 tensor cores (``check_fp8``).
@@ -18,7 +19,7 @@ makes RMT training (every layer called once per segment, forward and backward) C
 and ``torch.compile`` cannot fuse them. Here the dequantization is plain torch ops: a compiled
 block turns it into one kernel feeding cuBLAS. Each autograd function keeps only the quantized
 weight for backward and dequantizes again there (grad @ dequant(W)), so no call holds a bf16
-copy of a weight.
+copy of a weight, eager or compiled.
 """
 from __future__ import annotations
 
@@ -36,28 +37,34 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's (and torchao's default) block sizes
 
 
-def nf4_functions():
-    """torchao's ``to_nf4`` and ``linear_nf4`` (moved between torchao 0.17 and 0.18)."""
+def torchao_to_nf4():
+    """torchao's ``to_nf4`` (it moved in torchao 0.18)."""
     try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
     except ImportError:
-        try:
-            from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+        try:  # torchao < 0.18
+            from torchao.dtypes.nf4tensor import to_nf4
         except ImportError as err:
             raise UserError("quantization='4bit' with quantization_backend='torch' needs torchao (pip install "
-                            "torchao>=0.17); or use quantization_backend='bitsandbytes'") from err
-    return to_nf4, linear_nf4
+                            "torchao>=0.18); or use quantization_backend='bitsandbytes'") from err
+    return to_nf4
 
 
 def torchao_available() -> bool:
     try:
-        nf4_functions()
+        torchao_to_nf4()
     except UserError:
         return False
     return True
 
 
 # -- the formats ---------------------------------------------------------------------------
+# Each dequantization takes ``swap``: the backward's is written differently (the factors of its
+# last product swapped, NF4's bytes unpacked in pairs), with the same values. torch.compile merges
+# identical expressions of the forward and the backward; merged, the dequantized weight (or NF4's
+# unpacked indices) would be "materialized in backward", and AOTAutograd then saves a copy of it
+# at every call instead of recomputing it from the quantized weight, which it holds anyway
+# (tests/test_quantized_linear.py checks what a compiled layer saves).
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, fp32 scale per row (out, 1)): weight ~ int8 * scale."""
     scale = weight.detach().float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
@@ -71,9 +78,11 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def dequantize_scaled(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_scaled(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                      swap: bool = False) -> torch.Tensor:
     """int8 / e4m3 weight times its per-row scale, in fp32, rounded once to ``dtype``."""
-    return (qweight.float() * scale).to(dtype)
+    product = scale * qweight.float() if swap else qweight.float() * scale
+    return product.to(dtype)
 
 
 def nf4_scaler_block(numel: int) -> int | None:
@@ -85,6 +94,27 @@ def nf4_scaler_block(numel: int) -> int | None:
     return math.gcd(numel // NF4_BLOCK, NF4_SCALER_BLOCK)
 
 
+def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """torchao's NF4 of ``weight`` as plain tensors: "packed" (two 4-bit indices a byte, high
+    nibble first), "scalers" (each 64-block's absmax, less their mean, in int8), "factors" (one
+    int8 scale per block of scalers), "mean" and "values" (the 16 NF4 values), in ``weight``'s dtype."""
+    nf4 = torchao_to_nf4()(weight.detach().contiguous(), NF4_BLOCK, nf4_scaler_block(weight.numel()))
+    return {"packed": nf4.quantized_data, "scalers": nf4.quantized_scalers, "factors": nf4.quantization_factor,
+            "mean": nf4.scaler_mean, "values": nf4.nf4}
+
+
+def dequantize_nf4(packed: torch.Tensor, scalers: torch.Tensor, factors: torch.Tensor, mean: torch.Tensor,
+                   values: torch.Tensor, shape: tuple[int, int], swap: bool = False) -> torch.Tensor:
+    """The NF4 weight of ``shape`` in the dtype of ``values``: torchao's ``get_original_weight``,
+    with the same arithmetic, on plain tensors (no tensor subclass for compile or peft to handle)."""
+    if swap:  # byte pairs: the same order of indices, computed from another node than the forward's
+        packed = packed.view(-1, 2)
+    index = torch.stack([packed >> 4, packed & 15], dim=-1).flatten().long()
+    per_block = (scalers.view(factors.shape[0], -1) / factors.unsqueeze(-1)).flatten().to(values.dtype) + mean
+    blocks, per_block = values[index].view(-1, NF4_BLOCK), per_block.unsqueeze(-1)
+    return (per_block * blocks if swap else blocks * per_block).view(shape)
+
+
 def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-d tensor scaled so its largest magnitude is 448, in e4m3, and the scales (rows, 1)."""
     scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
@@ -92,7 +122,7 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- the matmuls ---------------------------------------------------------------------------
-class _ScaledLinear(torch.autograd.Function):
+class _Int8Linear(torch.autograd.Function):
     """x @ dequant(W)^T for int8 weights; backward grad @ dequant(W), dequantized again (the
     frozen weight gets no gradient), so only the quantized weight is kept between the two."""
 
@@ -104,7 +134,24 @@ class _ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qweight, scale = ctx.saved_tensors
-        return grad @ dequantize_scaled(qweight, scale, grad.dtype), None, None
+        return grad @ dequantize_scaled(qweight, scale, grad.dtype, swap=True), None, None
+
+
+class _NF4Linear(torch.autograd.Function):
+    """As _Int8Linear, for NF4 weights (``dequantize_nf4``)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scalers, factors, mean, values):
+        ctx.save_for_backward(packed, scalers, factors, mean, values)
+        shape = (2 * packed.numel() // x.shape[-1], x.shape[-1])
+        return F.linear(x, dequantize_nf4(packed, scalers, factors, mean, values, shape).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, scalers, factors, mean, values = ctx.saved_tensors
+        shape = (grad.shape[-1], 2 * packed.numel() // grad.shape[-1])
+        weight = dequantize_nf4(packed, scalers, factors, mean, values, shape, swap=True)
+        return grad @ weight.to(grad.dtype), None, None, None, None, None
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -133,10 +180,15 @@ class _FP8Linear(torch.autograd.Function):
         return dx.to(grad.dtype).reshape(*grad.shape[:-1], qweight.shape[1]), None, None
 
 
+NF4_BUFFERS = ("scalers", "factors", "mean", "values")
+
+
 class QuantizedLinear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is held quantized (``format``: "8bit", "4bit", "fp8")
-    and dequantized inside each matmul. ``compute_dtype`` is the dtype of its outputs' math
-    (peft reads it to place LoRA); ``dequantize()`` gives the weight as the matmuls see it."""
+    and dequantized inside each matmul. ``weight`` holds the int8 / e4m3 values (4-bit: the packed
+    indices, ``weight.packed_4bit`` set), the rest are buffers (``weight_scale``, ``nf4_*``).
+    ``compute_dtype`` is the dtype of its math (peft reads it to place LoRA); ``dequantize()``
+    gives the weight as the matmuls see it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
@@ -145,33 +197,39 @@ class QuantizedLinear(nn.Linear):
         self.out_features, self.in_features = weight.shape
         self.format = format
         self.compute_dtype = weight.dtype
-        scale = None
+        scale, nf4 = None, {}
         if format == "8bit":
             qweight, scale = quantize_int8(weight)
         elif format == "fp8":
             qweight, scale = quantize_fp8(weight)
         else:
-            to_nf4 = nf4_functions()[0]
-            qweight = to_nf4(weight.detach(), NF4_BLOCK, nf4_scaler_block(weight.numel()))
+            nf4 = quantize_nf4(weight)
+            qweight = nf4.pop("packed")
         self.weight = nn.Parameter(qweight, requires_grad=False)
-        # a buffer: moves with the layer, never handed to an optimizer
+        self.weight.packed_4bit = format == "4bit"  # two weights a byte (adapters.parameter_count)
+        # buffers: they move with the layer and are never handed to an optimizer
         self.register_buffer("weight_scale", scale)
+        for name in NF4_BUFFERS:
+            self.register_buffer(f"nf4_{name}", nf4.get(name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def _nf4(self) -> list[torch.Tensor]:
+        return [getattr(self, f"nf4_{name}") for name in NF4_BUFFERS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "8bit":
-            y = _ScaledLinear.apply(x, self.weight, self.weight_scale)
+            y = _Int8Linear.apply(x, self.weight, self.weight_scale)
         elif self.format == "fp8":
             y = _FP8Linear.apply(x, self.weight, self.weight_scale)
         else:
-            y = nf4_functions()[1](x, self.weight)
+            y = _NF4Linear.apply(x, self.weight, *self._nf4())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
         if self.format == "4bit":
-            return self.weight.get_original_weight().to(dtype)
+            return dequantize_nf4(self.weight, *self._nf4(), (self.out_features, self.in_features)).to(dtype)
         return dequantize_scaled(self.weight, self.weight_scale, dtype)
 
     def extra_repr(self) -> str:
@@ -217,16 +275,12 @@ def quantize_linears(model: nn.Module, format: str, device: torch.device | str |
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the quantized layers' weights, scales and NF4 metadata take, weights they hold)."""
+    """(bytes the quantized layers' weights, scales and NF4 tables take, weights they hold)."""
     total = weights = 0
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
             weights += layer.in_features * layer.out_features
-            tensors = [layer.weight_scale] if layer.weight_scale is not None else []
-            if layer.format == "4bit":
-                tensors += [getattr(layer.weight, name) for name in layer.weight.__tensor_flatten__()[0]]
-            else:
-                tensors.append(layer.weight)
+            tensors = [layer.weight, *layer.buffers(recurse=False)]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total, weights
 
