@@ -139,6 +139,7 @@ def train_section(args, device, log, sections) -> None:
         except Exception as err:
             log("train", {"backbone": name, **failed(err)})
         del bench
+        torch._dynamo.reset()  # the next backbone compiles anew; this drops what held the last one
         free()
 
 
@@ -238,8 +239,12 @@ def training_step(rmt: RMTModel, ids: torch.Tensor):
 
 def opt_section(args, device, log) -> None:
     """The OPT-6.7B recipe's training step under the cap, for each backbone."""
-    overrides = [f"memory.segment_size={args.opt_segment_size}"]
-    recipe = load_recipe(resources.recipe_path(OPT_RECIPE), overrides, check_files=False)
+    overrides = [f"memory.segment_size={args.opt_segment_size}", "training.report_to=none"]
+    try:
+        recipe = load_recipe(resources.recipe_path(OPT_RECIPE), overrides, check_files=False)
+    except Exception as err:
+        log("opt", {"recipe": OPT_RECIPE, **failed(err)})
+        return
     config = opt_config(args.tiny)
     memory = recipe.memory
     if args.tiny:
@@ -276,6 +281,7 @@ def opt_section(args, device, log) -> None:
             log("opt", {"backbone": name, **failed(err)})
         finally:
             rmt = None
+            torch._dynamo.reset()
             capped(device, None)
 
 
