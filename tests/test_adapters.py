@@ -77,7 +77,7 @@ def test_full_finetuning_keeps_requires_grad():
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_training_steps_on_quantized_backbone(tmp_path, quantization):
     path = save_tiny_model(str(tmp_path / "opt"), "opt")
-    backbone = load_backbone(path, quantization=quantization, dtype="float32")
+    backbone = load_backbone(path, quantization=quantization, dtype="float32", quantization_backend="bitsandbytes")
     rmt = RMTModel.from_backbone(backbone, MEMORY, lora="all-linear", verbose=False).train()
     # 4-bit weights are packed (2 per byte): the summary counts weights, not bytes
     full = sum(p.numel() for p in tiny_model("opt").parameters())

@@ -37,7 +37,7 @@ def test_quantization_config_options():
                          [("8bit", "Linear8bitLt", 0.05), ("4bit", "Linear4bit", 0.25)])
 def test_quantized_backbone_is_frozen_and_close_to_full_precision(neo_path, quantization, layer, tolerance):
     reference = load_backbone(neo_path)
-    model = load_backbone(neo_path, quantization=quantization, dtype="float32")
+    model = load_backbone(neo_path, quantization=quantization, dtype="float32", quantization_backend="bitsandbytes")
     linears = [m for name, m in model.named_modules() if name.endswith(("q_proj", "c_fc", "out_proj"))]
     assert linears and all(type(m).__name__ == layer for m in linears)
     assert not any(p.requires_grad for p in model.parameters())
@@ -49,7 +49,8 @@ def test_quantized_backbone_is_frozen_and_close_to_full_precision(neo_path, quan
 
 
 def test_no_fp32_upcast_of_embeddings_norms_and_head(neo_path):
-    model = load_backbone(neo_path, quantization="4bit", dtype="bfloat16", gradient_checkpointing=True)
+    model = load_backbone(neo_path, quantization="4bit", dtype="bfloat16", gradient_checkpointing=True,
+                          quantization_backend="bitsandbytes")
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert model.transformer.ln_f.weight.dtype == torch.bfloat16
@@ -87,15 +88,15 @@ def test_error_when_bitsandbytes_cannot_run(neo_path, monkeypatch):
     q.check_bitsandbytes.cache_clear()
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
     with pytest.raises(RuntimeError, match=r"quantization='4bit'.*device 'cpu'.*does not support"):
-        load_backbone(neo_path, quantization="4bit")
+        load_backbone(neo_path, quantization="4bit", quantization_backend="bitsandbytes")
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
     monkeypatch.setattr(bitsandbytes.functional, "int8_vectorwise_quant",
                         lambda *a, **k: (_ for _ in ()).throw(NotImplementedError("no int8 kernel")))
     with pytest.raises(RuntimeError, match=r"quantization='8bit'.*cannot run on device 'cpu'.*no int8 kernel"):
-        load_backbone(neo_path, quantization="8bit")
+        load_backbone(neo_path, quantization="8bit", quantization_backend="bitsandbytes")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(RuntimeError, match="needs bitsandbytes, which cannot be imported"):
-        load_backbone(neo_path, quantization="4bit")
+        load_backbone(neo_path, quantization="4bit", quantization_backend="bitsandbytes")
     q.check_bitsandbytes.cache_clear()
 
 

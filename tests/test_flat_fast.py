@@ -124,8 +124,8 @@ def test_dequantized_weight_cache_gives_the_4bit_loss_and_gradients(tmp_path):
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
     config = dataclasses.replace(PLAIN, checkpoint_segments=True, uncheckpointed_segments=0)
     torch.manual_seed(0)
-    model = RMTModel.from_backbone(load_backbone(path, quantization="4bit", dtype="float32"), config, lora=LORA,
-                                   verbose=False, cache_dequantized=False).train()
+    backbone = load_backbone(path, quantization="4bit", dtype="float32", quantization_backend="bitsandbytes")
+    model = RMTModel.from_backbone(backbone, config, lora=LORA, verbose=False, cache_dequantized=False).train()
     ids = torch.randint(0, 128, (2, 48), device=next(model.parameters()).device)
     loss, grads = loss_and_grads(model, ids)[:2]
     layers = cache_dequantized_weights(model)
@@ -152,7 +152,7 @@ def test_cache_is_on_by_default_only_where_it_costs_little(tmp_path, monkeypatch
     plain = load_backbone(path)
     expected = 2 * sum(m.weight.numel() for name, m in plain.named_modules()
                        if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
-    quantized = load_backbone(path, quantization="4bit")  # compute dtype bf16
+    quantized = load_backbone(path, quantization="4bit", quantization_backend="bitsandbytes")  # compute dtype bf16
     assert speedups.dequantized_cache_bytes(quantized)[0] == expected
     on_gpu = speedups.dequantized_cache_bytes(quantized)[1].type == "cuda"  # bitsandbytes' choice where there is one
     if not on_gpu:
@@ -160,8 +160,8 @@ def test_cache_is_on_by_default_only_where_it_costs_little(tmp_path, monkeypatch
 
     model = RMTModel.from_backbone(quantized, PLAIN, lora=LORA, verbose=False)
     assert any(hasattr(m, "dequantized_weight") for m in model.modules()) == on_gpu
-    model = RMTModel.from_backbone(load_backbone(path, quantization="4bit"), PLAIN, lora=LORA, verbose=False,
-                                   cache_dequantized=True)
+    model = RMTModel.from_backbone(load_backbone(path, quantization="4bit", quantization_backend="bitsandbytes"), PLAIN,
+                                   lora=LORA, verbose=False, cache_dequantized=True)
     assert sum(hasattr(m, "dequantized_weight") for m in model.modules()) == 12
 
     monkeypatch.setattr(speedups, "dequantized_cache_bytes", lambda m: (expected, torch.device("cuda", 0)))

@@ -30,7 +30,7 @@ def bases(tmp_path_factory):
 
 def trained(base, quantization=None, steps=2, lora=None):
     """An RMTModel with random-initialised LoRA (so merging has a visible effect), trained a little."""
-    backbone = load_backbone(base, quantization=quantization, dtype="float32")
+    backbone = load_backbone(base, quantization=quantization, dtype="float32", quantization_backend="bitsandbytes")
     lora = lora or {"target_modules": "all-linear", "init_lora_weights": False, "r": 4, "lora_alpha": 4}
     torch.manual_seed(0)
     rmt = RMTModel.from_backbone(backbone, MEMORY, lora=lora, verbose=False).train()

@@ -125,7 +125,7 @@ def test_graph_blocker_names_what_a_default_stream_keeps_eager(tmp_path):
     compile_blocks(rmt.causal_lm, enable=False)
 
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
-    four = load_backbone(path, quantization="4bit", dtype="float32")
+    four = load_backbone(path, quantization="4bit", dtype="float32", quantization_backend="bitsandbytes")
     assert "4-bit layers without dequantized copies" in graph_blocker(four, {})
     cache_dequantized_weights(four)
     assert graph_blocker(four, {}) is None
@@ -135,7 +135,8 @@ def test_graph_blocker_names_what_a_default_stream_keeps_eager(tmp_path):
     merged = {layer: None for layer in rmt4.modules() if hasattr(layer, "lora_A")}
     assert graph_blocker(rmt4, merged) is None  # every 4-bit layer is the base of a merged LoRA layer
     assert "4-bit" in graph_blocker(rmt4, dict(list(merged.items())[1:]))
-    assert "8-bit" in graph_blocker(load_backbone(path, quantization="8bit", dtype="float32"), {})
+    eight = load_backbone(path, quantization="8bit", dtype="float32", quantization_backend="bitsandbytes")
+    assert "8-bit" in graph_blocker(eight, {})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -151,7 +152,8 @@ def test_gpu_default_stream_captures_after_the_first_segments(tmp_path, quantiza
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2, hidden_size=64)
     torch.manual_seed(0)
     rmt = RMTModel.from_backbone(load_backbone(path, quantization=quantization, dtype="float32").cuda() if
-                                 quantization is None else load_backbone(path, quantization=quantization),
+                                 quantization is None else
+                                 load_backbone(path, quantization=quantization, quantization_backend="bitsandbytes"),
                                  MemoryConfig(num_memory_tokens=2, segment_size=16),
                                  lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False},
                                  verbose=False).eval()
@@ -204,7 +206,7 @@ def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path,
 
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
     torch.manual_seed(0)
-    backbone = load_backbone(path, quantization=quantization, dtype="float32")
+    backbone = load_backbone(path, quantization=quantization, dtype="float32", quantization_backend="bitsandbytes")
     rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=3, segment_size=8), verbose=False,
                                  lora={"r": 4, "target_modules": "all-linear", "init_lora_weights": False})
     assert merge_pays(rmt)[0] is False  # training mode (and the CPU)
