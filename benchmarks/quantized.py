@@ -85,6 +85,8 @@ def capped(device: torch.device, gib: float | None) -> None:
     if device.type != "cuda":
         return
     free()
+    if device.index is None:  # set_per_process_memory_fraction needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total) if gib else 1.0, device)
 

@@ -17,6 +17,8 @@ Sections (``--sections``):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from rmt_peft.adapters import parameter_count
@@ -51,15 +53,21 @@ class Bench:
         self.ours = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
                                                      loss_chunk_size=1024))
         self.independent = RMTModel(self.peft, MemoryConfig(num_memory_tokens=0, segment_size=segment))
-        # the associative memory (ARMT) on the same backbone: its hooks act only inside its own calls
-        self.associative = RMTModel(self.peft, MemoryConfig(num_memory_tokens=memory_tokens, segment_size=segment,
-                                                            loss_chunk_size=1024, memory_kind="associative"))
-        models = (("reference", self.reference), ("ours", self.ours), ("independent", self.independent),
-                  ("associative", self.associative))
+        self.associative = None  # built on first use (its projections take GPU memory): see memory_models
+        models = (("reference", self.reference), ("ours", self.ours), ("independent", self.independent))
         for _, model in models:
             model.train()
         self.optimizers = {name: optimizer_for(model) for name, model in models}
         self.optimizers["independent-memory"] = self.optimizers["ours"]
+
+    def memory_models(self, associative: bool = False) -> list[RMTModel]:
+        """Ours, the no-memory model and (built when first asked for) the associative memory (ARMT)
+        on the same backbone, whose hooks act only inside its own calls."""
+        if associative and self.associative is None:
+            self.associative = RMTModel(self.peft, dataclasses.replace(self.ours.memory_config,
+                                                                       memory_kind="associative")).train()
+            self.optimizers["associative"] = optimizer_for(self.associative)
+        return [m for m in (self.ours, self.independent, self.associative) if m is not None]
 
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
@@ -76,7 +84,7 @@ class Bench:
         if dequant_cache != self.dequant_cache:
             cache_dequantized_weights(self.peft, enable=dequant_cache)
             self.dequant_cache = dequant_cache
-        for model in (self.ours, self.independent, self.associative):
+        for model in self.memory_models():
             model.memory_config.uncheckpointed_segments = uncheckpointed
             model.memory_config.checkpoint_policy = policy
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
@@ -87,7 +95,7 @@ class Bench:
             if compile:
                 compile_blocks(self.peft, **({"mode": compile} if isinstance(compile, str) else {}))
             self.compiled = compile
-        for model in (self.ours, self.independent, self.associative):
+        for model in self.memory_models():
             model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
         if checkpoint_layers:
@@ -108,6 +116,7 @@ class Bench:
         return self.independent(flat, labels=flat).loss  # without memory tokens
 
     def run(self, impl: str, segments: int, batch: int, label: str) -> dict:
+        self.memory_models(associative=impl == "associative")
         optimizer = self.optimizers[impl]
         ids = torch.randint(0, self.config.vocab_size, (batch, segments * self.segment), device=self.device)
 

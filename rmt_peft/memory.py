@@ -215,6 +215,8 @@ def allocated_bytes(device: torch.device) -> int | None:
 def free_gpu_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on a CUDA ``device``: the device's free memory plus
     what torch's caching allocator holds unused, within ``torch.cuda.set_per_process_memory_fraction``."""
+    if device.index is None:  # torch's memory-fraction calls need an index ("cuda" names the current GPU)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     room = free + torch.cuda.memory_reserved(device) - allocated

@@ -401,7 +401,8 @@ def build_section(cls, values, key: str):
     except RecipeError:  # a section's own check (__post_init__): its message names the key already
         raise
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"{key}: {err}") from err
+        # the section's own check names the field as ClassName.field: name it as the recipe key
+        raise RecipeError(str(err).replace(f"{cls.__name__}.", f"{key}.")) from err
 
 
 def check_training(values, trainer: str = "rmt") -> dict:

@@ -28,9 +28,15 @@ def test_overrides_are_parsed_as_yaml_and_reach_every_section(write_recipe):
     assert recipe.lora == {"r": 4} and recipe.eval.baseline is True
 
 
-def test_recipes_take_the_new_quantizations_and_auto_checkpointing(write_recipe):
-    recipe = load_recipe(write_recipe(), ["model.quantization=fp8", "model.quantization_backend=torch",
-                                          "memory.checkpoint_segments=auto"])
+def test_recipes_take_the_new_quantizations_and_auto_checkpointing(write_recipe, tmp_path):
+    from rmt_peft.tiny_models import save_tiny_model
+
+    # a saved model (a tiny: one is built, not loaded, so it takes no quantization) with LoRA (a
+    # quantized backbone does not train whole)
+    folder = save_tiny_model(str(tmp_path / "tiny"), "gpt_neo", vocab_size=64, max_positions=64)
+    recipe = load_recipe(write_recipe({"model": {"name_or_path": folder}}),
+                         ["model.quantization=fp8", "model.quantization_backend=torch", "lora=attention",
+                          "memory.checkpoint_segments=auto"])
     assert (recipe.model.quantization, recipe.model.quantization_backend) == ("fp8", "torch")
     assert recipe.memory.checkpoint_segments == "auto"
 
