@@ -30,7 +30,9 @@ line per variant, mean and range over seeds); ``accuracy.png`` has a panel per K
 
 Writes ``runs.json`` (every run: config, loss curve with every step's gradient norm, accuracy by
 length, time; ``capacity``: retrieval accuracy by K) and ``accuracy.png`` (accuracy against
-segments, mean and range over seeds, one panel per task).
+segments, mean and range over seeds, one panel per task). ``partial/TASK-VARIANT-seedN.json``
+holds each run's results so far, written after training and after each tested length: a run cut
+by a time limit keeps the lengths it finished.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -503,7 +506,20 @@ def memory_drift(cfg: RunConfig, model: RMTModel, segments: int, device, samples
     return rows
 
 
-def run_one(cfg: RunConfig) -> dict:
+def save_partial(folder: str | None, result: dict) -> None:
+    """``result`` (one run, so far) to FOLDER/TASK-VARIANT-seedN.json, atomically."""
+    if folder is None:
+        return
+    cfg = result["config"]
+    path = os.path.join(folder, f"{cfg['task']}-{cfg['variant']}-seed{cfg['seed']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({**result, "partial": True}, f)
+    os.replace(path + ".tmp", path)
+
+
+def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
+    """Train and test one run. ``partial_dir``: the run's result so far is written there after
+    training and after each tested length, so a run cut by a time limit keeps what it measured."""
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(cfg.seed)
@@ -533,10 +549,12 @@ def run_one(cfg: RunConfig) -> dict:
               f"({result['selected']['select_accuracy']:.2f} at {cfg.select_segments} segments); the last weights: "
               + ", ".join(f"{n}: {a:.2f}" for n, a in result["last_accuracy"].items()), flush=True)
     result["accuracy"] = {}
+    save_partial(partial_dir, result)
     for n in eval_lengths(cfg):
         result["accuracy"][str(n)] = accuracy(cfg, model, n, device)
-        # a run cut by a time limit still leaves its curve so far in the log
+        # a run cut by a time limit still leaves its curve so far in the log and in partial_dir
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
+        save_partial(partial_dir, result)
     result["eval_seconds"] = time.time() - started
     if cfg.drift_segments and cfg.memory_kind == "tokens":  # the drift of a memory of tokens
         result["drift"] = memory_drift(cfg, model, cfg.drift_segments, device)
@@ -754,19 +772,21 @@ def main(argv: list[str] | None = None) -> dict:
         import sys
         argv = sys.argv[1:]
     os.makedirs(args.out_dir, exist_ok=True)
+    partial_dir = os.path.join(args.out_dir, "partial")  # each run's results so far (a cut run keeps them)
+    os.makedirs(partial_dir, exist_ok=True)
     grid = configs(args)
     started = time.time()
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             runs = []
-            for result in pool.imap_unordered(run_one, grid):
+            for result in pool.imap_unordered(partial(run_one, partial_dir=partial_dir), grid):
                 runs.append(result)
                 print(_one_line(result), flush=True)
                 write_report(args.out_dir, runs, started, argv)  # a run killed at its time limit keeps these
     else:
         runs = []
         for cfg in grid:
-            runs.append(run_one(cfg))
+            runs.append(run_one(cfg, partial_dir))
             print(_one_line(runs[-1]), flush=True)
             write_report(args.out_dir, runs, started, argv)
     report = write_report(args.out_dir, runs, started, argv)

@@ -132,3 +132,18 @@ def test_retrieval_samples_hold_k_pairs_or_as_many_as_their_segments_do():
     assert (ids[:, 32:-4] == 1).all()
     with pytest.raises(ValueError, match="retrieval uses 37 token ids, more than vocab_size=32"):
         Samples(RunConfig(**{**PRESETS["cpu"], "task": "retrieval", "vocab_size": 32}), "test").dataset(5, 4)
+
+
+def test_an_associative_run_keeps_its_results_so_far_in_the_partial_folder(tmp_path):
+    """The associative variant trains and is tested through the same loop (its memory is a state
+    of matrices, read through a stream), and each tested length lands in partial/ at once."""
+    import json
+
+    cfg = RunConfig(**{**PRESETS["cpu"], **VARIANTS["associative"], "task": "token", "variant": "associative",
+                       "max_train_segments": 2, "steps_per_stage": 3, "eval_segments": [1, 3],
+                       "eval_samples": 8, "associative_key_size": 4})
+    result = run_one(cfg, str(tmp_path))
+    saved = json.loads((tmp_path / "token-associative-seed0.json").read_text())
+    assert saved["partial"] and saved["accuracy"] == result["accuracy"]
+    assert set(result["accuracy"]) == {"1", "3"} and all(0 <= a <= 1 for a in result["accuracy"].values())
+    assert saved["config"]["memory_kind"] == "associative"
