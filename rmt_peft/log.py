@@ -22,6 +22,10 @@ logger = logging.getLogger("rmt_peft")
 NOISE = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
     "DeepSpeed": ("Setting accelerator to CPU",),
+    # torchao (imported by peft and transformers when installed) loads optional kernels that
+    # rmt-peft does not use, and registers enums the way torch now warns about: nothing to act on
+    "torchao": ("Failed to load",),
+    "torch.utils._pytree": ("%s is an Enum subclass",),
 }
 _USER_HF_VERBOSITY = os.environ.get("TRANSFORMERS_VERBOSITY")  # the user's own choice wins
 

@@ -44,7 +44,9 @@ def test_known_noise_is_dropped_unless_verbose(monkeypatch):
     accelerator = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
     log.setup(0)
     assert not seen("bitsandbytes.backends.cpu.ops", gemm) and not seen("DeepSpeed", accelerator)
+    assert not seen("torchao", "Failed to load /site/torchao/_C_mxfp8.so: Could not load this library")
     assert seen("DeepSpeed", "ZeRO stage 3 needs more memory")  # other warnings still reach the user
+    assert seen("torchao", "a torchao warning that is not about its optional kernels")
     assert log.logger.isEnabledFor(logging.INFO) and not log.logger.isEnabledFor(logging.DEBUG)
     log.setup(1)
     assert seen("bitsandbytes.backends.cpu.ops", gemm) and seen("DeepSpeed", accelerator)
