@@ -1,5 +1,6 @@
 """`rmt-peft ask`: answers from a stored memory equal answers after reading document + question,
 and a document of a million tokens is read in constant memory."""
+import dataclasses
 import io
 import os
 import subprocess
@@ -41,10 +42,12 @@ def test_text_pieces_tokenize_like_the_whole_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_ask_answers_from_a_stored_memory_like_after_reading_everything(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("memory_kind", ["tokens", "associative"])
+def test_ask_answers_from_a_stored_memory_like_after_reading_everything(tmp_path, monkeypatch, capsys, memory_kind):
     # A tiny trained run: BABILong memorize on a tiny GPT-Neo with the offline tokenizer, a few steps.
     recipe = {"model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 640, "max_positions": 64}},
-              "memory": {"num_memory_tokens": 4, "segment_size": 24}, "lora": None,
+              "memory": {"num_memory_tokens": 4, "segment_size": 24, "memory_kind": memory_kind,
+                         "associative_key_size": 8}, "lora": None,
               "data": {"task": "babilong_memorize", "options": {"noise": "generated"}, "num_train_samples": 8,
                        "num_eval_samples": 2},
               "curriculum": {"segments": [2], "steps_per_stage": 3}, "eval": {"num_segments": [2], "num_samples": 2},
@@ -85,7 +88,7 @@ def test_ask_answers_from_a_stored_memory_like_after_reading_everything(tmp_path
 
     # A memory read with another segment size does not fit: one line naming the field, exit code 2.
     other = tmp_path / "other"
-    rmt.memory_config = MemoryConfig(num_memory_tokens=4, segment_size=16)
+    rmt.memory_config = dataclasses.replace(rmt.memory_config, segment_size=16)
     rmt.save_pretrained(str(other))
     save_offline_tokenizer(str(other))
     assert main(["ask", str(other), "--memory", memory, "--question", "x", "--device", "cpu"]) == 2
