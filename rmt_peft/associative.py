@@ -22,7 +22,8 @@ What is ours: the state lives in an ``AssociativeState`` that the caller passes 
 and checkpoints like the memory tokens' state; nothing hides between calls. The read and write
 run in forward hooks of the backbone's decoder layers (its structure and LoRA names unchanged),
 outside compiled regions, active only inside ``AssociativeMemory.session``. The state is fp32
-(thousands of accumulated writes); under autocast the projections run in its dtype.
+(thousands of accumulated writes); the matmuls run in the backbone's dtype (or the caller's
+autocast).
 """
 from __future__ import annotations
 
@@ -129,15 +130,22 @@ class AssociativeLayer(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, **kw)
         nn.init.zeros_(self.value.weight)
 
-    def _input(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Under autocast the linear layers pick their dtype; otherwise compute in the parameters' (fp32).
-        if torch.is_autocast_enabled(hidden.device.type):
-            return hidden
-        return hidden.to(self.query.weight.dtype)
+    def _precision(self, hidden: torch.Tensor):
+        """The matmuls run in the backbone's dtype (bf16 hidden states: bf16 matmuls, as every other
+        matmul of the layer; fp32 ones for exactness with the authors' code); the state stays fp32.
+        A caller's autocast decides by itself."""
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device) or hidden.dtype == self.query.weight.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=hidden.dtype)
 
     def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
         """What every position (batch, tokens, hidden) reads from the memory, in ``hidden``'s dtype."""
-        features = dpfp(self.query(self._input(hidden)))
+        with self._precision(hidden):
+            return self._read(hidden, matrix, normalizer)
+
+    def _read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+        features = dpfp(self.query(hidden))
         if matrix.shape[0] != features.shape[0]:  # generate() with several beams or sequences per sample
             repeat = features.shape[0] // matrix.shape[0]
             matrix, normalizer = matrix.repeat_interleave(repeat, 0), normalizer.repeat_interleave(repeat, 0)
@@ -148,7 +156,10 @@ class AssociativeLayer(nn.Module):
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden)."""
-        memory = self._input(memory)
+        with self._precision(memory):
+            return self._write(memory, matrix, normalizer, empty, correction)
+
+    def _write(self, memory, matrix, normalizer, empty: bool, correction: bool):
         keys = dpfp(self.key(memory))
         values = self.value(memory)
         if empty:

@@ -305,3 +305,23 @@ def test_compiled_blocks_run_the_hooks_with_one_graph_for_every_layer():
     finally:
         compile_blocks(rmt.causal_lm, enable=False)
         torch._dynamo.reset()
+
+
+def test_a_bf16_backbone_reads_and_writes_in_bf16_and_keeps_an_fp32_state():
+    """The projections are fp32 parameters; with bf16 hidden states their matmuls run in bf16 (an
+    fp32 matmul per layer would cost a GPU about what the layer's own matmuls cost), and the
+    state that accumulates the writes stays fp32."""
+    _, rmt = associative_model()
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        reference = rmt(ids, return_logits=True)
+    rmt.causal_lm.to(torch.bfloat16)
+    seen = []
+    handle = rmt.memory.associative.layers[0].query.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        out = rmt(ids, return_logits=True)
+    handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(t.dtype == torch.float32 for t in out.memory.tensors())
+    assert rmt.memory.associative.layers[0].query.weight.dtype == torch.float32
+    torch.testing.assert_close(out.logits.float(), reference.logits, rtol=0.05, atol=0.05)
