@@ -207,8 +207,8 @@ class AssociativeMemory(nn.Module):
         self.layers = nn.ModuleList(AssociativeLayer(hidden_size, key_size, dtype, device) for _ in range(num_layers))
         self.correction = correction
         self.key_features = 2 * DPFP_ORDER * key_size
-        self.__dict__["_session"] = None   # plain attributes: neither state dict nor submodules
-        self.__dict__["_handles"] = []
+        self._session: _Session | None = None  # the backbone call in progress (see session)
+        self._handles: list = []
 
     def initial_state(self, batch_size: int) -> AssociativeState:
         weight = self.layers[0].value.weight
@@ -234,11 +234,11 @@ class AssociativeMemory(nn.Module):
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
         session = _Session(state, write_tokens, self.correction)
-        self.__dict__["_session"] = session
+        self._session = session
         try:
             yield session
         finally:
-            self.__dict__["_session"] = None
+            self._session = None
 
 
 class _ReadHook:
