@@ -14,7 +14,7 @@ questions come from standard input, one per line. Answers go to standard output,
 The run must have been trained on text (a run on raw token ids, like the quickstart's, has no
 tokenizer and is refused).
 
-For developers: the run (or adapter) is opened through ``rmt_peft.runs``, imported with torch
+For developers: the run (or adapter) is opened through ``rmt_peft.loading``, imported with torch
 when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} {path} is not a file")
     import torch
 
-    from . import runs
+    from . import loading, runs
     from .backbones import position_limit
     from .data.noise import encode
     from .memory_state import MemoryState
@@ -159,16 +159,16 @@ def run(args: argparse.Namespace) -> int:
     if args.save_memory is not None:  # before the model loads: a refusal costs nothing
         runs.check_output(args.save_memory, "--save-memory", args.overwrite, folder=False)
     try:
-        adapter, recipe_path = runs.locate(args.path)
+        adapter, recipe_path = loading.locate(args.path)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    recipe = runs.read_recipe(recipe_path)
+    recipe = loading.read_recipe(recipe_path)
     check_reads_text(args, recipe)
     # The stream cuts segments from the first token: the state after a document is then the same
     # whatever question follows (right alignment would cut the document by the question's length).
-    rmt = runs.load_model(adapter, recipe, args, {"segment_alignment": "left"})
-    name = runs.tokenizer_name(recipe, adapter, args.tokenizer)
-    tokenizer = runs.command_tokenizer(recipe, adapter, args.tokenizer)
+    rmt = loading.load_model(adapter, recipe, args, {"segment_alignment": "left"})
+    name = loading.tokenizer_name(recipe, adapter, args.tokenizer)
+    tokenizer = loading.command_tokenizer(recipe, adapter, args.tokenizer)
     vocabulary = rmt.causal_lm.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocabulary:
         raise UserError(f"the tokenizer {name!r} has {len(tokenizer)} tokens but {args.path} reads ids below "

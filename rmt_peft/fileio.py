@@ -1,6 +1,6 @@
 """Files that are whole or absent: atomic writes and the clean-up of what a killed writer left.
 
-A file a run depends on (curriculum.json, summary.json, recipe.yaml, trainable.safetensors, ...)
+A file a run depends on (its progress, summary, recipe, trainable tensors, ...)
 is written to a temporary file in the same folder and renamed over the target: a kill or a full
 disk leaves the previous version (or nothing), never half of one. The temporary names start with
 ``.`` and contain ``TEMP_MARK`` so ``remove_temp_files`` can find what a killed writer left.
@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
@@ -56,6 +56,17 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, data) -> None:
     """JSON that any reader accepts: NaN and infinities are refused rather than written."""
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why the header of the safetensors file ``path`` cannot be read (missing, cut short, not
+    safetensors), or None: a cheap check that reads no tensor."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors' own error types, one per kind of damage
+        return str(err)
+    return None
 
 
 # errno -> what the line says; EFBIG: a file over the file system's or the shell's limit (ulimit -f)

@@ -48,6 +48,7 @@ from .backbones import load_backbone
 from .data.noise import PRESETS
 from .memory import MemoryConfig, memory_tensor_shapes
 from .quantized_linear import QuantizedLinear
+from .runs import FINAL_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, read_run, run_folder
 from .speedups import FusedTanhGelu, use_fused_gelu
 from .tiny_models import TINY_PREFIX, save_tiny_model
 
@@ -269,11 +270,11 @@ def rebuild_config_base(folder: str, base: str, into: str) -> str | None:
     other base (loaded from its name)."""
     if not base.startswith(TINY_PREFIX):
         return None
-    recipe, _ = read_run(os.path.dirname(os.path.abspath(folder)))
+    recipe, _ = read_run(run_folder(folder))
     if not recipe:
         raise ValueError(f"{folder} was trained on {base} (random weights built from a config, no checkpoint); "
                          f"loading it rebuilds them from its training run's {RUN_RECIPE_FILE}, which is not beside "
-                         f"it: load the run's final/ folder, or pass base_model= (--base-model)")
+                         f"it: load the run's {FINAL_DIR}/ folder, or pass base_model= (--base-model)")
     seed = int((recipe.get("training") or {}).get("seed", 42))  # the Trainer's default, as in training
     return save_tiny_model(into, base[len(TINY_PREFIX):], seed=seed, **((recipe.get("model") or {}).get("config") or {}))
 
@@ -430,10 +431,6 @@ def push_to_hub(rmt: "RMTModel", repo_id: str, private: bool | None = None, toke
 
 
 # -- the model card -----------------------------------------------------------------------
-# A training run's files that the card reads (the rest of the run folder: rmt_peft/runs.py)
-RUN_RECIPE_FILE = "recipe.yaml"     # beside final/
-RUN_SUMMARY_FILE = "summary.json"
-RUN_FINAL_DIR = "final"             # the adapter of the run
 DATASET_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
 
@@ -447,18 +444,6 @@ def hub_repo_id(name: str | None) -> str | None:
     except HFValidationError:
         return None
     return name
-
-
-def read_run(run_dir: str | None) -> tuple[dict, dict]:
-    """(recipe, summary) of a training run folder; empty dicts for what it does not hold."""
-    recipe, summary = {}, {}
-    if run_dir and os.path.isfile(os.path.join(run_dir, RUN_RECIPE_FILE)):
-        with open(os.path.join(run_dir, RUN_RECIPE_FILE)) as f:
-            recipe = yaml.safe_load(f) or {}
-    if run_dir and os.path.isfile(os.path.join(run_dir, RUN_SUMMARY_FILE)):
-        with open(os.path.join(run_dir, RUN_SUMMARY_FILE)) as f:
-            summary = json.load(f)
-    return recipe, summary
 
 
 def recipe_datasets(recipe: dict) -> list[str]:
@@ -505,7 +490,7 @@ def eval_results(model_name: str, task: str, datasets: list[str], summary: dict)
 def _results_table(summary: dict) -> str:
     rows = summary.get("eval") or {}
     if not rows:
-        return "No evaluation was recorded with this model (`summary.json` of its training run).\n"
+        return f"No evaluation was recorded with this model (`{RUN_SUMMARY_FILE}` of its training run).\n"
     baseline = (summary.get("baseline") or {}).get("eval") or {}
     head = "| segments | accuracy | loss | perplexity |" + (" accuracy without memory |" if baseline else "")
     lines = [head, "|---" * (5 if baseline else 4) + "|"]
@@ -534,7 +519,7 @@ def _hyperparameters(recipe: dict) -> str:
             rows[key] = training[key]
     table = "\n".join(f"| {k} | `{v}` |" for k, v in rows.items() if v is not None)
     return (f"## Training\n\n| hyper-parameter | value |\n|---|---|\n{table}\n\n"
-            f"<details><summary>The whole recipe (<code>rmt-peft train recipe.yaml</code>)</summary>\n\n"
+            f"<details><summary>The whole recipe (<code>rmt-peft train {RUN_RECIPE_FILE}</code>)</summary>\n\n"
             f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n\n</details>\n\n")
 
 
@@ -571,7 +556,7 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     tags += ["lora"] if kind == "lora" else []
     tags += [quantization] if quantization != "none" else []
     folder_name = os.path.basename(os.path.abspath(folder)).split(".tmp-")[0].lstrip(".")
-    if folder_name == RUN_FINAL_DIR and run_dir:  # a run's final/: the run is what the user named
+    if folder_name == FINAL_DIR and run_dir:  # a run's final/: the run is what the user named
         folder_name = os.path.basename(os.path.abspath(run_dir))
     name = repo_id or folder_name
     task = (recipe.get("data") or {}).get("task")

@@ -17,7 +17,7 @@ own files (stages, checkpoints, logs, final weights), a folder holding a run, th
 inside of the adapter folder are always refused. The folder is written beside the target and
 renamed into place.
 
-For developers: what a source path is: ``rmt_peft.runs.adapter_folder``; torch and the model
+For developers: what a source path is: ``rmt_peft.loading.adapter_folder``; torch and the model
 code are imported when the command runs, so that ``--help`` stays fast.
 """
 from __future__ import annotations
@@ -61,10 +61,9 @@ def register(subparsers) -> None:
 
 def exported_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a user needs (no resume state)."""
-    from .runs import RESUME_FILES
+    from .runs import is_resume_file
 
-    return [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))
-            and n not in RESUME_FILES and not (n.startswith("rng_state") and n.endswith(".pth"))]
+    return [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n)) and not is_resume_file(n)]
 
 
 def extra_files(folder: str) -> list[str]:
@@ -106,7 +105,8 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
     from . import hub
     from .backbones import resolve_dtype
     from .recurrent import RMTModel
-    from .runs import adapter_folder, check_weight_files, run_folder
+    from .loading import adapter_folder, check_weight_files
+    from .runs import run_folder
 
     folder = adapter_folder(source)
     check_target(source, folder, to, overwrite)

@@ -16,7 +16,7 @@ def description(doc: str) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """How a run or adapter is loaded (eval and ask; ``runs.load_model`` and ``runs.tokenizer_name``
+    """How a run or adapter is loaded (eval and ask; ``loading.load_model`` and ``loading.tokenizer_name``
     read them)."""
     p.add_argument("--quantization", choices=("8bit", "4bit", "fp8"), help="default: the recipe's")
     p.add_argument("--dtype", help="default: the recipe's")

@@ -39,10 +39,11 @@ from .backbones import DTYPES as TORCH_DTYPES
 from .backbones import position_limit
 from .data import registry
 from .data.tokenizer import offline_tokenizer
-from .errors import UserError
+from .errors import RecipeError, UserError  # RecipeError: re-exported, the recipe's error
 from .fileio import check_writable
 from .memory import MemoryConfig
 from .quantization import BACKENDS, QUANTIZATIONS
+from .runs import FINAL_DIR, RUN_SUMMARY_FILE
 from .speedups import CUDA_GRAPH_MODES
 from .tiny_models import ARCHITECTURES, TINY_PREFIX, tiny_config
 
@@ -74,10 +75,6 @@ INSTRUCTION_TASK = "instruction"  # trainer: sft; data.options are datasets.load
 # never got past its first steps in 200 s.
 ZERO3_NO_COMPILE = ("DeepSpeed ZeRO-3 gathers each module's weights in per-module hooks, on which torch.compile "
                     "recompiles until it hits torch._dynamo's recompile limit, and the run crawls")
-
-
-class RecipeError(UserError):
-    """A recipe that cannot run; the message names the key, the value and what is allowed."""
 
 
 def _need(ok: bool, message: str) -> None:
@@ -433,7 +430,8 @@ def check_training(values, trainer: str = "rmt") -> dict:
         out[name] = _coerce(value, _training_type(tp), f"training.{name}")
     check_report_to(out.get("report_to"))
     if not out.get("output_dir"):
-        raise RecipeError("training.output_dir is required: the folder of checkpoints, final/ and summary.json")
+        raise RecipeError(f"training.output_dir is required: the folder of checkpoints, {FINAL_DIR}/ and "
+                          f"{RUN_SUMMARY_FILE}")
     for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
         kwargs = out.get(name) or {}
         _need(not (isinstance(kwargs, dict) and kwargs.get("use_reentrant") is True),

@@ -53,3 +53,36 @@ def test_moved_modules_keep_their_old_import_paths():
 
     assert (load_recipe, RecipeError, Stage) == (rmt_peft.recipe.load_recipe, rmt_peft.recipe.RecipeError,
                                                  rmt_peft.recipe.Stage)
+
+
+RUN_FOLDER_NAMES = ("recipe.yaml", "summary.json", "kept.json", ".rmt-peft.lock", "curriculum.json",
+                    "trainable.safetensors", "trainer_state.json", "stage-", "checkpoint-", "suspect-", "final/",
+                    "best/", "logs/", "baseline/", "eval/", "end/")
+
+
+def string_literals(path: str):
+    """(line, text) of the string constants of a module, docstrings left out."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_the_run_folders_names_are_spelled_in_runs_py_only():
+    """Every other module asks rmt_peft.runs for a run folder's names and paths."""
+    package = os.path.join(ROOT, "rmt_peft")
+    found = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or path == os.path.join(package, "runs.py"):
+                continue
+            found += [f"{os.path.relpath(path, ROOT)}:{line}: {text!r}" for line, text in string_literals(path)
+                      if any(re.search(rf"(?<![\w.]){re.escape(n)}", text) for n in RUN_FOLDER_NAMES)]
+    assert found == []
+    assert any("stage-" in text for _, text in string_literals(os.path.join(package, "runs.py")))

@@ -27,7 +27,6 @@ from ..options import add_model_options, description
 DEFAULT_SEGMENTS = [1, 2, 4, 8, 16, 32]
 DEFAULT_SAMPLES = 100
 EVAL_SEED_OFFSET = 1000  # evaluation samples differ from the training ones (seeded data.seed)
-OWN_PATTERN = r"eval(-\d+)?"  # eval's folders at the top of a run: RUN/eval, RUN/eval-2, ...
 
 
 MAX_LENGTHS = 10_000  # lengths one --segments may list (an ellipsis to 10^11 in steps of one would never end)
@@ -88,22 +87,22 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
-    from .. import runs
+    from .. import loading, runs
     from ..hub import atomic_directory
     from .runner import EvalSettings, curve_for_task, evaluate
 
     if args.no_progress:
         hide_library_progress_bars()  # transformers' "Loading weights" too
 
-    adapter, recipe_path = runs.locate(args.path)
+    adapter, recipe_path = loading.locate(args.path)
     out = output_folder(args, adapter)
-    recipe = runs.read_recipe(recipe_path, args.overrides)
+    recipe = loading.read_recipe(recipe_path, args.overrides)
     if recipe is None and args.overrides:
-        raise UserError(f"overrides {args.overrides} need a run's recipe.yaml; {args.path} has none")
+        raise UserError(f"overrides {args.overrides} need a run's {runs.RUN_RECIPE_FILE}; {args.path} has none")
 
     task = args.task or (recipe.data.task if recipe is not None else None)
     if not task:
-        raise UserError("no task: pass --task (the adapter has no recipe.yaml to take it from)")
+        raise UserError(f"no task: pass --task (the adapter has no {runs.RUN_RECIPE_FILE} to take it from)")
     if task not in TASKS:
         raise UserError(f"--task {task!r} is not known; allowed: {list(TASKS)}")
     if args.task_options is not None:
@@ -154,26 +153,26 @@ def run(args: argparse.Namespace) -> int:
 
     if args.baseline is None and recipe is not None and recipe.eval.baseline:
         # Training with eval.baseline puts the 0-memory run in RUN/baseline: compare with it.
-        trained = os.path.join(args.path, runs.BASELINE_DIR)
-        if os.path.isfile(os.path.join(trained, runs.RUN_RECIPE_FILE)):
+        trained = runs.baseline_dir(args.path)
+        if runs.has_started(trained):
             args.baseline = [trained]
     names: list[str] = []
     models = {}
     paths = [(args.path, adapter, recipe)]
     for baseline in args.baseline or []:
-        base_adapter, base_recipe_path = runs.locate(baseline)
-        paths.append((baseline, base_adapter, runs.read_recipe(base_recipe_path)))
+        base_adapter, base_recipe_path = loading.locate(baseline)
+        paths.append((baseline, base_adapter, loading.read_recipe(base_recipe_path)))
     for path, folder, folder_recipe in paths:
         name = runs.model_name(path, names)
         names.append(name)
-        models[name] = runs.load_model(folder, folder_recipe, args, memory_overrides)
+        models[name] = loading.load_model(folder, folder_recipe, args, memory_overrides)
         context = (folder_recipe.data.options or {}).get("history_tokens") if folder_recipe is not None else None
         if context is not None and path != args.path:
             # A plain-context baseline (arxiv_gpt2_context.yaml): history in its window, not in memory.
             settings.plain_context[name] = context
     rmt = next(iter(models.values()))
     # tasks on raw token ids (token_memory) need none
-    tokenizer = runs.command_tokenizer(recipe, adapter, args.tokenizer) if TASKS[task].needs_tokenizer else None
+    tokenizer = loading.command_tokenizer(recipe, adapter, args.tokenizer) if TASKS[task].needs_tokenizer else None
     segment_size = rmt.memory_config.segment_size
     check_fits(settings, options, tokenizer, models)
 
@@ -215,7 +214,7 @@ def output_folder(args: argparse.Namespace, adapter: str) -> str:
     from .. import runs
 
     if args.out is not None:
-        runs.check_output(args.out, "--out", args.overwrite, folder=True, own=OWN_PATTERN)
+        runs.check_output(args.out, "--out", args.overwrite, folder=True, own=runs.EVAL_DIRS)
         return args.out
     if runs.is_run(args.path):
         base = args.path
@@ -224,7 +223,7 @@ def output_folder(args: argparse.Namespace, adapter: str) -> str:
     else:
         base = "."
     out = runs.free_eval_dir(base)
-    runs.check_output(out, "--out", folder=True, own=OWN_PATTERN)
+    runs.check_output(out, "--out", folder=True, own=runs.EVAL_DIRS)
     return out
 
 

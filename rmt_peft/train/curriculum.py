@@ -4,34 +4,22 @@ from the previous stage's weights.
 A stage ends at its step budget, or earlier when its metric (from evaluations during training)
 reaches a threshold or stops improving (plateau). ``StageCallback`` makes that decision inside
 the Hugging Face Trainer and writes the curriculum position (stage, steps of earlier stages,
-plateau counters) into every checkpoint as ``curriculum.json``, beside the optimizer, scheduler
-and RNG states the Trainer saves itself, so ``find_resume_point`` can continue a run exactly.
+plateau counters) into every checkpoint (``runs.write_state``), beside the optimizer, scheduler
+and RNG states the Trainer saves itself, so a resume continues a run exactly.
 
-Layout of a run folder::
-
-    OUTPUT_DIR/stage-<k>/checkpoint-<step>/   Trainer checkpoints of stage k (+ curriculum.json)
-    OUTPUT_DIR/stage-<k>/end/                 the weights when stage k ended (+ curriculum.json)
+Where the stages, checkpoints and ends lie, and which save a resume takes: ``rmt_peft.runs``.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-import zipfile
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 
-from safetensors import safe_open
 from transformers import TrainerCallback
 
-from ..errors import UserError
-from ..fileio import write_json
+from .. import runs
 from ..memory import MemoryConfig
 from ..recipe import Stage
-from ..runs import STATE_FILE, TRAINABLE_FILE
-
-END_DIR = "end"
 
 
 def stage_memory(memory: MemoryConfig, levers: MemoryConfig, stage: int, levers_from_stage: int) -> MemoryConfig:
@@ -41,10 +29,6 @@ def stage_memory(memory: MemoryConfig, levers: MemoryConfig, stage: int, levers_
     on = stage >= levers_from_stage
     return dataclasses.replace(memory, memory_stability_weight=levers.memory_stability_weight if on else 0.0,
                                memory_noise_std=levers.memory_noise_std if on else 0.0)
-
-
-def stage_dir(output_dir: str, index: int) -> str:
-    return os.path.join(output_dir, f"stage-{index}")
 
 
 @dataclass
@@ -66,18 +50,12 @@ class CurriculumState:
     loss_sum: float = 0.0  # the current stage's step losses summed up to this save: its train_loss after a resume
 
     def save(self, folder: str) -> None:
-        write_json(os.path.join(folder, STATE_FILE), asdict(self))  # atomic: a kill leaves the old one or none
+        runs.write_state(folder, asdict(self))
 
     @classmethod
     def load(cls, folder: str) -> "CurriculumState":
         """The state saved in ``folder``; a UserError naming the file when it is damaged."""
-        path = os.path.join(folder, STATE_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError) as err:
-            raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); resume from an earlier checkpoint "
-                            f"with training.resume_from_checkpoint=<folder>, or delete {folder}") from err
+        return runs.read_state(folder, cls)
 
 
 def stage_budget(stage: Stage, steps_before: int, total_max_steps: int | None) -> int:
@@ -141,85 +119,4 @@ class StageCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.state.loss_sum = self.loss_sum()
         if args.should_save:
-            self.state.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-
-def damage(folder: str) -> str | None:
-    """Why a checkpoint or ``end/`` folder cannot be resumed from (a missing or unreadable file), or
-    None when it can. ``curriculum.json`` is written last and atomically, so its presence marks a
-    finished save. Cheap structural reads catch files cut short (a full disk, a copy that broke
-    off): the headers of the safetensors files, the zip directory at the end of the Trainer's
-    torch.save files (optimizer, scheduler, RNG states), the Trainer's JSON state."""
-    try:
-        CurriculumState.load(folder)
-    except UserError as err:
-        return str(err)
-    path = os.path.join(folder, TRAINABLE_FILE)
-    try:
-        with safe_open(path, framework="pt") as f:
-            f.keys()
-    except Exception as err:  # missing, or safetensors' own error types for every kind of damage
-        return f"{path} is missing or damaged ({err})"
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        try:
-            if name.endswith((".pt", ".pth")):
-                zipfile.ZipFile(path).close()
-            elif name == "trainer_state.json":
-                with open(path, encoding="utf-8") as f:
-                    json.load(f)
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
-            return f"{path} is damaged ({err})"
-    return None
-
-
-def checkpoints(folder: str) -> list[tuple[int, str]]:
-    """(step, path) of the Trainer checkpoints in a stage folder, newest first."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
-
-
-def latest_checkpoint(folder: str, log=print, before: int | None = None) -> str | None:
-    """The newest undamaged checkpoint in a stage folder (of a step < ``before`` when given);
-    damaged newer ones are named in the log."""
-    for step, path in checkpoints(folder):
-        if before is not None and step >= before:
-            continue
-        if not os.path.exists(os.path.join(path, STATE_FILE)):
-            continue  # a save that was cut off before it finished
-        problem = damage(path)
-        if problem is None:
-            return path
-        log(f"warning: skipping checkpoint {path}: {problem}")
-    return None
-
-
-@dataclass
-class ResumePoint:
-    """stage to run next; checkpoint: a Trainer checkpoint inside that stage (or None);
-    weights: the folder to load weights from before the stage starts (the previous stage's end)."""
-
-    state: CurriculumState
-    checkpoint: str | None = None
-    weights: str | None = None
-
-
-def find_resume_point(output_dir: str, num_stages: int, log=print) -> ResumePoint:
-    """The furthest point a previous run reached: the latest checkpoint of the latest stage it
-    entered, or the end of the last stage it finished. Damaged saves are skipped (and named in
-    the log) in favour of the previous good one."""
-    for index in reversed(range(num_stages)):
-        folder = stage_dir(output_dir, index)
-        end = os.path.join(folder, END_DIR)
-        if os.path.exists(os.path.join(end, STATE_FILE)):
-            problem = damage(end)
-            if problem is None:
-                return ResumePoint(state=CurriculumState.load(end), weights=end)  # its stage: the next one
-            log(f"warning: skipping {end}: {problem}")
-        checkpoint = latest_checkpoint(folder, log)
-        if checkpoint is not None:
-            return ResumePoint(state=CurriculumState.load(checkpoint), checkpoint=checkpoint)
-    return ResumePoint(state=CurriculumState())
-
+            self.state.save(runs.checkpoint_dir(args.output_dir, state.global_step))

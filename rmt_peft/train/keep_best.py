@@ -7,39 +7,16 @@ at 64 segments on held-out samples 0.90-1.00. With ``curriculum.keep_best_segmen
 evaluation during training in the stages from ``curriculum.keep_best_from_stage`` on also measures
 answer accuracy on ``keep_best_samples`` held-out samples of that many segments (metrics
 ``keep_best_<n>_accuracy`` / ``_loss`` in the logs). The best weights so far (the latest among
-ties) are saved in ``OUTPUT_DIR/best/`` with ``kept.json`` (stage, step, accuracy), and become
-``final/`` when training ends.
+ties) are saved in ``OUTPUT_DIR/best/`` with their record (stage, step, accuracy: ``runs.save_best``),
+and become ``final/`` when training ends.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
-from ..errors import UserError
-from ..fileio import TEMP_MARK, write_json
-from ..runs import BEST_DIR  # the run folder's names live in runs.py
-KEPT_FILE = "kept.json"
-
-
-def best_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, BEST_DIR)
-
-
-def read_kept(output_dir: str) -> dict | None:
-    """The record of the weights in ``OUTPUT_DIR/best/``, or None when there are none yet."""
-    path = os.path.join(best_dir(output_dir), KEPT_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); delete {best_dir(output_dir)} "
-                        f"(its weights are scored again at the next evaluation)") from err
+from .. import runs
 
 
 @dataclass
@@ -76,17 +53,5 @@ class KeepBest(TrainerCallback):
             self.kept.record = record
 
     def save(self, record: dict, should_save: bool) -> None:
-        """Write the weights and kept.json to a temporary folder, then swap it in for best/: a
-        kill leaves the old best/ or the new one (or, between the two renames, none: the next
-        start removes the temporary folders and scoring begins again)."""
-        final = best_dir(self.output_dir)
-        partial = os.path.join(self.output_dir, f".{BEST_DIR}{TEMP_MARK}new")
-        self.trainer.save_model(partial)  # every rank: under ZeRO-3 the save gathers the weights
-        if not should_save:
-            return
-        write_json(os.path.join(partial, KEPT_FILE), record)
-        old = os.path.join(self.output_dir, f".{BEST_DIR}{TEMP_MARK}old")
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
+        """The weights and their record into best/, swapped in whole (``runs.save_best``)."""
+        runs.save_best(self.output_dir, self.trainer.save_model, record, should_save)

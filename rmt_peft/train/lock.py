@@ -1,4 +1,4 @@
-"""One run per output folder: ``OUTPUT_DIR/.rmt-peft.lock`` names the owner (pid and host).
+"""One run per output folder: the lock file (``runs.lock_path``) names the owner (pid and host).
 
 ``RunLock.acquire`` creates the file exclusively (``O_EXCL``: of two starts racing, one wins).
 A second run or resume while the owner lives is refused with a UserError naming the owner; a
@@ -17,7 +17,7 @@ import time
 
 from ..errors import UserError
 from ..log import logger
-from ..runs import LOCK_FILE  # the run folder's names live in runs.py
+from .. import runs
 
 
 def pid_alive(pid: int) -> bool:
@@ -42,7 +42,7 @@ def start_time(pid: int) -> int | None:
 class RunLock:
     def __init__(self, folder: str):
         self.folder = folder
-        self.path = os.path.join(folder, LOCK_FILE)
+        self.path = runs.lock_path(folder)
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": start_time(os.getpid())}
         self.held = False
 

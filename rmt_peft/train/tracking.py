@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import sys
 
-from ..runs import LOG_DIR  # the run folder's names live in runs.py
+from .. import runs
 
 
 class ContinuedCurve:
@@ -58,7 +57,7 @@ def continue_curve(trainer, output_dir: str, steps_before: int, stage: int, segm
     for i, callback in enumerate(callbacks):
         if isinstance(callback, reporters):
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-                callback.logging_dir = os.path.join(output_dir, LOG_DIR)  # else TENSORBOARD_LOGGING_DIR's
+                callback.logging_dir = runs.log_dir(output_dir)  # else TENSORBOARD_LOGGING_DIR's
             callbacks[i] = ContinuedCurve(callback, steps_before, scalars, epochs_before)
 
 
@@ -82,7 +81,7 @@ def log_final_evaluation(report_to, output_dir: str, evaluation: dict[str, dict]
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=os.path.join(output_dir, LOG_DIR))
+    writer = SummaryWriter(log_dir=runs.log_dir(output_dir))
     try:
         for segments, metrics in evaluation.items():
             if not segments.isdigit():  # trl's held-out split ("all"): in the table only

@@ -22,8 +22,6 @@ import dataclasses
 import datetime
 import math
 import os
-import re
-import shutil
 import time
 
 import torch
@@ -38,20 +36,20 @@ from ..data.collate import collate
 from ..data.registry import build_dataset as registry_build
 from ..env import versions
 from ..errors import TrainingDiverged, UserError
-from ..fileio import TEMP_MARK, atomic_path, disk_error, remove_temp_files, write_json, write_text
+from ..fileio import atomic_path, disk_error, remove_temp_files
 from ..hub import write_model_card
 from ..log import is_main_process, logger, trainer_output
 from ..inputs import IGNORE_INDEX
 from ..metrics import exact_match
 from ..recurrent import RMTModel, context_split
-from ..runs import (BASELINE_DIR, FINAL_DIR, LOG_DIR, RUN_RECIPE_FILE, RUN_SUMMARY_FILE, STATE_FILE, TRAINABLE_FILE,
-                    load_tokenizer, tokenizer_name)
+from .. import runs
+from ..loading import load_tokenizer, tokenizer_name
+from ..runs import TRAINABLE_FILE
 from ..tiny_models import tiny_model
-from .curriculum import (END_DIR, CurriculumState, ResumePoint, StageCallback, checkpoints, damage, find_resume_point,
-                         latest_checkpoint, stage_budget, stage_dir, stage_memory)
+from .curriculum import CurriculumState, StageCallback, stage_budget, stage_memory
 from .guard import DivergenceGuard, set_base_learning_rate
-from .keep_best import Kept, KeepBest, best_dir, read_kept
-from .lock import LOCK_FILE, RunLock
+from .keep_best import Kept, KeepBest
+from .lock import RunLock
 from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, RecipeError, needs_tokenizer, stage_segments
 from .tracking import continue_curve, end_run, final_evaluation, log_final_evaluation
 
@@ -195,6 +193,17 @@ def check_stage_data(recipe: Recipe, tokenizer, first_stage: int = 0) -> None:
         except (ValueError, IndexError) as err:
             raise RecipeError(f"{what}: data.task={recipe.data.task!r} cannot fill {n} segments of "
                               f"{recipe.memory.segment_size} tokens: {err}") from None
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a run goes on: ``state`` (the stage to run next); ``checkpoint``: a Trainer checkpoint
+    inside that stage (or None); ``weights``: the folder to load weights from before the stage
+    starts (the previous stage's end)."""
+
+    state: CurriculumState
+    checkpoint: str | None = None
+    weights: str | None = None
 
 
 @dataclasses.dataclass
@@ -395,53 +404,7 @@ def write_recipe(recipe: Recipe, args: TrainingArguments) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if args.should_save:
-        write_text(os.path.join(recipe.output_dir, RUN_RECIPE_FILE), recipe.to_yaml())
-
-
-def saved_progress(folder: str) -> bool:
-    """True when a run in ``folder`` saved anything worth keeping (a finished checkpoint or stage
-    end, final/, summary.json); a start that failed before that leaves recipe.yaml, logs and
-    unfinished saves only."""
-    if not os.path.isdir(folder):
-        return False
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name in (FINAL_DIR, RUN_SUMMARY_FILE):
-            return True
-        if re.fullmatch(r"stage-\d+", name) and os.path.isdir(path):
-            if any((n == END_DIR or n.startswith("checkpoint-")) and os.path.exists(os.path.join(path, n, STATE_FILE))
-                   for n in os.listdir(path)):
-                return True
-        if name == BASELINE_DIR and saved_progress(path):
-            return True
-    return False
-
-
-def check_output_dir(recipe: Recipe, resume: bool) -> bool:
-    """Whether ``recipe`` may start (or resume) in its output_dir; returns the resume flag to use.
-    What a start killed before its first save leaves (recipe.yaml, stage folders with logs, TensorBoard
-    logs, a stale lock, the temporary files of an interrupted write: removed next) never blocks a fresh
-    start, and a resume of such a folder starts afresh (there is nothing to resume)."""
-    out = recipe.output_dir
-    if not os.path.isdir(out):
-        if resume:
-            raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume")
-        return resume
-    names = {n for n in os.listdir(out) if n != LOCK_FILE and not (n.startswith(".") and TEMP_MARK in n)}
-    left_by_failed_start = all(n in (RUN_RECIPE_FILE, BASELINE_DIR, LOG_DIR) or re.fullmatch(r"stage-\d+", n)
-                               for n in names) and not saved_progress(out)
-    if resume:
-        if RUN_RECIPE_FILE in names:
-            return resume
-        if left_by_failed_start:  # nothing (but temporary files and a lock), or no recipe.yaml yet
-            return False
-        raise RecipeError(f"training.resume_from_checkpoint is set but {out!r} holds no run to resume (no "
-                          f"{RUN_RECIPE_FILE})")
-    if names and not left_by_failed_start:
-        raise RecipeError(f"training.output_dir={out!r} already holds files (another run?); nothing is "
-                          f"overwritten: choose a new output_dir, resume with training.resume_from_checkpoint=true, "
-                          f"or delete the folder")
-    return resume
+        runs.write_recipe(recipe.output_dir, recipe.to_yaml())
 
 
 def final_segments(recipe: Recipe) -> list[int]:
@@ -498,7 +461,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     started = time.time()
     resume = recipe.training.get("resume_from_checkpoint")
     # on every rank, before any rank writes
-    if not check_output_dir(recipe, bool(resume)) and resume is True:
+    if not runs.check_start(recipe.output_dir, bool(resume)) and resume is True:
         resume = None  # a folder a killed first start left: nothing to resume, start afresh
     out = recipe.output_dir
     if is_main_process():
@@ -509,13 +472,17 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     stages = recipe.curriculum.stages
     point = None
     if isinstance(resume, str):  # a given checkpoint (or a stage's end/ folder)
-        problem = damage(resume)
+        problem = runs.damage(resume, CurriculumState)
         if problem is not None:
             raise UserError(f"training.resume_from_checkpoint={resume!r}: {problem}")
         point = ResumePoint(state=CurriculumState.load(resume), **{
-            "weights" if os.path.basename(os.path.normpath(resume)) == END_DIR else "checkpoint": resume})
+            "weights" if runs.is_stage_end(resume) else "checkpoint": resume})
     elif resume:
-        point = find_resume_point(out, len(stages), log)
+        found = runs.find_resume_point(out, len(stages), log, CurriculumState)
+        point = ResumePoint(state=CurriculumState())
+        if found is not None:
+            point = ResumePoint(state=CurriculumState.load(found), **{
+                "weights" if runs.is_stage_end(found) else "checkpoint": found})
     # A copy: the loop below advances `state`, while only the stage the run stopped in resumes
     # from point.checkpoint (the later stages start from the previous stage's end).
     state = copy.deepcopy(point.state) if point else CurriculumState()
@@ -523,7 +490,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
 
     total = recipe.training.get("max_steps")
     model = collator = tokenizer = trainer = None
-    kept = Kept(read_kept(out)) if recipe.curriculum.keep_best_segments else None
+    kept = Kept(runs.read_kept(out)) if recipe.curriculum.keep_best_segments else None
 
     def prepare(args, weights):
         """Build the model once the first TrainingArguments exist: under ZeRO-3 they make
@@ -546,12 +513,12 @@ def _train_recipe(recipe: Recipe, log) -> dict:
             log(f"stage {index}: no steps left under training.max_steps={total}; stopping the curriculum")
             break
         segments = stage_segments(stage)
-        log(f"stage {index + 1} of {len(stages)} ({os.path.basename(stage_dir(out, index))}): {segments} "
+        log(f"stage {index + 1} of {len(stages)} ({os.path.basename(runs.stage_dir(out, index))}): {segments} "
             f"segment(s), up to {budget} steps")
         checkpoint = point.checkpoint if index == resume_stage else None
         while True:  # once, or again after each rollback of the divergence guard
             release_deepspeed(trainer)
-            args = training_arguments(recipe, stage_dir(out, index), budget, base_seed + index, max(segments))
+            args = training_arguments(recipe, runs.stage_dir(out, index), budget, base_seed + index, max(segments))
             args.learning_rate *= state.lr_scale
             if model is None:
                 prepare(args, point.weights if point else None)
@@ -579,11 +546,11 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                 event = {"stage": index, "step": err.step, "reason": err.reason,
                          "learning_rate": finite(args.learning_rate)}
                 if trainer.args.should_save:
-                    set_aside_suspect_checkpoints(stage_dir(out, index), err.first_bad_step, log)
+                    runs.set_aside_suspect_checkpoints(runs.stage_dir(out, index), err.first_bad_step, log)
                 if recipe.guard.on_divergence != "rollback" or len(state.rollbacks) >= recipe.guard.max_rollbacks:
                     record_divergence(recipe, state, event, err.first_bad_step)
                     raise
-                checkpoint = latest_checkpoint(stage_dir(out, index), log, before=err.first_bad_step)
+                checkpoint = runs.latest_checkpoint(runs.stage_dir(out, index), log, err.first_bad_step, CurriculumState)
                 state.lr_scale *= recipe.guard.rollback_lr_factor
                 event["rolled_back_to"] = checkpoint or f"the start of stage {index}"
                 state.rollbacks.append(event)
@@ -596,7 +563,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                     model = None  # the stage's start is the initialisation: build it again (same seed)
                     state.loss_sum = 0.0
                 else:
-                    load_trainable(model, os.path.join(stage_dir(out, index - 1), END_DIR))
+                    load_trainable(model, runs.end_dir(out, index - 1))
                     state.best, state.bad_evals, state.loss_sum = None, 0, 0.0
         steps = trainer.state.global_step
         # all the stage's steps: the Trainer's own training_loss covers only those after a resume
@@ -606,24 +573,24 @@ def _train_recipe(recipe: Recipe, log) -> dict:
                                "reason": state.stop_reason or f"step budget ({budget})"})
         state.stage, state.steps_before = index + 1, state.steps_before + steps
         state.best, state.bad_evals, state.stop_reason, state.loss_sum = None, 0, None, 0.0
-        end = os.path.join(stage_dir(out, index), END_DIR)
+        end = runs.end_dir(out, index)
         trainer.save_model(end)
         if trainer.args.should_save:
             state.save(end)
 
     if trainer is None:  # nothing left to train (resumed after the last stage): evaluate what was trained
         segments = final_segments(recipe)
-        args = training_arguments(recipe, stage_dir(out, len(stages)), 1, base_seed, max(segments))
+        args = training_arguments(recipe, runs.stage_dir(out, len(stages)), 1, base_seed, max(segments))
         prepare(args, point.weights if point else None)
         trainer = stage_trainer(recipe, model, args, tokenizer, collator, segments, None)
     if kept is not None and kept.record is not None:
-        load_trainable(trainer.model, best_dir(out))
+        load_trainable(trainer.model, runs.best_dir(out))
         best, scores = kept.record, kept.scores
         last = f"; the last weights scored {scores[-1]['accuracy']:.3f}" if scores else ""
-        log(f"final/ holds the best weights by accuracy at {best['num_segments']} segments: stage {best['stage']}, "
+        log(f"{runs.FINAL_DIR}/ holds the best weights by accuracy at {best['num_segments']} segments: stage {best['stage']}, "
             f"step {best['step']}, {best['accuracy']:.3f}{last}")
     # final/: what a user loads, not resume state
-    save_adapter(trainer.model, os.path.join(out, FINAL_DIR), trainer.base_model, trainer.args.should_save, False)
+    save_adapter(trainer.model, runs.final_dir(out), trainer.base_model, trainer.args.should_save, False)
 
     evaluation = {}
     with final_evaluation(trainer):  # reported once below, not as a scalar per length and metric
@@ -644,7 +611,7 @@ def _train_recipe(recipe: Recipe, log) -> dict:
     if kept is not None:
         summary["keep_best"] = {"kept": kept.record, "scores": kept.scores}
     if is_main_process():  # one writer, as in run()
-        write_json(os.path.join(out, RUN_SUMMARY_FILE), summary)
+        runs.write_summary(out, summary)
     # A later run in this process (the baseline of eval.baseline) builds its own Trainer, which
     # accelerate refuses while this one's DeepSpeed state is alive.
     release_deepspeed(trainer)
@@ -661,27 +628,16 @@ def eval_entry(accuracy: float, loss: float) -> dict:
             "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 50 else None}
 
 
-def set_aside_suspect_checkpoints(folder: str, first_bad_step: int, log) -> None:
-    """Rename the checkpoints saved while the gradients were already exploding (step >=
-    ``first_bad_step``) to ``suspect-checkpoint-<step>``: a resume never picks them, nothing is deleted."""
-    for step, path in checkpoints(folder):
-        if step >= first_bad_step:
-            target = os.path.join(folder, f"suspect-{os.path.basename(path)}")
-            shutil.rmtree(target, ignore_errors=True)  # from an earlier rollback over the same steps
-            os.rename(path, target)
-            log(f"warning: {path} was saved after the divergence began; renamed to {target}")
-
-
 def record_divergence(recipe: Recipe, state: CurriculumState, event: dict, first_bad_step: int) -> None:
     """summary.json of a run the guard stopped: what broke, where, and the last good save."""
-    good = latest_checkpoint(stage_dir(recipe.output_dir, event["stage"]), log=lambda *_: None,
-                             before=first_bad_step)
+    good = runs.latest_checkpoint(runs.stage_dir(recipe.output_dir, event["stage"]), lambda *_: None, first_bad_step,
+                                  CurriculumState)
     summary = {"status": "diverged", **event, "last_good_checkpoint": good, "stages": state.finished,
                "rollbacks": state.rollbacks,
                "hint": "resume with training.resume_from_checkpoint=true and a lower training.learning_rate "
                        "(or guard.on_divergence=rollback)"}
     if is_main_process():  # summary.json has one writer, the same process that writes the final one
-        write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
+        runs.write_summary(recipe.output_dir, summary)
 
 
 def keep_best_callback(recipe: Recipe, tokenizer, index: int, steps_before: int, kept: Kept | None) -> KeepBest | None:
@@ -759,9 +715,9 @@ def instruction_datasets(recipe: Recipe):
 def baseline_recipe(recipe: Recipe) -> Recipe:
     """The same run with 0 memory tokens (segments processed independently), in OUTPUT_DIR/baseline.
     A resume resumes the baseline too when it had started, and starts it otherwise."""
-    training = {**recipe.training, "output_dir": os.path.join(recipe.output_dir, BASELINE_DIR)}
+    training = {**recipe.training, "output_dir": runs.baseline_dir(recipe.output_dir)}
     if training.get("resume_from_checkpoint"):
-        training["resume_from_checkpoint"] = os.path.exists(os.path.join(training["output_dir"], RUN_RECIPE_FILE))
+        training["resume_from_checkpoint"] = runs.has_started(training["output_dir"])
     return dataclasses.replace(recipe, memory=dataclasses.replace(recipe.memory, num_memory_tokens=0),
                                training=training, eval=dataclasses.replace(recipe.eval, baseline=False))
 
@@ -777,7 +733,7 @@ def run(recipe: Recipe, log=print) -> dict:
             lock.acquire()
         try:
             log(f"the 0-memory baseline (eval.baseline): the same curriculum in "
-                f"{os.path.join(recipe.output_dir, BASELINE_DIR)}")
+                f"{runs.baseline_dir(recipe.output_dir)}")
             base = train_recipe(baseline_recipe(recipe), log)
         except TrainingDiverged as err:
             summary["status"] = "baseline diverged"
@@ -789,11 +745,11 @@ def run(recipe: Recipe, log=print) -> dict:
                                    "baseline": {n: m["accuracy"] for n, m in base["eval"].items()}}
         finally:
             if is_main_process():
-                write_json(os.path.join(recipe.output_dir, RUN_SUMMARY_FILE), summary)
+                runs.write_summary(recipe.output_dir, summary)
             if lock is not None:
                 lock.release()
     if is_main_process():
-        write_model_card(os.path.join(recipe.output_dir, FINAL_DIR), run_dir=recipe.output_dir)  # with the results
+        write_model_card(runs.final_dir(recipe.output_dir), run_dir=recipe.output_dir)  # with the results
         print(format_table(summary), flush=True)  # the result: stdout, whatever the verbosity
     return summary
 

@@ -10,7 +10,7 @@ from rmt_peft.cli import main
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.errors import UserError
 from rmt_peft.eval.command import parse_segments
-from rmt_peft.runs import locate
+from rmt_peft.loading import locate
 from rmt_peft.metrics import exact_match
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel

@@ -181,7 +181,7 @@ def test_saved_weights_are_readable_by_all(trained_run):
     ["recipe.yaml", "stage-0/checkpoint-2/optimizer.pt", "stage-0/.curriculum.json.tmp-x"],  # in its first save
 ])
 def test_what_a_kill_before_the_first_save_leaves_never_blocks_a_start_or_a_resume(write_recipe, left):
-    from rmt_peft.train.trainer import check_output_dir
+    from rmt_peft.runs import check_start
 
     recipe = load_recipe(write_recipe(name="killed.yaml"))
     for path in left:
@@ -189,12 +189,12 @@ def test_what_a_kill_before_the_first_save_leaves_never_blocks_a_start_or_a_resu
         os.makedirs(os.path.dirname(target) if not path.endswith("/") else target, exist_ok=True)
         if not path.endswith("/"):
             open(target, "w").close()
-    assert check_output_dir(recipe, resume=False) is False  # a fresh start is allowed
-    resumes = check_output_dir(recipe, resume=True)  # a resume goes on, or starts afresh without a recipe.yaml
+    assert check_start(recipe.output_dir, resume=False) is False  # a fresh start is allowed
+    resumes = check_start(recipe.output_dir, resume=True)  # a resume goes on, or starts afresh without a recipe.yaml
     assert resumes is ("recipe.yaml" in left)
     (open(os.path.join(recipe.output_dir, "notes.txt"), "w")).close()  # a file of the user's: refused
     with pytest.raises(UserError, match="already holds files"):
-        check_output_dir(recipe, resume=False)
+        check_start(recipe.output_dir, resume=False)
 
 
 def test_overwrite_never_reaches_into_a_runs_baseline_run_either(tmp_path):

@@ -14,7 +14,8 @@ from rmt_peft.errors import UserError
 from rmt_peft.fileio import write_json
 from rmt_peft.train import trainer as trainer_module
 from rmt_peft.train.curriculum import StageCallback
-from rmt_peft.train.lock import LOCK_FILE, RunLock
+from rmt_peft.runs import LOCK_FILE
+from rmt_peft.train.lock import RunLock
 from rmt_peft.recipe import load_recipe
 from rmt_peft.train.trainer import train_recipe
 

@@ -14,6 +14,7 @@ from rmt_peft.cli import main
 from rmt_peft.fileio import atomic_path, disk_error
 from rmt_peft.errors import UserError
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
+from rmt_peft import runs
 from rmt_peft.train import lock as lock_module
 from rmt_peft.train import trainer as trainer_module
 
@@ -107,7 +108,7 @@ def test_a_lock_that_cannot_be_removed_never_hides_the_first_error(write_recipe,
     real_remove = os.remove
 
     def remove(target, *args, **kwargs):
-        if os.path.basename(str(target)) == lock_module.LOCK_FILE:
+        if os.path.basename(str(target)) == runs.LOCK_FILE:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
         return real_remove(target, *args, **kwargs)
     monkeypatch.setattr(trainer_module, "save_file", raiser(errno.EROFS, "safetensors"))

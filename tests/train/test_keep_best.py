@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from rmt_peft.data.tokenizer import offline_tokenizer
 from rmt_peft.eval.memory_tasks import score_batch
 from rmt_peft.recipe import RecipeError, load_recipe
-from rmt_peft.train.keep_best import read_kept
+from rmt_peft.runs import read_kept
 from rmt_peft.train.trainer import RMTTrainer, build_dataset, build_model, load_trainable, train_recipe
 
 

@@ -9,7 +9,7 @@ import yaml
 from rmt_peft import resources
 from rmt_peft.cli import main
 from rmt_peft.recipe import RecipeError, load_recipe
-from rmt_peft.train.trainer import check_output_dir
+from rmt_peft.runs import check_start
 
 
 def error_of(path, overrides=()):
@@ -148,9 +148,9 @@ def test_output_dir_holding_another_run_is_never_overwritten(write_recipe, tmp_p
     os.makedirs(recipe.output_dir)
     (tmp_path / "run" / "summary.json").write_text("{}")
     with pytest.raises(RecipeError, match="already holds files"):
-        check_output_dir(recipe, resume=False)
+        check_start(recipe.output_dir, resume=False)
     with pytest.raises(RecipeError, match="no run to resume"):
-        check_output_dir(recipe, resume=True)
+        check_start(recipe.output_dir, resume=True)
 
 
 def test_validate_command_exit_status(write_recipe, capsys):
