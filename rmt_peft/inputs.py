@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # what RMTModel.forward takes from a batch
 
 
 def _integer(tensor: torch.Tensor) -> bool:

@@ -83,7 +83,8 @@ def _check_data(args, recipe) -> bool:
     """Whether the data fills every stage (needs the tokenizer and the data source; without them,
     training checks first): True when checked, a RecipeError when it does not."""
     from ..recipe import RecipeError
-    from .trainer import DataUnavailable, build_tokenizer, check_stage_data
+    from .build import build_tokenizer
+    from .datasets import DataUnavailable, check_stage_data
 
     if recipe.trainer != "rmt":  # trl's trainers prepare their own rows when training starts
         return False

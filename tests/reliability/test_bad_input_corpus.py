@@ -784,7 +784,7 @@ def test_the_corpus_holds_300_cases():
 
 def test_model_dtype_is_applied_to_a_tiny_model(bad):
     from rmt_peft.recipe import load_recipe
-    from rmt_peft.train.trainer import build_backbone
+    from rmt_peft.train.build import build_backbone
 
     recipe = load_recipe(str(bad / "recipe.yaml"), ["model.dtype=bfloat16"])
     assert {p.dtype for p in build_backbone(recipe, seed=0).parameters()} == {torch.bfloat16}

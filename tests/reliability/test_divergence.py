@@ -13,7 +13,8 @@ from rmt_peft.cli import main
 from rmt_peft.errors import TrainingDiverged
 from rmt_peft.train.guard import DivergenceGuard
 from rmt_peft.recipe import load_recipe
-from rmt_peft.train.trainer import RMTTrainer, train_recipe
+from rmt_peft.train.engine import RMTTrainer
+from rmt_peft.train.trainer import train_recipe
 
 QUIET = dict(log=lambda *_: None)
 # transformers' own GPT-Neo computation (model.speedups=false): its gradients grow for a few steps

@@ -12,7 +12,7 @@ import pytest
 from rmt_peft.cli import main
 from rmt_peft.errors import UserError
 from rmt_peft.fileio import write_json
-from rmt_peft.train import trainer as trainer_module
+from rmt_peft.train import engine
 from rmt_peft.train.curriculum import StageCallback
 from rmt_peft.runs import LOCK_FILE
 from rmt_peft.train.lock import RunLock
@@ -128,7 +128,7 @@ def test_a_failed_start_leaves_the_folder_usable_and_disk_full_is_one_line(write
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module, "save_file", disk_full)
+        patch.setattr(engine, "save_file", disk_full)
         assert main(["train", path]) == 2
     err = error_line(capsys)
     assert "no space left" in err and "trainable.safetensors" in err

@@ -16,7 +16,7 @@ from rmt_peft.errors import UserError
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 from rmt_peft import runs
 from rmt_peft.train import lock as lock_module
-from rmt_peft.train import trainer as trainer_module
+from rmt_peft.train import engine
 
 FAILURES = {  # errno: (what the writer raises, what the line says)
     errno.ENOSPC: "no space left on the device",
@@ -111,7 +111,7 @@ def test_a_lock_that_cannot_be_removed_never_hides_the_first_error(write_recipe,
         if os.path.basename(str(target)) == runs.LOCK_FILE:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
         return real_remove(target, *args, **kwargs)
-    monkeypatch.setattr(trainer_module, "save_file", raiser(errno.EROFS, "safetensors"))
+    monkeypatch.setattr(engine, "save_file", raiser(errno.EROFS, "safetensors"))
     monkeypatch.setattr(lock_module.os, "remove", remove)
     assert main(["train", path]) == 2
     err = capsys.readouterr().err

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from rmt_peft.tiny_models import save_tiny_model
 from rmt_peft.recipe import load_recipe
-from rmt_peft.train.trainer import TRAINABLE_FILE, train_recipe
+from rmt_peft.runs import TRAINABLE_FILE
+from rmt_peft.train.trainer import train_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 3

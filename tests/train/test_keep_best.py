@@ -10,7 +10,10 @@ from rmt_peft.data.tokenizer import offline_tokenizer
 from rmt_peft.eval.memory_tasks import score_batch
 from rmt_peft.recipe import RecipeError, load_recipe
 from rmt_peft.runs import read_kept
-from rmt_peft.train.trainer import RMTTrainer, build_dataset, build_model, load_trainable, train_recipe
+from rmt_peft.train.build import build_model
+from rmt_peft.train.datasets import build_dataset
+from rmt_peft.train.engine import RMTTrainer, load_trainable
+from rmt_peft.train.trainer import train_recipe
 
 
 def test_keep_best_fields_are_checked(write_recipe):

@@ -10,7 +10,8 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from rmt_peft import hub
 from rmt_peft.cli import main
 from rmt_peft.recipe import load_recipe
-from rmt_peft.train.trainer import TRAINABLE_FILE, run
+from rmt_peft.runs import TRAINABLE_FILE
+from rmt_peft.train.trainer import run
 
 
 def test_run_card_holds_results_and_hyperparameters_and_exports_only_what_users_need(write_recipe, tmp_path):

@@ -174,7 +174,7 @@ def test_speedups_are_applied_and_can_be_turned_off(write_recipe):
 
     from rmt_peft.attention import GPTNeoSdpaSelfAttention
     from rmt_peft.speedups import FusedTanhGelu
-    from rmt_peft.train.trainer import build_model
+    from rmt_peft.train.build import build_model
 
     def kinds(model):
         return [sum(type(m) is kind for m in model.modules())
@@ -191,7 +191,7 @@ def test_speedups_are_applied_and_can_be_turned_off(write_recipe):
 
 def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     import rmt_peft.speedups
-    from rmt_peft.train.trainer import build_model
+    from rmt_peft.train.build import build_model
 
     calls = []
     monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(kwargs))
@@ -211,7 +211,7 @@ def test_compiled_blocks_are_off_by_default_under_zero3_and_refused_when_asked_f
     """ZeRO-3's per-module hooks make torch.compile recompile until its limit (2 x H200: no step in
     200 s): null resolves to off there, with one log line saying why; true (or a compile_mode) fails."""
     import rmt_peft.speedups
-    from rmt_peft.train.trainer import build_model
+    from rmt_peft.train.build import build_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     resolved = {ds: load_recipe(write_recipe(), [f"training.deepspeed={ds}"] if ds else []).compiles_blocks
@@ -238,7 +238,7 @@ def test_compiled_blocks_are_off_by_default_under_zero3_and_refused_when_asked_f
 
 def test_a_half_precision_backbone_under_zero3_without_training_bf16_is_warned_about(write_recipe, caplog):
     """ZeRO-3 partitions in the DeepSpeed config's dtype: fp32 unless training.bf16 (or fp16) is set."""
-    from rmt_peft.train.trainer import build_model
+    from rmt_peft.train.build import build_model
 
     def warnings_of(overrides):
         caplog.clear()
@@ -254,7 +254,7 @@ def test_a_half_precision_backbone_under_zero3_without_training_bf16_is_warned_a
 
 def test_dequantized_weight_cache_reaches_the_4bit_backbone(write_recipe, tmp_path):
     from rmt_peft.tiny_models import save_tiny_model
-    from rmt_peft.train.trainer import build_model
+    from rmt_peft.train.build import build_model
 
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", vocab_size=64, max_positions=64)
     changes = {"model": {"name_or_path": path, "quantization": "4bit", "cache_dequantized_weights": True},

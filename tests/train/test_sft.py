@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from rmt_peft.recipe import RecipeError, load_recipe
-from rmt_peft.train.trainer import build_model, build_tokenizer, run, stage_trainer, training_arguments
+from rmt_peft.train.arguments import training_arguments
+from rmt_peft.train.build import build_model, build_tokenizer
+from rmt_peft.train.engine import stage_trainer
+from rmt_peft.train.trainer import run
 
 PAIRS = [("where is mary ? ", "kitchen"), ("where is john ? ", "garden"), ("where is daniel ? ", "office"),
          ("where is sandra ? ", "hallway")] * 4

@@ -5,7 +5,7 @@ import torch
 from rmt_peft import MemoryConfig, RMTModel
 from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
-from rmt_peft.train.trainer import RMTTrainer
+from rmt_peft.train.engine import RMTTrainer
 
 
 def test_evaluation_reads_the_context_and_scores_like_one_forward(tmp_path):

@@ -3,7 +3,10 @@ are installed, and TrainingArguments fields the engine does not honour."""
 import pytest
 
 from rmt_peft.recipe import CURRICULUM_METRICS, RecipeError, load_recipe
-from rmt_peft.train.trainer import Collator, build_model, build_tokenizer, stage_trainer, training_arguments
+from rmt_peft.train.arguments import training_arguments
+from rmt_peft.train.build import build_model, build_tokenizer
+from rmt_peft.train.datasets import Collator
+from rmt_peft.train.engine import stage_trainer
 
 STAGES = ["curriculum.segments=[]", "training.eval_strategy=steps", "training.eval_steps=2"]
 
