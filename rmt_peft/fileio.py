@@ -3,7 +3,8 @@
 A file a run depends on (its progress, summary, recipe, trainable tensors, ...)
 is written to a temporary file in the same folder and renamed over the target: a kill or a full
 disk leaves the previous version (or nothing), never half of one. The temporary names start with
-``.`` and contain ``TEMP_MARK`` so ``remove_temp_files`` can find what a killed writer left.
+``.`` and contain ``TEMP_MARK`` so ``remove_temp_files`` can find what a killed writer left. A
+folder (a saved model) is written the same way: ``atomic_directory``.
 """
 from __future__ import annotations
 
@@ -43,6 +44,39 @@ def atomic_path(path: str):
         # a failed clean-up (the folder became read-only) must not hide the error of the write
         with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str):
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``."""
+    target = os.path.abspath(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"cannot save to {target}: it exists and is not a folder")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{TEMP_MARK}", dir=parent)
+    try:
+        yield tmp
+        # mkdtemp makes the folder private and safetensors its files (0600); a saved model is meant to be shared
+        os.chmod(tmp, 0o755)
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        if os.path.exists(target):
+            old = tmp + ".old"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous save back
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # the new save is in place; a leftover is a temp file
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

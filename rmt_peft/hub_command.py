@@ -68,8 +68,8 @@ def exported_files(folder: str) -> list[str]:
 
 def extra_files(folder: str) -> list[str]:
     """Top-level files of an adapter ``folder`` that a merged model keeps (tokenizer files, ...)."""
-    from .hub import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE,
-                      MODEL_CONFIG_FILE)
+    from .saving import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILES, CARD_FILE, MEMORY_CONFIG_FILE,
+                         MEMORY_WEIGHTS_FILE, MODEL_CONFIG_FILE)
 
     replaced = {CARD_FILE, MEMORY_CONFIG_FILE, MEMORY_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHTS_FILES,
                 MODEL_CONFIG_FILE, "generation_config.json"}
@@ -102,37 +102,40 @@ def export(source: str, to: str, merge: bool = False, push_to_hub: str | None = 
            token: str | None = None, base_model: str | None = None, quantization: str = "as-trained",
            dtype: str = "bfloat16", overwrite: bool = False) -> str:
     """What the ``export`` command does; returns the written folder."""
-    from . import hub
+    from . import hub, saving
     from .backbones import resolve_dtype
-    from .recurrent import RMTModel
+    from .card import write_model_card
+    from .fileio import atomic_directory
     from .loading import adapter_folder, check_weight_files
+    from .recurrent import RMTModel
     from .runs import run_folder
 
     folder = adapter_folder(source)
     check_target(source, folder, to, overwrite)
-    kind = hub.folder_kind(folder)
+    kind = saving.folder_kind(folder)
     check_weight_files(folder)  # a truncated file is named, as eval and ask name it
-    hub.read_memory(folder)  # raises when the memory does not match its config
+    saving.read_memory(folder)  # raises when the memory does not match its config
     if merge:
         if kind != "lora":
             raise ValueError(f"{folder} holds full model weights, not a LoRA adapter: there is nothing to merge")
-        metadata = hub.read_metadata(folder)
+        metadata = saving.read_metadata(folder)
         options = {}
         if quantization == "as-trained":
             quantization = metadata.get("quantization", "none")
             options = json.loads(metadata.get("quantization_options") or "{}")
         rmt = RMTModel.from_pretrained(folder, quantization=None if quantization == "none" else quantization,
                                        base_model=base_model, **options)
-        merged = hub.merge(rmt, resolve_dtype(dtype))
-        hub.save_pretrained(merged, to, repo_id=push_to_hub, extra_files=extra_files(folder))
-        hub.write_model_card(to, push_to_hub, run_dir=run_folder(folder))
+        merged = rmt.merge_and_unload(resolve_dtype(dtype))
+        merged.save_pretrained(to, repo_id=push_to_hub, extra_files=extra_files(folder))
+        write_model_card(to, push_to_hub, run_dir=run_folder(folder))
     else:
-        with hub.atomic_directory(to) as tmp:
+        with atomic_directory(to) as tmp:
             for name in exported_files(folder):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
-            hub.write_model_card(tmp, push_to_hub, run_dir=run_folder(folder))
+            write_model_card(tmp, push_to_hub, run_dir=run_folder(folder))
     if push_to_hub:
-        hub.push_folder(to, push_to_hub, private=private or None, token=token)
+        saving.validate_folder(to)
+        hub.upload(to, push_to_hub, private=private or None, token=token)
     return to
 
 
@@ -146,7 +149,7 @@ def run_export(args) -> int:
             raise
         print(f"rmt-peft export: error: {disk_error(err)}", file=sys.stderr)
         return 2
-    from .hub import folder_kind
+    from .saving import folder_kind
 
     what = ("merged model (full weights + memory)" if args.merge else "adapter (LoRA + memory)"
             if folder_kind(to) == "lora" else "model (full weights + memory)")

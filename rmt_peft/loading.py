@@ -17,9 +17,10 @@ from .backbones import DTYPES, check_position_limit
 from .data.tokenizer import offline_tokenizer
 from .errors import UserError
 from .fileio import safetensors_problem
-from .hub import ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE
+from .hub import looks_like_path
 from .recipe import Recipe, load_recipe
 from .recurrent import RMTModel
+from .saving import ADAPTER_CONFIG_FILE, MEMORY_CONFIG_FILE, MODEL_CONFIG_FILE, recorded_base
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers': a folder that holds its own tokenizer
 OFFLINE_TOKENIZER = "offline"                     # model.tokenizer / --tokenizer: the data package's
@@ -36,7 +37,7 @@ def locate(path: str) -> tuple[str, str | None]:
             raise UserError(f"{path} is neither a training run ({runs.RUN_RECIPE_FILE} + {runs.FINAL_DIR}/) nor an "
                             f"adapter folder ({MEMORY_CONFIG_FILE})")
         return path, runs.run_recipe(path)
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if looks_like_path(path):
         raise UserError(f"{path} is not a folder (expected a training run, an adapter folder or a Hub id "
                         f"like user/model)")
     return path, None  # a Hub id
@@ -87,13 +88,7 @@ def load_tokenizer(name: str):
 def base_model(adapter: str) -> str:
     """The base model a LoRA adapter folder records, else the folder itself (full weights, or a Hub
     id: it holds its own tokenizer)."""
-    config = os.path.join(adapter, ADAPTER_CONFIG_FILE)
-    if os.path.isfile(config):
-        with open(config) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        if base:
-            return base
-    return adapter
+    return recorded_base(adapter) or adapter
 
 
 # -- loading a run's model ------------------------------------------------------------------
@@ -141,7 +136,7 @@ def command_tokenizer(recipe: Recipe | None, adapter: str, override: str | None)
     """The tokenizer of a command (``tokenizer_name``), loaded; a UserError naming --tokenizer (or
     the tokenizer chosen) when it cannot be loaded."""
     name = tokenizer_name(recipe, adapter, override)
-    if override and override.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(override)):
+    if override and looks_like_path(override) and not os.path.exists(os.path.expanduser(override)):
         raise UserError(f"--tokenizer {override!r} does not exist (a tokenizer folder, a Hub id, or 'offline')")
     try:
         return load_tokenizer(name)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -26,11 +29,12 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import hub
+from . import card, hub, saving
 from .adapters import attach_lora, trainable_summary
 from .associative import AssociativeState
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
+from .fileio import atomic_directory
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import (MemoryConfig, MemoryParameters, allocated_bytes, free_gpu_bytes, perturb, relative_change,
                      segments_to_keep)
@@ -203,22 +207,64 @@ class RMTModel(nn.Module):
     def trainable_summary(self) -> str:
         return trainable_summary(self)
 
-    # -- saving and loading (rmt_peft/hub.py) ------------------------------------------------
-    def save_pretrained(self, save_directory: str, **kwargs) -> str:
-        """PEFT adapter files + memory_config.json + memory.safetensors + README.md (see hub.py)."""
-        return hub.save_pretrained(self, save_directory, **kwargs)
+    # -- saving and loading (the folder's format: saving.py) --------------------------------
+    def save_pretrained(self, save_directory: str, base_model: str | None = None, repo_id: str | None = None,
+                        extra_files: list[str] = ()) -> str:
+        """PEFT adapter files (or full weights without LoRA) + memory_config.json + memory.safetensors
+        + README.md (see saving.py), written whole or not at all. ``base_model``: the name recorded as
+        the base (default: where the backbone was loaded from; needed when it was built in memory);
+        ``repo_id``: the Hub name the card uses; ``extra_files``: files put beside the model (a
+        tokenizer's files, for instance)."""
+        base = saving.base_name(self.backbone, self.causal_lm, base_model)
+        layers = len(self.memory.associative.layers) if self.memory_config.associative else 0
+        metadata = saving.memory_metadata(self.causal_lm, base, layers)
+        with atomic_directory(save_directory) as tmp:
+            saving.write_backbone(self.backbone, self.causal_lm, tmp, base)
+            saving.write_memory(tmp, self.memory_config, self.memory.state_dict(), metadata)
+            for path in extra_files:
+                shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+            card.write_model_card(tmp, repo_id)
+        return save_directory
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, quantization: str | None = None, **load_kwargs) -> "RMTModel":
-        """Rebuild from a folder or Hub repo saved by ``save_pretrained`` (see hub.from_pretrained)."""
-        return hub.from_pretrained(name_or_path, quantization=quantization, model_class=cls, **load_kwargs)
+    def from_pretrained(cls, name_or_path: str, quantization: str | None = None, dtype=None, device_map=None,
+                        base_model: str | None = None, is_trainable: bool = False, revision: str | None = None,
+                        token: str | None = None, **load_kwargs) -> "RMTModel":
+        """Rebuild from a folder or Hub repo saved by ``save_pretrained``: the backbone as
+        ``saving.load_saved_backbone`` loads it (``quantization`` / ``dtype`` / ``device_map`` / other
+        ``load_backbone`` options; ``base_model`` when a LoRA adapter's base moved), then the memory.
+        In eval mode and frozen unless ``is_trainable``."""
+        folder = saving.resolve_folder(name_or_path, revision, token)
+        kind = saving.folder_kind(folder)
+        memory_config, tensors, metadata = saving.read_memory(folder)
+        backbone = saving.load_saved_backbone(folder, kind, metadata, base_model, is_trainable, quantization=quantization,
+                                              dtype=dtype, device_map=device_map, **load_kwargs)
+        rmt = cls(backbone, memory_config)
+        device = rmt.memory.memory_tokens.device
+        rmt.memory.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+        rmt.memory.requires_grad_(is_trainable)
+        return rmt.train(is_trainable)
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs):
-        return hub.push_to_hub(self, repo_id, private=private, token=token, **kwargs)
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, base_model: str | None = None):
+        """Save to a temporary folder and upload exactly that folder to ``repo_id``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(os.path.join(tmp, "model"), base_model=base_model, repo_id=repo_id)
+            saving.validate_folder(folder)
+            return hub.upload(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
-    def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "RMTModel":
-        """A copy with LoRA merged into a plain ``dtype`` backbone (dequantized), for deployment."""
-        return hub.merge(self, dtype, device)
+    def merge_and_unload(self, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> "RMTModel":
+        """A new RMTModel whose backbone is a plain ``dtype`` copy of this one's with LoRA merged in
+        (``saving.merged_causal_lm``: 8-bit / 4-bit weights dequantized first), built on ``device``
+        (the CPU by default, so a GPU holding the trained model needs no room for it); it needs no
+        peft to load once saved, and this model is left unchanged."""
+        peft_model = saving.lora_of(self.backbone)
+        if peft_model is None:
+            raise ValueError("merge needs a model with LoRA adapters; this RMTModel has none (save it as it is)")
+        out = type(self)(saving.merged_causal_lm(peft_model, self.causal_lm, dtype, device), self.memory_config)
+        out.pad_lm_head = self.pad_lm_head
+        out.memory.load_state_dict({k: v.detach().to(device) for k, v in self.memory.state_dict().items()})
+        return out.eval()
 
     @property
     def config(self):

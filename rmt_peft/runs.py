@@ -58,6 +58,7 @@ RUN_OWNED = {RUN_RECIPE_FILE, RUN_SUMMARY_FILE, FINAL_DIR, BASELINE_DIR, BEST_DI
 STATE_FILE = "curriculum.json"            # the curriculum's progress; written last, so it marks a finished save
 TRAINABLE_FILE = "trainable.safetensors"  # every trainable tensor by name (train/engine.save_adapter)
 TRAINER_STATE_FILE = "trainer_state.json"
+DEFAULT_SEED = 42  # transformers.TrainingArguments' seed: a run's when its recipe sets none
 RESUME_FILES = {TRAINABLE_FILE, STATE_FILE, TRAINER_STATE_FILE, "training_args.bin", "optimizer.pt",
                 "scheduler.pt", "scaler.pt"}  # + the Trainer's rng_state*.pth
 
@@ -158,6 +159,12 @@ def read_run(run_dir: str | None) -> tuple[dict, dict]:
         with open(summary_path(run_dir)) as f:
             summary = json.load(f)
     return recipe, summary
+
+
+def seed_of(training: dict) -> int:
+    """The seed a run trains with (and builds a tiny backbone from): its recipe's ``training.seed``,
+    else ``DEFAULT_SEED``."""
+    return int(training.get("seed", DEFAULT_SEED))
 
 
 def write_summary(run: str, summary: dict) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rmt_peft import MemoryConfig, RMTModel, hub, load_backbone
+from rmt_peft import MemoryConfig, RMTModel, card, load_backbone
 from rmt_peft.cli import main as cli_main
 from rmt_peft.tiny_models import save_tiny_model
 
@@ -265,14 +265,14 @@ def test_failed_save_leaves_nothing_half_written(neo_adapter, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "write_model_card", broken)
+    monkeypatch.setattr(card, "write_model_card", broken)
     with pytest.raises(OSError, match="disk full"):
         rmt.save_pretrained(str(target))
     assert os.listdir(tmp_path) == []  # no target, no temporary folder
     monkeypatch.undo()
     rmt.save_pretrained(str(target))
     before = {n: open(target / n, "rb").read() for n in os.listdir(target)}
-    monkeypatch.setattr(hub, "write_model_card", broken)
+    monkeypatch.setattr(card, "write_model_card", broken)
     with pytest.raises(OSError):
         rmt.save_pretrained(str(target))
     assert os.listdir(tmp_path) == ["out"]

@@ -13,7 +13,7 @@ from rmt_peft import quantized_linear as ql
 from rmt_peft.adapters import attach_lora
 from rmt_peft.backbones import load_backbone
 from rmt_peft.errors import UserError
-from rmt_peft.hub import quantization_of
+from rmt_peft.saving import quantization_of
 from rmt_peft.quantization import choose_backend
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 

@@ -27,7 +27,9 @@ from .associative_retrieval import AssociativeRetrievalDataset, AssociativeRetri
 from .babilong import MemoryTaskDataset, MemoryTaskOptions, ReasoningTaskOptions
 from .babilong_hub import BabilongHubDataset, BabilongHubOptions
 from .lean import LeanDataset, LeanOptions
+from ..hub import hub_repo_id
 from ..inputs import IGNORE_INDEX
+from .noise import PRESETS
 from .token_memory import TokenMemoryTask
 
 
@@ -136,3 +138,32 @@ def build_dataset(task: str, options: dict | None, *, tokenizer, segment_size: i
         raise ValueError(f"task {task!r} needs a tokenizer (offline: rmt_peft.data.tokenizer.offline_tokenizer())")
     return TASKS[task].build(parsed, tokenizer=tokenizer, segment_size=segment_size, num_segments=num_segments,
                              num_samples=num_samples, seed=seed)
+
+
+# datasets.load_dataset's builders: a ``path`` option naming one reads local files, not a Hub dataset
+DATASET_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
+
+
+def hub_datasets(options: dict) -> list[str]:
+    """Hub datasets that ``data.options`` read (for a model card): noise / document presets and
+    ``path`` options that are repo ids."""
+    found = []
+
+    def visit(value):
+        if isinstance(value, str) and value in PRESETS:
+            found.append(PRESETS[value][0])
+        elif isinstance(value, dict):
+            if value.get("source") in PRESETS:
+                found.append(PRESETS[value["source"]][0])
+            path = value.get("path")
+            if isinstance(path, str) and path not in DATASET_BUILDERS and hub_repo_id(path):
+                found.append(path)
+            for inner in value.values():
+                if isinstance(inner, dict):
+                    visit(inner)
+        return found
+
+    visit(options)
+    for value in options.values():
+        visit(value)
+    return sorted(set(found))

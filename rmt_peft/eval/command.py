@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
     from .. import loading, runs
-    from ..hub import atomic_directory
+    from ..fileio import atomic_directory
     from .runner import EvalSettings, curve_for_task, evaluate
 
     if args.no_progress:

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from .. import runs
-from ..hub import write_model_card
+from ..card import write_model_card
 from ..env import versions
 from ..errors import TrainingDiverged, UserError
 from ..fileio import disk_error, remove_temp_files
@@ -70,7 +70,7 @@ class CurriculumRun:
         self.recipe = recipe
         self.log = log
         self.out = recipe.output_dir
-        self.seed = int(recipe.training.get("seed", 42))
+        self.seed = runs.seed_of(recipe.training)
         self.started = time.time()
         self.point: ResumePoint | None = None
         self.state = CurriculumState()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from rmt_peft import MemoryConfig, RMTModel, hub
+from rmt_peft import MemoryConfig, RMTModel, saving
 from rmt_peft.adapters import attach_lora, lora_config
 from rmt_peft.backbones import check_position_limit, resolve_dtype
 from rmt_peft.cli import main
@@ -756,8 +756,8 @@ API = {  # name: (call on the module's rmt, the argument the ValueError names)
     "check_output: empty": (lambda m: check_output("", "--out", folder=True), "--out is empty"),
     "check_output: a folder for a file": (lambda m: check_output("/", "--save-memory", folder=False),
                                           "--save-memory / is a folder"),
-    "hub.read_memory: no files": (lambda m: hub.read_memory("/"), "has no memory_config.json"),
-    "hub.folder_kind: no model": (lambda m: hub.folder_kind("/"), "has neither adapter_config.json"),
+    "saving.read_memory: no files": (lambda m: saving.read_memory("/"), "has no memory_config.json"),
+    "saving.folder_kind: no model": (lambda m: saving.folder_kind("/"), "has neither adapter_config.json"),
 }
 
 
@@ -767,7 +767,7 @@ def test_api_bad_input_is_a_value_error_naming_the_argument(name, rmt):
     with pytest.raises((ValueError, TypeError, FileNotFoundError)) as caught:
         call(rmt)
     assert re.search(message, str(caught.value)), str(caught.value)
-    assert isinstance(caught.value, ValueError) or name.startswith(("from_pretrained", "hub.", "from_backbone")), \
+    assert isinstance(caught.value, ValueError) or name.startswith(("from_pretrained", "saving.", "from_backbone")), \
         type(caught.value)
 
 

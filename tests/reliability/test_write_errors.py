@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors import SafetensorError
 
-from rmt_peft import MemoryConfig, RMTModel, hub, memory_state
+from rmt_peft import MemoryConfig, RMTModel, memory_state, saving
 from rmt_peft.cli import main
 from rmt_peft.fileio import atomic_path, disk_error
 from rmt_peft.errors import UserError
@@ -95,7 +95,7 @@ def test_export_copy_and_merge_on_a_full_disk(trained_run, tmp_path, monkeypatch
     rmt = RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=8),
                                  lora="attention")
     rmt.save_pretrained(str(tmp_path / "adapter"), base_model=base)
-    monkeypatch.setattr(hub, "save_file", raiser(errno.ENOSPC, kind))
+    monkeypatch.setattr(saving, "save_file", raiser(errno.ENOSPC, kind))
     assert main(["export", str(tmp_path / "adapter"), "--to", str(tmp_path / "merged"), "--merge",
                  "--quantization", "none", "--dtype", "float32"]) == 2
     one_line(capsys, "no space left")

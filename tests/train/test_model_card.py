@@ -7,7 +7,8 @@ import os
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from rmt_peft import hub
+from rmt_peft import card, hub
+from rmt_peft.data.registry import hub_datasets
 from rmt_peft.cli import main
 from rmt_peft.recipe import load_recipe
 from rmt_peft.runs import TRAINABLE_FILE
@@ -51,8 +52,8 @@ def test_card_base_model_is_a_hub_repo_id_or_left_out(tmp_path):
     assert hub.hub_repo_id("gpt2") == "gpt2"
     for local in ("tiny:gpt_neo", str(tmp_path), "./models/neo", "~/neo"):
         assert hub.hub_repo_id(local) is None, local
-    assert hub.recipe_datasets({"data": {"options": {"noise": "quality"}}}) == ["tasksource/QuALITY"]
-    assert hub.recipe_datasets({"data": {"options": {"path": "json", "data_files": "qa.jsonl"}}}) == []
+    assert hub_datasets({"noise": "quality"}) == ["tasksource/QuALITY"]
+    assert hub_datasets({"path": "json", "data_files": "qa.jsonl"}) == []
 
 
 def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_path, capsys):
@@ -91,6 +92,6 @@ def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_
 def test_card_license_is_the_base_models_where_its_card_is_at_hand(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
-    assert hub.base_license(str(tmp_path / "base")) == "mit"
-    assert hub.base_license(str(tmp_path)) is None  # no card
-    assert hub.base_license("rmt-peft-tests/not-cached") is None  # never downloaded
+    assert card.base_license(str(tmp_path / "base")) == "mit"
+    assert card.base_license(str(tmp_path)) is None  # no card
+    assert card.base_license("rmt-peft-tests/not-cached") is None  # never downloaded

@@ -59,6 +59,6 @@ def test_paper_recipe_runs_a_few_steps_offline(name, tmp_path):
     memory = json.loads((final / "memory_config.json").read_text())
     assert memory["num_memory_tokens"] == recipe.memory.num_memory_tokens
     # the backbone really was loaded as the recipe says (8-bit / 4-bit recipes stay quantized here)
-    from rmt_peft.hub import read_metadata
+    from rmt_peft.saving import read_metadata
 
     assert read_metadata(str(final))["quantization"] == (recipe.model.quantization or "none")
