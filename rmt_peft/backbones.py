@@ -124,25 +124,10 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     load_kwargs = dict(kwargs)
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
-    wants_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") or (speedups and attn_implementation is None)
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-                  if k in kwargs}  # reading the config needs what loading the model needs
-    gpt_neo_sdpa = wants_sdpa and AutoConfig.from_pretrained(name_or_path, **hub_kwargs).model_type == "gpt_neo"
-    if gpt_neo_sdpa:  # transformers has no SDPA path for GPT-Neo: load eager, then switch (attention.py)
-        attn_implementation = "eager"
-    if attn_implementation is not None:
-        load_kwargs["attn_implementation"] = attn_implementation
+    gpt_neo_sdpa = _set_attention(load_kwargs, name_or_path, attn_implementation, speedups)
     device = single_device(device_map)
-    bnb_options = tuple(f"{name}={value!r}" for name, value, default in
-                        (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, True),
-                         ("quant_storage", quant_storage, None)) if value != default) if quantization == "4bit" else ()
-    backend, why = choose_backend(quantization, quantization_backend, "multi" if device is None else device.type,
-                                  bnb_options)
-    if why:
-        logger.info(f"quantization={quantization!r} held by {why}; load_backbone(quantization_backend=...) "
-                    f"(recipes: model.quantization_backend) overrides")
+    backend = _backend(quantization, quantization_backend, device, quant_type, double_quant, quant_storage)
     compute = resolve_dtype(compute_dtype) or torch_dtype or torch.bfloat16
-    qconfig = None
     if backend == "torch":
         if quantization == "fp8":
             check_fp8(device)
@@ -152,9 +137,9 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
             load_kwargs["device_map"] = device_map
         qconfig = quantization_config(quantization, resolve_dtype(compute_dtype) or torch_dtype, quant_type,
                                       double_quant, resolve_dtype(quant_storage))
-    if qconfig is not None:
-        check_bitsandbytes(quantization, target_device(device_map), quant_type)
-        load_kwargs["quantization_config"] = qconfig
+        if qconfig is not None:
+            check_bitsandbytes(quantization, target_device(device_map), quant_type)
+            load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
     if backend == "torch":
         quantize_linears(model, quantization, device, dtype=compute)
@@ -164,13 +149,39 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     if speedups:
         use_fused_gelu(model)
     if backend is not None:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
     if gradient_checkpointing:
         enable_checkpointing(model)
     if train or gradient_checkpointing:
         model.train()
     return model
+
+
+def _set_attention(load_kwargs: dict, name_or_path: str, attn_implementation: str | None, speedups: bool) -> bool:
+    """Put the attention transformers loads with in ``load_kwargs``; True when GPT-Neo then switches
+    to our exact SDPA (transformers has none for GPT-Neo: it loads eager and switches, attention.py)."""
+    wants_sdpa = attn_implementation in ("sdpa", "gpt_neo_sdpa") or (speedups and attn_implementation is None)
+    hub_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only",
+                                              "trust_remote_code")
+                  if k in load_kwargs}  # reading the config needs what loading the model needs
+    gpt_neo_sdpa = wants_sdpa and AutoConfig.from_pretrained(name_or_path, **hub_kwargs).model_type == "gpt_neo"
+    if gpt_neo_sdpa:
+        attn_implementation = "eager"
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    return gpt_neo_sdpa
+
+
+def _backend(quantization: str | None, asked: str, device, quant_type: str, double_quant: bool, quant_storage):
+    """The library that holds the quantized weights (``quantization.choose_backend``; logged), or None."""
+    bnb_options = tuple(f"{name}={value!r}" for name, value, default in
+                        (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, True),
+                         ("quant_storage", quant_storage, None)) if value != default) if quantization == "4bit" else ()
+    backend, why = choose_backend(quantization, asked, "multi" if device is None else device.type, bnb_options)
+    if why:
+        logger.info(f"quantization={quantization!r} held by {why}; load_backbone(quantization_backend=...) "
+                    f"(recipes: model.quantization_backend) overrides")
+    return backend
 
 
 def enable_checkpointing(model: PreTrainedModel, *, zero3: bool = False, drop_input_hook: bool = True) -> None:

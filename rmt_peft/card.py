@@ -86,6 +86,44 @@ def base_license(base: str | None) -> str | None:
         return None
 
 
+def license_of(base: str | None) -> tuple[str, str]:
+    """(the card's license, the line that explains it): the base model's, rmt-peft's own for a model
+    built from a config, else ``other`` with a line saying the base model's license applies."""
+    found = base_license(base)
+    if found:
+        return found, f"License: `{found}`, the license of the base model `{base}`."
+    if base and base.startswith(TINY_PREFIX):
+        return DEFAULT_LICENSE, (f"License: `{DEFAULT_LICENSE}` (rmt-peft's own): `{base}` is a small model built "
+                                 f"from a config with random weights, not a published model.")
+    return "other", (f"License: the license of the base model{f' `{base}`' if base else ''} applies to these "
+                     f"weights; its card could not be read where this card was written, so the metadata says "
+                     f"`other`: set it before sharing.")
+
+
+def how_to_use(kind: str, model_id: str, hub_base: str | None, load_quant: str) -> str:
+    """The card's usage section: loading code (``model_id``: a repo id once pushed, until then the
+    folder) and what peft or transformers alone load from the folder."""
+    base_hint = ("" if hub_base or kind != "lora" else
+                 "# the base is not a Hub model: where it is not at its recorded path, add base_model=PATH\n")
+    alone = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
+             "(without the memory, the model does not read long inputs).\n" if kind == "lora" else
+             "\n`transformers.AutoModelForCausalLM.from_pretrained(path)` loads these weights alone: it ignores "
+             f"the memory (`{MEMORY_WEIGHTS_FILE}`) and reads one context window like the base model. Load "
+             "the model with `RMTModel.from_pretrained` to read long inputs through the memory.\n")
+    return f"""## How to use
+
+```python
+import torch
+from rmt_peft import RMTModel
+
+{base_hint}rmt = RMTModel.from_pretrained("{model_id}"{load_quant})
+input_ids = torch.tensor([[...]])  # token ids of any length; the model reads them segment by segment
+out = rmt(input_ids)
+new_tokens = rmt.generate(input_ids, max_new_tokens=32)
+```
+{alone}"""
+
+
 def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | None = None) -> str:
     """Write README.md for a saved ``folder`` through ``huggingface_hub.ModelCard``: Hub metadata
     (base_model when it is a Hub repo id, datasets, tags, model-index with the evaluation of the
@@ -105,8 +143,7 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     task = (recipe.get("data") or {}).get("task")
     datasets = hub_datasets((recipe.get("data") or {}).get("options") or {}) if recipe else []
     hub_base = hub.hub_repo_id(base)
-    found_license = base_license(base)
-    license = found_license or (DEFAULT_LICENSE if base and base.startswith(TINY_PREFIX) else "other")
+    license, license_line = license_of(base)
     data = ModelCardData(base_model=hub_base, datasets=datasets or None, model_name=name, license=license,
                          eval_results=eval_results(name, task, datasets, summary) if task else None,
                          library_name="peft" if kind == "lora" else "transformers", tags=tags,
@@ -120,23 +157,6 @@ def write_model_card(folder: str, repo_id: str | None = None, run_dir: str | Non
     library = "torch" if options.get("quantization_backend") == "torch" else "bitsandbytes"
     trained_on = (f"a {quantization} ({library}) copy of `{base}`" if quantization != "none" and base
                   else f"`{base}`" if base else "its backbone")
-    if found_license:
-        license_line = f"License: `{license}`, the license of the base model `{base}`."
-    elif license == DEFAULT_LICENSE:
-        license_line = (f"License: `{license}` (rmt-peft's own): `{base}` is a small model built from a config with "
-                        f"random weights, not a published model.")
-    else:
-        license_line = (f"License: the license of the base model{f' `{base}`' if base else ''} applies to these "
-                        f"weights; its card could not be read where this card was written, so the metadata says "
-                        f"`other`: set it before sharing.")
-    base_hint = ("" if hub_base or kind != "lora" else
-                 "# the base is not a Hub model: where it is not at its recorded path, add base_model=PATH\n")
-    peft_note = ("\n`peft.PeftModel.from_pretrained(base_model, path)` loads the LoRA part alone "
-                 "(without the memory, the model does not read long inputs).\n" if kind == "lora" else
-                 "\n`transformers.AutoModelForCausalLM.from_pretrained(path)` loads these weights alone: it ignores "
-                 f"the memory (`{MEMORY_WEIGHTS_FILE}`) and reads one context window like the base model. Load "
-                 "the model with `RMTModel.from_pretrained` to read long inputs through the memory.\n")
-    model_id = repo_id or f"path/to/{name}"  # a repo id once pushed; until then the folder
     data_line = f" on the `{task}` task" + (f" ({', '.join(datasets)})" if datasets else "") if task else ""
     files = ", ".join(f"`{n}`" for n in sorted(set(os.listdir(folder)) | {CARD_FILE}))
     body = f"""
@@ -163,18 +183,7 @@ Final evaluation of the training run, by input length in segments:
 | backbone | `{metadata.get('model_type')}`, hidden size {metadata.get('hidden_size')} |
 | trained with quantization | {quantization} |
 
-## How to use
-
-```python
-import torch
-from rmt_peft import RMTModel
-
-{base_hint}rmt = RMTModel.from_pretrained("{model_id}"{load_quant})
-input_ids = torch.tensor([[...]])  # token ids of any length; the model reads them segment by segment
-out = rmt(input_ids)
-new_tokens = rmt.generate(input_ids, max_new_tokens=32)
-```
-{peft_note}
+{how_to_use(kind, repo_id or f"path/to/{name}", hub_base, load_quant)}
 Files: {files}.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")  # parses and checks the metadata

@@ -796,7 +796,22 @@ def needs_tokenizer(recipe: Recipe) -> bool:
 def validate(recipe: Recipe, check_files: bool = True) -> None:
     """Cross-section checks: everything that would fail later, reported now (each section checks
     its own values when it is built)."""
-    model, mem, data, train, cur = recipe.model, recipe.memory, recipe.data, recipe.training, recipe.curriculum
+    _check_model(recipe)
+    _check_data(recipe, check_files)
+    _check_curriculum(recipe)
+    _check_deepspeed(recipe)
+    check_lora(recipe)
+    _check_sample_sizes(recipe)
+    if check_files:
+        _check_positions(recipe)
+    _need(recipe.guard.on_divergence != "rollback" or recipe.deepspeed_config is None,
+          "guard.on_divergence='rollback' is not supported with training.deepspeed (DeepSpeed restores the "
+          "checkpoint's learning rate); use 'stop' and resume with a lower training.learning_rate")
+
+
+def _check_model(recipe: Recipe) -> None:
+    """Compiled blocks and the dequantized-weight cache against what else the recipe asks for."""
+    model = recipe.model
     _need(model.compile_mode not in CUDA_GRAPH_MODES or not recipe.memory.checkpoint_segments,
           f"model.compile_mode={model.compile_mode!r} captures CUDA graphs, which torch cannot record inside "
           "memory.checkpoint_segments' recompute; use compile_mode=null (or default) with checkpointed segments")
@@ -804,7 +819,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
           "model.cache_dequantized_weights=true with ZeRO-3 is not possible: the cache needs whole weights, ZeRO-3 "
           "partitions them; use ZeRO-2 or no cache")
 
-    # data task and options (the registry checks option names and values)
+
+def _check_data(recipe: Recipe, check_files: bool) -> None:
+    """The data task and its options (the registry checks option names and values)."""
+    data = recipe.data
     if recipe.trainer == "sft":
         _need(data.task == INSTRUCTION_TASK, f"data.task={data.task!r}: trainer sft reads an instruction dataset; "
                                              f"allowed: {INSTRUCTION_TASK!r}")
@@ -820,7 +838,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         except (ValueError, TypeError, OSError) as err:  # OSError: a named file (Lean theorems, ...) is missing
             raise RecipeError(f"data.options: {err}") from err
 
-    # curriculum: the stages are checked here, once expand_curriculum has filled in the section's defaults
+
+def _check_curriculum(recipe: Recipe) -> None:
+    """The stages, checked once expand_curriculum has filled in the section's defaults."""
+    mem, train, cur = recipe.memory, recipe.training, recipe.curriculum
     _need(isinstance(cur.levers_from_stage, int) and 0 <= cur.levers_from_stage < len(cur.stages),
           f"curriculum.levers_from_stage={cur.levers_from_stage!r}: expected an integer from 0 to "
           f"{len(cur.stages) - 1} (the stages are numbered from 0)")
@@ -873,7 +894,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
           "associative memory reads and writes inside the decoder layers, which a per-layer recompute would run "
           "without it; use memory.checkpoint_segments=true (whole segments, memory flat in their number)")
 
-    # distributed and precision combinations
+
+def _check_deepspeed(recipe: Recipe) -> None:
+    """Distributed and precision combinations."""
+    model, mem, train = recipe.model, recipe.memory, recipe.training
     ds = recipe.deepspeed_config
     if ds is not None:
         train["deepspeed"] = resolve_deepspeed(train["deepspeed"])
@@ -898,7 +922,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
               "model.quantization='4bit' with ZeRO-3 needs model.dtype=bfloat16 (or float16): the 4-bit "
               "storage dtype must equal the compute dtype to be partitioned")
 
-    check_lora(recipe)
+
+def _check_sample_sizes(recipe: Recipe) -> None:
+    """One sample of every length the run builds fits in host memory (``check_sample_fits``)."""
+    mem, cur = recipe.memory, recipe.curriculum
     for i, stage in enumerate(cur.stages):
         check_sample_fits(max(stage_segments(stage)), mem.segment_size, f"curriculum.stages[{i}].num_segments")
     if recipe.eval.num_segments:
@@ -906,33 +933,33 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     if cur.keep_best_segments is not None:
         check_sample_fits(cur.keep_best_segments, mem.segment_size, "curriculum.keep_best_segments")
 
-    # positions: a segment with read and write memory must fit a learned position table
-    if check_files:
-        config = model_config(model)
-        if config is not None:
-            options_vocab = data.options.get("vocab_size") if recipe.trainer == "rmt" else None
-            _need(not isinstance(options_vocab, int) or options_vocab <= config.vocab_size,
-                  f"data.options.vocab_size={options_vocab} is larger than the vocabulary of {model.name_or_path} "
-                  f"({config.vocab_size} tokens): token ids from {config.vocab_size} on have no embedding; allowed: "
-                  f"data.options.vocab_size <= {config.vocab_size}")
-            limit = position_limit(config)
-            need = mem.positions_per_segment
-            memory_positions = "memory" if mem.associative else "2 x memory"
-            _need(limit is None or need <= limit,
-                  f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
-                  f"needs {need} positions (segment + {memory_positions}), but {model.name_or_path} has {limit}; "
-                  f"allowed: segment_size <= {limit - (need - mem.segment_size) if limit else None}")
-            ids = registry.token_ids_needed(data.task, data.options) if recipe.trainer != "sft" else None
-            vocab = getattr(config, "vocab_size", None)
-            _need(ids is None or vocab is None or vocab >= ids,
-                  f"model's vocab_size={vocab} is smaller than the {ids} token ids that task "
-                  f"{data.task!r} uses with data.options={data.options!r}; raise the vocabulary "
-                  f"(model.config.vocab_size for a tiny model) or shrink the task's ids")
-            if model.is_tiny and needs_tokenizer(recipe):
-                size = len(offline_tokenizer())
-                _need(config.vocab_size >= size,
-                      f"model.config.vocab_size={config.vocab_size} is smaller than the offline tokenizer "
-                      f"({size} tokens) that task {data.task!r} needs; set model.config.vocab_size >= {size}")
-    _need(recipe.guard.on_divergence != "rollback" or ds is None,
-          "guard.on_divergence='rollback' is not supported with training.deepspeed (DeepSpeed restores the "
-          "checkpoint's learning rate); use 'stop' and resume with a lower training.learning_rate")
+
+def _check_positions(recipe: Recipe) -> None:
+    """A segment with read and write memory must fit a learned position table; token ids must fit the
+    vocabulary (read from the model's config.json only)."""
+    model, mem, data = recipe.model, recipe.memory, recipe.data
+    config = model_config(model)
+    if config is not None:
+        options_vocab = data.options.get("vocab_size") if recipe.trainer == "rmt" else None
+        _need(not isinstance(options_vocab, int) or options_vocab <= config.vocab_size,
+              f"data.options.vocab_size={options_vocab} is larger than the vocabulary of {model.name_or_path} "
+              f"({config.vocab_size} tokens): token ids from {config.vocab_size} on have no embedding; allowed: "
+              f"data.options.vocab_size <= {config.vocab_size}")
+        limit = position_limit(config)
+        need = mem.positions_per_segment
+        memory_positions = "memory" if mem.associative else "2 x memory"
+        _need(limit is None or need <= limit,
+              f"memory.segment_size={mem.segment_size} with memory.num_memory_tokens={mem.num_memory_tokens} "
+              f"needs {need} positions (segment + {memory_positions}), but {model.name_or_path} has {limit}; "
+              f"allowed: segment_size <= {limit - (need - mem.segment_size) if limit else None}")
+        ids = registry.token_ids_needed(data.task, data.options) if recipe.trainer != "sft" else None
+        vocab = getattr(config, "vocab_size", None)
+        _need(ids is None or vocab is None or vocab >= ids,
+              f"model's vocab_size={vocab} is smaller than the {ids} token ids that task "
+              f"{data.task!r} uses with data.options={data.options!r}; raise the vocabulary "
+              f"(model.config.vocab_size for a tiny model) or shrink the task's ids")
+        if model.is_tiny and needs_tokenizer(recipe):
+            size = len(offline_tokenizer())
+            _need(config.vocab_size >= size,
+                  f"model.config.vocab_size={config.vocab_size} is smaller than the offline tokenizer "
+                  f"({size} tokens) that task {data.task!r} needs; set model.config.vocab_size >= {size}")

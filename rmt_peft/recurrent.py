@@ -45,6 +45,24 @@ from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_wei
 logger = logging.getLogger("rmt_peft")
 
 
+class _Tally:
+    """What forward sums over the segments: the loss and its token count, each segment's mean loss
+    (NaN without labelled tokens) and count, and the logits asked for."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.losses, self.counts, self.logits = [], [], []
+
+    def add(self, loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor | None) -> None:
+        self.loss_sum, self.count = self.loss_sum + loss, self.count + count
+        nan = torch.full_like(loss, float("nan"))
+        self.losses.append(torch.where(count > 0, loss / count.clamp(min=1), nan).detach())
+        self.counts.append(count.detach())
+        if logits is not None:
+            self.logits.append(logits)
+
+
 @dataclass
 class RMTOutput(ModelOutput):
     """loss: mean token loss over all labelled positions; logits: (batch, tokens, vocab) with
@@ -504,9 +522,7 @@ class RMTModel(nn.Module):
         labelled = [None] * first_loss_segment + labelled
         seg_mask = None
 
-        loss_sum = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-        count = torch.zeros((), dtype=torch.long, device=input_ids.device)
-        seg_losses, seg_counts, all_logits = [], [], []
+        tally = _Tally(input_ids.device)
         for index, (start, end) in enumerate(bounds):
             if cfg.bptt_depth is not None and 0 < index < len(bounds) - cfg.bptt_depth:
                 # Truncation is aligned to the end, where memory tasks put their loss (the
@@ -526,17 +542,7 @@ class RMTModel(nn.Module):
                                                                    **self._checkpoint_policy())
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
-            if padded:
-                # A sample whose segment is all padding has ended (or not begun): its memory stays as
-                # it was, without training noise, so it neither drifts nor adds to the stability loss.
-                active = seg_mask.bool().any(dim=1)
-                if cfg.associative:
-                    memory = new_memory.where(active, clean)
-                else:
-                    active = active[:, None, None]
-                    memory = torch.where(active, new_memory.to(memory.dtype), clean)
-            else:
-                memory = new_memory.to(memory.dtype)
+            memory, active = self._carried(new_memory, memory, clean, seg_mask if padded else None)
             if stabilize and index > 0:
                 # Against the memory before its noise: the update should return perturbed states to
                 # where they were (an attractor), not carry the perturbation on.
@@ -546,27 +552,29 @@ class RMTModel(nn.Module):
             if noisy and index + 1 < len(bounds):
                 perturbed = perturb(memory, cfg.memory_noise_std)
                 memory = torch.where(active, perturbed, memory) if padded else perturbed
-            loss_sum, count = loss_sum + s_loss, count + s_count
-            nan = torch.full_like(s_loss, float("nan"))
-            seg_losses.append(torch.where(s_count > 0, s_loss / s_count.clamp(min=1), nan).detach())
-            seg_counts.append(s_count.detach())
-            if return_logits:
-                all_logits.append(s_logits)
+            tally.add(s_loss, s_count, s_logits if return_logits else None)
 
         loss = memory_drift = None
         if labels is not None:
-            loss = loss_sum / count.clamp(min=1)
+            loss = tally.loss_sum / tally.count.clamp(min=1)
         if stabilize:
             memory_drift = drift / (len(bounds) - 1)
             loss = loss + cfg.memory_stability_weight * memory_drift
-        return RMTOutput(
-            loss=loss,
-            logits=torch.cat(all_logits, dim=1) if return_logits else None,
-            memory=memory,
-            segment_losses=torch.stack(seg_losses),
-            segment_token_counts=torch.stack(seg_counts),
-            memory_drift=memory_drift.detach() if memory_drift is not None else None,
-        )
+        return RMTOutput(loss=loss, logits=torch.cat(tally.logits, dim=1) if return_logits else None, memory=memory,
+                         segment_losses=torch.stack(tally.losses), segment_token_counts=torch.stack(tally.counts),
+                         memory_drift=memory_drift.detach() if memory_drift is not None else None)
+
+    def _carried(self, new_memory, memory, clean, seg_mask):
+        """(the memory the next segment reads, which samples the segment held: None without padding).
+        A sample whose segment is all padding has ended (or not begun): its memory stays as it was
+        (``clean``), without training noise, so it neither drifts nor adds to the stability loss."""
+        if seg_mask is None:
+            return new_memory.to(memory.dtype), None
+        active = seg_mask.bool().any(dim=1)
+        if self.memory_config.associative:
+            return new_memory.where(active, clean), active
+        active = active[:, None, None]
+        return torch.where(active, new_memory.to(memory.dtype), clean), active
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()

@@ -86,3 +86,19 @@ def test_the_run_folders_names_are_spelled_in_runs_py_only():
                       if any(re.search(rf"(?<![\w.]){re.escape(n)}", text) for n in RUN_FOLDER_NAMES)]
     assert found == []
     assert any("stage-" in text for _, text in string_literals(os.path.join(package, "runs.py")))
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Each function reads in one screen (docstring included)."""
+    import ast
+
+    long = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "rmt_peft")):
+        for name in (n for n in files if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            long += [f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+                     for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and node.end_lineno - node.lineno + 1 > 80]
+    assert long == []

@@ -83,13 +83,13 @@ def check_counts(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     # cheap checks first, before transformers and the models load (seconds to minutes)
     check_counts(args)
-    from ..data.registry import TASKS, build_dataset, validate_options
+    from ..data.registry import TASKS, build_dataset
 
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"--task {args.task!r} is not known; allowed: {list(TASKS)}")
-    from .. import loading, runs
+    from .. import loading
     from ..fileio import atomic_directory
-    from .runner import EvalSettings, curve_for_task, evaluate
+    from .runner import evaluate
 
     if args.no_progress:
         hide_library_progress_bars()  # transformers' "Loading weights" too
@@ -97,9 +97,39 @@ def run(args: argparse.Namespace) -> int:
     adapter, recipe_path = loading.locate(args.path)
     out = output_folder(args, adapter)
     recipe = loading.read_recipe(recipe_path, args.overrides)
+    task, options = task_and_options(args, recipe)
+    settings = eval_settings(args, task, recipe)
+    seed = args.seed if args.seed is not None else (recipe.data.seed if recipe is not None else 0) + EVAL_SEED_OFFSET
+    models = load_models(args, adapter, recipe, settings)
+    rmt = next(iter(models.values()))
+    # tasks on raw token ids (token_memory) need none
+    tokenizer = loading.command_tokenizer(recipe, adapter, args.tokenizer) if TASKS[task].needs_tokenizer else None
+    segment_size = rmt.memory_config.segment_size
+    check_fits(settings, options, tokenizer, models)
+
+    def build(num_segments: int, num_samples: int):
+        return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
+                             num_segments=num_segments, num_samples=num_samples, seed=seed)
+
+    settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
+                      "task_options": options, "seed": seed, "overrides": list(args.overrides),
+                      "plain_context": settings.plain_context}
+    with atomic_directory(out) as tmp:
+        metrics = evaluate(models, build, settings, tmp)
+    summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
+    print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
+    return 0
+
+
+def task_and_options(args: argparse.Namespace, recipe) -> tuple[str, dict]:
+    """The task to evaluate and its options (--task / --task-options, else the recipe's), checked
+    with --curve and --tokenizer before any model loads."""
+    from .. import runs
+    from ..data.registry import TASKS, validate_options
+    from .runner import curve_for_task
+
     if recipe is None and args.overrides:
         raise UserError(f"overrides {args.overrides} need a run's {runs.RUN_RECIPE_FILE}; {args.path} has none")
-
     task = args.task or (recipe.data.task if recipe is not None else None)
     if not task:
         raise UserError(f"no task: pass --task (the adapter has no {runs.RUN_RECIPE_FILE} to take it from)")
@@ -127,12 +157,19 @@ def run(args: argparse.Namespace) -> int:
                         f"perplexity")
     if args.tokenizer is not None and not TASKS[task].needs_tokenizer:
         raise UserError(f"--tokenizer {args.tokenizer!r}: task {task!r} reads raw token ids and takes no tokenizer")
-    eval_section = recipe.eval if recipe is not None else None
-    if (args.curve or curve_for_task(task)) == "history":
+    if curve == "history":
         # Training may mix history sizes (arxiv_lm's history_sizes); the curve needs every sample
         # at the longest history, and scores the shorter ones by reading less of it.
         options.pop("history_sizes", None)
-    settings = EvalSettings(
+    return task, options
+
+
+def eval_settings(args: argparse.Namespace, task: str, recipe):
+    """The curve, lengths, samples and batches: the flags, else the recipe's eval section, else the defaults."""
+    from .runner import EvalSettings, curve_for_task
+
+    eval_section = recipe.eval if recipe is not None else None
+    return EvalSettings(
         curve=args.curve or curve_for_task(task),
         segments=args.segments or (list(eval_section.num_segments) if eval_section and eval_section.num_segments
                                    else DEFAULT_SEGMENTS),
@@ -142,7 +179,14 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         progress=not args.no_progress,
     )
-    seed = args.seed if args.seed is not None else (recipe.data.seed if recipe is not None else 0) + EVAL_SEED_OFFSET
+
+
+def load_models(args: argparse.Namespace, adapter: str, recipe, settings) -> dict:
+    """The run's model and the baselines' (--baseline, else the run's own baseline/ when it trained
+    one), by legend name, read with the run's memory overrides; plain-context baselines are noted
+    in ``settings``."""
+    from .. import loading, runs
+
     memory_overrides = {}
     if recipe is not None:
         for item in args.overrides:
@@ -150,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
             if key.startswith("memory."):
                 field = key.split(".", 1)[1]
                 memory_overrides[field] = getattr(recipe.memory, field)
-
     if args.baseline is None and recipe is not None and recipe.eval.baseline:
         # Training with eval.baseline puts the 0-memory run in RUN/baseline: compare with it.
         trained = runs.baseline_dir(args.path)
@@ -170,24 +213,7 @@ def run(args: argparse.Namespace) -> int:
         if context is not None and path != args.path:
             # A plain-context baseline (arxiv_gpt2_context.yaml): history in its window, not in memory.
             settings.plain_context[name] = context
-    rmt = next(iter(models.values()))
-    # tasks on raw token ids (token_memory) need none
-    tokenizer = loading.command_tokenizer(recipe, adapter, args.tokenizer) if TASKS[task].needs_tokenizer else None
-    segment_size = rmt.memory_config.segment_size
-    check_fits(settings, options, tokenizer, models)
-
-    def build(num_segments: int, num_samples: int):
-        return build_dataset(task, options, tokenizer=tokenizer, segment_size=segment_size,
-                             num_segments=num_segments, num_samples=num_samples, seed=seed)
-
-    settings.extra = {"run": args.path, "adapter": adapter, "baseline": args.baseline, "task": task,
-                      "task_options": options, "seed": seed, "overrides": list(args.overrides),
-                      "plain_context": settings.plain_context}
-    with atomic_directory(out) as tmp:
-        metrics = evaluate(models, build, settings, tmp)
-    summary = {name: _headline(settings.curve, result) for name, result in metrics["results"].items()}
-    print(json.dumps({"out": out, "curve": settings.curve, "summary": summary}, indent=2))
-    return 0
+    return models
 
 
 def check_fits(settings, options: dict, tokenizer, models: dict) -> None:
