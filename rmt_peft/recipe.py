@@ -46,24 +46,13 @@ from .quantization import BACKENDS, QUANTIZATIONS
 from .runs import FINAL_DIR, RUN_SUMMARY_FILE
 from .speedups import CUDA_GRAPH_MODES
 from .tiny_models import ARCHITECTURES, TINY_PREFIX, tiny_config
+from .training_args import UNSUPPORTED, TrainingKeys, owned, read_deepspeed_config, resolve_deepspeed
 
 DTYPES = (None, *TORCH_DTYPES)  # null: the checkpoint's own
 ATTENTIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAINERS = ("rmt", "sft")
 ON_DIVERGENCE = ("stop", "rollback")
-# TrainingArguments fields the engine sets itself (per stage / for our batches).
-ENGINE_OWNED = {"remove_unused_columns": "the collator drops the columns the model does not take",
-                "label_names": "the engine sets it"}
-SFT_OWNED = {"max_length": "each curriculum stage truncates to its number of segments x memory.segment_size",
-             "packing": "packed samples would share one memory across unrelated documents",
-             "padding_free": "the memory model reads padded batches segment by segment"}
-# TrainingArguments fields the curriculum engine does not honour: rejected with the reason.
-UNSUPPORTED = {"num_train_epochs": "the curriculum counts optimizer steps: give curriculum.steps_per_stage or a "
-                                   "stage's max_steps (training.max_steps caps all stages together)",
-               "push_to_hub": "the Trainer would push every stage's checkpoints; upload the trained adapter with "
-                              "rmt-peft export OUTPUT_DIR --to DIR --push-to-hub REPO_ID",
-               "fsdp": "FSDP is not supported; shard with training.deepspeed (zero2, zero3, zero3_offload)"}
 # what the curriculum's stages can be decided on: the evaluations during training report these
 CURRICULUM_METRICS = ("eval_loss", "eval_accuracy")
 TRAINING_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -267,6 +256,7 @@ class Recipe:
     trainer: str = "rmt"
     guard: GuardSection = field(default_factory=GuardSection)
     source: str | None = None   # the file it came from
+    _deepspeed: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (value, config read)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(getattr(self, name)) for name in SECTIONS}
@@ -281,13 +271,21 @@ class Recipe:
         return self.training["output_dir"]
 
     @property
+    def keys(self) -> TrainingKeys:
+        """The training keys the engine reads, typed: a view of ``training`` as it is now; the DeepSpeed
+        config it names is read once (again only when ``training.deepspeed`` changes)."""
+        value = self.training.get("deepspeed")
+        if self._deepspeed is None or self._deepspeed[0] != value:
+            self._deepspeed = (value, read_deepspeed_config(value))
+        return TrainingKeys.of(self.training, self._deepspeed[1])
+
+    @property
     def deepspeed_config(self) -> dict | None:
-        return read_deepspeed_config(self.training.get("deepspeed"))
+        return self.keys.deepspeed_config
 
     @property
     def zero_stage(self) -> int:
-        cfg = self.deepspeed_config or {}
-        return int(cfg.get("zero_optimization", {}).get("stage", 0))
+        return self.keys.zero_stage
 
     @property
     def compiles_blocks(self) -> bool:
@@ -416,11 +414,11 @@ def check_training(values, trainer: str = "rmt") -> dict:
     if unknown:
         raise RecipeError(f"unknown key(s) {[f'training.{u}' for u in unknown]}: not {name_} fields "
                           f"(see {config_class.__module__.split('.')[0]}.{name_})")
-    owned = {**ENGINE_OWNED, **(SFT_OWNED if trainer == "sft" else {})}
+    refused = {name: rule.why for name, rule in owned(trainer).items() if not rule.settable}
     out = {}
     for name, value in values.items():
-        if name in owned:
-            raise RecipeError(f"training.{name} cannot be set: {owned[name]}")
+        if name in refused:
+            raise RecipeError(f"training.{name} cannot be set: {refused[name]}")
         if name in UNSUPPORTED and (value or name == "num_train_epochs"):
             raise RecipeError(f"training.{name}={value!r} is not supported: {UNSUPPORTED[name]}")
         if name == "resume_from_checkpoint" and isinstance(value, bool):
@@ -455,6 +453,8 @@ def check_training(values, trainer: str = "rmt") -> dict:
         check_writable(output_dir, "training.output_dir")
     except UserError as err:
         raise RecipeError(str(err)) from None
+    if out.get("deepspeed") is not None:  # a shipped name becomes its file: what the Trainer and recipe.yaml get
+        out["deepspeed"] = resolve_deepspeed(out["deepspeed"])
     return out
 
 
@@ -477,33 +477,6 @@ def _training_type(tp):
     args = typing.get_args(tp)
     enums = [a for a in args if isinstance(a, type) and issubclass(a, Enum)]
     return enums[0] if enums else tp
-
-
-# -- deepspeed ------------------------------------------------------------------------------
-def resolve_deepspeed(value):
-    """A DeepSpeed config: a dict, a json file, or a shipped name ("zero2", ``rmt-peft recipes``)."""
-    if value is None or isinstance(value, dict):
-        return value
-    # a file, not any path: a folder named "zero2" in the working directory (a run's output_dir,
-    # say) must not hide the shipped config of that name
-    if os.path.isfile(value):
-        return value
-    named = resources.path(resources.DEEPSPEED_CONFIGS, value)
-    if named is not None:
-        return named
-    raise RecipeError(f"training.deepspeed={value!r} is neither a file nor a shipped config; allowed: a json "
-                      f"file, a mapping, or one of {resources.names(resources.DEEPSPEED_CONFIGS)}")
-
-
-def read_deepspeed_config(value) -> dict | None:
-    value = resolve_deepspeed(value)
-    if value is None or isinstance(value, dict):
-        return value
-    try:
-        with open(value) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"training.deepspeed={value!r} is not valid JSON: {err}") from err
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -864,7 +837,7 @@ def _check_curriculum(recipe: Recipe) -> None:
     if cur.keep_best_segments is not None:
         _need(recipe.trainer == "rmt", f"curriculum.keep_best_segments needs trainer: rmt (the memory tasks' "
                                        f"samples of a given length); trainer={recipe.trainer!r}")
-        _need(train.get("eval_strategy", "no") != "no",
+        _need(recipe.keys.evaluates,
               f"curriculum.keep_best_segments={cur.keep_best_segments} scores the weights at each evaluation "
               f"during training; set training.eval_strategy=steps and training.eval_steps")
     for i, stage in enumerate(cur.stages):
@@ -873,7 +846,7 @@ def _check_curriculum(recipe: Recipe) -> None:
             _need(isinstance(n, int) and n >= 1, f"{key}.num_segments={stage.num_segments!r}: expected integers >= 1")
         _need(stage.max_steps is None or stage.max_steps >= 1,
               f"{key}.max_steps={stage.max_steps!r} must be >= 1")
-        _need(stage.max_steps is not None or train.get("max_steps", -1) > 0,
+        _need(stage.max_steps is not None or (recipe.keys.max_steps or 0) > 0,
               f"{key}.max_steps is not set: give curriculum.steps_per_stage, the stage's max_steps, or "
               f"training.max_steps (every stage needs a step budget; a metric can only end it earlier)")
         _need(stage.metric is None or stage.threshold is not None or stage.patience is not None,
@@ -885,7 +858,7 @@ def _check_curriculum(recipe: Recipe) -> None:
               f"{key}.metric={stage.metric!r} is not reported by the evaluations during training; allowed: "
               f"{list(CURRICULUM_METRICS)} (or without the eval_ prefix)")
         if stage.metric is not None:
-            _need(train.get("eval_strategy", "no") != "no",
+            _need(recipe.keys.evaluates,
                   f"{key}.metric={stage.metric!r} is computed by evaluations during training; set "
                   f"training.eval_strategy=steps and training.eval_steps")
 
@@ -897,10 +870,8 @@ def _check_curriculum(recipe: Recipe) -> None:
 
 def _check_deepspeed(recipe: Recipe) -> None:
     """Distributed and precision combinations."""
-    model, mem, train = recipe.model, recipe.memory, recipe.training
-    ds = recipe.deepspeed_config
-    if ds is not None:
-        train["deepspeed"] = resolve_deepspeed(train["deepspeed"])
+    model, mem = recipe.model, recipe.memory
+    if recipe.deepspeed_config is not None:
         stage = recipe.zero_stage
         _need(model.quantization != "fp8",
               "model.quantization='fp8' with training.deepspeed is not supported: the e4m3 weights were not tested "
@@ -911,7 +882,7 @@ def _check_deepspeed(recipe: Recipe) -> None:
               "weights cannot be partitioned; use ZeRO-2, or 4-bit with model.dtype set")
         _need(not (stage == 3 and (model.compile_blocks or model.compile_mode is not None)),
               f"{'model.compile_blocks=true' if model.compile_blocks else f'model.compile_mode={model.compile_mode!r}'}"
-              f" with ZeRO-3 (training.deepspeed={train['deepspeed']!r}) is not supported: {ZERO3_NO_COMPILE}; "
+              f" with ZeRO-3 (training.deepspeed={recipe.keys.deepspeed!r}) is not supported: {ZERO3_NO_COMPILE}; "
               "set model.compile_blocks=null (resolves to off under ZeRO-3) or false and leave model.compile_mode "
               "unset, or train with ZeRO-2 (training.deepspeed=zero2), where compiled blocks work")
         _need(not (stage == 3 and mem.checkpoint_segments),

@@ -1,4 +1,5 @@
-"""The TrainingArguments of one curriculum stage, from the recipe's ``training`` section."""
+"""The TrainingArguments of one curriculum stage: the recipe's ``training`` section with the rules
+the engine owns applied (``rmt_peft.training_args.OWNED``, the table validation reads too)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..recipe import Recipe, RecipeError
-
-CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+from ..training_args import stage_arguments
 
 
 def distributed_cpu_deepspeed(training: dict) -> bool:
@@ -20,13 +20,10 @@ def distributed_cpu_deepspeed(training: dict) -> bool:
 def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: int,
                        max_segments: int = 1) -> TrainingArguments:
     """The stage's TrainingArguments (SFTConfig for trl: inputs truncated to the stage's segments)."""
-    kwargs = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in CHECKPOINTING_KEYS:  # enabled on the backbone by build_model, not by the Trainer
-        if key in fields:  # activation_checkpointing is new after transformers 5.17
-            kwargs[key] = False  # (SFTConfig would default it to true)
-        kwargs.pop(f"{key}_kwargs", None)
-    kwargs.update(output_dir=output_dir, max_steps=max_steps, seed=seed, remove_unused_columns=False)
+    per_stage = {"output_dir": output_dir, "max_steps": max_steps, "seed": seed,
+                 "max_length": max_segments * recipe.memory.segment_size}  # trl: inputs cut to the stage's segments
+    kwargs = stage_arguments(recipe.training, recipe.trainer, fields, per_stage)
     kwargs.setdefault("report_to", "tensorboard")
     if not torch.cuda.is_available() and not kwargs.get("deepspeed"):
         kwargs["use_cpu"] = True
@@ -44,7 +41,6 @@ def training_arguments(recipe: Recipe, output_dir: str, max_steps: int, seed: in
         from trl import SFTConfig
 
         config_class = SFTConfig
-        kwargs["max_length"] = max_segments * recipe.memory.segment_size
     try:
         return config_class(**kwargs)
     except ValueError as err:

@@ -19,7 +19,6 @@ from ..log import logger
 from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, needs_tokenizer
 from ..recurrent import RMTModel
 from ..tiny_models import tiny_model
-from .arguments import CHECKPOINTING_KEYS
 from .engine import gathered
 
 
@@ -82,8 +81,7 @@ def build_model(recipe: Recipe, seed: int):
     if recipe.model.compile_blocks is None and recipe.zero_stage == 3 and torch.cuda.is_available():
         logger.info(f"model.compile_blocks: null resolves to off under ZeRO-3 (training.deepspeed): {ZERO3_NO_COMPILE}")
     half = recipe.model.dtype is not None and DTYPES[recipe.model.dtype] in (torch.bfloat16, torch.float16)
-    if recipe.zero_stage == 3 and half and recipe.model.quantization is None and not (
-            recipe.training.get("bf16") or recipe.training.get("fp16")):
+    if recipe.zero_stage == 3 and half and recipe.model.quantization is None and not recipe.keys.half_precision:
         logger.warning(f"model.dtype={recipe.model.dtype} under ZeRO-3 without training.bf16 (or fp16): transformers "
                        f"partitions the backbone in the DeepSpeed config's dtype, fp32 here, so it is held and "
                        f"computed in fp32 (twice the memory, fp32 matmuls); set training.bf16=true")
@@ -94,7 +92,7 @@ def build_model(recipe: Recipe, seed: int):
     logger.info(rmt.trainable_summary())
     if recipe.model.attention == "eager":  # asked for by name: keep it (from_backbone switches GPT-Neo to SDPA)
         use_gpt_neo_sdpa(rmt.causal_lm, enable=False)
-    if any(recipe.training.get(k) for k in CHECKPOINTING_KEYS):
+    if recipe.keys.checkpointing:
         # Non-reentrant only: BPTT reuses the LoRA weights in every segment.
         enable_checkpointing(rmt.causal_lm, zero3=recipe.zero_stage == 3, drop_input_hook=False)
     return rmt.train()

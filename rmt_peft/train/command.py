@@ -70,7 +70,7 @@ def validate_command(args) -> int:
     print(f"{args.recipe}: valid ({recipe.model.name_or_path}, task {recipe.data.task}, "
           f"{recipe.memory.num_memory_tokens} memory tokens, segment {recipe.memory.segment_size}, "
           f"stages [segments x steps] {stages}, output {recipe.output_dir}"
-          + (f", deepspeed {recipe.training['deepspeed']}" if recipe.training.get("deepspeed") else "") + ")"
+          + (f", deepspeed {recipe.keys.deepspeed}" if recipe.keys.deepspeed else "") + ")"
           + ("; the data fills every stage" if filled else ""))
     return 0
 

@@ -70,7 +70,7 @@ class CurriculumRun:
         self.recipe = recipe
         self.log = log
         self.out = recipe.output_dir
-        self.seed = runs.seed_of(recipe.training)
+        self.seed = recipe.keys.seed
         self.started = time.time()
         self.point: ResumePoint | None = None
         self.state = CurriculumState()
@@ -89,7 +89,7 @@ class CurriculumRun:
         """Check the output folder (on every rank, before any rank writes), remove what killed
         writers left, and find where the run goes on: a given checkpoint, the furthest point of
         an earlier run (``training.resume_from_checkpoint``), or the start."""
-        resume = self.recipe.training.get("resume_from_checkpoint")
+        resume = self.recipe.keys.resume
         if not runs.check_start(self.out, bool(resume)) and resume is True:
             resume = None  # a folder a killed first start left: nothing to resume, start afresh
         if is_main_process():
@@ -130,7 +130,7 @@ class CurriculumRun:
     def run_stage(self, index: int) -> bool:
         """Train stage ``index`` to its end (again from a good save after each rollback) and save
         its end/; False when training.max_steps leaves it no step."""
-        stage, total = self.recipe.curriculum.stages[index], self.recipe.training.get("max_steps")
+        stage, total = self.recipe.curriculum.stages[index], self.recipe.keys.max_steps
         budget = stage_budget(stage, self.state.steps_before, total)
         if budget == 0:
             self.log(f"stage {index}: no steps left under training.max_steps={total}; stopping the curriculum")
