@@ -1,10 +1,12 @@
-"""Files that ship inside the package: the recipes (``rmt_peft/recipes/*.yaml``) and the DeepSpeed
-configs (``rmt_peft/deepspeed_configs/*.json``), read through ``importlib.resources`` so they are
-found from any folder, in a checkout as in an installed wheel.
+"""The recipes and DeepSpeed configs: ``recipes/*.yaml`` and ``deepspeed_configs/*.json`` at the top of
+the repository (the files people read, copy and edit), shipped inside the wheel as
+``rmt_peft/recipes`` and ``rmt_peft/deepspeed_configs`` (pyproject.toml maps them). An installed
+package reads its own copies through ``importlib.resources``; a checkout (the package imported from
+its source folder) reads the repository's folders, so every command finds them from any folder.
 
 A recipe is named by its file name without ``.yaml`` (``quickstart``); ``recipes/quickstart.yaml``
-(the path in a checkout before the recipes moved into the package) names it too, so commands
-written for a checkout keep working anywhere. Cheap to import: ``rmt-peft --help`` uses it.
+names it too, so commands written for a checkout keep working anywhere. Cheap to import:
+``rmt-peft --help`` uses it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ SUFFIXES = {RECIPES: ".yaml", DEEPSPEED_CONFIGS: ".json"}
 
 
 def _folder(kind: str):
-    return resources.files("rmt_peft") / kind
+    """The installed package's copy of the ``kind`` folder, else the checkout's (beside the package)."""
+    installed = resources.files("rmt_peft") / kind
+    if installed.is_dir():
+        return installed
+    return resources.files("rmt_peft").parent / kind
 
 
 def names(kind: str) -> list[str]:

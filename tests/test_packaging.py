@@ -1,6 +1,7 @@
 """The installed package, not the checkout: a wheel built from the project, installed into a folder
-outside it, runs from another folder with the shipped recipes and DeepSpeed configs (package data)
-and through the launchers' module entry (``python -m rmt_peft.train``), with 2 ranks."""
+outside it, runs from another folder with the shipped recipes and DeepSpeed configs (the
+repository's recipes/ and deepspeed_configs/, package data in the wheel) and through the launchers'
+module entry (``python -m rmt_peft.train``), with 2 ranks; scripts/train.py is that entry too."""
 import glob
 import json
 import os
@@ -23,8 +24,8 @@ def installed(tmp_path_factory):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), source / name)
-    shutil.copytree(os.path.join(ROOT, "rmt_peft"), source / "rmt_peft",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("rmt_peft", "recipes", "deepspeed_configs"):
+        shutil.copytree(os.path.join(ROOT, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"),
                     str(source)], check=True, capture_output=True)
@@ -39,9 +40,9 @@ def installed(tmp_path_factory):
 def test_wheel_ships_recipes_deepspeed_configs_and_type_information(installed):
     _, wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in os.listdir(os.path.join(ROOT, "rmt_peft", "recipes")):
+    for name in os.listdir(os.path.join(ROOT, "recipes")):
         assert f"rmt_peft/recipes/{name}" in names
-    for name in os.listdir(os.path.join(ROOT, "rmt_peft", "deepspeed_configs")):
+    for name in os.listdir(os.path.join(ROOT, "deepspeed_configs")):
         assert f"rmt_peft/deepspeed_configs/{name}" in names
     assert "rmt_peft/py.typed" in names
 
@@ -65,10 +66,22 @@ def test_installed_package_validates_and_copies_recipes_from_another_folder(inst
     assert "quickstart" in listing.stdout and "zero3_offload" in listing.stdout
     assert run_installed(["-m", "rmt_peft.cli", "recipes", "quickstart"], env, tmp_path).returncode == 0
     copied = (tmp_path / "quickstart.yaml").read_text()
-    with open(os.path.join(ROOT, "rmt_peft", "recipes", "quickstart.yaml")) as f:
+    with open(os.path.join(ROOT, "recipes", "quickstart.yaml")) as f:
         assert copied == f.read()
     again = run_installed(["-m", "rmt_peft.cli", "recipes", "quickstart"], env, tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr  # never overwrites an edited copy
+
+
+def test_the_launcher_script_is_rmt_peft_train(installed, tmp_path):
+    """``deepspeed scripts/train.py RECIPE ...`` runs what ``deepspeed --module rmt_peft.train`` runs:
+    ``rmt-peft train``, which takes the ``--local_rank`` the launcher puts first."""
+    _, _, env = installed
+    script = os.path.join(ROOT, "scripts", "train.py")
+    usage = run_installed([script, "--help"], env, tmp_path)
+    assert usage.returncode == 0 and "usage: rmt-peft train" in usage.stdout
+    missing = run_installed([script, "--local_rank=0", "no_such_recipe"], env, tmp_path)
+    last = missing.stderr.strip().splitlines()[-1]
+    assert missing.returncode == 2 and last.startswith("rmt-peft train: error: invalid recipe no_such_recipe"), last
 
 
 def free_port():
