@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .attention import use_gpt_neo_sdpa
-from .quantization import check_bitsandbytes, choose_backend, quantization_config, single_device, target_device
+from .quantization import backend_for, check_bitsandbytes, quantization_config, single_device, target_device
 from .quantized_linear import check_fp8, quantize_linears
 from .speedups import use_fused_gelu
 
@@ -126,7 +126,7 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
         load_kwargs["dtype"] = torch_dtype
     gpt_neo_sdpa = _set_attention(load_kwargs, name_or_path, attn_implementation, speedups)
     device = single_device(device_map)
-    backend = _backend(quantization, quantization_backend, device, quant_type, double_quant, quant_storage)
+    backend = backend_for(quantization, quantization_backend, device, quant_type, double_quant, quant_storage)
     compute = resolve_dtype(compute_dtype) or torch_dtype or torch.bfloat16
     if backend == "torch":
         if quantization == "fp8":
@@ -170,18 +170,6 @@ def _set_attention(load_kwargs: dict, name_or_path: str, attn_implementation: st
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     return gpt_neo_sdpa
-
-
-def _backend(quantization: str | None, asked: str, device, quant_type: str, double_quant: bool, quant_storage):
-    """The library that holds the quantized weights (``quantization.choose_backend``; logged), or None."""
-    bnb_options = tuple(f"{name}={value!r}" for name, value, default in
-                        (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, True),
-                         ("quant_storage", quant_storage, None)) if value != default) if quantization == "4bit" else ()
-    backend, why = choose_backend(quantization, asked, "multi" if device is None else device.type, bnb_options)
-    if why:
-        logger.info(f"quantization={quantization!r} held by {why}; load_backbone(quantization_backend=...) "
-                    f"(recipes: model.quantization_backend) overrides")
-    return backend
 
 
 def enable_checkpointing(model: PreTrainedModel, *, zero3: bool = False, drop_input_hook: bool = True) -> None:

@@ -18,6 +18,7 @@ import functools
 import torch
 
 from .errors import UserError
+from .log import logger
 from .quantized_linear import torchao_available
 
 QUANTIZATIONS = (None, "8bit", "4bit", "fp8")
@@ -64,6 +65,21 @@ def choose_backend(quantization: str | None, backend: str, device_type: str, bnb
         return "bitsandbytes", "bitsandbytes: torch's NF4 needs torchao, which is not installed"
     return "torch", ("torch: weights stay quantized on the GPU and each (compiled) matmul dequantizes them, "
                      "instead of bitsandbytes' per-call dequantization through Python")
+
+
+def backend_for(quantization: str | None, asked: str, device: torch.device | None, quant_type: str = "nf4",
+                double_quant: bool = True, quant_storage=None) -> str | None:
+    """``choose_backend`` for weights loaded onto ``device`` (None: a device map over several) with
+    these 4-bit options (those other than the defaults exist in bitsandbytes only); the choice is
+    logged when there was one to make."""
+    bnb_options = tuple(f"{name}={value!r}" for name, value, default in
+                        (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, True),
+                         ("quant_storage", quant_storage, None)) if value != default) if quantization == "4bit" else ()
+    backend, why = choose_backend(quantization, asked, "multi" if device is None else device.type, bnb_options)
+    if why:
+        logger.info(f"quantization={quantization!r} held by {why}; load_backbone(quantization_backend=...) "
+                    f"(recipes: model.quantization_backend) overrides")
+    return backend
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype | None = None,
