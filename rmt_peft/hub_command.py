@@ -86,9 +86,10 @@ def check_target(source: str, folder: str, to: str, overwrite: bool) -> None:
     """The rule of every command that writes (``runs.check_output``: never the current folder, a
     run's own files or a folder holding a run; an existing folder only with --overwrite), and
     never the source, a folder holding it, or the inside of the adapter folder."""
-    from .runs import check_output
+    from .runs import check_not_current_folder, check_output
 
     if to and to.strip():
+        check_not_current_folder(to, "--to")
         for path in (source, folder):
             if inside(path, to):
                 raise UserError(f"--to {to} is the source {path} or a folder holding it: exporting there would "

@@ -225,9 +225,8 @@ def check_output(path: str, flag: str, overwrite: bool = False, *, folder: bool,
     if not path or not path.strip():
         raise UserError(f"{flag} is empty; give the {what} to write")
     real = os.path.realpath(path)
-    if folder and _inside(os.path.realpath(os.getcwd()), real):
-        raise UserError(f"{flag} {path} is the current folder or holds it: writing there would replace what you "
-                        f"work in; choose a new folder (--overwrite does not change this)")
+    if folder:
+        check_not_current_folder(path, flag)
     if os.path.isdir(real) and not folder:
         raise UserError(f"{flag} {path} is a folder; expected a file")
     if os.path.exists(real) and not os.path.isdir(real) and folder:
@@ -252,6 +251,14 @@ def check_output(path: str, flag: str, overwrite: bool = False, *, folder: bool,
         raise UserError(f"{flag} {path} already exists; nothing is overwritten: choose a new file, or give "
                         f"--overwrite to replace it")
     check_writable(os.path.dirname(real) if not folder else real, flag, given=path)
+
+
+def check_not_current_folder(path: str, flag: str) -> None:
+    """Refuse a folder to be replaced that is the current folder or holds it: checked before any
+    other reason, so the answer does not depend on where the command runs."""
+    if _inside(os.path.realpath(os.getcwd()), os.path.realpath(path)):
+        raise UserError(f"{flag} {path} is the current folder or holds it: writing there would replace what you "
+                        f"work in; choose a new folder (--overwrite does not change this)")
 
 
 def _check_not_a_runs_own(path: str, real: str, flag: str, what: str) -> None:
