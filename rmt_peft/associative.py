@@ -21,13 +21,15 @@ What is ours: the state lives in an ``AssociativeState`` that the caller passes 
 (the authors keep it in module attributes), so it streams, saves, detaches for truncated BPTT
 and checkpoints like the memory tokens' state; nothing hides between calls. The read and write
 run in forward hooks of the backbone's decoder layers (its structure and LoRA names unchanged),
-outside compiled regions, active only inside ``AssociativeMemory.session``. The state is fp32
+outside the blocks' compiled graphs (compiled as graphs of their own when the blocks are), active
+only inside ``AssociativeMemory.session``. The state is fp32
 (thousands of accumulated writes); the matmuls run in the backbone's dtype (or the caller's
 autocast).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -117,6 +119,49 @@ class AssociativeState:
         return cls(tuple(matrices.unbind(0)), tuple(normalizers.unbind(0)), empty)
 
 
+def read_memory(hidden: torch.Tensor, query: torch.Tensor, matrix: torch.Tensor,
+                normalizer: torch.Tensor) -> torch.Tensor:
+    """What every position of ``hidden`` (batch, tokens, hidden) reads from one layer's memory,
+    ``phi(h Wq) A / (phi(h Wq) . z + eps)``, in ``hidden``'s dtype (``query``: Wq's weight). A
+    function of tensors alone, so one compiled graph serves every layer."""
+    features = dpfp(F.linear(hidden, query))
+    found = torch.einsum("btk,bkh->bth", features, matrix.to(features.dtype))
+    weight = torch.einsum("bk,btk->bt", normalizer.to(features.dtype), features)[..., None] + EPS
+    return (found / weight).to(hidden.dtype)
+
+
+def write_memory(memory: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate_weight: torch.Tensor,
+                 gate_bias: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
+                 correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's matrix and normaliser after writing the memory positions' outputs ``memory``
+    (batch, m, hidden) with the delta rule (the weights of Wk, Wv and the gate given)."""
+    keys = dpfp(F.linear(memory, key))
+    values = F.linear(memory, value)
+    if empty:
+        stored, coefficient = torch.zeros_like(values), 1.0
+    else:
+        weight = torch.einsum("bk,bmk->bm", normalizer.to(keys.dtype), keys)[..., None] + EPS
+        stored = torch.einsum("bmk,bkh->bmh", keys, matrix.to(keys.dtype)) / weight
+        coefficient = 1.0
+        if correction:
+            coefficient = torch.clip(1 - weight / (torch.linalg.norm(keys, dim=-1) ** 2 + EPS)[..., None],
+                                     0, 1).detach()
+            # a sample with nothing written yet (padding so far) writes as a first segment does
+            started = (normalizer != 0).any(dim=-1)[:, None, None]
+            coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
+    gate = torch.sigmoid(F.linear(memory, gate_weight, gate_bias))[..., 0]
+    update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, gate)
+    return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
+
+
+@functools.cache
+def compiled(kernel, backend: str = "inductor"):
+    """``kernel`` (read_memory or write_memory) compiled once per backend and shared by every
+    layer and model: eager, each hook launches some 15 small kernels a layer forward and 30
+    backward, which held the GPU busy 27% of a training step (H200, GPT-Neo-1.3B shape)."""
+    return torch.compile(kernel, backend=backend)
+
+
 class AssociativeLayer(nn.Module):
     """The trainable projections of one decoder layer's associative memory (the authors'
     W_mq, W_mk, W_mv, W_mb)."""
@@ -139,44 +184,21 @@ class AssociativeLayer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=hidden.dtype)
 
-    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor,
+             kernel=read_memory) -> torch.Tensor:
         """What every position (batch, tokens, hidden) reads from the memory, in ``hidden``'s dtype."""
-        with self._precision(hidden):
-            return self._read(hidden, matrix, normalizer)
-
-    def _read(self, hidden: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
-        features = dpfp(self.query(hidden))
-        if matrix.shape[0] != features.shape[0]:  # generate() with several beams or sequences per sample
-            repeat = features.shape[0] // matrix.shape[0]
+        if matrix.shape[0] != hidden.shape[0]:  # generate() with several beams or sequences per sample
+            repeat = hidden.shape[0] // matrix.shape[0]
             matrix, normalizer = matrix.repeat_interleave(repeat, 0), normalizer.repeat_interleave(repeat, 0)
-        found = torch.einsum("btk,bkh->bth", features, matrix.to(features.dtype))
-        weight = torch.einsum("bk,btk->bt", normalizer.to(features.dtype), features)[..., None] + EPS
-        return (found / weight).to(hidden.dtype)
+        with self._precision(hidden):
+            return kernel(hidden, self.query.weight, matrix, normalizer)
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
-              correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              correction: bool, kernel=write_memory) -> tuple[torch.Tensor, torch.Tensor]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden)."""
         with self._precision(memory):
-            return self._write(memory, matrix, normalizer, empty, correction)
-
-    def _write(self, memory, matrix, normalizer, empty: bool, correction: bool):
-        keys = dpfp(self.key(memory))
-        values = self.value(memory)
-        if empty:
-            stored, coefficient = torch.zeros_like(values), 1.0
-        else:
-            weight = torch.einsum("bk,bmk->bm", normalizer.to(keys.dtype), keys)[..., None] + EPS
-            stored = torch.einsum("bmk,bkh->bmh", keys, matrix.to(keys.dtype)) / weight
-            coefficient = 1.0
-            if correction:
-                coefficient = torch.clip(1 - weight / (torch.linalg.norm(keys, dim=-1) ** 2 + EPS)[..., None],
-                                         0, 1).detach()
-                # a sample with nothing written yet (padding so far) writes as a first segment does
-                started = (normalizer != 0).any(dim=-1)[:, None, None]
-                coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
-        gate = torch.sigmoid(self.gate(memory))[..., 0]
-        update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, gate)
-        return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
+            return kernel(memory, self.key.weight, self.value.weight, self.gate.weight, self.gate.bias,
+                          matrix, normalizer, empty, correction)
 
 
 class _Session:
@@ -226,6 +248,9 @@ class AssociativeMemory(nn.Module):
         for index, block in enumerate(blocks):
             self._handles.append(block.register_forward_pre_hook(_ReadHook(self, index), with_kwargs=True))
             self._handles.append(block.register_forward_hook(_WriteHook(self, index)))
+            backend = getattr(block, _KERNEL_BACKEND, None)
+            if backend:  # the block was compiled before the memory came: its kernels compile as it did
+                compile_hooks(block, True, backend)
 
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0):
@@ -246,15 +271,16 @@ class _ReadHook:
 
     def __init__(self, owner: AssociativeMemory, index: int):
         self.owner, self.index = owner, index
+        self.kernel = read_memory  # compiled with the block: compile_hooks
 
-    @torch.compiler.disable  # eager, outside a compiled block: one compiled graph serves every layer
+    @torch.compiler.disable  # outside a compiled block: one compiled graph serves every layer
     def __call__(self, block, args, kwargs):
         session = self.owner._session
         if session is None or session.state.empty:
             return None
         i = self.index
         hidden = args[0] if args else kwargs["hidden_states"]
-        read = self.owner.layers[i].read(hidden, session.state.matrices[i], session.state.normalizers[i])
+        read = self.owner.layers[i].read(hidden, session.state.matrices[i], session.state.normalizers[i], self.kernel)
         if args:
             return (hidden + read, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden + read}
@@ -265,6 +291,7 @@ class _WriteHook:
 
     def __init__(self, owner: AssociativeMemory, index: int):
         self.owner, self.index = owner, index
+        self.kernel = write_memory
 
     @torch.compiler.disable
     def __call__(self, block, args, output):
@@ -274,5 +301,24 @@ class _WriteHook:
         i, state = self.index, session.state
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         session.written[i] = self.owner.layers[i].write(hidden[:, -session.write_tokens:], state.matrices[i],
-                                                        state.normalizers[i], state.empty, session.correction)
+                                                        state.normalizers[i], state.empty, session.correction,
+                                                        self.kernel)
         return None
+
+
+# set on a block by compile_hooks, so that a memory attached to an already compiled block compiles alike
+_KERNEL_BACKEND = "_associative_kernel_backend"
+
+
+def compile_hooks(block: nn.Module, enable: bool = True, backend: str = "inductor") -> int:
+    """Compile (``enable=False``: undo) the read and write of the associative memory hooked on
+    ``block``, as ``speedups.compile_blocks`` compiles the block: the hooks stay outside the
+    block's graph, and their kernels get graphs of their own, shared by every layer. Returns
+    how many hooks it switched."""
+    setattr(block, _KERNEL_BACKEND, backend if enable else None)
+    hooks = [h for h in (*block._forward_pre_hooks.values(), *block._forward_hooks.values())
+             if isinstance(h, (_ReadHook, _WriteHook))]
+    for hook in hooks:
+        eager = read_memory if isinstance(hook, _ReadHook) else write_memory
+        hook.kernel = compiled(eager, backend) if enable else eager
+    return len(hooks)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .associative import AssociativeState
+from .associative import AssociativeState, compile_hooks
 from .attention import use_gpt_neo_sdpa
 from .errors import UserError
 from .quantized_linear import QuantizedLinear
@@ -70,6 +70,8 @@ def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> i
     ``torch.no_grad`` run the block eagerly."""
     blocks = transformer_blocks(model)
     for block in blocks:
+        # an associative memory's read and write, hooked on the block, compile with it
+        compile_hooks(block, enable, compile_kwargs.get("backend", "inductor"))
         if not enable:
             block._compiled_call_impl = None
         elif compile_kwargs.get("mode") in CUDA_GRAPH_MODES:

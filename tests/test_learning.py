@@ -147,3 +147,36 @@ def test_an_associative_run_keeps_its_results_so_far_in_the_partial_folder(tmp_p
     assert saved["partial"] and saved["accuracy"] == result["accuracy"]
     assert set(result["accuracy"]) == {"1", "3"} and all(0 <= a <= 1 for a in result["accuracy"].values())
     assert saved["config"]["memory_kind"] == "associative"
+
+
+def test_a_capacity_grid_keeps_one_partial_file_per_number_of_pairs(tmp_path):
+    """--pairs runs one retrieval run per K with the same task, variant and seed: each keeps its
+    own file in partial/ (they overwrote one another, losing all but the last K of a cut grid)."""
+    from benchmarks.learning import save_partial
+
+    for k in (2, 8):
+        config = {"task": "retrieval", "variant": "paper", "seed": 3, "retrieval_pairs": k}
+        save_partial(str(tmp_path), {"config": config, "accuracy": {str(k + 1): k / 10}})
+    save_partial(str(tmp_path), {"config": {"task": "detect", "variant": "paper", "seed": 3, "retrieval_pairs": 4},
+                                 "accuracy": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detect-paper-seed3.json", "retrieval-paper-seed3-K2.json",
+                                                          "retrieval-paper-seed3-K8.json"]
+
+
+def test_the_seed_plot_draws_one_line_per_run_in_a_colour_per_variant(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from benchmarks import learning
+
+    runs = [{"config": {"task": "detect", "variant": v, "seed": s, "retrieval_pairs": 4},
+             "accuracy": {"1": 1.0, "16": 0.5 + s / 10}} for v in ("paper", "associative") for s in (0, 1, 2)]
+    drawn = []
+    with mock.patch.object(learning, "_save", lambda fig, path, title: drawn.append(fig)):
+        learning.plot_seeds(runs, str(tmp_path / "seeds.png"))
+    lines = drawn[0].axes[0].get_lines()
+    assert len(lines) == 6
+    assert len({line.get_color() for line in lines}) == 2
+    assert sorted(tuple(line.get_ydata()) for line in lines)[0] == (1.0, 0.5)
