@@ -507,11 +507,12 @@ def memory_drift(cfg: RunConfig, model: RMTModel, segments: int, device, samples
 
 
 def save_partial(folder: str | None, result: dict) -> None:
-    """``result`` (one run, so far) to FOLDER/TASK-VARIANT-seedN.json, atomically."""
+    """``result`` (one run, so far) to FOLDER/TASK-VARIANT-seedN[-KN].json, atomically."""
     if folder is None:
         return
     cfg = result["config"]
-    path = os.path.join(folder, f"{cfg['task']}-{cfg['variant']}-seed{cfg['seed']}.json")
+    grid = f"-K{cfg['retrieval_pairs']}" if cfg["task"] == "retrieval" else ""  # --pairs: a run per K
+    path = os.path.join(folder, f"{cfg['task']}-{cfg['variant']}-seed{cfg['seed']}{grid}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({**result, "partial": True}, f)
     os.replace(path + ".tmp", path)
@@ -754,6 +755,31 @@ def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
     _save(fig, path, title)
 
 
+def plot_seeds(runs: list[dict], path: str, title: str = "") -> None:
+    """Every run's accuracy against segments read, one line per seed, a colour per variant, one
+    panel per task: where a mean and its range hide which seeds forget (the lottery)."""
+    plt = _pyplot()
+    tasks = sorted({task_label(r["config"]) for r in runs if r.get("accuracy")})
+    variants = sorted({r["config"]["variant"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for index, variant in enumerate(variants):
+            rows = [r for r in runs if task_label(r["config"]) == task and r["config"]["variant"] == variant
+                    and r.get("accuracy")]
+            for i, run in enumerate(sorted(rows, key=lambda r: r["config"]["seed"])):
+                lengths = sorted(run["accuracy"], key=int)
+                ax.plot([int(n) for n in lengths], [run["accuracy"][n] for n in lengths], color=f"C{index}",
+                        marker=".", lw=0.8, alpha=0.7, label=f"{variant} ({len(rows)} seeds)" if i == 0 else None)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("segments read")
+        ax.set_ylabel("answer accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path, title)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["memorize"], choices=sorted(TASKS))
@@ -793,6 +819,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = report["accuracy"]
     if table:
         plot(table, os.path.join(args.out_dir, "accuracy.png"), title=f"{runs[0]['device']}, {report['date']}")
+        if len(runs) > len({(task_label(r["config"]), r["config"]["variant"]) for r in runs}):  # several seeds
+            plot_seeds(runs, os.path.join(args.out_dir, "seeds.png"), title=f"{runs[0]['device']}, {report['date']}")
         if any(r.get("selected") for r in runs):
             plot_selection(runs, os.path.join(args.out_dir, "kept_vs_last.png"), f"{runs[0]['device']}, {report['date']}")
         print(format_table(table))
