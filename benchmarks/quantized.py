@@ -256,7 +256,7 @@ def opt_section(args, device, log) -> None:
     ids = torch.randint(0, config.vocab_size, (batch, segments * memory.segment_size),
                         generator=torch.Generator().manual_seed(3)).to(device)
     for name in args.opt_backbones:
-        rmt = None
+        rmt = backbone = None  # the last backbone freed before `before`: the delta is this one's alone
         try:
             free()
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
@@ -282,7 +282,7 @@ def opt_section(args, device, log) -> None:
         except Exception as err:
             log("opt", {"backbone": name, **failed(err)})
         finally:
-            rmt = None
+            rmt = backbone = None
             torch._dynamo.reset()
             capped(device, None)
 
