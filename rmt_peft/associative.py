@@ -119,24 +119,23 @@ class AssociativeState:
         return cls(tuple(matrices.unbind(0)), tuple(normalizers.unbind(0)), empty)
 
 
-def read_memory(hidden: torch.Tensor, query: torch.Tensor, matrix: torch.Tensor,
-                normalizer: torch.Tensor) -> torch.Tensor:
-    """What every position of ``hidden`` (batch, tokens, hidden) reads from one layer's memory,
-    ``phi(h Wq) A / (phi(h Wq) . z + eps)``, in ``hidden``'s dtype (``query``: Wq's weight). A
-    function of tensors alone, so one compiled graph serves every layer."""
-    features = dpfp(F.linear(hidden, query))
+def read_memory(queries: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """What every position reads from one layer's memory, ``phi(q) A / (phi(q) . z + eps)``, from
+    its query projections ``queries`` (batch, tokens, key size), in ``dtype``. A function of
+    tensors alone, so one compiled graph serves every layer."""
+    features = dpfp(queries)
     found = torch.einsum("btk,bkh->bth", features, matrix.to(features.dtype))
     weight = torch.einsum("bk,btk->bt", normalizer.to(features.dtype), features)[..., None] + EPS
-    return (found / weight).to(hidden.dtype)
+    return (found / weight).to(dtype)
 
 
-def write_memory(memory: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate_weight: torch.Tensor,
-                 gate_bias: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
-                 correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's matrix and normaliser after writing the memory positions' outputs ``memory``
-    (batch, m, hidden) with the delta rule (the weights of Wk, Wv and the gate given)."""
-    keys = dpfp(F.linear(memory, key))
-    values = F.linear(memory, value)
+def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
+                 normalizer: torch.Tensor, empty: bool, correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's matrix and normaliser after writing, with the delta rule, the memory positions'
+    key projections ``keys`` (batch, m, key size), values (batch, m, hidden) and gate logits
+    (batch, m, 1)."""
+    keys = dpfp(keys)
     if empty:
         stored, coefficient = torch.zeros_like(values), 1.0
     else:
@@ -149,8 +148,7 @@ def write_memory(memory: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
             # a sample with nothing written yet (padding so far) writes as a first segment does
             started = (normalizer != 0).any(dim=-1)[:, None, None]
             coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
-    gate = torch.sigmoid(F.linear(memory, gate_weight, gate_bias))[..., 0]
-    update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, gate)
+    update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, torch.sigmoid(gates)[..., 0])
     return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
 
 
@@ -190,15 +188,16 @@ class AssociativeLayer(nn.Module):
         if matrix.shape[0] != hidden.shape[0]:  # generate() with several beams or sequences per sample
             repeat = hidden.shape[0] // matrix.shape[0]
             matrix, normalizer = matrix.repeat_interleave(repeat, 0), normalizer.repeat_interleave(repeat, 0)
+        # the projections are module calls (ZeRO-3 gathers a weight only for its module's call)
         with self._precision(hidden):
-            return kernel(hidden, self.query.weight, matrix, normalizer)
+            return kernel(self.query(hidden), matrix, normalizer, hidden.dtype)
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory) -> tuple[torch.Tensor, torch.Tensor]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden)."""
         with self._precision(memory):
-            return kernel(memory, self.key.weight, self.value.weight, self.gate.weight, self.gate.bias,
-                          matrix, normalizer, empty, correction)
+            return kernel(self.key(memory), self.value(memory), self.gate(memory), matrix, normalizer, empty,
+                          correction)
 
 
 class _Session:

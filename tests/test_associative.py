@@ -341,9 +341,9 @@ def test_a_bf16_backbone_reads_and_writes_in_bf16_and_keeps_an_fp32_state():
     block = transformer_blocks(rmt.causal_lm)[0]
     reader = next(h for h in block._forward_pre_hooks.values() if getattr(h, "kernel", None) is read_memory)
 
-    def spy(hidden, query, matrix, normalizer):  # the dtype of the query projection the read computes
-        seen.append(F.linear(hidden, query).dtype)
-        return read_memory(hidden, query, matrix, normalizer)
+    def spy(queries, matrix, normalizer, dtype):  # the dtype of the query projection the read gets
+        seen.append(queries.dtype)
+        return read_memory(queries, matrix, normalizer, dtype)
 
     reader.kernel = spy
     with torch.no_grad():
