@@ -88,3 +88,30 @@ def make_recipe_writer(base: dict, folder, output_dir):
         path.write_text(yaml.safe_dump(raw))
         return str(path)
     return write
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records calls and what the uploaded folder held."""
+
+    calls = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        files = {n: open(os.path.join(folder_path, n), "rb").read() for n in os.listdir(folder_path)}
+        self.calls.append(("upload_folder", repo_id, files, repo_type, commit_message))
+        return "commit-info"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Uploads go to FakeHfApi; returns the list of its calls (push_to_hub, export --push-to-hub)."""
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi.calls

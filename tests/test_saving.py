@@ -1,4 +1,5 @@
-"""Saving, loading, merging and pushing RMT models; the export command; bad input."""
+"""Saving, loading, merging and pushing RMT models (rmt_peft/saving.py, through RMTModel.save_pretrained /
+from_pretrained / merge_and_unload / push_to_hub): the saved files, round trips, bad input."""
 import json
 import os
 import shutil
@@ -10,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from rmt_peft import MemoryConfig, RMTModel, card, load_backbone
-from rmt_peft.cli import main as cli_main
 from rmt_peft.tiny_models import save_tiny_model
 
 MEMORY = MemoryConfig(num_memory_tokens=4, segment_size=8)
@@ -279,32 +279,6 @@ def test_failed_save_leaves_nothing_half_written(neo_adapter, tmp_path, monkeypa
     assert {n: open(target / n, "rb").read() for n in os.listdir(target)} == before
 
 
-class FakeHfApi:
-    """Stands in for huggingface_hub.HfApi: records calls and what the uploaded folder held."""
-
-    calls = []
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-        self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
-
-    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
-        files = {n: open(os.path.join(folder_path, n), "rb").read() for n in os.listdir(folder_path)}
-        self.calls.append(("upload_folder", repo_id, files))
-        return "commit-info"
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    import huggingface_hub
-
-    FakeHfApi.calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    return FakeHfApi.calls
-
-
 def test_push_to_hub_uploads_exactly_the_saved_folder(neo_adapter, tmp_path, fake_hub):
     rmt, folder = neo_adapter
     assert rmt.push_to_hub("me/neo-rmt", private=True, token="tok") == "commit-info"
@@ -320,35 +294,6 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(neo_adapter, tmp_path, fak
     pushed, saved = load(uploaded["memory.safetensors"]), load_file(os.path.join(local, "memory.safetensors"))
     assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved)
     assert b'RMTModel.from_pretrained("me/neo-rmt")' in uploaded["README.md"]
-
-
-def test_export_command(neo_adapter, bases, tmp_path, fake_hub, monkeypatch, capsys):
-    rmt, folder = neo_adapter
-    run = tmp_path / "run"
-    shutil.copytree(folder, run / "final")
-    (run / "final" / "tokenizer.json").write_text("{}")
-    (run / "summary.json").write_text("{}")
-
-    assert cli_main(["export", str(run), "--to", str(tmp_path / "plain")]) == 0
-    assert capsys.readouterr().out.startswith("wrote adapter (LoRA + memory) to ")
-    assert set(os.listdir(tmp_path / "plain")) == PEFT_FILES | OUR_FILES | {"tokenizer.json"}
-    assert torch.equal(logits(RMTModel.from_pretrained(str(tmp_path / "plain"))), logits(rmt))
-
-    out = tmp_path / "merged"
-    assert cli_main(["export", str(run), "--to", str(out), "--merge", "--push-to-hub", "me/merged"]) == 0
-    files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "tokenizer.json"} | OUR_FILES <= files and not PEFT_FILES & files
-    assert set(fake_hub[1][2]) == files
-    monkeypatch.setitem(sys.modules, "peft", None)
-    merged = RMTModel.from_pretrained(str(out))
-    assert (logits(merged) - logits(rmt)).abs().max() < 0.05 * logits(rmt).abs().max()
-
-    capsys.readouterr()
-    assert cli_main(["export", str(out), "--to", str(tmp_path / "again"), "--merge"]) == 2
-    assert "nothing to merge" in capsys.readouterr().err
-    assert cli_main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
-    assert "neither an adapter folder" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "again") and not os.path.exists(tmp_path / "x")
 
 
 def test_gpu_round_trip_script_tiny(capsys):
