@@ -1,4 +1,4 @@
-"""``rmt-peft train``, ``validate``, ``recipes`` and ``env``: a model that cannot load is one line, a
+"""``rmt-peft train``, ``validate`` and ``recipes``: a model that cannot load is one line, a
 failed start leaves no folder behind, a run that failed after training began keeps what it wrote;
 validate's exit status and what it names."""
 import json
@@ -91,15 +91,6 @@ def test_recipes_lists_whole_first_sentences_in_one_column(capsys, monkeypatch):
     assert all(line[column - 1] == " " and line[column] != " " for line in lines), lines  # one column, wrapped
     text = " ".join(line[column:].strip() for line in lines)
     assert text.count(". ") + 1 == len(names) and text.endswith(".")  # each description one whole sentence
-
-
-def test_env_prints_versions_and_devices(capsys):
-    import torch
-    import transformers
-
-    assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    assert "- torch:" in out and torch.__version__ in out and transformers.__version__ in out and "cuda" in out
 
 
 def test_recipe_yaml_records_a_local_model_by_its_absolute_path(write_recipe, tmp_path, monkeypatch):
