@@ -44,6 +44,28 @@ def fresh_command_logging():
         package_logger.removeHandler(handler)
 
 
+# A tiny GPT-Neo on the token_memory task: the recipe of the training tests (write_recipe below);
+# tests/reliability/conftest.py has its own, with three stages and checkpoints.
+TINY = {
+    "model": {"name_or_path": "tiny:gpt_neo", "config": {"vocab_size": 64, "max_positions": 64}},
+    "memory": {"num_memory_tokens": 4, "segment_size": 8},
+    "lora": None,
+    "data": {"task": "token_memory", "options": {"vocab_size": 64}, "num_train_samples": 64,
+             "num_eval_samples": 16},
+    "curriculum": {"segments": [1, 2], "steps_per_stage": 4},
+    "eval": {"num_segments": [2], "num_samples": 16},
+    "training": {"output_dir": "OUT", "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
+                 "learning_rate": 2.0e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+                 "seed": 0, "disable_tqdm": True},
+}
+
+
+@pytest.fixture
+def write_recipe(tmp_path, recipe_writer):
+    """write_recipe(changes: dict of dotted keys) -> path of a tiny recipe with output in tmp_path/run."""
+    return recipe_writer(TINY, tmp_path, lambda name: tmp_path / "run")
+
+
 @pytest.fixture
 def recipe_writer():
     """recipe_writer(base, folder, output_dir) -> write; see make_recipe_writer."""
@@ -66,3 +88,30 @@ def make_recipe_writer(base: dict, folder, output_dir):
         path.write_text(yaml.safe_dump(raw))
         return str(path)
     return write
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records calls and what the uploaded folder held."""
+
+    calls = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        files = {n: open(os.path.join(folder_path, n), "rb").read() for n in os.listdir(folder_path)}
+        self.calls.append(("upload_folder", repo_id, files, repo_type, commit_message))
+        return "commit-info"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Uploads go to FakeHfApi; returns the list of its calls (push_to_hub, export --push-to-hub)."""
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi.calls

@@ -15,24 +15,6 @@ def neo_path(tmp_path_factory):
     return save_tiny_model(str(tmp_path_factory.mktemp("neo")), "gpt_neo")
 
 
-def test_quantization_config_options():
-    four = q.quantization_config("4bit", torch.float32, quant_type="fp4", double_quant=False,
-                                 quant_storage=torch.bfloat16)
-    assert four.load_in_4bit and not four.load_in_8bit
-    assert (four.bnb_4bit_quant_type, four.bnb_4bit_use_double_quant) == ("fp4", False)
-    assert four.bnb_4bit_compute_dtype == torch.float32 and four.bnb_4bit_quant_storage == torch.bfloat16
-    default = q.quantization_config("4bit")
-    assert (default.bnb_4bit_quant_type, default.bnb_4bit_use_double_quant) == ("nf4", True)
-    assert default.bnb_4bit_compute_dtype == torch.bfloat16
-    eight = q.quantization_config("8bit", int8_threshold=4.0)
-    assert eight.load_in_8bit and eight.llm_int8_threshold == 4.0
-    assert q.quantization_config(None) is None
-    with pytest.raises(ValueError, match="quantization='3bit'.*allowed"):
-        q.quantization_config("3bit")
-    with pytest.raises(ValueError, match="quant_type='int4'.*nf4"):
-        q.quantization_config("4bit", quant_type="int4")
-
-
 @pytest.mark.parametrize("quantization, layer, tolerance",
                          [("8bit", "Linear8bitLt", 0.05), ("4bit", "Linear4bit", 0.25)])
 def test_quantized_backbone_is_frozen_and_close_to_full_precision(neo_path, quantization, layer, tolerance):
@@ -98,13 +80,6 @@ def test_error_when_bitsandbytes_cannot_run(neo_path, monkeypatch):
     with pytest.raises(RuntimeError, match="needs bitsandbytes, which cannot be imported"):
         load_backbone(neo_path, quantization="4bit", quantization_backend="bitsandbytes")
     q.check_bitsandbytes.cache_clear()
-
-
-def test_target_device_from_device_map():
-    assert q.target_device({"": "cpu"}) == "cpu"
-    assert q.target_device("cpu") == "cpu"
-    assert q.target_device({"transformer": "cuda:1", "lm_head": "cpu"}) == "cuda"
-    assert q.target_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_missing_model_path(tmp_path):

@@ -1,7 +1,7 @@
 """Torch-held quantized backbones (rmt_peft.quantized_linear, quantization_backend="torch"): each
 format against a quantize / dequantize done by hand, input gradients through the frozen weight,
-a LoRA training step against full-precision layers holding the dequantized weights, the choice
-of backend and the errors on devices that cannot run a format."""
+a LoRA training step against full-precision layers holding the dequantized weights, and the errors
+on devices that cannot run a format (the choice of backend: tests/test_quantization.py)."""
 import copy
 
 import pytest
@@ -14,7 +14,6 @@ from rmt_peft.adapters import attach_lora
 from rmt_peft.backbones import load_backbone
 from rmt_peft.errors import UserError
 from rmt_peft.saving import quantization_of
-from rmt_peft.quantization import choose_backend
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 
 # QLoRA's 16 NF4 values (Dettmers et al. 2023, appendix E) to 4 digits, as torchao's format holds them
@@ -174,33 +173,6 @@ def test_fp8_merged_stream_copies_stay_fp8():
     reader.feed(ids)
     got = reader.finish()
     assert cosine(got.memory, attached.memory) > 0.98 and abs(got.loss - attached.loss) < 0.05 * attached.loss
-
-
-def test_backend_choice():
-    assert choose_backend(None, "auto", "cuda") == (None, None)
-    for quantization in ("8bit", "4bit"):
-        assert choose_backend(quantization, "auto", "cuda", torchao=True)[0] == "torch"
-        backend, why = choose_backend(quantization, "auto", "cpu", torchao=True)
-        assert backend == "bitsandbytes" and "'cpu'" in why  # CPU: as before
-        assert choose_backend(quantization, "bitsandbytes", "cuda") == ("bitsandbytes", None)
-    backend, why = choose_backend("4bit", "auto", "cuda", torchao=False)
-    assert backend == "bitsandbytes" and "torchao" in why
-    backend, why = choose_backend("4bit", "auto", "cuda", ("quant_type='fp4'",), torchao=True)
-    assert backend == "bitsandbytes" and "quant_type='fp4'" in why
-    assert choose_backend("fp8", "auto", "cuda") == ("torch", None)
-
-
-@pytest.mark.parametrize("args, words", [
-    (("fp8", "bitsandbytes", "cuda"), ["quantization='fp8'", "'auto' or 'torch'"]),
-    (("8bit", "cuda", "cuda"), ["quantization_backend='cuda'", "bitsandbytes", "torch"]),
-    (("3bit", "auto", "cuda"), ["quantization='3bit'", "fp8"]),
-    (("4bit", "torch", "cuda", ("double_quant=False",)), ["double_quant=False", "bitsandbytes"]),
-    (("8bit", "torch", "multi"), ["one device"]),
-])
-def test_backend_errors_name_the_setting_and_what_is_allowed(args, words):
-    with pytest.raises(UserError) as err:
-        choose_backend(*args)
-    assert all(word in str(err.value) for word in words), str(err.value)
 
 
 def test_fp8_is_refused_on_the_cpu_and_on_gpus_without_fp8_tensor_cores(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The lint rules and the layering of the package (pyproject.toml's [tool.ruff] and
-[tool.importlinter]); scripts/test.sh runs the same two commands before pytest:
+[tool.importlinter]), short functions, the run folder's names in one module, and tests that mirror
+the package; scripts/test.sh runs the first two commands before pytest:
 
     .venv/bin/ruff check .
     .venv/bin/lint-imports
@@ -102,3 +103,32 @@ def test_no_function_is_longer_than_80_lines():
                      for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                      and node.end_lineno - node.lineno + 1 > 80]
     assert long == []
+
+
+# Modules with functions or classes but no test module of their own: each says why.
+NO_MIRRORED_TESTS = {
+    "errors.py": "exception types only; every test of a failure checks them",
+}
+
+
+def test_every_module_with_logic_has_a_test_module_at_the_same_path():
+    """rmt_peft/X.py -> tests/test_X.py, rmt_peft/train/X.py -> tests/train/test_X.py, ... (the
+    tests mirror the package); package files and re-export shims hold no logic of their own."""
+    import ast
+
+    package = os.path.join(ROOT, "rmt_peft")
+    missing = []
+    for folder, _, files in os.walk(package):
+        for name in sorted(n for n in files if n.endswith(".py") and n not in ("__init__.py", "__main__.py")):
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, package)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            if relative in NO_MIRRORED_TESTS or not any(
+                    isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) for node in tree.body):
+                continue
+            test = os.path.join(ROOT, "tests", os.path.dirname(relative), f"test_{name}")
+            if not os.path.isfile(test):
+                missing.append(f"{relative} -> {os.path.relpath(test, ROOT)}")
+    assert missing == []
+    assert all(os.path.isfile(os.path.join(package, name)) for name in NO_MIRRORED_TESTS)  # no stale entries

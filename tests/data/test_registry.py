@@ -1,12 +1,10 @@
+"""The data registry (rmt_peft/data/registry.py): task names, samples of the requested segments for every
+task, options checked by name, the Hub datasets a model card names."""
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from rmt_peft import MemoryConfig, RMTModel
-from rmt_peft.data.collate import collate
-from rmt_peft.data.registry import MEMORY_TASKS, TASKS, build_dataset, validate_options
-from rmt_peft.data.tokenizer import offline_vocabulary, save_offline_tokenizer
-from rmt_peft.tiny_models import tiny_model
+from rmt_peft.data.registry import MEMORY_TASKS, TASKS, build_dataset, hub_datasets, validate_options
+
 
 def test_task_names():
     assert set(TASKS) == {"token_memory", "babilong_memorize", "babilong_detect", "babilong_reasoning", "arxiv_lm",
@@ -59,39 +57,9 @@ def test_options_are_validated_with_names_and_allowed_values(tokenizer):
                              seed=0)[0]["input_ids"]) == 16
 
 
-def test_collate_pads_each_key_with_its_own_value():
-    a = {"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
-         "labels": torch.tensor([-100, 6, 7]), "answer_ids": torch.tensor([6, 7])}
-    b = {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long),
-         "labels": torch.tensor([8]), "answer_ids": torch.tensor([8])}
-    right = collate([a, b], pad_token_id=9)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert right["answer_ids"].tolist() == [[6, 7], [8, -100]]
-    left = collate([a, b], pad_token_id=9, padding_side="left")
-    assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
-    assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
-    assert left["answer_ids"].tolist() == [[6, 7], [8, -100]]  # answers stay left-aligned
-    with pytest.raises(ValueError, match="padding_side='middle' is not allowed; allowed: \\('right', 'left'\\)"):
-        collate([a], padding_side="middle")
-
-
-def test_offline_tokenizer_saves_next_to_a_tiny_model(tmp_path, tokenizer):
-    assert len(tokenizer) == len(offline_vocabulary()) and tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
-    text = "Mary went to the kitchen. Where is Mary? kitchen Zyx ⊢"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.unk_token_id not in ids  # unknown words fall back to characters
-    assert tokenizer.convert_ids_to_tokens(ids[:6]) == ["Mary", "went", "to", "the", "kitchen", "."]
-    assert tokenizer.decode(ids) == text
-    save_offline_tokenizer(str(tmp_path))
-    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
-    # the samples feed the recurrent model segment by segment, with a loss on the answer only
-    data = build_dataset("babilong_detect", {}, tokenizer=loaded, segment_size=32, num_segments=3, num_samples=2, seed=0)
-    batch = collate([data[0], data[1]], pad_token_id=loaded.pad_token_id)
-    rmt = RMTModel(tiny_model("gpt2", vocab_size=len(loaded), max_positions=64),
-                   MemoryConfig(num_memory_tokens=2, segment_size=32))
-    out = rmt(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-    assert torch.isfinite(out.loss) and out.segment_token_counts is not None
-    assert [int(c) for c in out.segment_token_counts] == [0, 0, 2 * len(data[0]["answer_ids"])]
+def test_a_model_card_names_the_hub_datasets_the_options_read():
+    assert hub_datasets({"noise": "quality"}) == ["tasksource/QuALITY"]
+    assert hub_datasets({"path": "json", "data_files": "qa.jsonl"}) == []  # a datasets builder, local files
+    assert hub_datasets({"noise": {"source": "quality"}, "document": {"path": "me/docs", "split": "train"}}) == [
+        "me/docs", "tasksource/QuALITY"]
+    assert hub_datasets({"document": {"path": "./local/docs"}, "noise": "generated"}) == []

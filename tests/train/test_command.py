@@ -1,5 +1,6 @@
-"""``rmt-peft train``: a model that cannot load is one line, a failed start leaves no folder behind,
-and a run that failed after training began keeps what it wrote."""
+"""``rmt-peft train``, ``validate`` and ``recipes``: a model that cannot load is one line, a
+failed start leaves no folder behind, a run that failed after training began keeps what it wrote;
+validate's exit status and what it names."""
 import json
 import os
 
@@ -92,15 +93,6 @@ def test_recipes_lists_whole_first_sentences_in_one_column(capsys, monkeypatch):
     assert text.count(". ") + 1 == len(names) and text.endswith(".")  # each description one whole sentence
 
 
-def test_env_prints_versions_and_devices(capsys):
-    import torch
-    import transformers
-
-    assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    assert "- torch:" in out and torch.__version__ in out and transformers.__version__ in out and "cuda" in out
-
-
 def test_recipe_yaml_records_a_local_model_by_its_absolute_path(write_recipe, tmp_path, monkeypatch):
     """So that eval / ask / export of the run work from any folder."""
     from rmt_peft.tiny_models import save_tiny_model
@@ -111,3 +103,35 @@ def test_recipe_yaml_records_a_local_model_by_its_absolute_path(write_recipe, tm
     assert main(["train", path, "-q"]) == 0
     out = yaml.safe_load(open(path))["training"]["output_dir"]
     assert yaml.safe_load(open(os.path.join(out, "recipe.yaml")))["model"]["name_or_path"] == str(tmp_path / "neo")
+
+
+def test_validate_command_exit_status(write_recipe, capsys):
+    assert main(["validate", write_recipe()]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert main(["validate", write_recipe(), "memory.segment_size=0"]) != 0
+    assert "segment_size" in capsys.readouterr().err
+
+
+def test_validate_names_the_stage_a_data_source_cannot_fill(capsys):
+    from rmt_peft.data.lean import EXAMPLE_LEMMAS, EXAMPLE_THEOREMS
+
+    # The Lean recipe's generated data fills every stage (1..4 segments of 2028) and the eval lengths.
+    lean = "lean_gptneo_1.3b"
+    assert main(["validate", lean, "model.tokenizer=offline", "eval.num_segments=[1,4]"]) == 0
+    assert "the data fills every stage" in capsys.readouterr().out
+    # The 42 shipped example lemmas fill about one segment: the second stage is named, with the shortfall;
+    # one outcome (no "valid" before the error), with the command's error prefix.
+    assert main(["validate", lean, "model.tokenizer=offline", f"data.options.theorems={EXAMPLE_THEOREMS}",
+                 f"data.options.lemmas={EXAMPLE_LEMMAS}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1].startswith("rmt-peft validate: error: invalid recipe lean_gptneo_1.3b: ")
+    assert "curriculum stage 1 (2 segments)" in err and "short of the 2029 needed for 2 segments" in err
+
+
+def test_validate_offline_hub_data_is_a_note_and_train_names_the_dataset(capsys, tmp_path):
+    # QuALITY noise is a Hub dataset: offline it is not "a source too small" but one that cannot be read.
+    args = ["babilong_memorize", "model.tokenizer=offline", "data.options.noise=quality"]
+    assert main(["validate", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "valid (" in out and "tasksource/QuALITY" in err and "not in the local cache" in err
+    assert "cannot fill" not in err

@@ -1,10 +1,10 @@
-"""Memory-task accuracy through the streaming path equals a direct rmt(...) forward."""
+"""Memory-task accuracy (rmt_peft/eval/memory_tasks.py) through the streaming path equals a direct
+rmt(...) forward."""
 import pytest
 import torch
 
 from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.eval.memory_tasks import length_generalization
-from rmt_peft.eval.streaming import tail_logits
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.tiny_models import tiny_model
@@ -19,18 +19,6 @@ def make_rmt(alignment="left", memory=4, arch="gpt2"):
         rmt.read_embedding.normal_(0, 0.3)
         rmt.write_embedding.normal_(0, 0.3)
     return rmt.eval()
-
-
-@pytest.mark.parametrize("alignment,length", [("left", 29), ("right", 29), ("left", 32)])
-@torch.no_grad()
-def test_tail_logits_equal_the_whole_input_forward(alignment, length):
-    rmt = make_rmt(alignment)
-    ids = torch.randint(14, 128, (2, length), generator=torch.Generator().manual_seed(0))
-    direct = rmt(ids).logits
-    for first_scored in (length - 2, length - 10):
-        logits, split = tail_logits(rmt, ids, first_scored, chunk_size=5)
-        assert split <= first_scored and split > 0
-        torch.testing.assert_close(logits, direct[:, split:], atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -7,8 +7,7 @@ import os
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from rmt_peft import card, hub
-from rmt_peft.data.registry import hub_datasets
+from rmt_peft import card
 from rmt_peft.cli import main
 from rmt_peft.recipe import load_recipe
 from rmt_peft.runs import TRAINABLE_FILE
@@ -47,51 +46,43 @@ def test_run_card_holds_results_and_hyperparameters_and_exports_only_what_users_
     assert 'RMTModel.from_pretrained("path/to/shipped")' in exported.text  # not a made-up Hub id
 
 
-def test_card_base_model_is_a_hub_repo_id_or_left_out(tmp_path):
-    assert hub.hub_repo_id("EleutherAI/gpt-neo-125m") == "EleutherAI/gpt-neo-125m"
-    assert hub.hub_repo_id("gpt2") == "gpt2"
-    for local in ("tiny:gpt_neo", str(tmp_path), "./models/neo", "~/neo"):
-        assert hub.hub_repo_id(local) is None, local
-    assert hub_datasets({"noise": "quality"}) == ["tasksource/QuALITY"]
-    assert hub_datasets({"path": "json", "data_files": "qa.jsonl"}) == []
-
-
-def test_merge_export_of_a_run_on_a_model_built_from_a_config(write_recipe, tmp_path, capsys):
-    import warnings
-
-    import torch
-
-    from rmt_peft import RMTModel
-    from rmt_peft.tiny_models import save_tiny_model
-
-    recipe = load_recipe(write_recipe({"lora": "attention", "curriculum.segments": [1], "curriculum.steps_per_stage": 2,
-                                       "eval.num_segments": [1], "training.learning_rate": 0.05}))
-    run(recipe, log=lambda *_: None)
-    merged = tmp_path / "merged"
-    capsys.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main(["export", recipe.output_dir, "--to", str(merged), "--merge", "--dtype", "float32"]) == 0
-    # one line; no peft warnings about the rebuilt base or a temporary folder
-    assert not [str(w.message) for w in caught if "peft" in w.filename or "checkpointing" in str(w.message)]
-    out, err = capsys.readouterr()
-    assert out == f"wrote merged model (full weights + memory) to {merged}\n" and "tmp" not in err, err
-    # the reference: the adapter on the frozen tiny backbone rebuilt independently (training seed 0)
-    base = save_tiny_model(str(tmp_path / "base"), "gpt_neo", seed=0, vocab_size=64, max_positions=64)
-    trained = RMTModel.from_pretrained(os.path.join(recipe.output_dir, "final"), base_model=base)
-    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = trained(input_ids=ids, return_logits=True).logits
-        got = RMTModel.from_pretrained(str(merged))(input_ids=ids, return_logits=True).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    card = ModelCard.load(str(merged / "README.md"))
-    assert "base_model" not in card.data.to_dict()
-    assert "AutoModelForCausalLM.from_pretrained(path)` loads these weights alone: it ignores the memory" in card.text
-
-
 def test_card_license_is_the_base_models_where_its_card_is_at_hand(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
     assert card.base_license(str(tmp_path / "base")) == "mit"
     assert card.base_license(str(tmp_path)) is None  # no card
     assert card.base_license("rmt-peft-tests/not-cached") is None  # never downloaded
+
+
+def test_model_index_takes_the_finite_results_in_the_order_of_the_lengths():
+    summary = {"eval": {"10": {"accuracy": 0.5, "perplexity": 3.0}, "2": {"accuracy": 1.0, "perplexity": float("nan")},
+                        "all": {"accuracy": None, "perplexity": 7.123456}}}
+    results = card.eval_results("run", "token_memory", [], summary)
+    assert [(r.dataset_config, r.metric_type, r.metric_value, r.dataset_name) for r in results] == [
+        ("2", "accuracy", 1.0, "token_memory (2 segment(s))"),
+        ("10", "accuracy", 0.5, "token_memory (10 segment(s))"), ("10", "perplexity", 3.0, "token_memory (10 segment(s))"),
+        ("all", "perplexity", 7.1235, "token_memory (held-out split)")]
+    assert {r.dataset_type for r in card.eval_results("run", "babilong_memorize", ["tasksource/QuALITY"], summary)} == {
+        "tasksource/QuALITY"}
+    assert card.eval_results("run", "token_memory", [], {}) is None
+
+
+def test_the_results_table_has_a_baseline_column_when_there_is_one():
+    assert card._results_table({}).startswith("No evaluation was recorded with this model (`summary.json`")
+    row = {"accuracy": 0.5, "loss": 0.25, "perplexity": 1.284}
+    summary = {"eval": {"10": row, "2": row}, "baseline": {"eval": {"2": {"accuracy": 0.125}}}}
+    assert card._results_table(summary) == (
+        "| segments | accuracy | loss | perplexity | accuracy without memory |\n"
+        "|---|---|---|---|---|\n"
+        "| 2 | 0.5000 | 0.2500 | 1.284 | 0.1250 |\n"
+        "| 10 | 0.5000 | 0.2500 | 1.284 | |\n")
+
+
+def test_the_license_is_the_bases_rmt_peft_s_for_a_config_built_model_else_other(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n")
+    assert card.license_of(str(tmp_path / "base")) == ("mit", f"License: `mit`, the license of the base model "
+                                                               f"`{tmp_path / 'base'}`.")
+    assert card.license_of("tiny:gpt_neo")[0] == "apache-2.0"
+    license, line = card.license_of("someone/uncached-model")
+    assert license == "other" and "base model `someone/uncached-model` applies" in line and "set it" in line
