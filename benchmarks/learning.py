@@ -60,6 +60,7 @@ from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
 from rmt_peft.train import curriculum
 from rmt_peft.train.guard import DivergenceGuard
+from rmt_peft.train.keep_best import replaces_kept
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
          "token": "token_memory", "retrieval": "associative_retrieval"}
@@ -411,7 +412,11 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
 class Selection:
     """The best checkpoint so far by answer accuracy at ``cfg.select_segments`` segments on the
     held-out "select" samples (ties go to the later one), kept as a copy of the whole state (the
-    backbone is trained too here; a few MB at these sizes)."""
+    backbone is trained too here; a few MB at these sizes).
+
+    ``rmt-peft train``'s keep_best.KeepBest is a Trainer callback that scores through the Trainer's
+    evaluation and saves to the run folder's best/; this loop has neither, so only the rule of which
+    score is kept (``replaces_kept``) is shared."""
 
     def __init__(self, cfg: RunConfig, model: RMTModel, device):
         self.cfg, self.model, self.device = cfg, model, device
@@ -423,7 +428,7 @@ class Selection:
         acc = accuracy(self.cfg, self.model, self.cfg.select_segments, self.device, self.data,
                        self.cfg.select_samples)
         self.scores.append({"step": step, "stage": stage, "accuracy": acc})
-        if self.best is None or acc >= self.best[0]:
+        if replaces_kept(acc, None if self.best is None else self.best[0]):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best = (acc, step, state)
         return acc
