@@ -441,7 +441,8 @@ class Selection:
 
 def guard_stop(guard: DivergenceGuard, norms: list[float], first_step: int) -> str | None:
     """Feed a stage's gradient norms (steps ``first_step``, ...) to ``guard``; the first reason it
-    gives to stop, or None."""
+    gives to stop, or None. rmt-peft train's checks, replayed: the Trainer raises inside the step
+    (engine.py), while the benchmark trains on and records where that would have stopped it."""
     stop = None
     for i, norm in enumerate(norms):
         try:
