@@ -64,8 +64,8 @@ def stage_plan(segments: list[int], steps: int, learning_rate: float, levers_fro
                lever_steps: int | None = None, lever_lr: float | None = None, lr_decay: float = 1.0,
                ramp_steps: int = 0) -> list[StagePlan]:
     """A stage per segment count, each ``steps`` steps at ``learning_rate`` times ``lr_decay`` per
-    stage before it. The lever stages (``levers_on``) take ``lever_steps`` steps and ``lever_lr``
-    instead when given, and the first of them ramps the levers in over ``ramp_steps`` steps."""
+    stage before it. The lever stages (``levers_on``) take ``lever_steps`` steps and ``lever_lr`` (decayed
+    alike) when given, and the first of them ramps the levers in over ``ramp_steps`` steps."""
     plan = []
     for index, count in enumerate(segments):
         on = levers_on(index, levers_from_stage)
