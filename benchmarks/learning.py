@@ -58,8 +58,9 @@ from rmt_peft.data.tokenizer import offline_tokenizer
 from rmt_peft.errors import TrainingDiverged
 from rmt_peft.metrics import exact_match
 from rmt_peft.tiny_models import tiny_model
-from rmt_peft.train.curriculum import stage_memory
+from rmt_peft.train import curriculum
 from rmt_peft.train.guard import DivergenceGuard
+from rmt_peft.train.keep_best import replaces_kept
 
 TASKS = {"memorize": "babilong_memorize", "detect": "babilong_detect", "reasoning": "babilong_reasoning",
          "token": "token_memory", "retrieval": "associative_retrieval"}
@@ -87,9 +88,10 @@ class RunConfig:
     memory_stability_tolerance: float = 0.0
     memory_stability_power: float = 1.0
     bptt_depth: int | None = None
-    # The stability loss and the noise apply in the last this-many stages only (None: all), as
-    # curriculum.levers_from_stage does in a recipe; before them the memory learns to write in the
-    # paper's setting (from the start, the stability loss blocks mid-input writes).
+    # The stability loss and the noise apply in the last this-many stages only (None: all): a
+    # recipe's curriculum.levers_from_stage = stages - lever_stages (curriculum.first_of_last); before
+    # them the memory learns to write in the paper's setting (from the start, the stability loss
+    # blocks mid-input writes).
     lever_stages: int | None = None
     # ... rising linearly from 0 over the first this-many steps of the first lever stage: switched
     # on at once, the noise shocked memorize runs whose loss was already 0 (grad norms to 660).
@@ -336,34 +338,16 @@ def build_model(cfg: RunConfig, device) -> RMTModel:
     return RMTModel.from_backbone(backbone.to(device), memory, verbose=False).to(device)
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    """One curriculum stage: inputs of up to ``segments`` segments (each batch draws its count from
-    1..segments when mixing), ``steps`` optimizer steps warming up to ``peak_lr``, and the memory
-    levers on or off (rising over the first ``ramp_steps`` steps)."""
-
-    segments: int
-    steps: int
-    peak_lr: float
-    levers: bool
-    ramp_steps: int = 0
-
-
-def lever_start(cfg: RunConfig) -> int:
-    """The index of the first stage trained with the memory levers."""
-    return 0 if cfg.lever_stages is None else len(train_lengths(cfg)) - cfg.lever_stages
-
-
-def stage_plan(cfg: RunConfig) -> list[StagePlan]:
-    start = lever_start(cfg)
-    plan = []
-    for index, segments in enumerate(train_lengths(cfg)):
-        late = cfg.lever_stages is not None and index >= start  # a lever stage of a late schedule
-        lr = cfg.lever_stage_lr if late and cfg.lever_stage_lr else cfg.learning_rate
-        plan.append(StagePlan(segments, (cfg.lever_stage_steps or cfg.steps_per_stage) if late else cfg.steps_per_stage,
-                              lr * cfg.stage_lr_decay ** index, index >= start,
-                              cfg.lever_ramp_steps if index == start else 0))
-    return plan
+def stage_plan(cfg: RunConfig) -> list[curriculum.StagePlan]:
+    """The run's curriculum (``train_lengths``; each batch draws its count from 1..segments when
+    mixing), the levers in its last ``cfg.lever_stages`` stages."""
+    lengths = train_lengths(cfg)
+    late = cfg.lever_stages is not None  # the paper's setting (levers in every stage) keeps every stage alike
+    return curriculum.stage_plan(lengths, cfg.steps_per_stage, cfg.learning_rate,
+                                 curriculum.first_of_last(len(lengths), cfg.lever_stages),
+                                 lever_steps=cfg.lever_stage_steps if late else None,
+                                 lever_lr=cfg.lever_stage_lr if late else None, lr_decay=cfg.stage_lr_decay,
+                                 ramp_steps=cfg.lever_ramp_steps)
 
 
 def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None = None) -> list[dict]:
@@ -379,12 +363,12 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
     started = time.time()
     model.train()
     step = 0
-    levers, first_lever_stage = model.memory_config, lever_start(cfg)
-    plans = stage_plan(cfg)
+    levers, plans = model.memory_config, stage_plan(cfg)
+    first_scored = curriculum.first_of_last(len(plans), cfg.select_stages)
     for index, plan in enumerate(plans):
         stage = plan.segments
         guard = DivergenceGuard()  # rmt-peft train's default guard, fresh each stage as there
-        full = model.memory_config = stage_memory(levers, levers, index, first_lever_stage)
+        full = model.memory_config = curriculum.stage_memory(levers, levers, plan.levers)
         for stage_step in range(plan.steps):
             if stage_step < plan.ramp_steps:
                 rise = (stage_step + 1) / plan.ramp_steps
@@ -416,8 +400,8 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
                     curve[-1]["guard"] = f"stage {stage}, {stop}"
                 if not all(map(math.isfinite, losses)):
                     raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
-            if selection and index >= len(plans) - cfg.select_stages and ((stage_step + 1) % cfg.select_every == 0
-                                                            or stage_step + 1 == plan.steps):
+            if selection and index >= first_scored and ((stage_step + 1) % cfg.select_every == 0
+                                                        or stage_step + 1 == plan.steps):
                 selection.score(step, stage)
                 model.train()
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: stage {stage} done, step {step}, loss "
@@ -428,7 +412,11 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
 class Selection:
     """The best checkpoint so far by answer accuracy at ``cfg.select_segments`` segments on the
     held-out "select" samples (ties go to the later one), kept as a copy of the whole state (the
-    backbone is trained too here; a few MB at these sizes)."""
+    backbone is trained too here; a few MB at these sizes).
+
+    ``rmt-peft train``'s keep_best.KeepBest is a Trainer callback that scores through the Trainer's
+    evaluation and saves to the run folder's best/; this loop has neither, so only the rule of which
+    score is kept (``replaces_kept``) is shared."""
 
     def __init__(self, cfg: RunConfig, model: RMTModel, device):
         self.cfg, self.model, self.device = cfg, model, device
@@ -440,7 +428,7 @@ class Selection:
         acc = accuracy(self.cfg, self.model, self.cfg.select_segments, self.device, self.data,
                        self.cfg.select_samples)
         self.scores.append({"step": step, "stage": stage, "accuracy": acc})
-        if self.best is None or acc >= self.best[0]:
+        if replaces_kept(acc, None if self.best is None else self.best[0]):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best = (acc, step, state)
         return acc
@@ -453,7 +441,8 @@ class Selection:
 
 def guard_stop(guard: DivergenceGuard, norms: list[float], first_step: int) -> str | None:
     """Feed a stage's gradient norms (steps ``first_step``, ...) to ``guard``; the first reason it
-    gives to stop, or None."""
+    gives to stop, or None. rmt-peft train's checks, replayed: the Trainer raises inside the step
+    (engine.py), while the benchmark trains on and records where that would have stopped it."""
     stop = None
     for i, norm in enumerate(norms):
         try:

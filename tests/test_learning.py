@@ -39,7 +39,8 @@ def test_the_benchmark_records_where_the_training_guard_would_stop():
 def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_and_rate():
     """Curriculum 1..3 then 8 and 16 segments, levers in the last two: those two run 5 steps at
     their own rate; every stage's rate decays by stage_lr_decay per stage before it."""
-    from benchmarks.learning import StagePlan, stage_plan
+    from benchmarks.learning import stage_plan
+    from rmt_peft.train.curriculum import StagePlan
 
     cfg = RunConfig(max_train_segments=3, extra_stages=[8, 16], steps_per_stage=2, learning_rate=1e-3,
                     stage_lr_decay=0.5, lever_stages=2, lever_stage_steps=5, lever_stage_lr=4e-4, lever_ramp_steps=3)
@@ -49,6 +50,18 @@ def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_
     # the paper's setting: levers (if any) in every stage, every stage alike
     assert stage_plan(RunConfig(max_train_segments=2, steps_per_stage=4)) == [StagePlan(1, 4, 5e-4, True),
                                                                             StagePlan(2, 4, 5e-4, True)]
+
+
+@pytest.mark.parametrize("variant,lever_stages", [("late_sparse_noise", [6]), ("late2_sparse_noise", [5, 6]),
+                                                   ("late3_sparse_noise", [4, 5, 6]), ("paper", list(range(7)))])
+def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_stages):
+    """The published late variants (BENCHMARKS.md) on the default curriculum of 7 stages:
+    late2_sparse_noise has the levers in stages 6 and 7 (0-based 5 and 6), the paper's setting in all."""
+    from benchmarks.learning import stage_plan
+
+    plan = stage_plan(RunConfig(**VARIANTS[variant]))
+    assert [p.segments for p in plan] == [1, 2, 3, 4, 5, 6, 7]
+    assert [i for i, p in enumerate(plan) if p.levers] == lever_stages
 
 
 def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():

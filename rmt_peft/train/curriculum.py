@@ -7,6 +7,11 @@ the Hugging Face Trainer and writes the curriculum position (stage, steps of ear
 plateau counters) into every checkpoint (``runs.write_state``), beside the optimizer, scheduler
 and RNG states the Trainer saves itself, so a resume continues a run exactly.
 
+Which stages train with the memory levers is one rule (``levers_on``: from stage k on), for a
+recipe's ``curriculum.levers_from_stage`` and for the learning benchmark, whose "the last n
+stages" is the same k (``first_of_last``); ``stage_plan`` lays out a curriculum given as segment
+counts (the benchmark's) by that rule.
+
 Where the stages, checkpoints and ends lie, and which save a resume takes: ``rmt_peft.runs``.
 """
 from __future__ import annotations
@@ -22,13 +27,52 @@ from ..memory import MemoryConfig
 from ..recipe import Stage
 
 
-def stage_memory(memory: MemoryConfig, levers: MemoryConfig, stage: int, levers_from_stage: int) -> MemoryConfig:
-    """The memory config stage ``stage`` trains with: ``memory`` (the model's) with the stability
-    weight and the training noise of ``levers`` (the recipe's) from ``levers_from_stage`` on, and
-    both off before it. Only training changes: evaluation uses neither."""
-    on = stage >= levers_from_stage
+def first_of_last(num_stages: int, last: int | None) -> int:
+    """The first (0-based) of the last ``last`` of ``num_stages`` stages; None: all of them (0).
+    "The last n stages" as the "from stage k on" of ``levers_on``."""
+    return 0 if last is None else num_stages - last
+
+
+def levers_on(stage: int, levers_from_stage: int) -> bool:
+    """Whether stage ``stage`` (0-based) trains with the memory levers: from ``levers_from_stage`` on.
+    The one rule of ``rmt-peft train`` and of the learning benchmark."""
+    return stage >= levers_from_stage
+
+
+def stage_memory(memory: MemoryConfig, levers: MemoryConfig, on: bool) -> MemoryConfig:
+    """The memory config a stage trains with: ``memory`` (the model's) with the stability weight and
+    the training noise of ``levers`` (the recipe's) when ``on`` (``levers_on``), and both off when not.
+    Only training changes: evaluation uses neither."""
     return dataclasses.replace(memory, memory_stability_weight=levers.memory_stability_weight if on else 0.0,
                                memory_noise_std=levers.memory_noise_std if on else 0.0)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of ``stage_plan``: inputs of up to ``segments`` segments, ``steps`` optimizer steps
+    warming up to ``peak_lr``, and the memory levers on or off (rising over the first ``ramp_steps``
+    steps)."""
+
+    segments: int
+    steps: int
+    peak_lr: float
+    levers: bool
+    ramp_steps: int = 0
+
+
+def stage_plan(segments: list[int], steps: int, learning_rate: float, levers_from_stage: int = 0, *,
+               lever_steps: int | None = None, lever_lr: float | None = None, lr_decay: float = 1.0,
+               ramp_steps: int = 0) -> list[StagePlan]:
+    """A stage per segment count, each ``steps`` steps at ``learning_rate`` times ``lr_decay`` per
+    stage before it. The lever stages (``levers_on``) take ``lever_steps`` steps and ``lever_lr`` (decayed
+    alike) when given, and the first of them ramps the levers in over ``ramp_steps`` steps."""
+    plan = []
+    for index, count in enumerate(segments):
+        on = levers_on(index, levers_from_stage)
+        lr = lever_lr if on and lever_lr else learning_rate
+        plan.append(StagePlan(count, (lever_steps or steps) if on else steps, lr * lr_decay ** index, on,
+                              ramp_steps if index == levers_from_stage else 0))
+    return plan
 
 
 @dataclass

@@ -19,6 +19,12 @@ from transformers import TrainerCallback
 from .. import runs
 
 
+def replaces_kept(accuracy: float, kept: float | None) -> bool:
+    """Whether weights scoring ``accuracy`` replace the kept ones (scoring ``kept``; None: none kept
+    yet): at least as good, so ties go to the later weights. The learning benchmark keeps by it too."""
+    return kept is None or accuracy >= kept
+
+
 @dataclass
 class Kept:
     """What the stages' callbacks share: the record of the weights in best/ (at a resume, the one
@@ -48,7 +54,7 @@ class KeepBest(TrainerCallback):
         record = {"stage": self.stage, "step": self.steps_before + state.global_step,
                   "num_segments": self.num_segments, "accuracy": accuracy}
         self.kept.scores.append(record)
-        if self.kept.record is None or accuracy >= self.kept.record["accuracy"]:
+        if replaces_kept(accuracy, None if self.kept.record is None else self.kept.record["accuracy"]):
             self.save(record, args.should_save)
             self.kept.record = record
 

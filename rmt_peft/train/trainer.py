@@ -32,7 +32,7 @@ from ..log import is_main_process, trainer_output
 from ..recipe import Recipe, stage_segments
 from .arguments import training_arguments
 from .build import build_model, build_tokenizer
-from .curriculum import CurriculumState, StageCallback, stage_budget, stage_memory
+from .curriculum import CurriculumState, StageCallback, levers_on, stage_budget, stage_memory
 from .datasets import Collator, build_dataset, check_stage_data, final_segments
 from .engine import load_trainable, release_deepspeed, save_adapter, stage_trainer
 from .guard import DivergenceGuard
@@ -222,8 +222,8 @@ class CurriculumRun:
         if self.model is None:
             self.setup(args)
             check_stage_data(recipe, self.tokenizer, index)
-        self.model.memory_config = stage_memory(self.model.memory_config, recipe.memory, index,
-                                                recipe.curriculum.levers_from_stage)
+        self.model.memory_config = stage_memory(self.model.memory_config, recipe.memory,
+                                                levers_on(index, recipe.curriculum.levers_from_stage))
         stage_callback = StageCallback(recipe.curriculum.stages[index], state)
         keeper = self.keep_best_callback(index)
         callbacks = [stage_callback] + ([keeper] if keeper is not None else [])

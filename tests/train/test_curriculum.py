@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from rmt_peft.train.curriculum import CurriculumState, StageCallback, stage_budget
+from rmt_peft.memory import MemoryConfig
+from rmt_peft.train.curriculum import (CurriculumState, StageCallback, StagePlan, first_of_last, levers_on,
+                                       stage_budget, stage_memory, stage_plan)
 from rmt_peft.recipe import Stage, load_recipe
 from rmt_peft.train.trainer import train_recipe
 
@@ -37,6 +39,38 @@ def test_stage_budget_is_capped_by_the_total_max_steps():
     assert stage_budget(Stage(max_steps=10), steps_before=25, total_max_steps=30) == 5
     assert stage_budget(Stage(max_steps=None), steps_before=25, total_max_steps=30) == 5
     assert stage_budget(Stage(max_steps=10), steps_before=30, total_max_steps=30) == 0
+
+
+def test_the_last_two_of_seven_stages_are_the_levers_from_stage_5_of_a_recipe(write_recipe):
+    """One rule for which stages train with the memory levers: the learning benchmark's "the last 2
+    of 7 stages" (late2_*) and a recipe's levers_from_stage: 5 both mean stages 5 and 6 (0-based)."""
+    expected = [False, False, False, False, False, True, True]
+    assert first_of_last(7, 2) == 5
+    assert [p.levers for p in stage_plan([1, 2, 3, 4, 5, 6, 7], 10, 1e-3, first_of_last(7, 2))] == expected
+    recipe = load_recipe(write_recipe({"curriculum": {"segments": [1, 2, 3, 4, 5, 6, 7], "steps_per_stage": 1,
+                                                      "levers_from_stage": 5}, "memory.memory_noise_std": 0.1}))
+    cur = recipe.curriculum
+    assert [levers_on(i, cur.levers_from_stage) for i in range(len(cur.stages))] == expected
+    assert first_of_last(7, None) == 0  # no count: the levers in every stage, as levers_from_stage: 0
+
+
+def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_and_the_noise():
+    model = MemoryConfig(num_memory_tokens=4, segment_size=8)
+    levers = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_stability_weight=2.0, memory_noise_std=0.1)
+    on, off = stage_memory(model, levers, True), stage_memory(model, levers, False)
+    assert (on.memory_stability_weight, on.memory_noise_std) == (2.0, 0.1)
+    assert (off.memory_stability_weight, off.memory_noise_std) == (0.0, 0.0)
+    assert on.num_memory_tokens == off.num_memory_tokens == 4
+
+
+def test_the_lever_stages_take_their_own_steps_and_rate_and_the_first_ramps_the_levers_in():
+    """Stages of 1, 2, 4, 8 segments, the levers from stage 2 on: stages 0-1 run 3 steps, 2-3 run 7
+    at the lever rate; the rate halves per stage before; only stage 2 ramps."""
+    plan = stage_plan([1, 2, 4, 8], 3, 1e-3, 2, lever_steps=7, lever_lr=4e-4, lr_decay=0.5, ramp_steps=5)
+    assert plan == [StagePlan(1, 3, 1e-3, False), StagePlan(2, 3, 5e-4, False),
+                    StagePlan(4, 7, 1e-4, True, 5), StagePlan(8, 7, 5e-5, True)]
+    # without lever settings every stage alike; the levers from stage 0 ramp in at the first
+    assert stage_plan([1, 2], 4, 1e-3, ramp_steps=2) == [StagePlan(1, 4, 1e-3, True, 2), StagePlan(2, 4, 1e-3, True)]
 
 
 @pytest.mark.slow

@@ -13,7 +13,15 @@ from rmt_peft.runs import read_kept
 from rmt_peft.train.build import build_model
 from rmt_peft.train.datasets import build_dataset
 from rmt_peft.train.engine import RMTTrainer, load_trainable
+from rmt_peft.train.keep_best import replaces_kept
 from rmt_peft.train.trainer import train_recipe
+
+
+def test_the_first_score_is_kept_and_a_tie_goes_to_the_later_weights():
+    """The rule of rmt-peft train's best/ and of the learning benchmark's selection."""
+    assert replaces_kept(0.0, None)
+    assert replaces_kept(0.5, 0.5) and replaces_kept(0.6, 0.5)
+    assert not replaces_kept(0.4, 0.5)
 
 
 def test_keep_best_fields_are_checked(write_recipe):
