@@ -691,14 +691,19 @@ def plot(table, path: str, title: str = "") -> None:
             line, = ax.plot(x, mean, marker="o", label=f"{variant} ({len(by_n[lengths[0]])} seeds)")
             ax.fill_between(x, [min(by_n[n]) for n in lengths], [max(by_n[n]) for n in lengths],
                             color=line.get_color(), alpha=0.15)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("segments read")
-        ax.set_ylabel("answer accuracy")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _length_axes(ax, task)
     _save(fig, path, title)
+
+
+def _length_axes(ax, task: str) -> None:
+    """Accuracy against segments read (log 2), as every length plot draws it."""
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("segments read")
+    ax.set_ylabel("answer accuracy")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _pyplot():
@@ -759,13 +764,7 @@ def plot_seeds(runs: list[dict], path: str, title: str = "") -> None:
                 lengths = sorted(run["accuracy"], key=int)
                 ax.plot([int(n) for n in lengths], [run["accuracy"][n] for n in lengths], color=f"C{index}",
                         marker=".", lw=0.8, alpha=0.7, label=f"{variant} ({len(rows)} seeds)" if i == 0 else None)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("segments read")
-        ax.set_ylabel("answer accuracy")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _length_axes(ax, task)
     _save(fig, path, title)
 
 

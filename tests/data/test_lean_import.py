@@ -5,24 +5,13 @@ import json
 
 import pytest
 
-from rmt_peft.data.lean import LeanDataset, LeanOptions, main
+from rmt_peft.data.lean import main
 from rmt_peft.data.lean_import import declarations, import_records
 
+from .test_lean import build, encode, read_jsonl
 from .tokens import find
 
 
-def build(tokenizer, segment_size=64, num_segments=3, num_samples=10, **options):
-    return LeanDataset(LeanOptions(**options), tokenizer=tokenizer, segment_size=segment_size,
-                       num_segments=num_segments, num_samples=num_samples, seed=0)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def encode(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_minictx_import(tmp_path, tokenizer):

@@ -4,20 +4,8 @@ import pytest
 import torch
 
 from rmt_peft.eval.streaming import stream_memory, tail_logits
-from rmt_peft.memory import MemoryConfig
-from rmt_peft.recurrent import RMTModel
-from rmt_peft.tiny_models import tiny_model
 
-
-def make_rmt(alignment="left", memory=4, arch="gpt2"):
-    config = MemoryConfig(num_memory_tokens=memory, segment_size=8, segment_alignment=alignment,
-                          memory_init_std=0.5)
-    rmt = RMTModel(tiny_model(arch, seed=1), config)
-    torch.manual_seed(2)
-    with torch.no_grad():  # non-zero read/write embeddings, so memory really flows
-        rmt.read_embedding.normal_(0, 0.3)
-        rmt.write_embedding.normal_(0, 0.3)
-    return rmt.eval()
+from .test_memory_tasks import make_rmt
 
 
 @pytest.mark.parametrize("alignment,length", [("left", 29), ("right", 29), ("left", 32)])
