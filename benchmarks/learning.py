@@ -140,6 +140,13 @@ VARIANTS: dict[str, dict] = {
     "paper": {},
     # ARMT (Rodkin et al. 2024): an associative matrix per layer beside the memory tokens, no levers
     "associative": {"memory_kind": "associative"},
+    # ... with the levers on its matrices (associative.perturb / relative_change): noise alone, the
+    # sparse stability loss with noise from the start, and in the last two stages (late2_sparse_noise)
+    "associative_noise": {"memory_kind": "associative", "memory_noise_std": 0.3},
+    "associative_sparse_noise": {"memory_kind": "associative", "memory_stability_weight": 1.0,
+                                 "memory_stability_power": 0.5, "memory_noise_std": 0.3},
+    "associative_late2_sparse_noise": {"memory_kind": "associative", "memory_stability_weight": 1.0,
+                                       "memory_stability_power": 0.5, "memory_noise_std": 0.3, "lever_stages": 2},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

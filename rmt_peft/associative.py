@@ -152,6 +152,36 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
     return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
 
 
+def relative_change(old: AssociativeState, new: AssociativeState, tolerance: float = 0.0,
+                    power: float = 1.0) -> torch.Tensor:
+    """The stability loss's measure on an associative memory: per layer and sample,
+    ``c = r ** power`` with ``r = |A_new - A_old|^2 / |A_old|^2`` (the whole matrix; or ``c / (c +
+    tolerance)`` when tolerance > 0), averaged over the layers and the samples that had something
+    written before (``A_old`` of a sample that has not begun is zero: its first write is not a drift)."""
+    started = (old.normalizers[0] != 0).any(dim=-1)
+    changes = []
+    for before, after in zip(old.matrices, new.matrices):
+        before, after = before.float(), after.float()
+        change = (after - before).pow(2).sum((-2, -1)) / before.pow(2).sum((-2, -1)).clamp(min=1e-12)
+        if power != 1:
+            change = change.clamp(min=1e-12).pow(power)  # finite slope where nothing changed
+        if tolerance > 0:
+            change = change / (change + tolerance)
+        changes.append(torch.where(started, change, torch.zeros_like(change)))
+    return torch.stack(changes).sum() / (started.sum() * len(changes)).clamp(min=1)
+
+
+def perturb(state: AssociativeState, std: float) -> AssociativeState:
+    """``state`` with Gaussian noise of ``std`` times each matrix row's RMS on every layer's matrix
+    (rows no key has touched stay zero); the normalisers are left as they are. The training noise
+    of ``memory_noise_std``: reads see the kind of error that crosstalk between stored keys brings."""
+    matrices = []
+    for matrix in state.matrices:
+        rms = matrix.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        matrices.append(matrix + std * rms * torch.randn_like(matrix))
+    return replace(state, matrices=tuple(matrices))
+
+
 @functools.cache
 def compiled(kernel, backend: str = "inductor"):
     """``kernel`` (read_memory or write_memory) compiled once per backend and shared by every

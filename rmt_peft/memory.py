@@ -26,9 +26,9 @@ MEMORY_KINDS = ("tokens", "associative")
 ALIGNMENTS = ("left", "right")
 MEMORY_UPDATES = ("replace", "gated")
 CHECKPOINT_POLICIES = ("recompute_all", "save_matmuls")
-# the fields that act on a memory of tokens passed between segments (not on an associative one)
-TOKEN_MEMORY_LEVERS = ("memory_update", "memory_gate_bias", "memory_noise_std", "memory_stability_weight",
-                       "memory_stability_tolerance", "memory_stability_power")
+# the fields that act on a memory of tokens passed between segments (not on an associative one;
+# the noise and the stability loss act on both)
+TOKEN_MEMORY_LEVERS = ("memory_update", "memory_gate_bias")
 
 
 @dataclass
@@ -40,8 +40,9 @@ class MemoryConfig:
     memory_kind: "tokens" (the paper's RMT: the memory is the write tokens' last hidden states,
         read back as the next segment's first tokens) or "associative" (ARMT, Rodkin et al. 2024:
         the memory tokens are written into an associative matrix per decoder layer that every
-        token of the next segment reads; see rmt_peft/associative.py). The levers that act on a
-        memory of tokens (memory_update, memory_noise_std, memory_stability_*) need "tokens".
+        token of the next segment reads; see rmt_peft/associative.py). memory_update and
+        memory_gate_bias act on a memory of tokens and need "tokens"; the noise and the stability
+        loss act on either kind.
     associative_key_size: with memory_kind="associative", the size of the keys each layer
         projects its hidden states to; the matrices hold 6 x this many features (DPFP of order 3)
         per hidden unit. The authors used 64 for GPT-2 and 32 for their tiny GPT-NeoX.
@@ -77,7 +78,8 @@ class MemoryConfig:
         squared change from one segment to the next (every transition after the first) to the
         loss. A memory trained on a few segments keeps its facts but drifts over thousands of
         updates into states the readout never saw; this pulls the states it reaches towards
-        fixed points of the update. 0 turns it off.
+        fixed points of the update. 0 turns it off. With memory_kind="associative" the change
+        measured is each layer's matrix's (``associative.relative_change``).
     memory_stability_tolerance: 0 penalises the relative squared change r itself; tau > 0
         penalises r / (r + tau) instead: small drifts cost steeply (slope 1 / tau) while a large
         deliberate write (a new fact, r >> tau) costs at most the weight and is not held back.
@@ -88,7 +90,9 @@ class MemoryConfig:
         the memory learns to change seldom but fully.
     memory_noise_std: in training, Gaussian noise of this std (relative to each memory token's
         RMS) is added to the memory passed between segments, so the model learns a memory that
-        recovers from perturbations instead of one that drifts; 0 turns it off.
+        recovers from perturbations instead of one that drifts; 0 turns it off. With
+        memory_kind="associative" the noise goes on each layer's matrix (relative to each row's
+        RMS; ``associative.perturb``): reads see errors like those of crosstalk between keys.
     uncheckpointed_segments: with checkpoint_segments, the last N segments of a forward keep
         their activations instead of being recomputed. Their backward comes first, so the last
         one is free (the peak is one segment's activations either way) and each further one

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from . import card, hub, saving
 from .adapters import attach_lora, trainable_summary
+from . import associative
 from .associative import AssociativeState
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
@@ -546,12 +547,11 @@ class RMTModel(nn.Module):
             if stabilize and index > 0:
                 # Against the memory before its noise: the update should return perturbed states to
                 # where they were (an attractor), not carry the perturbation on.
-                drift = drift + relative_change(clean, memory, cfg.memory_stability_tolerance,
-                                                cfg.memory_stability_power)
+                change = associative.relative_change if cfg.associative else relative_change
+                drift = drift + change(clean, memory, cfg.memory_stability_tolerance, cfg.memory_stability_power)
             clean = memory
             if noisy and index + 1 < len(bounds):
-                perturbed = perturb(memory, cfg.memory_noise_std)
-                memory = torch.where(active, perturbed, memory) if padded else perturbed
+                memory = self._perturbed(memory, cfg.memory_noise_std, active if padded else None)
             tally.add(s_loss, s_count, s_logits if return_logits else None)
 
         loss = memory_drift = None
@@ -563,6 +563,14 @@ class RMTModel(nn.Module):
         return RMTOutput(loss=loss, logits=torch.cat(tally.logits, dim=1) if return_logits else None, memory=memory,
                          segment_losses=torch.stack(tally.losses), segment_token_counts=torch.stack(tally.counts),
                          memory_drift=memory_drift.detach() if memory_drift is not None else None)
+
+    def _perturbed(self, memory, std: float, active: torch.Tensor | None):
+        """``memory`` with its training noise, on the samples whose segment was ``active`` (all: None)."""
+        if self.memory_config.associative:
+            perturbed = associative.perturb(memory, std)
+            return perturbed if active is None else perturbed.where(active, memory)
+        perturbed = perturb(memory, std)
+        return perturbed if active is None else torch.where(active, perturbed, memory)
 
     def _carried(self, new_memory, memory, clean, seg_mask):
         """(the memory the next segment reads, which samples the segment held: None without padding).

@@ -6,6 +6,7 @@ products in a loop), and runs the whole causal LM on ``[segment ; memory tokens]
 no sessions, no einsums of the code under test.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmt_peft import MemoryConfig, RMTModel
-from rmt_peft.associative import AssociativeState, dpfp, read_memory, write_memory
+from rmt_peft.associative import AssociativeState, dpfp, perturb, read_memory, relative_change, write_memory
 from rmt_peft.errors import UserError
 from rmt_peft.memory_state import MemoryState
 from rmt_peft.speedups import transformer_blocks
@@ -161,6 +162,79 @@ def test_the_backbone_alone_is_unchanged_outside_the_model():
         torch.testing.assert_close(backbone(ids).logits, fresh(ids).logits, rtol=0, atol=0)
 
 
+def test_relative_change_by_hand_skips_samples_with_nothing_written():
+    """Two layers, two samples; sample 1 has nothing written before (its first write is no drift)."""
+    old_a = [torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]]), torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])]
+    new_a = [torch.tensor([[[3.0, 5.0]], [[7.0, 7.0]]]), torch.tensor([[[1.0, 2.0]], [[9.0, 9.0]]])]
+    z_old = torch.tensor([[1.0], [0.0]])
+    old = AssociativeState(tuple(old_a), (z_old, z_old))
+    new = AssociativeState(tuple(new_a), (z_old + 1, z_old + 1))
+    # sample 0: layer 0 r = 1 / 25, layer 1 r = 4 / 1
+    assert relative_change(old, new).item() == pytest.approx((1 / 25 + 4) / 2)
+    assert relative_change(old, new, power=0.5).item() == pytest.approx((1 / 5 + 2) / 2)
+    c0, c1 = 1 / 25, 4.0
+    assert relative_change(old, new, tolerance=0.5).item() == pytest.approx((c0 / (c0 + 0.5) + c1 / (c1 + 0.5)) / 2)
+    nothing = AssociativeState.zeros(2, 2, 1, 2)
+    assert relative_change(nothing, new).item() == 0.0
+
+
+def test_noise_goes_on_the_matrices_relative_to_each_rows_rms():
+    torch.manual_seed(0)
+    matrix = torch.zeros(2, 3, 4000)
+    matrix[:, 0] = torch.randn(2, 4000) * 5.0
+    matrix[:, 1] = torch.randn(2, 4000) * 0.1  # row 2 untouched by any key
+    state = AssociativeState((matrix,), (torch.ones(2, 3),))
+    noisy = perturb(state, 0.3)
+    assert torch.equal(noisy.normalizers[0], state.normalizers[0])
+    noise = noisy.matrices[0] - matrix
+    rms = matrix.pow(2).mean(-1).sqrt()
+    assert torch.equal(noise[:, 2], torch.zeros(2, 4000))
+    ratio = noise[:, :2].std(-1) / rms[:, :2]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 0.3), rtol=0.05, atol=0)
+
+
+def test_the_stability_loss_is_the_matrices_change_per_transition_by_hand():
+    """Trained with the stability loss (power 0.5), the loss is the task's plus the weight times the
+    mean over the transitions after the first of the matrices' relative change, the states after
+    each segment computed by hand (hand_armt on the input's prefixes)."""
+    backbone, rmt = associative_model("gpt_neox", memory_stability_weight=2.0, memory_stability_power=0.5)
+    ids = torch.randint(2, 128, (2, 15))
+    rmt.train()  # no dropout in the tiny GPT-NeoX: training computes what evaluation does
+    out = rmt(ids, labels=ids)
+    with torch.no_grad():
+        states = [hand_armt(backbone, rmt, ids[:, :n], 5, LAYERS["gpt_neox"])[2]["A"] for n in (5, 10, 15)]
+        _, task_loss, _ = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"])
+
+    def change(old, new):  # mean over layers and samples of |new - old| / |old|
+        return torch.stack([((b - a).pow(2).sum((1, 2)) / a.pow(2).sum((1, 2))).sqrt()
+                            for a, b in zip(old, new)]).mean()
+
+    drift = (change(states[0], states[1]) + change(states[1], states[2])) / 2
+    torch.testing.assert_close(out.memory_drift, drift, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, task_loss + 2.0 * drift, rtol=1e-4, atol=1e-6)
+    params = list(rmt.memory.parameters())
+    with_drift = torch.autograd.grad(out.loss, params, allow_unused=True)
+    rmt.memory_config = dataclasses.replace(rmt.memory_config, memory_stability_weight=0.0)
+    plain = torch.autograd.grad(rmt(ids, labels=ids).loss, params, allow_unused=True)
+    assert any(not torch.allclose(a, b) for a, b in zip(with_drift, plain) if a is not None)  # the drift trains
+
+
+def test_training_noise_perturbs_training_only():
+    _, rmt = associative_model("gpt_neox", memory_noise_std=0.5)
+    _, quiet = associative_model("gpt_neox")
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        rmt.eval()
+        quiet.eval()
+        torch.testing.assert_close(rmt(ids, labels=ids).loss, quiet(ids, labels=ids).loss)
+    rmt.train()  # training: with gradients
+    quiet.train()
+    noisy, clean = rmt(ids, labels=ids), quiet(ids, labels=ids)
+    assert abs(noisy.loss.item() - clean.loss.item()) > 1e-4
+    # the first segment reads nothing, the last segment's write is never read: only the middle ones differ
+    torch.testing.assert_close(noisy.segment_losses[0], clean.segment_losses[0])
+
+
 def test_truncated_bptt_and_segment_checkpointing_are_exact():
     ids = torch.randint(2, 128, (2, 20))
     _, full = associative_model("gpt_neox")  # no dropout in training mode
@@ -261,8 +335,11 @@ def test_layer_checkpointing_is_refused_in_training():
 
 
 def test_config_refuses_token_levers_and_no_memory_tokens():
-    with pytest.raises(ValueError, match="memory_noise_std.*memory_kind='associative'"):
-        MemoryConfig(memory_kind="associative", memory_noise_std=0.1)
+    with pytest.raises(ValueError, match="memory_update.*memory_kind='associative'"):
+        MemoryConfig(memory_kind="associative", memory_update="gated")
+    with pytest.raises(ValueError, match="memory_gate_bias.*memory_kind='associative'"):
+        MemoryConfig(memory_kind="associative", memory_gate_bias=-2.0)
+    MemoryConfig(memory_kind="associative", memory_noise_std=0.3, memory_stability_weight=1.0)  # both kinds
     with pytest.raises(ValueError, match="num_memory_tokens"):
         MemoryConfig(memory_kind="associative", num_memory_tokens=0)
     with pytest.raises(ValueError, match="memory_kind='bogus' is invalid: expected one of"):

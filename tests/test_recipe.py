@@ -79,8 +79,8 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     ("memory.memory_kind=matrix", ["memory_kind='matrix'", "tokens", "associative"]),
     (["memory.memory_kind=associative", "training.gradient_checkpointing=true"],
      ["gradient_checkpointing=true", "memory_kind='associative'", "memory.checkpoint_segments=true"]),
-    (["memory.memory_kind=associative", "memory.memory_noise_std=0.1"],
-     ["memory_noise_std=0.1", "memory of tokens", "memory_kind='associative'"]),
+    (["memory.memory_kind=associative", "memory.memory_update=gated"],
+     ["memory_update='gated'", "memory of tokens", "memory_kind='associative'"]),
     (["memory.memory_kind=associative", "memory.segment_size=61"], ["65 positions", "segment + memory", "<= 60"]),
     ("training.remove_unused_columns=true", ["remove_unused_columns", "cannot be set"]),
 ])
