@@ -18,6 +18,10 @@ as soon as it is measured, and a row that fails records its error while the next
           through merged copies, CUDA graphs from segment 17), segments of ``--stream-segment-size``
           (2,028): bf16 plain and inside ``torch.autocast("cuda", dtype=torch.bfloat16)`` (their
           memories must be equal), fp8 plain, fp8 with compiled blocks (no graphs).
+  answers the trained model of ``--answers-run`` (a run folder of ``rmt-peft train quickstart``) loaded
+          by ``RMTModel.from_pretrained`` in bf16 and as each of ``--answers-backbones`` (torch-held,
+          the user's path: ``quantization=..., quantization_backend="torch"``): per sample the answer
+          token (argmax) and its loss at ``--answers-segments`` segments, against bf16's.
   opt     a training step of the babilong_reasoning_opt_6.7b_8bit recipe (its memory, LoRA, per-layer
           and segment checkpointing; OPT-6.7B's shape with random weights; compiled blocks, bf16
           autocast as ``training.bf16``), ``--opt-shape`` 4 x 2 with segments of ``--opt-segment-size``
@@ -33,10 +37,12 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from rmt_peft import resources
 from rmt_peft.adapters import parameter_count
 from rmt_peft.backbones import enable_checkpointing
+from rmt_peft.data.token_memory import TokenMemoryTask
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.quantized_linear import quantized_bytes
 from rmt_peft.recipe import load_recipe
@@ -52,7 +58,9 @@ BACKBONES = {"bf16": (None, False), "torch-8bit": ("torch-8bit", False), "torch-
              "fp8": ("fp8", False), "bnb-4bit-cache": ("4bit", True), "bnb-4bit": ("4bit", False),
              "bnb-8bit": ("8bit", False)}
 DEFAULT_BACKBONES = ["bf16", "torch-8bit", "torch-4bit", "fp8", "bnb-4bit-cache", "bnb-4bit"]
-SECTIONS = ("train", "auto", "stream", "opt")
+SECTIONS = ("train", "auto", "stream", "answers", "opt")
+# build_backbone's torch-held names -> from_pretrained's quantization (with quantization_backend="torch")
+LOADED_AS = {"torch-8bit": "8bit", "torch-4bit": "4bit", "fp8": "fp8"}
 OPT_RECIPE = "babilong_reasoning_opt_6.7b_8bit"
 
 
@@ -225,6 +233,47 @@ def stream_section(args, device, log) -> None:
     free()
 
 
+@torch.no_grad()
+def answers_of(rmt: RMTModel, segments: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer token argmax, answer loss) per sample of the quickstart's task at ``segments``."""
+    cfg = rmt.memory_config
+    task = TokenMemoryTask(num_samples, segments, cfg.segment_size, vocab_size=rmt.causal_lm.config.vocab_size,
+                           seed=777)  # not a seed training or the run's evaluation used
+    ids = torch.stack([task[i]["input_ids"] for i in range(num_samples)]).to(rmt.memory_tokens.device)
+    logits = rmt(ids, return_logits=True).logits[:, -2].float()  # position -2 predicts the answer
+    return logits.argmax(-1).cpu(), F.cross_entropy(logits, ids[:, -1], reduction="none").cpu()
+
+
+def answers_section(args, device, log) -> None:
+    """Answers and loss of each quantized backbone against bf16's on the trained quickstart model."""
+    final = os.path.join(args.answers_run, "final")
+    reference = {}
+    for name in ["bf16", *args.answers_backbones]:
+        rmt = None
+        try:
+            quantization = LOADED_AS.get(name)
+            options = {"quantization_backend": "torch"} if quantization else {}
+            device_map = {"": device.index or 0} if device.type == "cuda" else None
+            rmt = RMTModel.from_pretrained(final, quantization=quantization, dtype=torch.bfloat16,
+                                           device_map=device_map, **options)
+            for segments in args.answers_segments:
+                answers, losses = answers_of(rmt, segments, args.answers_samples)
+                row = {"backbone": name, "segments": segments, "samples": len(answers),
+                       "loss": float(losses.mean())}
+                if name == "bf16":
+                    reference[segments] = (answers, losses)
+                else:
+                    ref_answers, ref_losses = reference[segments]
+                    row.update(answers_equal=int((answers == ref_answers).sum()),
+                               loss_vs_bf16=float(losses.mean() / ref_losses.mean()) - 1)
+                log("answers", row)
+        except Exception as err:
+            log("answers", {"backbone": name, **failed(err)})
+        finally:
+            del rmt
+            free()
+
+
 def training_step(rmt: RMTModel, ids: torch.Tensor):
     """One step as the trainer runs it with ``training.bf16``: autocast forward, backward, AdamW."""
     optimizer = optimizer_for(rmt)
@@ -290,7 +339,8 @@ def opt_section(args, device, log) -> None:
 def main(argv=None) -> list[dict]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--out-dir", help="append each row to OUT_DIR/<section>.jsonl")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s != "answers"], choices=SECTIONS,
+                        help="default: all but answers (which needs --answers-run)")
     parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, choices=list(BACKBONES))
     parser.add_argument("--shape", default="8x4", help="SEGMENTSxBATCH of the train rows")
     parser.add_argument("--segment-size", type=int, default=1024)
@@ -302,6 +352,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stream-tokens", type=int, default=2_048_000)
     parser.add_argument("--stream-segment-size", type=int, default=2028)
     parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--answers-run", help="answers: a run folder of `rmt-peft train quickstart`")
+    parser.add_argument("--answers-backbones", nargs="+", default=["fp8", "torch-8bit", "torch-4bit"],
+                        choices=list(LOADED_AS))
+    parser.add_argument("--answers-segments", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--answers-samples", type=int, default=256)
     parser.add_argument("--opt-backbones", nargs="+", default=["torch-8bit", "torch-4bit", "fp8"],
                         choices=list(BACKBONES))
     parser.add_argument("--opt-shape", default="4x2", help="SEGMENTSxBATCH (the recipe's batch: 2)")
@@ -324,6 +379,10 @@ def main(argv=None) -> list[dict]:
         train_section(args, device, log, args.sections)
     if "stream" in args.sections:
         stream_section(args, device, log)
+    if "answers" in args.sections:
+        if not args.answers_run:
+            parser.error("--sections answers needs --answers-run RUN_FOLDER")
+        answers_section(args, device, log)
     if "opt" in args.sections:
         opt_section(args, device, log)
     summary(log.rows)

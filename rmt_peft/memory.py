@@ -201,14 +201,14 @@ def segments_to_keep(free_bytes: int, segment_bytes: int, num_segments: int,
                      margin: float = AUTO_CHECKPOINT_MARGIN) -> int:
     """How many of ``num_segments`` segments keep their activations under
     ``checkpoint_segments="auto"``, given the memory free before the segments ran and one
-    segment's activations. All of them when they fit in ``free_bytes`` less ``margin``;
-    otherwise k with room for one more segment (recomputing a checkpointed segment in backward
-    holds its activations while the kept ones wait), and at least 1: the last segment's
-    backward runs first, so keeping it costs nothing over recomputing the others."""
+    segment's activations: as many as fit in ``free_bytes`` less ``margin``, at least 1. The
+    kept ones are the first (it measured) and the last k - 1, whose backward runs first and
+    frees them before any checkpointed segment is recomputed, so a recompute holds two segments
+    (the first and itself), never more than k >= 2 do at the end of the forward."""
     usable = free_bytes * (1 - margin)
-    if segment_bytes <= 0 or num_segments * segment_bytes <= usable:
+    if segment_bytes <= 0:
         return num_segments
-    return max(1, min(num_segments, int(usable // segment_bytes) - 1))
+    return max(1, min(num_segments, int(usable // segment_bytes)))
 
 
 def allocated_bytes(device: torch.device) -> int | None:

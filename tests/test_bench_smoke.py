@@ -83,6 +83,24 @@ def test_quantized_bench_runs_every_section(tmp_path):
         assert logged == [json.loads(json.dumps(r)) for r in rows if r["section"] == section]
 
 
+def test_quantized_bench_answers_compare_each_backbone_with_bf16(tmp_path):
+    """The answers section on a briefly trained quickstart: int8 per channel keeps nearly every answer
+    of bf16 (a wrong comparison would not), and FP8 on the CPU is the named error."""
+    from benchmarks import quantized
+    from rmt_peft.cli import main as cli
+
+    run = tmp_path / "quickstart"
+    assert cli(["train", "quickstart", f"training.output_dir={run}", "curriculum.steps_per_stage=20",
+                "eval.baseline=false", "eval.num_segments=[1]", "eval.num_samples=8"]) == 0
+    rows = quantized.main(["--sections", "answers", "--answers-run", str(run), "--answers-backbones", "torch-8bit",
+                           "fp8", "--answers-segments", "1", "4", "--answers-samples", "32"])
+    assert [(r["backbone"], r.get("segments")) for r in rows] == [
+        ("bf16", 1), ("bf16", 4), ("torch-8bit", 1), ("torch-8bit", 4), ("fp8", None)]
+    for row in rows[2:4]:
+        assert row["answers_equal"] >= 28 and abs(row["loss_vs_bf16"]) < 0.05, row
+    assert "FP8 tensor cores" in rows[4]["error"]
+
+
 def test_bptt_bench_runs():
     rows = bptt_memory.main(["--tiny", "--quantization", "none", "--segments", "2", "--settings", "2"])
     assert rows[0]["setting"] == "segment + layer checkpointing" and rows[0]["tokens_per_s"] > 0

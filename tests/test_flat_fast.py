@@ -78,21 +78,24 @@ def test_they_recompute_less(runs):
 
 
 def test_auto_keeps_the_segments_that_fit():
-    """segments_to_keep by hand: all when they fit in the free memory less 10%; else k with room
-    for one segment's recompute; never fewer than 1 (the last is free)."""
+    """segments_to_keep by hand: as many as fit in the free memory less 10% (the kept ones are freed
+    before any recompute, so none needs room beside them); never fewer than 1."""
     gib = 2 ** 30
     assert segments_to_keep(100 * gib, 9 * gib, 8) == 8  # 72 GiB <= 90
-    assert segments_to_keep(50 * gib, int(8.9 * gib), 8) == 4  # 45 GiB usable: 5 segments' room, one for recompute
-    assert segments_to_keep(10 * gib, 9 * gib, 8) == 1  # nothing fits: the last one, free anyway
+    assert segments_to_keep(50 * gib, int(8.9 * gib), 8) == 5  # 45 GiB usable: 5 segments' room
+    assert segments_to_keep(29 * gib, int(7.3 * gib), 8) == 3  # the NF4 8 x 4 shape under a 32 GiB cap
+    assert segments_to_keep(10 * gib, 9 * gib, 8) == 1  # one fits: the first, which measured
+    assert segments_to_keep(5 * gib, 9 * gib, 8) == 1  # none fits: still the first
     assert segments_to_keep(10 * gib, 0, 8) == 8
-    assert segments_to_keep(40 * gib, 9 * gib, 8, margin=0.0) == 3
+    assert segments_to_keep(40 * gib, 9 * gib, 8, margin=0.0) == 4
 
 
-@pytest.mark.parametrize("free, blocks", [(450, 4), (400, 6), (330, 7)])
+@pytest.mark.parametrize("free, blocks", [(450, 4), (400, 5), (330, 6), (200, 7)])
 def test_auto_on_a_gpu_checkpoints_what_does_not_fit(monkeypatch, free, blocks):
     """The "auto" step with a GPU's memory simulated: the first segment keeps its activations
-    (100 bytes measured), segments_to_keep decides from the free memory (450: all 4 fit; 400:
-    2 kept; 330: only the first), the rest are recomputed; loss and gradients are the plain run's."""
+    (100 bytes measured), segments_to_keep decides from the free memory less 10% (450: all 4 fit;
+    400: 3 kept; 330: 2; 200: only the first), the rest are recomputed (4 block calls + one per
+    recomputed segment); loss and gradients are the plain run's."""
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (2, 64))  # 4 segments
     model = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), PLAIN, lora=LORA, verbose=False).train()
