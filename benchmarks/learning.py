@@ -141,8 +141,10 @@ VARIANTS: dict[str, dict] = {
     # ARMT (Rodkin et al. 2024): an associative matrix per layer beside the memory tokens, no levers
     "associative": {"memory_kind": "associative"},
     # ... with the levers on its matrices (associative.perturb / relative_change): noise alone, the
-    # sparse stability loss with noise from the start, and in the last two stages (late2_sparse_noise)
+    # sparse stability loss alone and with noise from the start, and in the last two stages
     "associative_noise": {"memory_kind": "associative", "memory_noise_std": 0.3},
+    "associative_sparse": {"memory_kind": "associative", "memory_stability_weight": 1.0,
+                           "memory_stability_power": 0.5},
     "associative_sparse_noise": {"memory_kind": "associative", "memory_stability_weight": 1.0,
                                  "memory_stability_power": 0.5, "memory_noise_std": 0.3},
     "associative_late2_sparse_noise": {"memory_kind": "associative", "memory_stability_weight": 1.0,

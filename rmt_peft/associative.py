@@ -155,14 +155,18 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
 def relative_change(old: AssociativeState, new: AssociativeState, tolerance: float = 0.0,
                     power: float = 1.0) -> torch.Tensor:
     """The stability loss's measure on an associative memory: per layer and sample,
-    ``c = r ** power`` with ``r = |A_new - A_old|^2 / |A_old|^2`` (the whole matrix; or ``c / (c +
-    tolerance)`` when tolerance > 0), averaged over the layers and the samples that had something
-    written before (``A_old`` of a sample that has not begun is zero: its first write is not a drift)."""
+    ``c = r ** power`` with ``r = |A_new - A_old|^2 / max(|A_old|^2, |A_new|^2)`` (the whole matrix;
+    or ``c / (c + tolerance)`` when tolerance > 0), averaged over the layers and the samples that had
+    something written before (``A_old`` of a sample that has not begun is zero: its first write is
+    not a drift). The larger norm, not the old one: a matrix starts at zero (``Wv`` does) and stays
+    near it early in training, where the change relative to ``A_old`` alone is unbounded; so ``r``
+    is at most 4, and for small changes it is the relative change."""
     started = (old.normalizers[0] != 0).any(dim=-1)
     changes = []
     for before, after in zip(old.matrices, new.matrices):
         before, after = before.float(), after.float()
-        change = (after - before).pow(2).sum((-2, -1)) / before.pow(2).sum((-2, -1)).clamp(min=1e-12)
+        scale = torch.maximum(before.pow(2).sum((-2, -1)), after.pow(2).sum((-2, -1)))
+        change = (after - before).pow(2).sum((-2, -1)) / scale.clamp(min=1e-12)
         if power != 1:
             change = change.clamp(min=1e-12).pow(power)  # finite slope where nothing changed
         if tolerance > 0:

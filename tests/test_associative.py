@@ -169,13 +169,16 @@ def test_relative_change_by_hand_skips_samples_with_nothing_written():
     z_old = torch.tensor([[1.0], [0.0]])
     old = AssociativeState(tuple(old_a), (z_old, z_old))
     new = AssociativeState(tuple(new_a), (z_old + 1, z_old + 1))
-    # sample 0: layer 0 r = 1 / 25, layer 1 r = 4 / 1
-    assert relative_change(old, new).item() == pytest.approx((1 / 25 + 4) / 2)
-    assert relative_change(old, new, power=0.5).item() == pytest.approx((1 / 5 + 2) / 2)
-    c0, c1 = 1 / 25, 4.0
+    # sample 0: layer 0 r = 1 / max(25, 34), layer 1 r = 4 / max(1, 5)
+    assert relative_change(old, new).item() == pytest.approx((1 / 34 + 4 / 5) / 2)
+    assert relative_change(old, new, power=0.5).item() == pytest.approx(((1 / 34) ** 0.5 + (4 / 5) ** 0.5) / 2)
+    c0, c1 = 1 / 34, 4 / 5
     assert relative_change(old, new, tolerance=0.5).item() == pytest.approx((c0 / (c0 + 0.5) + c1 / (c1 + 0.5)) / 2)
     nothing = AssociativeState.zeros(2, 2, 1, 2)
     assert relative_change(nothing, new).item() == 0.0
+    # a matrix still at zero (Wv starts there) written for the first time: bounded, not 1e12
+    zero = AssociativeState((torch.zeros(1, 1, 2),), (torch.ones(1, 1),))
+    assert relative_change(zero, AssociativeState((torch.ones(1, 1, 2),), (torch.ones(1, 1),))).item() == 1.0
 
 
 def test_noise_goes_on_the_matrices_relative_to_each_rows_rms():
@@ -205,9 +208,9 @@ def test_the_stability_loss_is_the_matrices_change_per_transition_by_hand():
         states = [hand_armt(backbone, rmt, ids[:, :n], 5, LAYERS["gpt_neox"])[2]["A"] for n in (5, 10, 15)]
         _, task_loss, _ = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"])
 
-    def change(old, new):  # mean over layers and samples of |new - old| / |old|
-        return torch.stack([((b - a).pow(2).sum((1, 2)) / a.pow(2).sum((1, 2))).sqrt()
-                            for a, b in zip(old, new)]).mean()
+    def change(old, new):  # mean over layers and samples of |new - old| / max(|old|, |new|)
+        return torch.stack([((b - a).pow(2).sum((1, 2)) / torch.maximum(a.pow(2).sum((1, 2)), b.pow(2).sum((1, 2))))
+                            .sqrt() for a, b in zip(old, new)]).mean()
 
     drift = (change(states[0], states[1]) + change(states[1], states[2])) / 2
     torch.testing.assert_close(out.memory_drift, drift, rtol=1e-4, atol=1e-6)
