@@ -25,6 +25,17 @@ def remove_deepspeed_shm_buffers():
 
 
 @pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """Nothing in the tests comes from the Hub. huggingface_hub reads HF_HUB_OFFLINE once, when
+    imported, so a test's setenv does not reach it; and since huggingface_hub 2 a refused
+    connection is retried with back-off (half a minute a call) before it fails. Offline, a missing
+    model or tokenizer fails at once, as for a user who sets HF_HUB_OFFLINE."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
 def one_torch_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
