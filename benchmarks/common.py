@@ -160,6 +160,18 @@ class ReferenceRMT(torch.nn.Module):
 
 
 # -- measuring -------------------------------------------------------------------------------
+def layers_checkpointed(lm) -> bool:
+    """Whether the model's layers are checkpointed (transformers renamed the property in 5.2x)."""
+    on = getattr(lm, "is_activation_checkpointing", None)
+    return lm.is_gradient_checkpointing if on is None else on
+
+
+def stop_checkpointing_layers(lm) -> None:
+    if layers_checkpointed(lm):
+        off = getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable
+        off()
+
+
 def free() -> None:
     gc.collect()
     if torch.cuda.is_available():

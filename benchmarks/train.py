@@ -23,13 +23,14 @@ import torch
 
 from rmt_peft.adapters import parameter_count
 from rmt_peft.attention import use_gpt_neo_sdpa
+from rmt_peft.backbones import enable_checkpointing
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, use_fused_gelu
 
 from .common import (TORCH_HELD, ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
-                     train_flops_per_token, write_json)
+                     stop_checkpointing_layers, train_flops_per_token, write_json)
 
 
 class Bench:
@@ -99,9 +100,9 @@ class Bench:
             model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
         if checkpoint_layers:
-            lm.activation_checkpointing_enable()
-        elif lm.is_activation_checkpointing:
-            lm.activation_checkpointing_disable()
+            enable_checkpointing(lm, drop_input_hook=False)
+        else:
+            stop_checkpointing_layers(lm)
 
     def loss(self, impl: str, ids: torch.Tensor, batch: int, segments: int) -> torch.Tensor:
         if impl == "reference":

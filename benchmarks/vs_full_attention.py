@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from rmt_peft.backbones import enable_checkpointing
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 
 from .common import (base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      forward_flops_per_token, free, llama_config, lora_config, measure, optimizer_for,
-                     print_table, train_flops_per_token, write_json)
+                     print_table, stop_checkpointing_layers, train_flops_per_token, write_json)
 
 
 def main(argv=None) -> list[dict]:
@@ -55,9 +56,9 @@ def main(argv=None) -> list[dict]:
                 if mode == "train":
                     model.train()
                     if name == "full attention":
-                        lm.activation_checkpointing_enable()
-                    elif lm.is_activation_checkpointing:
-                        lm.activation_checkpointing_disable()
+                        enable_checkpointing(lm, drop_input_hook=False)
+                    else:
+                        stop_checkpointing_layers(lm)
                     optimizer = optimizer_for(model)
 
                     def step(model=model, optimizer=optimizer):
@@ -84,8 +85,7 @@ def main(argv=None) -> list[dict]:
                     optimizer.zero_grad(set_to_none=True)
                     del optimizer
                 free()
-    if lm.is_activation_checkpointing:
-        lm.activation_checkpointing_disable()
+    stop_checkpointing_layers(lm)
     by_key = {(r["mode"], r["tokens"], r["model"]): r for r in rows}
     summary = []
     for (mode, tokens, model), row in by_key.items():
