@@ -29,9 +29,8 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import card, hub, saving
+from . import associative, card, hub, saving
 from .adapters import attach_lora, trainable_summary
-from . import associative
 from .associative import AssociativeState
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
@@ -386,11 +385,11 @@ class RMTModel(nn.Module):
         labelled targets, if the caller knows it) spares a host sync. Returns (new memory, loss
         sum, labelled count, logits or None)."""
         m = self.memory_config.num_memory_tokens
-        associative = self.memory_config.associative
+        is_associative = self.memory_config.associative
         batch, n = input_ids.shape
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
         mask = attention_mask
-        if associative:  # [segment ; memory tokens]: the same tokens every segment, written from
+        if is_associative:  # [segment ; memory tokens]: the same tokens every segment, written from
             write = self.memory.memory_tokens.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             embeds = torch.cat([embeds, write], dim=1)
             if mask is not None:
@@ -410,7 +409,7 @@ class RMTModel(nn.Module):
             # itself; the others would not) and a padded sample computes what it would alone.
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         body = self.causal_lm.base_model
-        if associative:
+        if is_associative:
             with self.memory.associative.session(memory, write_tokens=m) as session:
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
@@ -465,11 +464,11 @@ class RMTModel(nn.Module):
     def check_inputs(self, input_ids, attention_mask=None, labels=None, memory=None) -> None:
         """ValueError naming the argument for inputs forward / generate cannot process (inputs.py)."""
         embeddings = self.causal_lm.get_input_embeddings()  # its sizes stay whole under ZeRO-3
-        associative = self.memory_config.associative
-        check_inputs(input_ids, attention_mask, labels, None if associative else memory,
+        is_associative = self.memory_config.associative
+        check_inputs(input_ids, attention_mask, labels, None if is_associative else memory,
                      vocab_size=embeddings.num_embeddings,
                      memory_shape=(self.memory_config.num_memory_tokens, embeddings.embedding_dim))
-        if associative and memory is not None:
+        if is_associative and memory is not None:
             self._check_state(memory, input_ids.shape[0])
 
     def _check_state(self, state, batch: int) -> None:
