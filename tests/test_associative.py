@@ -238,6 +238,27 @@ def test_training_noise_perturbs_training_only():
     torch.testing.assert_close(noisy.segment_losses[0], clean.segment_losses[0])
 
 
+def test_a_sample_that_has_ended_gets_no_training_noise(monkeypatch):
+    """With right padding, a sample whose input ended keeps the noise-free state of its last
+    segment, as when it runs alone (the noise made deterministic to compare the two)."""
+    from rmt_peft import associative
+
+    monkeypatch.setattr(associative, "perturb",
+                        lambda state, std: dataclasses.replace(state, matrices=tuple(m + std for m in state.matrices)))
+    _, rmt = associative_model("gpt_neox", memory_noise_std=0.01)
+    rmt.train()
+    long, short = torch.randint(2, 128, (1, 20)), torch.randint(2, 128, (1, 10))
+    ids = torch.cat([long, torch.cat([short, torch.ones(1, 10, dtype=torch.long)], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    both = rmt(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    alone = rmt(short, labels=short)
+    for a, b in zip(both.memory.tensors(), alone.memory.tensors()):
+        torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-5)
+    plain = associative_model("gpt_neox")[1].train()(short, labels=short)
+    assert not torch.allclose(alone.memory.matrices[0], plain.memory.matrices[0])  # the noise acted
+
+
 def test_truncated_bptt_and_segment_checkpointing_are_exact():
     ids = torch.randint(2, 128, (2, 20))
     _, full = associative_model("gpt_neox")  # no dropout in training mode
