@@ -30,9 +30,9 @@ def hub_offline(monkeypatch):
     imported, so a test's setenv does not reach it; and since huggingface_hub 2 a refused
     connection is retried with back-off (half a minute a call) before it fails. Offline, a missing
     model or tokenizer fails at once, as for a user who sets HF_HUB_OFFLINE."""
-    import huggingface_hub
+    from huggingface_hub import constants  # a submodule: not an attribute until imported
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(autouse=True)
