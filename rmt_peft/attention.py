@@ -82,16 +82,25 @@ def use_gpt_neo_sdpa(model: nn.Module, enable: bool = True) -> int:
     """Switch every GPT-Neo eager self-attention inside ``model`` to the exact SDPA path
     (``enable=False`` switches back to eager, e.g. for ``output_attentions``).
 
+    Either way the layers of one attention type then share one causal(+window) table: transformers
+    gives each layer its own (max_positions^2 booleans, 4 MiB; 100 MiB over GPT-Neo-1.3B's 24
+    layers), all equal.
+
     Returns the number of layers switched (0 if there is nothing to switch). Idempotent.
     """
     source, target = (GPTNeoSelfAttention, GPTNeoSdpaSelfAttention) if enable else \
         (GPTNeoSdpaSelfAttention, GPTNeoSelfAttention)
-    switched, configs = 0, {}
+    switched, configs, tables = 0, {}, {}
     for module in model.modules():
         if type(module) is source:
             module.__class__ = target
             switched += 1
             configs[id(module.config)] = module.config
+        if isinstance(module, GPTNeoSelfAttention):
+            table = module.bias
+            shared = tables.setdefault((module.attention_type, table.shape, table.device), table)
+            if shared is not table and torch.equal(shared, table):
+                module.register_buffer("bias", shared, persistent=False)
     for config in configs.values():
         # Only the mask builder and the dispatch above read this name; eager modules were replaced.
         config._attn_implementation = GPT_NEO_SDPA if enable else "eager"

@@ -67,6 +67,18 @@ def test_switch_is_idempotent_and_names_the_implementation():
     assert not any(isinstance(b.attn.attention, GPTNeoSdpaSelfAttention) for b in model.transformer.h)
 
 
+def test_layers_of_one_attention_type_share_one_table_with_the_values_they_had():
+    model = sharpened_gpt_neo(num_layers=6)
+    tables = [b.attn.attention.bias.clone() for b in model.transformer.h]
+    types = [b.attn.attention.attention_type for b in model.transformer.h]
+    assert types == ["global", "local"] * 3 and not torch.equal(tables[0], tables[1])
+    use_gpt_neo_sdpa(model)
+    after = [b.attn.attention.bias for b in model.transformer.h]
+    assert len({t.data_ptr() for t in after}) == 2  # one table a type, not one a layer
+    assert all(torch.equal(a, t) for a, t in zip(after, tables))
+    assert "transformer.h.0.attn.attention.bias" not in model.state_dict()  # still not saved
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_model_outputs_and_gradients_match_eager(padding_side):
     eager = sharpened_gpt_neo()
