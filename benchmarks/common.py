@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig, OPTCon
 from rmt_peft import flops
 from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.backbones import load_backbone
+from rmt_peft.quantized_embedding import embedding_matrix, quantize_embeddings
 from rmt_peft.quantized_linear import quantize_linears
 
 GIB = 2 ** 30
@@ -80,7 +81,8 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
     """A random-weight causal LM of ``config``: bf16 on the GPU (fp32 on CPU); bitsandbytes NF4 /
     LLM.int8 ("4bit" / "8bit") by saving the random bf16 weights and loading them through
     ``load_backbone`` (the user's path); or torch-held "torch-8bit" / "torch-4bit" / "fp8"
-    (``TORCH_HELD``): the random model quantized in place by ``quantize_linears``, what
+    (``TORCH_HELD``): the random model quantized in place by ``quantize_linears`` and
+    ``quantize_embeddings``, what
     ``load_backbone(quantization_backend="torch")`` does after loading, without the round trip
     through the disk (an OPT-6.7B would write and read 13 GB), and FP8 also on the CPU (tests).
     attention: "sdpa" (GPT-Neo: rmt_peft.attention; others: torch SDPA) or "eager"."""
@@ -93,6 +95,7 @@ def build_backbone(config, quantization: str | None, device: torch.device, atten
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=native)
         if quantization is not None:
             quantize_linears(model, TORCH_HELD[quantization], device)
+            quantize_embeddings(model, device)
             free()
     else:
         key = repr(config.to_dict())
@@ -137,9 +140,10 @@ class ReferenceRMT(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
         embeddings = backbone.get_input_embeddings()
-        std = float(embeddings.weight.detach().float().std())
+        table = embedding_matrix(embeddings)
+        std = float(table.detach().float().std())
         self.memory = torch.nn.Parameter(torch.randn(num_memory_tokens, embeddings.embedding_dim,
-                                                     device=embeddings.weight.device) * std)
+                                                     device=table.device) * std)
         self.m, self.segment_size = num_memory_tokens, segment_size
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

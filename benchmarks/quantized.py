@@ -106,7 +106,7 @@ def bytes_per_weight(bench: Bench, cache: bool) -> dict:
     if bench.backbone_bytes is not None:
         extra = dequantized_cache_bytes(bench.peft)[0] if cache else 0
         out["backbone_bytes_per_weight"] = (bench.backbone_bytes + extra) / bench.frozen_weights
-    size, weights = quantized_bytes(bench.peft)
+    size, weights = quantized_bytes(bench.peft, tables=False)
     if weights:
         out["quantized_layer_bytes_per_weight"] = size / weights
     return out

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .attention import use_gpt_neo_sdpa
 from .quantization import backend_for, check_bitsandbytes, quantization_config, single_device, target_device
+from .quantized_embedding import quantize_embeddings as quantize_tables
 from .quantized_linear import check_fp8, quantize_linears
 from .speedups import use_fused_gelu
 
@@ -80,8 +81,8 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
                   device_map=None, attn_implementation: str | None = None, *,
                   quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype: str | torch.dtype | None = None, quant_storage: str | torch.dtype | None = None,
-                  quantization_backend: str = "auto", gradient_checkpointing: bool = False, train: bool = False,
-                  speedups: bool = True, **kwargs) -> PreTrainedModel:
+                  quantization_backend: str = "auto", quantize_embeddings: bool = True,
+                  gradient_checkpointing: bool = False, train: bool = False, speedups: bool = True, **kwargs) -> PreTrainedModel:
     """Load a causal LM (GPT-Neo, OPT, GPT-2, GPT-NeoX/Pythia, Llama-style...) from the Hub or a folder.
 
     quantization: None, "8bit", "4bit" or "fp8" (e4m3, CUDA GPUs with FP8 tensor cores only); the
@@ -89,9 +90,11 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     quantization_backend: which library holds the weights (``quantization.choose_backend``).
     "bitsandbytes": LLM.int8 / NF4 as in the paper, the linear layers replaced while loading.
     "torch": ``rmt_peft.quantized_linear`` (int8 per channel, torchao's NF4, FP8): the model is
-    loaded on the CPU and each linear layer but the LM head is moved to the device and quantized
-    there, one at a time; each matmul dequantizes its weight (compiled blocks fuse it), so no
+    loaded on the CPU and each linear layer is moved to the device and quantized there, one at a
+    time; each matmul dequantizes its weight (compiled blocks fuse it), so no
     bf16 copy is kept. "auto" (default): torch on a CUDA GPU, bitsandbytes elsewhere (logged).
+    quantize_embeddings (torch backend): the embeddings and LM head in int8 too, one scale a row, a
+    tied head sharing the table (``rmt_peft.quantized_embedding``); False keeps them in ``dtype``.
     4-bit options: ``quant_type`` "nf4" / "fp4", ``double_quant``, ``compute_dtype`` (default:
     ``dtype``, else bfloat16), ``quant_storage`` (set it to the compute dtype for FSDP / ZeRO-3);
     all but compute_dtype are bitsandbytes' (other values than the defaults select it). Before
@@ -142,8 +145,7 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
             load_kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
     if backend == "torch":
-        quantize_linears(model, quantization, device, dtype=compute)
-        model.to(device)
+        _hold_quantized(model, quantization, device, compute, quantize_embeddings)
     if gpt_neo_sdpa:
         use_gpt_neo_sdpa(model)
     if speedups:
@@ -155,6 +157,15 @@ def load_backbone(name_or_path: str, quantization: str | None = None, dtype: str
     if train or gradient_checkpointing:
         model.train()
     return model
+
+
+def _hold_quantized(model: PreTrainedModel, quantization: str, device, compute: torch.dtype, tables: bool) -> None:
+    """The torch backend: each linear layer (and with ``tables`` the embeddings and LM head)
+    moved to ``device`` and quantized there, one at a time, then the rest of the model."""
+    quantize_linears(model, quantization, device, dtype=compute)
+    if tables:
+        quantize_tables(model, device, dtype=compute)
+    model.to(device)
 
 
 def _set_attention(load_kwargs: dict, name_or_path: str, attn_implementation: str | None, speedups: bool) -> bool:

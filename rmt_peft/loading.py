@@ -160,6 +160,7 @@ def load_model(adapter: str, recipe: Recipe | None, args, memory_overrides: dict
         kwargs["attn_implementation"] = model.attention
     if model is not None and not args.quantization:
         kwargs["quantization_backend"] = model.quantization_backend
+        kwargs["quantize_embeddings"] = model.quantize_embeddings
     if args.base_model:
         kwargs["base_model"] = args.base_model
     if device.type == "cuda":

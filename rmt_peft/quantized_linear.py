@@ -1,8 +1,8 @@
 """Frozen linear layers whose weights stay quantized in memory and are dequantized inside each matmul.
 
 ``quantize_linears(model, quantization)`` replaces the linear layers of a loaded model (not its
-LM head, as bitsandbytes leaves it) by ``QuantizedLinear``: an ``nn.Linear`` (so peft's LoRA wraps
-it as usual) holding one of three formats:
+LM head: ``rmt_peft.quantized_embedding`` holds it with the embeddings) by ``QuantizedLinear``:
+an ``nn.Linear`` (so peft's LoRA wraps it as usual) holding one of three formats:
 
 - "8bit": int8 per output channel (symmetric, absmax / 127) and one fp32 scale per row:
   1 byte per weight. The weight is dequantized into the compute dtype for each matmul.
@@ -10,9 +10,9 @@ it as usual) holding one of three formats:
   quantized again in blocks of up to 256): about 0.52 bytes per weight. torchao quantizes;
   the layer keeps its tensors as plain buffers and dequantizes them with torchao's arithmetic
   (torchao's own ``linear_nf4`` lets compile keep a bf16 copy per call, see below).
-- "fp8": float8 e4m3 per output channel, 1 byte per weight; the matmuls run at FP8 rate
-  (``torch._scaled_mm``), each row of the input (and in backward, of the gradient) scaled to
-  e4m3 on the fly. Needs FP8 tensor cores (``check_fp8``).
+- "fp8": float8 e4m3 per output channel, 1 byte per weight; the forward matmuls run at FP8 rate
+  (``torch._scaled_mm``), each row of the input scaled to e4m3 on the fly; backward multiplies
+  by the dequantized weight, as the other formats do. Needs FP8 tensor cores (``check_fp8``).
 
 Why not bitsandbytes: its layers dequantize through Python and ctypes on every call, which
 makes RMT training (every layer called once per segment, forward and backward) CPU-bound,
@@ -156,28 +156,36 @@ class _NF4Linear(torch.autograd.Function):
 
 class _FP8Linear(torch.autograd.Function):
     """x @ (q * s)^T at FP8 rate: x is quantized per row (e4m3) and multiplied by the e4m3 weight
-    with both scales applied in the matmul. Backward: grad_x = (grad * s) @ q, the weight's
-    per-output scale folded into the gradient before quantizing it per row, so it runs at FP8 rate
-    too (the weight's transpose is laid out for it on the fly: 1 byte per weight read and written)."""
+    with both scales applied in the matmul. Backward: grad @ dequant(W) in the gradient's dtype,
+    as _Int8Linear (the frozen weight gets no gradient). An FP8 backward (the gradient scaled to
+    e4m3 per row, the weight's transpose laid out for ``_scaled_mm`` on the fly) was slower on an
+    H200 at GPT-Neo-1.3B's shapes (BENCHMARKS.md, issue 25) and rounds the gradient to 3 bits."""
 
     @staticmethod
     def forward(ctx, x, qweight, scale):
         ctx.save_for_backward(qweight, scale)
         rows = x.reshape(-1, x.shape[-1])
-        xq, xs = _rowwise_fp8(rows)
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
+        with torch.autocast(x.device.type, enabled=False):  # every dtype here is chosen; autocast would round
+            xq, xs = _rowwise_fp8(rows)
+            y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=torch.bfloat16,
+                                 use_fast_accum=True)
         return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         qweight, scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1]).float() * scale.t()
-        gq, gs = _rowwise_fp8(rows)
-        ones = torch.ones(1, qweight.shape[1], device=grad.device, dtype=torch.float32)
-        column_major = qweight.t().contiguous().t()
-        dx = torch._scaled_mm(gq, column_major, scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
-        return dx.to(grad.dtype).reshape(*grad.shape[:-1], qweight.shape[1]), None, None
+        return grad @ dequantize_scaled(qweight, scale, grad.dtype, swap=True), None, None
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on, as autocast feeds an ``nn.Linear``: the
+    autograd functions above compute in their input's dtype, and an fp32 input (a LayerNorm's
+    output under autocast) would make the FP8 matmul return fp32, and every activation after it
+    (saved for backward too) twice the size of a bf16 layer's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 NF4_BUFFERS = ("scalers", "factors", "mean", "values")
@@ -217,6 +225,7 @@ class QuantizedLinear(nn.Linear):
         return [getattr(self, f"nf4_{name}") for name in NF4_BUFFERS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         if self.format == "8bit":
             y = _Int8Linear.apply(x, self.weight, self.weight_scale)
         elif self.format == "fp8":
@@ -224,6 +233,9 @@ class QuantizedLinear(nn.Linear):
         else:
             y = _NF4Linear.apply(x, self.weight, *self._nf4())
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def held_weights(self) -> int:
+        return self.in_features * self.out_features
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -274,12 +286,14 @@ def quantize_linears(model: nn.Module, format: str, device: torch.device | str |
     return replaced
 
 
-def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the quantized layers' weights, scales and NF4 tables take, weights they hold)."""
+def quantized_bytes(model: nn.Module, tables: bool = True) -> tuple[int, int]:
+    """(bytes the quantized weights, their scales and NF4 tables take, weights they hold): the
+    linear layers and, with ``tables``, the embedding table and LM head that
+    ``quantize_embeddings`` holds in int8 (a tied pair counted once)."""
     total = weights = 0
-    for layer in model.modules():
-        if isinstance(layer, QuantizedLinear):
-            weights += layer.in_features * layer.out_features
+    for layer in model.modules():  # each module once: a tied table is one module under two names
+        if isinstance(layer, QuantizedLinear) or (tables and hasattr(layer, "held_weights")):
+            weights += layer.held_weights()
             tensors = [layer.weight, *layer.buffers(recurse=False)]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total, weights

@@ -98,11 +98,15 @@ class ModelSection:
     "torch" (weights stay int8 / NF4 / e4m3 and each compiled matmul dequantizes them: about
     bf16 speed without bf16 copies; ``rmt_peft.quantized_linear``), or "auto" (default): torch
     on a CUDA GPU, bitsandbytes on the CPU, under DeepSpeed and with cache_dequantized_weights
-    (logged; ``quantization.choose_backend``)."""
+    (logged; ``quantization.choose_backend``). quantize_embeddings: with the torch backend, the
+    token embeddings and the LM head are held in int8 too (one scale a row; a tied head shares
+    the table; ``rmt_peft.quantized_embedding``); false keeps them in ``dtype``, as bitsandbytes
+    does. It has no effect with bitsandbytes."""
 
     name_or_path: str = ""
     quantization: str | None = None
     quantization_backend: str = "auto"
+    quantize_embeddings: bool = True
     dtype: str | None = None
     attention: str | None = None
     config: dict = field(default_factory=dict)

@@ -38,6 +38,7 @@ from .fileio import atomic_directory
 from .inputs import IGNORE_INDEX, check_inputs
 from .memory import (MemoryConfig, MemoryParameters, allocated_bytes, free_gpu_bytes, perturb, relative_change,
                      segments_to_keep)
+from .quantized_embedding import compute_dtype_of, embedding_matrix
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
                        merge_pays, merged_lora_key,
                        merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up, transformer_blocks)
@@ -168,7 +169,7 @@ class RMTModel(nn.Module):
         embeddings = self.causal_lm.get_input_embeddings()
         std = memory_config.memory_init_std
         if std is None:
-            std = float(embeddings.weight.detach().float().std())
+            std = float(embedding_matrix(embeddings).detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
@@ -176,7 +177,7 @@ class RMTModel(nn.Module):
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         blocks = transformer_blocks(self.causal_lm) if memory_config.associative else []
         self.memory = MemoryParameters(memory_config, embeddings.embedding_dim, std, num_layers=len(blocks),
-                                       device=embeddings.weight.device)
+                                       device=next(embeddings.parameters()).device)
         if memory_config.associative:
             self.memory.associative.attach(blocks)
 
@@ -357,9 +358,9 @@ class RMTModel(nn.Module):
         (norms and softmax up to fp32 and back, LoRA's fp32 weights down; 1.4-1.7x slower
         streams, BENCHMARKS.md), so reading under it gives exactly what reading without it gives.
         An autocast to another dtype (an fp32 model read in bf16) is the caller's choice: kept."""
-        weight = self.causal_lm.get_input_embeddings().weight
-        device = weight.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == weight.dtype:
+        embeddings = self.causal_lm.get_input_embeddings()
+        device = next(embeddings.parameters()).device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == compute_dtype_of(embeddings):
             return torch.autocast(device, enabled=False)
         return contextlib.nullcontext()
 
@@ -457,7 +458,7 @@ class RMTModel(nn.Module):
         """torch.utils.checkpoint options for MemoryConfig.checkpoint_policy."""
         if self.memory_config.checkpoint_policy == "recompute_all":
             return {}
-        policy = save_matmuls_policy(self.causal_lm.get_output_embeddings().weight.shape[0])
+        policy = save_matmuls_policy(self.causal_lm.get_output_embeddings().out_features)
         return {"context_fn": partial(create_selective_checkpoint_contexts, policy)}
 
     # -- the recurrence -------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .adapters import quiet_peft
 from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
 from .backbones import load_backbone
 from .memory import MemoryConfig, memory_tensor_shapes
+from .quantized_embedding import QuantizedEmbedding, QuantizedHead
 from .quantized_linear import QuantizedLinear
 from .speedups import FusedTanhGelu, use_fused_gelu
 from .tiny_models import TINY_PREFIX, save_tiny_model
@@ -57,7 +58,8 @@ def quantization_of(causal_lm) -> tuple[str | None, dict[str, Any]]:
     """("4bit" / "8bit" / "fp8" / None, the load_backbone options that reproduce it) of a loaded model."""
     held = {m.format for m in causal_lm.modules() if isinstance(m, QuantizedLinear)}
     if held:
-        return held.pop(), {"quantization_backend": "torch"}
+        tables = any(isinstance(m, QuantizedEmbedding) for m in causal_lm.modules())
+        return held.pop(), {"quantization_backend": "torch", "quantize_embeddings": tables}
     qc = getattr(causal_lm.config, "quantization_config", None)
     if qc is None:
         return None, {}
@@ -289,6 +291,8 @@ def _base_tensor(causal_lm, name: str, plain) -> torch.Tensor:
     # GPT-2's Conv1D layers (weight stored as in x out) are quantized as Linear layers (out x in)
     transpose = (leaf == "weight" and isinstance(plain.get_submodule(module_name), Conv1D)
                  and not isinstance(module, Conv1D))
+    if isinstance(module, (QuantizedEmbedding, QuantizedHead)) and leaf == "weight":
+        return module.dequantize()
     tensor = getattr(module, leaf)
     kind = tensor.__class__.__name__
     if kind == "Params4bit" and getattr(tensor.quant_state, "packing_format_for_cpu", False):

@@ -60,21 +60,36 @@ def test_each_format_computes_with_its_weight_dequantized_by_hand(format):
     grad = torch.randn_like(y)
     y.backward(grad)
     assert y.dtype == torch.bfloat16 and not layer.weight.requires_grad and layer.weight.grad is None
-    if format == "fp8":  # both operands e4m3: the input (forward) and the scaled gradient (backward) per row
+    dequantized = expected_weight.to(torch.bfloat16)
+    torch.testing.assert_close(layer.dequantize(), dequantized, rtol=0, atol=0)
+    if format == "fp8":  # forward: both operands e4m3, the input scaled per row
         out = rowwise_fp8(x.detach()) @ expected_weight.t() + bias.float()
-        scale = expected_weight.abs().amax(dim=1, keepdim=True) / layer.weight.float().abs().amax(dim=1, keepdim=True)
-        grad_x = rowwise_fp8(grad.float() * scale.t()) @ (expected_weight / scale)
         tolerance = dict(rtol=2e-2, atol=2e-2)
     else:  # bf16 matmuls with the dequantized weight
-        dequantized = expected_weight.to(torch.bfloat16)
-        out, grad_x = F.linear(x.detach(), dequantized) + bias, grad @ dequantized
+        out = F.linear(x.detach(), dequantized) + bias
         tolerance = dict(rtol=0, atol=0)
-        torch.testing.assert_close(layer.dequantize(), dequantized, **tolerance)
     torch.testing.assert_close(y.float(), out.float(), **tolerance)
-    torch.testing.assert_close(x.grad.float(), grad_x.float(), **tolerance)
+    # backward, every format: the gradient times the dequantized weight, in the gradient's dtype
+    torch.testing.assert_close(x.grad, grad @ dequantized, rtol=0, atol=0)
     # and close to the full-precision layer
     full = F.linear(x.detach().float(), weight.float(), bias.float())
     assert (y.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+@pytest.mark.parametrize("format", ql.FORMATS)
+def test_under_autocast_each_format_computes_in_the_autocast_dtype_as_a_linear_layer_does(format):
+    """An fp32 input (a LayerNorm's output under autocast) is cast to bf16 first, as autocast casts
+    an nn.Linear's: the output is bf16 (FP8 returned fp32, doubling every activation after it) and
+    equal to the layer's on the bf16 input, and the gradient reaches the fp32 input as fp32."""
+    torch.manual_seed(0)
+    layer = ql.QuantizedLinear(torch.randn(96, 128, dtype=torch.bfloat16) * 0.05, None, format)
+    linear = torch.nn.Linear(128, 96, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected_dtype = layer(x), linear(x).dtype
+    y.float().square().sum().backward()
+    assert y.dtype == expected_dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert torch.equal(y, layer(x.detach().to(torch.bfloat16)))
 
 
 @pytest.mark.parametrize("format", ql.FORMATS)
@@ -124,14 +139,18 @@ def test_load_backbone_quantizes_onto_the_device_and_reports_bytes_per_weight(tm
     ids = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(ids).logits.float()
-    for quantization, low, high in (("8bit", 1.0, 1.04), ("4bit", 0.5, 0.55)):
+    layer_weights = 2 * (4 * 128 * 128 + 2 * 4 * 128 * 128)
+    table_weights = 128 * 128  # the tied embedding / LM head (vocabulary 128), int8: 1 byte + a scale a row
+    for quantization, low, high in (("8bit", 1.0, 1.04), ("4bit", 0.5, 0.6)):
         model = load_backbone(path, quantization=quantization, quantization_backend="torch", dtype="bfloat16")
         layers = [m for m in model.modules() if isinstance(m, ql.QuantizedLinear)]
         assert len(layers) == 12 and all(layer.compute_dtype == torch.bfloat16 for layer in layers)
         assert not any(p.requires_grad for p in model.parameters())
-        assert quantization_of(model) == (quantization, {"quantization_backend": "torch"})
+        assert quantization_of(model) == (quantization, {"quantization_backend": "torch", "quantize_embeddings": True})
         size, weights = ql.quantized_bytes(model)
-        assert weights == 2 * (4 * 128 * 128 + 2 * 4 * 128 * 128) and low < size / weights < high
+        assert weights == layer_weights + table_weights
+        layer_bytes = size - (table_weights + 4 * 128)
+        assert low < layer_bytes / layer_weights < high
         with torch.no_grad():
             got = model(ids).logits.float()
         assert (got - expected).abs().max() < 0.25 * expected.abs().max()

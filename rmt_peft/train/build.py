@@ -16,6 +16,7 @@ from ..backbones import DTYPES, enable_checkpointing, load_backbone
 from ..errors import UserError
 from ..loading import load_tokenizer, tokenizer_name
 from ..log import logger
+from ..quantized_embedding import embedding_matrix
 from ..recipe import TINY_PREFIX, ZERO3_NO_COMPILE, Recipe, needs_tokenizer
 from ..recurrent import RMTModel
 from ..tiny_models import tiny_model
@@ -46,9 +47,9 @@ def not_found_is_user_error(key: str, name: str):
 
 def embedding_std(causal_lm) -> float:
     """Std of the input embedding matrix, computed on the whole matrix even under ZeRO-3."""
-    weight = causal_lm.get_input_embeddings().weight
-    with gathered([weight]):
-        return float(weight.detach().float().std())
+    embeddings = causal_lm.get_input_embeddings()
+    with gathered(list(embeddings.parameters())):
+        return float(embedding_matrix(embeddings).detach().float().std())
 
 
 def build_backbone(recipe: Recipe, seed: int):
@@ -56,7 +57,7 @@ def build_backbone(recipe: Recipe, seed: int):
     if model.is_tiny:  # built in fp32 from a config, then in model.dtype (a quantization is refused by the recipe)
         backbone = tiny_model(model.name_or_path[len(TINY_PREFIX):], seed=seed, **model.config)
         return backbone.to(DTYPES[model.dtype]) if model.dtype else backbone
-    kwargs = {"quantization_backend": model.quantization_backend}
+    kwargs = {"quantization_backend": model.quantization_backend, "quantize_embeddings": model.quantize_embeddings}
     if model.quantization == "4bit" and recipe.zero_stage == 3:
         kwargs["quant_storage"] = model.dtype  # ZeRO-3 partitions 4-bit storage only in the compute dtype
     if model.quantization_backend == "auto" and model.quantization in ("8bit", "4bit") and (
