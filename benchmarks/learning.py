@@ -81,6 +81,7 @@ class RunConfig:
     num_memory_tokens: int = 8
     memory_kind: str = "tokens"      # "associative": ARMT (rmt_peft/associative.py)
     associative_key_size: int = 64
+    associative_gate_noise: float = 0.0
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
@@ -149,6 +150,10 @@ VARIANTS: dict[str, dict] = {
                                  "memory_stability_power": 0.5, "memory_noise_std": 0.3},
     "associative_late2_sparse_noise": {"memory_kind": "associative", "memory_stability_weight": 1.0,
                                        "memory_stability_power": 0.5, "memory_noise_std": 0.3, "lever_stages": 2},
+    # ... with logistic noise on its write gates' logits: keys repeat from segment to segment, so a
+    # gate left slightly open on filler overwrites the fact (CPU-scale diagnosis, BENCHMARKS.md)
+    "associative_gate_noise": {"memory_kind": "associative", "associative_gate_noise": 1.0},
+    "associative_gate_noise2": {"memory_kind": "associative", "associative_gate_noise": 2.0},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

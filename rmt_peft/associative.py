@@ -186,6 +186,13 @@ def perturb(state: AssociativeState, std: float) -> AssociativeState:
     return replace(state, matrices=tuple(matrices))
 
 
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard logistic noise shaped like ``like`` (``log u - log(1 - u)``, u uniform): added to a
+    gate's logit, as in the binary-concrete relaxation, ``sigmoid`` of a zero logit is uniform on (0, 1)."""
+    u = torch.rand_like(like, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+    return (u.log() - (-u).log1p()).to(like.dtype)
+
+
 @functools.cache
 def compiled(kernel, backend: str = "inductor"):
     """``kernel`` (read_memory or write_memory) compiled once per backend and shared by every
@@ -227,11 +234,14 @@ class AssociativeLayer(nn.Module):
             return kernel(self.query(hidden), matrix, normalizer, hidden.dtype)
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
-              correction: bool, kernel=write_memory) -> tuple[torch.Tensor, torch.Tensor]:
-        """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden)."""
+              correction: bool, kernel=write_memory, gate_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
+        in training, ``gate_noise`` times logistic noise on the gates' logits."""
         with self._precision(memory):
-            return kernel(self.key(memory), self.value(memory), self.gate(memory), matrix, normalizer, empty,
-                          correction)
+            gates = self.gate(memory)
+            if gate_noise and self.training:
+                gates = gates + gate_noise * logistic_noise(gates)
+            return kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction)
 
 
 class _Session:
@@ -257,10 +267,10 @@ class AssociativeMemory(nn.Module):
     so the backbone called on its own computes as before."""
 
     def __init__(self, num_layers: int, hidden_size: int, key_size: int, correction: bool = True,
-                 dtype=torch.float32, device=None):
+                 gate_noise: float = 0.0, dtype=torch.float32, device=None):
         super().__init__()
         self.layers = nn.ModuleList(AssociativeLayer(hidden_size, key_size, dtype, device) for _ in range(num_layers))
-        self.correction = correction
+        self.correction, self.gate_noise = correction, gate_noise
         self.key_features = 2 * DPFP_ORDER * key_size
         self._session: _Session | None = None  # the backbone call in progress (see session)
         self._handles: list = []
@@ -335,7 +345,7 @@ class _WriteHook:
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         session.written[i] = self.owner.layers[i].write(hidden[:, -session.write_tokens:], state.matrices[i],
                                                         state.normalizers[i], state.empty, session.correction,
-                                                        self.kernel)
+                                                        self.kernel, self.owner.gate_noise)
         return None
 
 

@@ -48,6 +48,11 @@ class MemoryConfig:
         per hidden unit. The authors used 64 for GPT-2 and 32 for their tiny GPT-NeoX.
     associative_correction: with memory_kind="associative", a key written again grows the
         normaliser only by what is new about it (the authors' correction; on by default).
+    associative_gate_noise: with memory_kind="associative", in training, logistic noise of this
+        scale on each write gate's logit (the binary-concrete relaxation; 0 = off, 1 makes a
+        half-open gate uniform on (0, 1)). The memory tokens write to nearly the same keys every
+        segment, so a gate left slightly open on filler overwrites the fact a little each
+        segment; under the noise, gates learn to sit far from half-open (docs/memory-model.md).
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -108,6 +113,7 @@ class MemoryConfig:
     memory_kind: str = "tokens"
     associative_key_size: int = 64
     associative_correction: bool = True
+    associative_gate_noise: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -136,6 +142,10 @@ class MemoryConfig:
         need(isinstance(self.associative_key_size, int) and self.associative_key_size >= 1,
              "associative_key_size", "expected an integer >= 1")
         need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
+        need(isinstance(self.associative_gate_noise, (int, float)) and not isinstance(self.associative_gate_noise, bool)
+             and 0 <= self.associative_gate_noise < math.inf, "associative_gate_noise", "expected a number >= 0 (0 = off)")
+        need(self.associative_gate_noise == 0 or self.memory_kind == "associative", "associative_gate_noise",
+             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",
@@ -261,7 +271,8 @@ class MemoryParameters(nn.Module):
         self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         if config.associative:
             self.associative = AssociativeMemory(num_layers, hidden_size, config.associative_key_size,
-                                                 config.associative_correction, dtype=dtype, device=device)
+                                                 config.associative_correction, config.associative_gate_noise,
+                                                 dtype=dtype, device=device)
             return
         self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.write_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))

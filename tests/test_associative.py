@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmt_peft import MemoryConfig, RMTModel
-from rmt_peft.associative import AssociativeState, dpfp, perturb, read_memory, relative_change, write_memory
+from rmt_peft.associative import (AssociativeLayer, AssociativeState, dpfp, logistic_noise, perturb, read_memory,
+                                  relative_change, write_memory)
 from rmt_peft.errors import UserError
 from rmt_peft.memory_state import MemoryState
 from rmt_peft.speedups import transformer_blocks
@@ -238,6 +239,45 @@ def test_training_noise_perturbs_training_only():
     torch.testing.assert_close(noisy.segment_losses[0], clean.segment_losses[0])
 
 
+def test_gate_noise_is_logistic_noise_on_the_gate_logits_in_training_only():
+    """The write in training equals the delta rule by hand with the gates' logits plus scale x
+    (log u - log(1 - u)) for the same uniform u; in eval it is the plain write; and sigmoid of a
+    zero logit plus standard logistic noise is uniform on (0, 1)."""
+    torch.manual_seed(0)
+    layer = AssociativeLayer(hidden_size=16, key_size=4)
+    nn.init.normal_(layer.value.weight, std=0.3)
+    nn.init.normal_(layer.gate.weight, std=0.3)
+    memory = torch.randn(2, 3, 16)
+    matrix, normalizer = torch.rand(2, 24, 16), torch.rand(2, 24)
+    keys, values, logits = layer.key(memory), layer.value(memory), layer.gate(memory)
+
+    torch.manual_seed(1)
+    noisy = layer.train().write(memory, matrix, normalizer, False, True, gate_noise=2.0)
+    torch.manual_seed(1)
+    u = torch.rand(2, 3, 1).clamp(1e-6, 1 - 1e-6)
+    expected = write_memory(keys, values, logits + 2.0 * torch.log(u / (1 - u)), matrix, normalizer, False, True)
+    for got, want in zip(noisy, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = write_memory(keys, values, logits, matrix, normalizer, False, True)
+    assert not torch.allclose(noisy[0], plain[0])
+    for got, want in zip(layer.eval().write(memory, matrix, normalizer, False, True, gate_noise=2.0), plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    gates = torch.sigmoid(logistic_noise(torch.zeros(200_000)))
+    assert abs(gates.mean().item() - 0.5) < 0.01
+    for q in (0.1, 0.5, 0.9):
+        assert abs((gates < q).float().mean().item() - q) < 0.01
+
+
+def test_a_model_with_gate_noise_differs_in_training_only():
+    _, rmt = associative_model("gpt_neox", associative_gate_noise=1.0)
+    _, quiet = associative_model("gpt_neox")
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(rmt.eval()(ids, labels=ids).loss, quiet.eval()(ids, labels=ids).loss)
+        assert abs(rmt.train()(ids, labels=ids).loss.item() - quiet.train()(ids, labels=ids).loss.item()) > 1e-4
+
+
 def test_a_sample_that_has_ended_gets_no_training_noise(monkeypatch):
     """With right padding, a sample whose input ended keeps the noise-free state of its last
     segment, as when it runs alone (the noise made deterministic to compare the two)."""
@@ -364,6 +404,10 @@ def test_config_refuses_token_levers_and_no_memory_tokens():
     with pytest.raises(ValueError, match="memory_gate_bias.*memory_kind='associative'"):
         MemoryConfig(memory_kind="associative", memory_gate_bias=-2.0)
     MemoryConfig(memory_kind="associative", memory_noise_std=0.3, memory_stability_weight=1.0)  # both kinds
+    with pytest.raises(ValueError, match="associative_gate_noise.*memory_kind='tokens'"):
+        MemoryConfig(associative_gate_noise=1.0)
+    with pytest.raises(ValueError, match="associative_gate_noise=-1.0 is invalid: expected a number >= 0"):
+        MemoryConfig(memory_kind="associative", associative_gate_noise=-1.0)
     with pytest.raises(ValueError, match="num_memory_tokens"):
         MemoryConfig(memory_kind="associative", num_memory_tokens=0)
     with pytest.raises(ValueError, match="memory_kind='bogus' is invalid: expected one of"):
