@@ -199,3 +199,23 @@ def test_learning_bench_runs_a_capacity_grid_over_pairs(tmp_path):
     assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--pairs"):
         learning.main(["--runs", "token/paper", "--pairs", "2", "--out-dir", str(tmp_path)])
+
+
+def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
+    """With the gates' weights at zero each layer writes with sigmoid(its bias) at every segment:
+    the trace must report exactly that, per layer and segment."""
+    from benchmarks.associative_gates import gate_and_key_trace
+    from rmt_peft.tiny_models import tiny_model
+
+    config = MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative", associative_key_size=4)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neox", num_layers=2), config, verbose=False)
+    biases = (-3.0, 0.5)
+    with torch.no_grad():
+        for layer, bias in zip(rmt.memory.associative.layers, biases):
+            layer.gate.weight.zero_()
+            layer.gate.bias.fill_(bias)
+    layers = gate_and_key_trace(rmt, torch.randint(2, 128, (3, 20)))
+    assert len(layers) == 2
+    for layer, bias in zip(layers, biases):
+        assert layer["gate_by_segment"] == pytest.approx([torch.sigmoid(torch.tensor(bias)).item()] * 4, abs=1e-6)
+        assert -1 <= layer["key_cosine"] <= 1

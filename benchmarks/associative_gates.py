@@ -1,0 +1,109 @@
+"""Why the associative memory forgets: its write gates and keys along a long input.
+
+For each ``--seeds``, trains the learning benchmark's associative detect run (``--preset``,
+default ``cpu_text``: a couple of minutes on a CPU) with ``--gate-noise`` (MemoryConfig's
+``associative_gate_noise``), then reads ``--segments`` segments of test samples and reports, per
+decoder layer, the mean write gate (the sigmoid) at segments 1, 2, 4, ... and the mean cosine
+between each memory token's key features in successive segments, with the answer accuracy at
+``--lengths``. Keys that repeat (cosine near 1) and gates left open a little on filler mean that
+every segment overwrites part of what the fact wrote (BENCHMARKS.md, "Why the associative memory
+forgets").
+
+    python -m benchmarks.associative_gates --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import learning
+from rmt_peft.associative import _WriteHook, dpfp
+from rmt_peft.recurrent import RMTModel
+from rmt_peft.speedups import transformer_blocks
+
+
+@contextlib.contextmanager
+def recorded_writes(model: RMTModel):
+    """Inside: every write of the associative memory appends (layer, gates (batch, m), key
+    features (batch, m, features)) to the yielded list."""
+    records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    hooks = [h for block in transformer_blocks(model.causal_lm) for h in block._forward_hooks.values()
+             if isinstance(h, _WriteHook)]
+
+    def recording(hook, kernel):
+        def write(keys, values, gates, *rest):
+            records.append((hook.index, torch.sigmoid(gates.float())[..., 0].detach(), dpfp(keys.float()).detach()))
+            return kernel(keys, values, gates, *rest)
+        return write
+
+    kernels = [h.kernel for h in hooks]
+    for hook, kernel in zip(hooks, kernels):
+        hook.kernel = recording(hook, kernel)
+    try:
+        yield records
+    finally:
+        for hook, kernel in zip(hooks, kernels):
+            hook.kernel = kernel
+
+
+@torch.no_grad()
+def gate_and_key_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
+    """Per decoder layer: the mean write gate at each segment of ``ids`` (batch, segments x
+    segment_size) and the mean cosine of each memory token's key features between successive
+    segments."""
+    model.eval()
+    with recorded_writes(model) as records:
+        reader = model.stream(batch_size=ids.shape[0])
+        reader.feed(ids)
+        reader.finish()
+    layers = []
+    for layer in sorted({r[0] for r in records}):
+        gates = torch.stack([r[1] for r in records if r[0] == layer])  # (segments, batch, m)
+        keys = F.normalize(torch.stack([r[2] for r in records if r[0] == layer]), dim=-1)
+        cosine = (keys[1:] * keys[:-1]).sum(-1).mean().item() if len(keys) > 1 else None
+        layers.append({"gate_by_segment": gates.mean(dim=(1, 2)).tolist(), "key_cosine": cosine})
+    return layers
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--preset", default="cpu_text", choices=sorted(learning.PRESETS))
+    parser.add_argument("--gate-noise", type=float, default=0.0)
+    parser.add_argument("--segments", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4, 16, 64, 128])
+    parser.add_argument("--set", default="", help="JSON of RunConfig fields, e.g. '{\"steps_per_stage\": 50}'")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the numerics, and so a seed's outcome, "
+                                                    "depend on it)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for seed in args.seeds:
+        fields = {**learning.PRESETS[args.preset], **learning.VARIANTS["associative"], "task": "detect",
+                  "variant": "associative", "seed": seed, "associative_gate_noise": args.gate_noise,
+                  **(json.loads(args.set) if args.set else {})}
+        cfg = learning.RunConfig(**fields)
+        torch.manual_seed(seed)
+        model = learning.build_model(cfg, device)
+        learning.train(cfg, model, device)
+        ids, _ = learning.Samples(cfg, "test").batch(args.segments, list(range(args.samples)), args.samples, device)
+        layers = gate_and_key_trace(model, ids)
+        accuracy = {n: learning.accuracy(cfg, model, n, device) for n in args.lengths}
+        row = {"seed": seed, "gate_noise": args.gate_noise, "accuracy": accuracy, "layers": layers}
+        rows.append(row)
+        marks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= args.segments]
+        gates = " | ".join(f"layer {i}: " + " ".join(f"{layer['gate_by_segment'][k - 1]:.2f}" for k in marks)
+                           + f", keys {layer['key_cosine']:.2f}" for i, layer in enumerate(layers))
+        print(f"seed {seed}: accuracy {accuracy}; mean gate at segments {marks}: {gates}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
