@@ -333,7 +333,10 @@ class merged_lora_view:
 
     def __enter__(self):
         for layer, forward in self._forwards.items():
-            layer.forward = forward
+            # into the instance's dict: set as an attribute, an FP8 copy (a module) would become
+            # a child module named "forward", never called (the class's forward wins) and saved
+            # with the layer's state dict
+            layer.__dict__["forward"] = forward
         return self
 
     def __exit__(self, *exc):
