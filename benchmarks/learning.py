@@ -364,6 +364,14 @@ def stage_plan(cfg: RunConfig) -> list[curriculum.StagePlan]:
                                  ramp_steps=cfg.lever_ramp_steps)
 
 
+class Diverged(FloatingPointError):
+    """A non-finite loss, with the curve up to it (its last point holds the steps that led there)."""
+
+    def __init__(self, message: str, curve: list[dict]):
+        super().__init__(message)
+        self.curve = curve
+
+
 def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None = None) -> list[dict]:
     """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss. In the
     last ``cfg.select_stages`` stages ``selection`` scores a checkpoint every ``cfg.select_every`` steps."""
@@ -413,7 +421,7 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
                 if stop:
                     curve[-1]["guard"] = f"stage {stage}, {stop}"
                 if not all(map(math.isfinite, losses)):
-                    raise FloatingPointError(f"non-finite loss at step {step} (stage {stage})")
+                    raise Diverged(f"non-finite loss at step {step} (stage {stage})", curve)
             if selection and index >= first_scored and ((stage_step + 1) % cfg.select_every == 0
                                                         or stage_step + 1 == plan.steps):
                 selection.score(step, stage)
@@ -534,8 +542,8 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
     selection = Selection(cfg, model, device) if cfg.select_stages else None
     try:
         result["curve"] = train(cfg, model, device, selection)
-    except FloatingPointError as err:
-        result.update(status="diverged", error=str(err))
+    except Diverged as err:  # the curve too: where the gradient norms went before it
+        result.update(status="diverged", error=str(err), curve=err.curve)
         return result
     result["train_seconds"] = time.time() - started
     # The benchmark trains on; it records where `rmt-peft train` would have stopped the run.

@@ -36,6 +36,22 @@ def test_the_benchmark_records_where_the_training_guard_would_stop():
     assert guard_stop(DivergenceGuard(), [1.0, float("nan")], 0) == "training diverged at step 1: the gradient norm is nan"
 
 
+def test_a_diverged_run_keeps_its_curve_up_to_the_non_finite_loss():
+    """A learning rate that blows the weights up: the run is marked diverged at the first check
+    after it, and keeps every step's gradient norm up to there (the trajectory to diagnose)."""
+    import math
+
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "variant": "paper", "learning_rate": 1e4,
+                       "max_grad_norm": 1e30, "warmup_steps": 0, "eval_segments": [1]})
+    result = run_one(cfg)
+    assert result["status"] == "diverged" and result["error"].startswith("non-finite loss at step ")
+    step = int(result["error"].split()[4])
+    curve = result["curve"]
+    assert curve[-1]["step"] == step and not math.isfinite(curve[-1]["loss"])
+    assert sum(len(point["grad_norms"]) for point in curve) == step
+    assert "accuracy" not in result
+
+
 def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_and_rate():
     """Curriculum 1..3 then 8 and 16 segments, levers in the last two: those two run 5 steps at
     their own rate; every stage's rate decays by stage_lr_decay per stage before it."""
