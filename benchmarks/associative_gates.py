@@ -10,6 +10,13 @@ every segment overwrites part of what the fact wrote (BENCHMARKS.md, "Why the as
 forgets").
 
     python -m benchmarks.associative_gates --seeds 0 1 2
+
+With ``--spike-batches N`` it also draws N training batches after training, each with its own
+gate-noise draw, takes the gradient norm of each (no step), and recomputes the largest ones with
+the noise off and with other draws: whether a gradient spike comes from the batch or from the
+draw (BENCHMARKS.md, "Gate noise on the GPU").
+
+    python -m benchmarks.associative_gates --seeds 0 --gate-noise 2 --spike-batches 400
 """
 from __future__ import annotations
 
@@ -69,6 +76,50 @@ def gate_and_key_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
     return layers
 
 
+def gradient_norm(model: RMTModel, ids: torch.Tensor, labels: torch.Tensor, gate_noise: float,
+                  noise_seed: int | None = None) -> tuple[float, float]:
+    """(gradient norm, loss) of one training batch with ``gate_noise`` (its draw from
+    ``noise_seed``); the gradients are dropped, the weights unchanged."""
+    memory = model.memory.associative
+    kept, memory.gate_noise = memory.gate_noise, gate_noise
+    try:
+        if noise_seed is not None:
+            torch.manual_seed(noise_seed)
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    finally:
+        model.zero_grad(set_to_none=True)
+        memory.gate_noise = kept
+    return norm, loss.item()
+
+
+def noise_spikes(cfg: learning.RunConfig, model: RMTModel, device, batches: int, top: int = 5,
+                 redraws: int = 5) -> dict:
+    """The gradient norms of ``batches`` training batches (1..max_train_segments segments, each its
+    own noise draw), and for the ``top`` largest: the norm with the noise off and with
+    ``redraws`` other draws."""
+    model.train()
+    data, rng = learning.Samples(cfg, "train"), torch.Generator().manual_seed(cfg.seed)
+    pool = cfg.steps_per_stage * cfg.batch_size
+    drawn = []
+    for i in range(batches):
+        n = int(torch.randint(1, cfg.max_train_segments + 1, (1,), generator=rng))
+        start = int(torch.randint(0, pool - cfg.batch_size + 1, (1,), generator=rng))
+        ids, labels = data.batch(n, list(range(start, start + cfg.batch_size)), pool, device)
+        norm, loss = gradient_norm(model, ids, labels, cfg.associative_gate_noise, noise_seed=10_000 + i)
+        drawn.append({"batch": i, "segments": n, "start": start, "grad_norm": norm, "loss": loss})
+    norms = sorted(row["grad_norm"] for row in drawn)
+    largest = sorted(drawn, key=lambda row: -row["grad_norm"])[:top]
+    for row in largest:
+        ids, labels = data.batch(row["segments"], list(range(row["start"], row["start"] + cfg.batch_size)), pool,
+                                 device)
+        row["noise_off"] = gradient_norm(model, ids, labels, 0.0)
+        row["redrawn"] = [gradient_norm(model, ids, labels, cfg.associative_gate_noise, 20_000 + 100 * row["batch"] + k)
+                          for k in range(redraws)]
+    return {"median": norms[len(norms) // 2], "max": norms[-1], "largest": largest}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -78,6 +129,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--lengths", nargs="+", type=int, default=[4, 16, 64, 128])
     parser.add_argument("--set", default="", help="JSON of RunConfig fields, e.g. '{\"steps_per_stage\": 50}'")
+    parser.add_argument("--spike-batches", type=int, default=0,
+                        help="after training: the gradient norms of this many batches, the largest recomputed "
+                             "with the noise off and redrawn")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the numerics, and so a seed's outcome, "
                                                     "depend on it)")
     args = parser.parse_args(argv)
@@ -102,6 +156,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gates = " | ".join(f"layer {i}: " + " ".join(f"{layer['gate_by_segment'][k - 1]:.2f}" for k in marks)
                            + f", keys {layer['key_cosine']:.2f}" for i, layer in enumerate(layers))
         print(f"seed {seed}: accuracy {accuracy}; mean gate at segments {marks}: {gates}", flush=True)
+        if args.spike_batches:
+            row["spikes"] = spikes = noise_spikes(cfg, model, device, args.spike_batches)
+            print(f"seed {seed}: gradient norm of {args.spike_batches} batches: median {spikes['median']:.3g}, "
+                  f"max {spikes['max']:.3g}", flush=True)
+            for big in spikes["largest"]:
+                print(f"  batch {big['batch']} ({big['segments']} segments): {big['grad_norm']:.3g} (loss "
+                      f"{big['loss']:.3g}); noise off {big['noise_off'][0]:.3g}; other draws "
+                      + " ".join(f"{norm:.3g}" for norm, _ in big["redrawn"]), flush=True)
     return rows
 
 

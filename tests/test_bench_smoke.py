@@ -1,5 +1,6 @@
 """CPU-sized runs of every benchmark script, so they do not rot, plus checks of what the tables
 rest on: the reference loop computes the same loss as RMTModel, and the FLOP count."""
+import dataclasses
 import json
 
 import pytest
@@ -219,3 +220,33 @@ def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
     for layer, bias in zip(layers, biases):
         assert layer["gate_by_segment"] == pytest.approx([torch.sigmoid(torch.tensor(bias)).item()] * 4, abs=1e-6)
         assert -1 <= layer["key_cosine"] <= 1
+
+
+def test_noise_spikes_recomputes_the_largest_batches_with_the_noise_off_and_redrawn():
+    """Without gate noise every recomputation of a batch equals its first gradient norm. With it,
+    the noise-off norm is the noiseless one; other draws change a batch of several segments (its
+    later segments read what the gates let in) and not a batch of one (its write is never read)."""
+    from benchmarks import learning
+    from benchmarks.associative_gates import gradient_norm, noise_spikes
+
+    cfg = learning.RunConfig(**{**learning.PRESETS["cpu"], **learning.VARIANTS["associative"], "task": "token",
+                                "variant": "associative", "batch_size": 4, "steps_per_stage": 4})
+    torch.manual_seed(0)
+    model = learning.build_model(cfg, torch.device("cpu"))
+    with torch.no_grad():  # the value projection starts at zero: nothing written would depend on the gates
+        for layer in model.memory.associative.layers:
+            layer.value.weight.normal_(0, 0.1)
+    quiet = noise_spikes(cfg, model, torch.device("cpu"), batches=8, top=8, redraws=2)
+    assert len(quiet["largest"]) == 8 and quiet["max"] >= quiet["median"] > 0
+    for row in quiet["largest"]:
+        assert row["noise_off"][0] == pytest.approx(row["grad_norm"], rel=1e-5)
+        assert all(norm == pytest.approx(row["grad_norm"], rel=1e-5) for norm, _ in row["redrawn"])
+    noisy = dataclasses.replace(cfg, associative_gate_noise=2.0)
+    rows = noise_spikes(noisy, model, torch.device("cpu"), batches=8, top=8, redraws=2)["largest"]
+    assert {row["segments"] for row in rows} >= {1, 2}
+    data = learning.Samples(noisy, "train")
+    for row in rows:
+        ids, labels = data.batch(row["segments"], list(range(row["start"], row["start"] + 4)), 16, torch.device("cpu"))
+        assert row["noise_off"][0] == pytest.approx(gradient_norm(model, ids, labels, 0.0)[0], rel=1e-5)
+        changed = [norm != pytest.approx(row["noise_off"][0], rel=1e-4) for norm, _ in row["redrawn"]]
+        assert all(changed) if row["segments"] > 1 else not any(changed), row
