@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 
 import torch
@@ -80,8 +81,8 @@ def gradient_norm(model: RMTModel, ids: torch.Tensor, labels: torch.Tensor, gate
                   noise_seed: int | None = None) -> tuple[float, float]:
     """(gradient norm, loss) of one training batch with ``gate_noise`` (its draw from
     ``noise_seed``); the gradients are dropped, the weights unchanged."""
-    memory = model.memory.associative
-    kept, memory.gate_noise = memory.gate_noise, gate_noise
+    kept = model.memory_config
+    model.memory_config = dataclasses.replace(kept, associative_gate_noise=gate_noise)
     try:
         if noise_seed is not None:
             torch.manual_seed(noise_seed)
@@ -90,7 +91,7 @@ def gradient_norm(model: RMTModel, ids: torch.Tensor, labels: torch.Tensor, gate
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
     finally:
         model.zero_grad(set_to_none=True)
-        memory.gate_noise = kept
+        model.memory_config = kept
     return norm, loss.item()
 
 

@@ -82,6 +82,10 @@ class RunConfig:
     memory_kind: str = "tokens"      # "associative": ARMT (rmt_peft/associative.py)
     associative_key_size: int = 64
     associative_gate_noise: float = 0.0
+    associative_hard_gates: bool = False
+    # with associative_hard_gates: the same last weights also tested with soft gates at these
+    # lengths (the two side by side in one run; GPU training is not bit-reproducible across runs)
+    soft_gate_segments: list[int] = field(default_factory=list)
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
@@ -154,6 +158,9 @@ VARIANTS: dict[str, dict] = {
     # gate left slightly open on filler overwrites the fact (CPU-scale diagnosis, BENCHMARKS.md)
     "associative_gate_noise": {"memory_kind": "associative", "associative_gate_noise": 1.0},
     "associative_gate_noise2": {"memory_kind": "associative", "associative_gate_noise": 2.0},
+    # ... tested with hard gates (open or shut by the logit's sign; training is the same as above)
+    "associative_gate_noise2_hard": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                     "associative_hard_gates": True},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
@@ -517,6 +524,22 @@ def memory_drift(cfg: RunConfig, model: RMTModel, segments: int, device, samples
     return rows
 
 
+def soft_gate_accuracy(cfg: RunConfig, model: RMTModel, device, partial_dir: str | None, result: dict) -> dict:
+    """Accuracy at ``cfg.soft_gate_segments`` with the associative memory's soft gates: the same
+    weights that ``result["accuracy"]`` tested with hard gates."""
+    hard = model.memory_config
+    model.memory_config = dataclasses.replace(hard, associative_hard_gates=False)
+    scores = result["soft_gate_accuracy"] = {}
+    try:
+        for n in cfg.soft_gate_segments:
+            scores[str(n)] = accuracy(cfg, model, n, device)
+            print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments, soft gates {scores[str(n)]:.2f}", flush=True)
+            save_partial(partial_dir, result)
+    finally:
+        model.memory_config = hard
+    return scores
+
+
 def save_partial(folder: str | None, result: dict) -> None:
     """``result`` (one run, so far) to FOLDER/TASK-VARIANT-seedN[-KN].json, atomically."""
     if folder is None:
@@ -567,6 +590,8 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
         # a run cut by a time limit still leaves its curve so far in the log and in partial_dir
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments {result['accuracy'][str(n)]:.2f}", flush=True)
         save_partial(partial_dir, result)
+    if cfg.soft_gate_segments:
+        result["soft_gate_accuracy"] = soft_gate_accuracy(cfg, model, device, partial_dir, result)
     result["eval_seconds"] = time.time() - started
     if cfg.drift_segments and cfg.memory_kind == "tokens":  # the drift of a memory of tokens
         result["drift"] = memory_drift(cfg, model, cfg.drift_segments, device)
@@ -858,7 +883,9 @@ def _one_line(result: dict) -> str:
     if result["status"] != "ok":
         return f"{head}: {result['status']}: {result.get('error')}"
     accs = " ".join(f"{n}:{a:.2f}" for n, a in result["accuracy"].items())
-    return f"{head}: train {result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s | {accs}"
+    soft = " ".join(f"{n}:{a:.2f}" for n, a in result.get("soft_gate_accuracy", {}).items())
+    return (f"{head}: train {result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s | {accs}"
+            + (f" | soft gates {soft}" if soft else ""))
 
 
 if __name__ == "__main__":

@@ -131,10 +131,12 @@ def read_memory(queries: torch.Tensor, matrix: torch.Tensor, normalizer: torch.T
 
 
 def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
-                 normalizer: torch.Tensor, empty: bool, correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 normalizer: torch.Tensor, empty: bool, correction: bool,
+                 hard_gates: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's matrix and normaliser after writing, with the delta rule, the memory positions'
     key projections ``keys`` (batch, m, key size), values (batch, m, hidden) and gate logits
-    (batch, m, 1)."""
+    (batch, m, 1). ``hard_gates``: each gate is 1 where its logit is positive and 0 elsewhere (the
+    normaliser grows as with soft gates, which do not gate it: reads stay scaled as in training)."""
     keys = dpfp(keys)
     if empty:
         stored, coefficient = torch.zeros_like(values), 1.0
@@ -148,7 +150,8 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
             # a sample with nothing written yet (padding so far) writes as a first segment does
             started = (normalizer != 0).any(dim=-1)[:, None, None]
             coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
-    update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, torch.sigmoid(gates)[..., 0])
+    weights = (gates > 0).to(keys.dtype) if hard_gates else torch.sigmoid(gates)
+    update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, weights[..., 0])
     return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
 
 
@@ -234,22 +237,28 @@ class AssociativeLayer(nn.Module):
             return kernel(self.query(hidden), matrix, normalizer, hidden.dtype)
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
-              correction: bool, kernel=write_memory, gate_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              correction: bool, kernel=write_memory, gate_noise: float = 0.0,
+              hard_gates: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
-        in training, ``gate_noise`` times logistic noise on the gates' logits."""
+        in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
+        with ``hard_gates``, each gate open or shut by its logit's sign (``write_memory``)."""
         with self._precision(memory):
             gates = self.gate(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
-            return kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction)
+            return kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction,
+                          hard_gates and not self.training)
 
 
 class _Session:
     """One call of the backbone with the associative memory active: the state every layer reads,
-    and, when ``write_tokens`` > 0, what each layer writes from its last ``write_tokens`` positions."""
+    and, when ``write_tokens`` > 0, what each layer writes from its last ``write_tokens`` positions
+    and how (``AssociativeLayer.write``)."""
 
-    def __init__(self, state: AssociativeState, write_tokens: int, correction: bool):
+    def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
+                 hard_gates: bool):
         self.state, self.write_tokens, self.correction = state, write_tokens, correction
+        self.gate_noise, self.hard_gates = gate_noise, hard_gates
         self.written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
@@ -267,10 +276,10 @@ class AssociativeMemory(nn.Module):
     so the backbone called on its own computes as before."""
 
     def __init__(self, num_layers: int, hidden_size: int, key_size: int, correction: bool = True,
-                 gate_noise: float = 0.0, dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None):
         super().__init__()
         self.layers = nn.ModuleList(AssociativeLayer(hidden_size, key_size, dtype, device) for _ in range(num_layers))
-        self.correction, self.gate_noise = correction, gate_noise
+        self.correction = correction
         self.key_features = 2 * DPFP_ORDER * key_size
         self._session: _Session | None = None  # the backbone call in progress (see session)
         self._handles: list = []
@@ -296,12 +305,15 @@ class AssociativeMemory(nn.Module):
                 compile_hooks(block, True, backend)
 
     @contextlib.contextmanager
-    def session(self, state: AssociativeState, write_tokens: int = 0):
+    def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
+                hard_gates: bool = False):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
-        ``write_tokens`` positions (``session.result()`` after the call gives the new state)."""
+        ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
+        ``gate_noise`` and ``hard_gates`` as MemoryConfig's associative_gate_noise and
+        associative_hard_gates (the caller's config at this call, so changing it takes effect)."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
-        session = _Session(state, write_tokens, self.correction)
+        session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates)
         self._session = session
         try:
             yield session
@@ -345,7 +357,7 @@ class _WriteHook:
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         session.written[i] = self.owner.layers[i].write(hidden[:, -session.write_tokens:], state.matrices[i],
                                                         state.normalizers[i], state.empty, session.correction,
-                                                        self.kernel, self.owner.gate_noise)
+                                                        self.kernel, session.gate_noise, session.hard_gates)
         return None
 
 

@@ -53,6 +53,13 @@ class MemoryConfig:
         half-open gate uniform on (0, 1)). The memory tokens write to nearly the same keys every
         segment, so a gate left slightly open on filler overwrites the fact a little each
         segment; under the noise, gates learn to sit far from half-open (docs/memory-model.md).
+    associative_hard_gates: with memory_kind="associative", outside training (evaluation,
+        streams, generate), each write gate is open (1) where its logit is positive and shut (0)
+        elsewhere: a shut gate leaves the matrix as it is, so a fact is not worn away by segments
+        whose gates stay shut, where soft gates let each of them overwrite a little of it. The
+        normaliser grows as in training (soft gates do not gate it either). Training keeps the
+        soft gates (they need a gradient); pair it with associative_gate_noise, which trains the
+        gates to sit shut or open.
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -114,6 +121,7 @@ class MemoryConfig:
     associative_key_size: int = 64
     associative_correction: bool = True
     associative_gate_noise: float = 0.0
+    associative_hard_gates: bool = False
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -146,6 +154,9 @@ class MemoryConfig:
              and 0 <= self.associative_gate_noise < math.inf, "associative_gate_noise", "expected a number >= 0 (0 = off)")
         need(self.associative_gate_noise == 0 or self.memory_kind == "associative", "associative_gate_noise",
              "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
+        need(isinstance(self.associative_hard_gates, bool), "associative_hard_gates", "expected true or false")
+        need(not self.associative_hard_gates or self.memory_kind == "associative", "associative_hard_gates",
+             "it acts on the associative memory's write gates: leave it false with memory_kind='tokens'")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",
@@ -271,7 +282,7 @@ class MemoryParameters(nn.Module):
         self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         if config.associative:
             self.associative = AssociativeMemory(num_layers, hidden_size, config.associative_key_size,
-                                                 config.associative_correction, config.associative_gate_noise,
+                                                 config.associative_correction,
                                                  dtype=dtype, device=device)
             return
         self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))

@@ -411,7 +411,9 @@ class RMTModel(nn.Module):
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         body = self.causal_lm.base_model
         if is_associative:
-            with self.memory.associative.session(memory, write_tokens=m) as session:
+            cfg = self.memory_config
+            with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
+                                                 hard_gates=cfg.associative_hard_gates) as session:
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
             new_memory, hidden = session.result(), hidden[:, :n]

@@ -44,9 +44,10 @@ def test_dpfp_matches_its_definition():
 class HandLayer(nn.Module):
     """A decoder layer with the associative read before it and the delta-rule write after it."""
 
-    def __init__(self, block, proj, state, index, m, correction=True):
+    def __init__(self, block, proj, state, index, m, correction=True, hard_gates=False):
         super().__init__()
         self.block, self.proj, self.state, self.index, self.m, self.correction = block, proj, state, index, m, correction
+        self.hard_gates = hard_gates
 
     def forward(self, hidden, *args, **kwargs):
         A, z, first = self.state["A"][self.index], self.state["z"][self.index], self.state["first"]
@@ -63,7 +64,9 @@ class HandLayer(nn.Module):
                 x = memory[b, j]
                 k = dpfp_by_hand(x @ self.proj.key.weight.T)
                 v = x @ self.proj.value.weight.T
-                gate = torch.sigmoid(x @ self.proj.gate.weight[0] + self.proj.gate.bias[0])
+                logit = x @ self.proj.gate.weight[0] + self.proj.gate.bias[0]
+                gate = (logit > 0).float() if self.hard_gates else torch.sigmoid(logit)
+                self.state["gates"].append(gate.detach())
                 if first:
                     old, c = torch.zeros_like(v), 1.0
                 else:
@@ -79,7 +82,7 @@ class HandLayer(nn.Module):
         return out
 
 
-def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True):
+def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, hard_gates=False):
     """(logits, loss, final state) of ARMT computed by hand, segments cut from the left."""
     model = copy.deepcopy(causal_lm)
     parent, name = layers_path
@@ -88,9 +91,9 @@ def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True):
     width, hidden = assoc.key_features, rmt.memory_tokens.shape[1]
     batch = ids.shape[0]
     state = {"A": [torch.zeros(batch, width, hidden)] * len(layers), "z": [torch.zeros(batch, width)] * len(layers),
-             "first": True, "next_A": [None] * len(layers), "next_z": [None] * len(layers)}
+             "first": True, "next_A": [None] * len(layers), "next_z": [None] * len(layers), "gates": []}
     for i in range(len(layers)):
-        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction)
+        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction, hard_gates)
     logits = []
     for start in range(0, ids.shape[1], segment_size):
         seg = ids[:, start:start + segment_size]
@@ -151,6 +154,37 @@ def test_without_correction_matches_by_hand():
         _, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], correction=False)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.memory.normalizers[1], state["z"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_hard_gates_match_by_hand_outside_training_only(arch):
+    """Evaluation with associative_hard_gates equals the delta rule by hand with each gate 0 or 1
+    by its logit's sign (gates of both kinds occur; the normaliser is not gated, as with soft
+    gates); training computes what the soft gates do; the config at call time decides."""
+    backbone, rmt = associative_model(arch, associative_hard_gates=True)
+    _, soft = associative_model(arch)
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        for model in (rmt, soft):
+            torch.manual_seed(1)
+            for layer in model.memory.associative.layers:
+                layer.gate.weight.normal_(0, 1)
+        out = rmt.eval()(ids, labels=ids, return_logits=True)
+        ref_logits, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS[arch], hard_gates=True)
+        assert set(torch.stack(state["gates"]).unique().tolist()) == {0.0, 1.0}
+        torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for mine, ref in zip(out.memory.tensors(), [*state["A"], *state["z"]]):
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+        soft_loss = soft.eval()(ids, labels=ids).loss
+        assert abs(out.loss.item() - soft_loss.item()) > 1e-4
+        losses = []
+        for model in (rmt, soft):
+            torch.manual_seed(2)  # the same dropout
+            losses.append(model.train()(ids, labels=ids).loss)
+        torch.testing.assert_close(*losses)
+        rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_hard_gates=False)
+        torch.testing.assert_close(rmt.eval()(ids, labels=ids).loss, soft_loss)
 
 
 def test_the_backbone_alone_is_unchanged_outside_the_model():
@@ -408,6 +442,10 @@ def test_config_refuses_token_levers_and_no_memory_tokens():
         MemoryConfig(associative_gate_noise=1.0)
     with pytest.raises(ValueError, match="associative_gate_noise=-1.0 is invalid: expected a number >= 0"):
         MemoryConfig(memory_kind="associative", associative_gate_noise=-1.0)
+    with pytest.raises(ValueError, match="associative_hard_gates.*memory_kind='tokens'"):
+        MemoryConfig(associative_hard_gates=True)
+    with pytest.raises(ValueError, match="associative_hard_gates='yes' is invalid: expected true or false"):
+        MemoryConfig(memory_kind="associative", associative_hard_gates="yes")
     with pytest.raises(ValueError, match="num_memory_tokens"):
         MemoryConfig(memory_kind="associative", num_memory_tokens=0)
     with pytest.raises(ValueError, match="memory_kind='bogus' is invalid: expected one of"):

@@ -178,6 +178,28 @@ def test_an_associative_run_keeps_its_results_so_far_in_the_partial_folder(tmp_p
     assert saved["config"]["memory_kind"] == "associative"
 
 
+def test_hard_gate_runs_also_test_the_same_weights_with_soft_gates(tmp_path, monkeypatch):
+    """With soft_gate_segments, the lengths of eval_segments are tested with hard gates and those
+    of soft_gate_segments with soft ones, on the same weights."""
+    from benchmarks import learning
+
+    tested = []
+
+    def accuracy(cfg, model, segments, device, *rest):
+        tested.append((segments, model.memory_config.associative_hard_gates))
+        return 0.5 if model.memory_config.associative_hard_gates else 0.25
+
+    monkeypatch.setattr(learning, "accuracy", accuracy)
+    variant = "associative_gate_noise2_hard"
+    cfg = RunConfig(**{**PRESETS["cpu"], **VARIANTS[variant], "task": "token", "variant": variant,
+                       "max_train_segments": 1, "steps_per_stage": 2, "eval_segments": [1, 3],
+                       "soft_gate_segments": [3], "associative_key_size": 4})
+    result = run_one(cfg, str(tmp_path))
+    assert tested == [(1, True), (3, True), (3, False)]
+    assert result["accuracy"] == {"1": 0.5, "3": 0.5} and result["soft_gate_accuracy"] == {"3": 0.25}
+    assert "soft gates 3:0.25" in learning._one_line(result)
+
+
 def test_a_capacity_grid_keeps_one_partial_file_per_number_of_pairs(tmp_path):
     """--pairs runs one retrieval run per K with the same task, variant and seed: each keeps its
     own file in partial/ (they overwrote one another, losing all but the last K of a cut grid)."""
