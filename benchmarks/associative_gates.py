@@ -11,6 +11,11 @@ forgets").
 
     python -m benchmarks.associative_gates --seeds 0 1 2
 
+With ``--hard-gates`` it also tests the same weights with ``associative_hard_gates`` (each gate
+open or shut by its logit's sign outside training):
+
+    python -m benchmarks.associative_gates --seeds 0 1 2 3 --gate-noise 2 --hard-gates --threads 1 --lengths 16 64 128 512
+
 With ``--spike-batches N`` it also draws N training batches after training, each with its own
 gate-noise draw, takes the gradient norm of each (no step), and recomputes the largest ones with
 the noise off and with other draws: whether a gradient spike comes from the batch or from the
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--spike-batches", type=int, default=0,
                         help="after training: the gradient norms of this many batches, the largest recomputed "
                              "with the noise off and redrawn")
+    parser.add_argument("--hard-gates", action="store_true",
+                        help="also test at --lengths with associative_hard_gates (the same weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the numerics, and so a seed's outcome, "
                                                     "depend on it)")
     args = parser.parse_args(argv)
@@ -157,6 +164,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gates = " | ".join(f"layer {i}: " + " ".join(f"{layer['gate_by_segment'][k - 1]:.2f}" for k in marks)
                            + f", keys {layer['key_cosine']:.2f}" for i, layer in enumerate(layers))
         print(f"seed {seed}: accuracy {accuracy}; mean gate at segments {marks}: {gates}", flush=True)
+        if args.hard_gates:
+            soft = model.memory_config
+            model.memory_config = dataclasses.replace(soft, associative_hard_gates=True)
+            row["hard_gate_accuracy"] = {n: learning.accuracy(cfg, model, n, device) for n in args.lengths}
+            model.memory_config = soft
+            print(f"seed {seed}: accuracy with hard gates {row['hard_gate_accuracy']}", flush=True)
         if args.spike_batches:
             row["spikes"] = spikes = noise_spikes(cfg, model, device, args.spike_batches)
             print(f"seed {seed}: gradient norm of {args.spike_batches} batches: median {spikes['median']:.3g}, "

@@ -250,3 +250,21 @@ def test_noise_spikes_recomputes_the_largest_batches_with_the_noise_off_and_redr
         assert row["noise_off"][0] == pytest.approx(gradient_norm(model, ids, labels, 0.0)[0], rel=1e-5)
         changed = [norm != pytest.approx(row["noise_off"][0], rel=1e-4) for norm, _ in row["redrawn"]]
         assert all(changed) if row["segments"] > 1 else not any(changed), row
+
+
+def test_associative_gates_tests_the_same_weights_with_hard_gates(monkeypatch):
+    """--hard-gates: each length is tested with soft gates, then with hard ones, on the trained weights."""
+    from benchmarks import associative_gates, learning
+
+    tested = []
+
+    def accuracy(cfg, model, segments, device, *rest):
+        tested.append((segments, model.memory_config.associative_hard_gates))
+        return 0.75 if model.memory_config.associative_hard_gates else 0.5
+
+    monkeypatch.setattr(learning, "accuracy", accuracy)
+    rows = associative_gates.main(["--gate-noise", "2", "--hard-gates", "--lengths", "2", "3", "--segments", "2",
+                                   "--samples", "2", "--set",
+                                   '{"steps_per_stage": 1, "max_train_segments": 1, "batch_size": 2}'])
+    assert tested == [(2, False), (3, False), (2, True), (3, True)]
+    assert rows[0]["accuracy"] == {2: 0.5, 3: 0.5} and rows[0]["hard_gate_accuracy"] == {2: 0.75, 3: 0.75}
