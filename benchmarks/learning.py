@@ -84,7 +84,7 @@ class RunConfig:
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
-    # lengths (the two side by side in one run; GPU training is not bit-reproducible across runs)
+    # lengths (the two side by side in one run, not across runs on other machines or versions)
     soft_gate_segments: list[int] = field(default_factory=list)
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
