@@ -21,7 +21,7 @@ What is ours: the state lives in an ``AssociativeState`` that the caller passes 
 (the authors keep it in module attributes), so it streams, saves, detaches for truncated BPTT
 and checkpoints like the memory tokens' state; nothing hides between calls. The read and write
 run in forward hooks of the backbone's decoder layers (its structure and LoRA names unchanged),
-outside the blocks' compiled graphs (compiled as graphs of their own when the blocks are), active
+inside each block's compiled graph when the blocks are compiled (``speedups.compile_blocks``), active
 only inside ``AssociativeMemory.session``. The state is fp32
 (thousands of accumulated writes); the matmuls run in the backbone's dtype (or the caller's
 autocast).
@@ -29,7 +29,6 @@ autocast).
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -196,14 +195,6 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return (u.log() - (-u).log1p()).to(like.dtype)
 
 
-@functools.cache
-def compiled(kernel, backend: str = "inductor"):
-    """``kernel`` (read_memory or write_memory) compiled once per backend and shared by every
-    layer and model: eager, each hook launches some 15 small kernels a layer forward and 30
-    backward, which held the GPU busy 27% of a training step (H200, GPT-Neo-1.3B shape)."""
-    return torch.compile(kernel, backend=backend)
-
-
 class AssociativeLayer(nn.Module):
     """The trainable projections of one decoder layer's associative memory (the authors'
     W_mq, W_mk, W_mv, W_mb)."""
@@ -253,11 +244,11 @@ class AssociativeLayer(nn.Module):
 class _Session:
     """One call of the backbone with the associative memory active: the state every layer reads,
     and, when ``write_tokens`` > 0, what each layer writes from its last ``write_tokens`` positions
-    and how (``AssociativeLayer.write``)."""
+    and how (``AssociativeLayer.write``). ``written`` is filled when the session ends."""
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
                  hard_gates: bool):
-        self.state, self.write_tokens, self.correction = state, write_tokens, correction
+        self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
         self.gate_noise, self.hard_gates = gate_noise, hard_gates
         self.written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(state.matrices)
 
@@ -267,6 +258,17 @@ class _Session:
             raise RuntimeError(f"the associative memory of decoder layers {missing} was not written: the backbone "
                                f"did not call them (layer drop?)")
         return AssociativeState(tuple(w[0] for w in self.written), tuple(w[1] for w in self.written))
+
+
+class _Slot:
+    """What one decoder layer's hooks use in a session: its projections, the matrix and normaliser
+    it reads, what it wrote. The hooks reach their layer's data through their own slot, never by
+    an index into the state: traced into a compiled block, an index is a constant of the graph,
+    and each of the backbone's layers would compile a graph of its own."""
+
+    def __init__(self, layer: AssociativeLayer):
+        self.layer = layer
+        self.matrix = self.normalizer = self.written = None
 
 
 class AssociativeMemory(nn.Module):
@@ -282,6 +284,7 @@ class AssociativeMemory(nn.Module):
         self.correction = correction
         self.key_features = 2 * DPFP_ORDER * key_size
         self._session: _Session | None = None  # the backbone call in progress (see session)
+        self._slots = [_Slot(layer) for layer in self.layers]
         self._handles: list = []
 
     def initial_state(self, batch_size: int) -> AssociativeState:
@@ -300,9 +303,6 @@ class AssociativeMemory(nn.Module):
         for index, block in enumerate(blocks):
             self._handles.append(block.register_forward_pre_hook(_ReadHook(self, index), with_kwargs=True))
             self._handles.append(block.register_forward_hook(_WriteHook(self, index)))
-            backend = getattr(block, _KERNEL_BACKEND, None)
-            if backend:  # the block was compiled before the memory came: its kernels compile as it did
-                compile_hooks(block, True, backend)
 
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
@@ -314,28 +314,34 @@ class AssociativeMemory(nn.Module):
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
         session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates)
+        for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
+            slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
         try:
             yield session
         finally:
             self._session = None
+            session.written = [slot.written for slot in self._slots]
+            for slot in self._slots:  # the slots must not keep this segment's tensors alive
+                slot.matrix = slot.normalizer = slot.written = None
 
 
 class _ReadHook:
-    """Forward pre-hook of decoder layer ``index``: its input plus what it reads from the memory."""
+    """Forward pre-hook of decoder layer ``index``: its input plus what it reads from the memory.
+    Traced into the block's graph when the block is compiled (one graph serves every layer:
+    see ``_Slot``)."""
 
     def __init__(self, owner: AssociativeMemory, index: int):
-        self.owner, self.index = owner, index
-        self.kernel = read_memory  # compiled with the block: compile_hooks
+        self.owner, self.index, self.slot = owner, index, owner._slots[index]
+        self.kernel = read_memory
 
-    @torch.compiler.disable  # outside a compiled block: one compiled graph serves every layer
     def __call__(self, block, args, kwargs):
         session = self.owner._session
-        if session is None or session.state.empty:
+        if session is None or session.empty:
             return None
-        i = self.index
         hidden = args[0] if args else kwargs["hidden_states"]
-        read = self.owner.layers[i].read(hidden, session.state.matrices[i], session.state.normalizers[i], self.kernel)
+        slot = self.slot
+        read = slot.layer.read(hidden, slot.matrix, slot.normalizer, self.kernel)
         if args:
             return (hidden + read, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden + read}
@@ -345,35 +351,16 @@ class _WriteHook:
     """Forward hook of decoder layer ``index``: writes its outputs at the memory positions."""
 
     def __init__(self, owner: AssociativeMemory, index: int):
-        self.owner, self.index = owner, index
+        self.owner, self.index, self.slot = owner, index, owner._slots[index]
         self.kernel = write_memory
 
-    @torch.compiler.disable
     def __call__(self, block, args, output):
         session = self.owner._session
         if session is None or not session.write_tokens:
             return None
-        i, state = self.index, session.state
         hidden = output if isinstance(output, torch.Tensor) else output[0]
-        session.written[i] = self.owner.layers[i].write(hidden[:, -session.write_tokens:], state.matrices[i],
-                                                        state.normalizers[i], state.empty, session.correction,
-                                                        self.kernel, session.gate_noise, session.hard_gates)
+        slot = self.slot
+        slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
+                                        session.empty, session.correction, self.kernel, session.gate_noise,
+                                        session.hard_gates)
         return None
-
-
-# set on a block by compile_hooks, so that a memory attached to an already compiled block compiles alike
-_KERNEL_BACKEND = "_associative_kernel_backend"
-
-
-def compile_hooks(block: nn.Module, enable: bool = True, backend: str = "inductor") -> int:
-    """Compile (``enable=False``: undo) the read and write of the associative memory hooked on
-    ``block``, as ``speedups.compile_blocks`` compiles the block: the hooks stay outside the
-    block's graph, and their kernels get graphs of their own, shared by every layer. Returns
-    how many hooks it switched."""
-    setattr(block, _KERNEL_BACKEND, backend if enable else None)
-    hooks = [h for h in (*block._forward_pre_hooks.values(), *block._forward_hooks.values())
-             if isinstance(h, (_ReadHook, _WriteHook))]
-    for hook in hooks:
-        eager = read_memory if isinstance(hook, _ReadHook) else write_memory
-        hook.kernel = compiled(eager, backend) if enable else eager
-    return len(hooks)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .associative import AssociativeState, compile_hooks
+from .associative import AssociativeState
 from .attention import use_gpt_neo_sdpa
 from .errors import UserError
 from .quantized_linear import QuantizedLinear
@@ -58,27 +58,45 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+RECOMPILE_LIMIT = 64  # graphs kept for the blocks' compiled call (compile_blocks)
 
 
 def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> int:
     """``torch.compile`` each transformer block in place (``enable=False`` undoes it). The first
     call of each new input shape compiles (tens of seconds on a GPU); later calls reuse it.
 
+    The block's hooks compile with it (an associative memory's read and write): one graph a layer
+    call, the same graph for every layer of a kind.
+
     With a CUDA-graph mode (``mode="reduce-overhead"`` or ``"max-autotune"``) the graphs serve
     training calls only: without gradients, torch's graph trees overwrite a block's output while
     the next block still reads it (a RuntimeError when streaming or evaluating), so calls under
     ``torch.no_grad`` run the block eagerly."""
     blocks = transformer_blocks(model)
+    compiled = torch.compile(_call_block, **compile_kwargs) if enable else None
+    if enable:
+        # Every block shares one compiled function, whose graphs are kept per layer kind (GPT-Neo:
+        # global / local attention), with or without gradients, per segment length (a short last
+        # one) and, with an associative memory, per first / later segment: up to 32, where
+        # torch's default of 8 would leave the rest of the blocks eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
-        # an associative memory's read and write, hooked on the block, compile with it
-        compile_hooks(block, enable, compile_kwargs.get("backend", "inductor"))
         if not enable:
             block._compiled_call_impl = None
         elif compile_kwargs.get("mode") in CUDA_GRAPH_MODES:
-            block._compiled_call_impl = _graphs_with_grad(block, torch.compile(block._call_impl, **compile_kwargs))
+            block._compiled_call_impl = _graphs_with_grad(block, partial(compiled, block))
         else:
-            block.compile(**compile_kwargs)
+            block._compiled_call_impl = partial(compiled, block)
     return len(blocks)
+
+
+def _call_block(block: nn.Module, *args, **kwargs):
+    """A block's call, hooks included, as ``compile_blocks`` compiles it. Compiled from the block's
+    own ``_call_impl`` (``nn.Module.compile``), dynamo starts tracing at ``forward`` and compiles
+    each hook as a graph of its own: with an associative memory, three compiled calls a layer
+    forward and three backward, and the step was host bound (1.7x the memory of tokens' step on
+    an H200, BENCHMARKS.md). The block is an argument, not a constant, so its layers share graphs."""
+    return block._call_impl(*args, **kwargs)
 
 
 def blocks_compiled(model: nn.Module) -> bool:
