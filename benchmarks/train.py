@@ -305,6 +305,8 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                           dict(attention="sdpa", fused_gelu=True, compile=True, dequant_cache="auto")),
          "associative-compiled-nockpt": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled "
                                          "blocks, no checkpointing)", dict(FAST, compile=True)),
+         "associative-graphs-nockpt": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled "
+                                       "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead")),
          "associative-compiled": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled blocks, "
                                   "segment checkpointing)", dict(FAST, compile=True, checkpoint_segments=True)),
          "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",
