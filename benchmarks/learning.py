@@ -83,6 +83,7 @@ class RunConfig:
     associative_key_size: int = 64
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
+    associative_write_cost: float = 0.0
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
     soft_gate_segments: list[int] = field(default_factory=list)
@@ -161,6 +162,20 @@ VARIANTS: dict[str, dict] = {
     # ... tested with hard gates (open or shut by the logit's sign; training is the same as above)
     "associative_gate_noise2_hard": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                      "associative_hard_gates": True},
+    # ... (the associative recipes' settings) with a cost on every write: memorize is lost by copying
+    # the fact forward each segment, gates open on filler (CPU trace, BENCHMARKS.md)
+    "associative_write_cost0.01": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                   "associative_hard_gates": True, "associative_write_cost": 0.01},
+    "associative_write_cost0.1": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                  "associative_hard_gates": True, "associative_write_cost": 0.1},
+    # ... only in the last two stages, once the memory writes (from the start a cost of 0.05 kept
+    # detect from learning to write at all on 3 of 4 CPU seeds)
+    "associative_late2_write_cost0.01": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                         "associative_hard_gates": True, "associative_write_cost": 0.01,
+                                         "lever_stages": 2},
+    "associative_late2_write_cost0.1": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                        "associative_hard_gates": True, "associative_write_cost": 0.1,
+                                        "lever_stages": 2},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
@@ -403,7 +418,8 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
                 rise = (stage_step + 1) / plan.ramp_steps
                 model.memory_config = dataclasses.replace(
                     full, memory_noise_std=rise * full.memory_noise_std,
-                    memory_stability_weight=rise * full.memory_stability_weight)
+                    memory_stability_weight=rise * full.memory_stability_weight,
+                    associative_write_cost=rise * full.associative_write_cost)
             lr = plan.peak_lr * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else plan.peak_lr
             for group in optimizer.param_groups:
                 group["lr"] = lr

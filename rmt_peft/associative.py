@@ -57,6 +57,9 @@ class AssociativeState:
     matrices: tuple[torch.Tensor, ...]
     normalizers: tuple[torch.Tensor, ...]
     empty: bool = False
+    # the mean write gate of the segment that made this state (a scalar with the graph), when its
+    # session measured it (MemoryConfig.associative_write_cost); not part of the state's tensors
+    write_gate: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, num_layers: int, batch_size: int, key_features: int, hidden_size: int,
@@ -83,7 +86,7 @@ class AssociativeState:
     def with_tensors(self, tensors) -> "AssociativeState":
         """The same kind of state holding ``tensors`` (in the order of ``tensors()``)."""
         n = len(self.matrices)
-        return replace(self, matrices=tuple(tensors[:n]), normalizers=tuple(tensors[n:]))
+        return replace(self, matrices=tuple(tensors[:n]), normalizers=tuple(tensors[n:]), write_gate=None)
 
     def map(self, fn) -> "AssociativeState":
         return self.with_tensors([fn(t) for t in self.tensors()])
@@ -229,16 +232,20 @@ class AssociativeLayer(nn.Module):
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
-              hard_gates: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              hard_gates: bool = False, measure_gates: bool = False) -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
-        with ``hard_gates``, each gate open or shut by its logit's sign (``write_memory``)."""
+        with ``hard_gates``, each gate open or shut by its logit's sign (``write_memory``).
+        ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32."""
         with self._precision(memory):
             gates = self.gate(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
-            return kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction,
-                          hard_gates and not self.training)
+            written = kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction,
+                             hard_gates and not self.training)
+        if measure_gates:
+            return (*written, torch.sigmoid(gates.float()).mean())
+        return written
 
 
 class _Session:
@@ -247,17 +254,19 @@ class _Session:
     and how (``AssociativeLayer.write``). ``written`` is filled when the session ends."""
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
-                 hard_gates: bool):
+                 hard_gates: bool, measure_gates: bool):
         self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
-        self.gate_noise, self.hard_gates = gate_noise, hard_gates
-        self.written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(state.matrices)
+        self.gate_noise, self.hard_gates, self.measure_gates = gate_noise, hard_gates, measure_gates
+        self.written: list[tuple[torch.Tensor, ...] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
         if any(w is None for w in self.written):
             missing = [i for i, w in enumerate(self.written) if w is None]
             raise RuntimeError(f"the associative memory of decoder layers {missing} was not written: the backbone "
                                f"did not call them (layer drop?)")
-        return AssociativeState(tuple(w[0] for w in self.written), tuple(w[1] for w in self.written))
+        gate = torch.stack([w[2] for w in self.written]).mean() if self.measure_gates else None
+        return AssociativeState(tuple(w[0] for w in self.written), tuple(w[1] for w in self.written),
+                                write_gate=gate)
 
 
 class _Slot:
@@ -306,14 +315,15 @@ class AssociativeMemory(nn.Module):
 
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
-                hard_gates: bool = False):
+                hard_gates: bool = False, measure_gates: bool = False):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
         ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
         ``gate_noise`` and ``hard_gates`` as MemoryConfig's associative_gate_noise and
-        associative_hard_gates (the caller's config at this call, so changing it takes effect)."""
+        associative_hard_gates (the caller's config at this call, so changing it takes effect);
+        ``measure_gates``: the new state's ``write_gate`` is the mean write gate over the layers."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
-        session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates)
+        session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates)
         for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
             slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
@@ -362,5 +372,5 @@ class _WriteHook:
         slot = self.slot
         slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
                                         session.empty, session.correction, self.kernel, session.gate_noise,
-                                        session.hard_gates)
+                                        session.hard_gates, session.measure_gates)
         return None

@@ -60,6 +60,12 @@ class MemoryConfig:
         normaliser grows as in training (soft gates do not gate it either). Training keeps the
         soft gates (they need a gradient); pair it with associative_gate_noise, which trains the
         gates to sit shut or open.
+    associative_write_cost: with memory_kind="associative", in training, adds this weight times
+        the mean write gate (over the layers, memory tokens, samples and segments; the noisy soft
+        gates) to the loss: a write costs, so the memory learns to write when something new comes
+        and to leave its matrices alone on filler. Without it, the delta rule lets a memory copy
+        a fact forward every segment (read it, write it back to the same keys), which keeps it
+        over the trained lengths and drifts beyond them (docs/memory-model.md); 0 = off.
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -122,6 +128,7 @@ class MemoryConfig:
     associative_correction: bool = True
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
+    associative_write_cost: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -157,6 +164,11 @@ class MemoryConfig:
         need(isinstance(self.associative_hard_gates, bool), "associative_hard_gates", "expected true or false")
         need(not self.associative_hard_gates or self.memory_kind == "associative", "associative_hard_gates",
              "it acts on the associative memory's write gates: leave it false with memory_kind='tokens'")
+        need(isinstance(self.associative_write_cost, (int, float)) and not isinstance(self.associative_write_cost, bool)
+             and 0 <= self.associative_write_cost < math.inf, "associative_write_cost",
+             "expected a number >= 0 (0 = off)")
+        need(self.associative_write_cost == 0 or self.memory_kind == "associative", "associative_write_cost",
+             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",

@@ -182,9 +182,10 @@ class Stage:
 class CurriculumSection:
     """stages: explicit stages, or ``segments`` ([1, 2, 3]) expanded to one stage per count with
     the defaults below. mix_previous: in each expanded stage also train on the earlier counts.
-    levers_from_stage: the first stage (0-based) that trains with the memory's stability loss and
-    training noise (``memory.memory_stability_weight``, ``memory.memory_noise_std``); the stages
-    before it train with both off, so the memory first learns to write facts that arrive anywhere
+    levers_from_stage: the first stage (0-based) that trains with the memory's stability loss,
+    training noise and associative write cost (``memory.memory_stability_weight``,
+    ``memory.memory_noise_std``, ``memory.associative_write_cost``); the stages before it train
+    with them off, so the memory first learns to write facts that arrive anywhere
     in the input (from the start, the stability loss holds such writes back; docs/memory-model.md).
     keep_best_segments: from stage ``keep_best_from_stage`` (default: levers_from_stage) on, each
     evaluation during training also scores the weights by answer accuracy on ``keep_best_samples``
@@ -822,9 +823,10 @@ def _check_curriculum(recipe: Recipe) -> None:
     _need(isinstance(cur.levers_from_stage, int) and 0 <= cur.levers_from_stage < len(cur.stages),
           f"curriculum.levers_from_stage={cur.levers_from_stage!r}: expected an integer from 0 to "
           f"{len(cur.stages) - 1} (the stages are numbered from 0)")
-    _need(cur.levers_from_stage == 0 or mem.memory_stability_weight > 0 or mem.memory_noise_std > 0,
-          f"curriculum.levers_from_stage={cur.levers_from_stage} has no effect: memory.memory_stability_weight "
-          f"and memory.memory_noise_std are both 0")
+    _need(cur.levers_from_stage == 0 or mem.memory_stability_weight > 0 or mem.memory_noise_std > 0
+          or mem.associative_write_cost > 0,
+          f"curriculum.levers_from_stage={cur.levers_from_stage} has no effect: memory.memory_stability_weight, "
+          f"memory.memory_noise_std and memory.associative_write_cost are all 0")
     _need(cur.keep_best_segments is None or (isinstance(cur.keep_best_segments, int)
                                              and not isinstance(cur.keep_best_segments, bool)
                                              and cur.keep_best_segments >= 1),

@@ -14,6 +14,7 @@ without gradients in constant memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -72,7 +73,9 @@ class RMTOutput(ModelOutput):
     ``memory_kind="associative"``; segment_losses / segment_token_counts: per
     segment (NaN where a segment has no labelled token), detached, for metrics; memory_drift:
     with ``memory_stability_weight`` in training, the mean relative squared change of the memory
-    per transition after the first (part of ``loss``, times the weight)."""
+    per transition after the first (part of ``loss``, times the weight); write_gate: with
+    ``associative_write_cost`` in training, the mean write gate over the segments (part of
+    ``loss``, times the cost)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -80,6 +83,7 @@ class RMTOutput(ModelOutput):
     segment_losses: torch.Tensor | None = None
     segment_token_counts: torch.Tensor | None = None
     memory_drift: torch.Tensor | None = None
+    write_gate: torch.Tensor | None = None
 
 
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
@@ -412,8 +416,10 @@ class RMTModel(nn.Module):
         body = self.causal_lm.base_model
         if is_associative:
             cfg = self.memory_config
+            measure = cfg.associative_write_cost > 0 and self.training and torch.is_grad_enabled()
             with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
-                                                 hard_gates=cfg.associative_hard_gates) as session:
+                                                 hard_gates=cfg.associative_hard_gates,
+                                                 measure_gates=measure) as session:
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
             new_memory, hidden = session.result(), hidden[:, :n]
@@ -520,6 +526,8 @@ class RMTModel(nn.Module):
         noisy = learning and cfg.memory_noise_std > 0
         stabilize = learning and cfg.memory_stability_weight > 0 and labels is not None and len(bounds) > 1
         drift = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        write_cost = learning and cfg.associative and cfg.associative_write_cost > 0 and labels is not None
+        opened = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         clean = memory  # the memory before its training noise (what the stability loss compares with)
         padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
         labelled = [None] * first_loss_segment + labelled
@@ -545,6 +553,9 @@ class RMTModel(nn.Module):
                                                                    **self._checkpoint_policy())
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
+            if write_cost:
+                opened = opened + new_memory.write_gate
+                new_memory = dataclasses.replace(new_memory, write_gate=None)
             memory, active = self._carried(new_memory, memory, clean, seg_mask if padded else None)
             if stabilize and index > 0:
                 # Against the memory before its noise: the update should return perturbed states to
@@ -556,15 +567,19 @@ class RMTModel(nn.Module):
                 memory = self._perturbed(memory, cfg.memory_noise_std, active if padded else None)
             tally.add(s_loss, s_count, s_logits if return_logits else None)
 
-        loss = memory_drift = None
+        loss = memory_drift = write_gate = None
         if labels is not None:
             loss = tally.loss_sum / tally.count.clamp(min=1)
         if stabilize:
             memory_drift = drift / (len(bounds) - 1)
             loss = loss + cfg.memory_stability_weight * memory_drift
+        if write_cost:
+            write_gate = opened / len(bounds)
+            loss = loss + cfg.associative_write_cost * write_gate
         return RMTOutput(loss=loss, logits=torch.cat(tally.logits, dim=1) if return_logits else None, memory=memory,
                          segment_losses=torch.stack(tally.losses), segment_token_counts=torch.stack(tally.counts),
-                         memory_drift=memory_drift.detach() if memory_drift is not None else None)
+                         memory_drift=memory_drift.detach() if memory_drift is not None else None,
+                         write_gate=write_gate.detach() if write_gate is not None else None)
 
     def _perturbed(self, memory, std: float, active: torch.Tensor | None):
         """``memory`` with its training noise, on the samples whose segment was ``active`` (all: None)."""

@@ -54,12 +54,13 @@ def test_the_last_two_of_seven_stages_are_the_levers_from_stage_5_of_a_recipe(wr
     assert first_of_last(7, None) == 0  # no count: the levers in every stage, as levers_from_stage: 0
 
 
-def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_and_the_noise():
-    model = MemoryConfig(num_memory_tokens=4, segment_size=8)
-    levers = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_stability_weight=2.0, memory_noise_std=0.1)
+def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_the_noise_and_the_write_cost():
+    model = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative")
+    levers = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative", memory_stability_weight=2.0,
+                          memory_noise_std=0.1, associative_write_cost=0.01)
     on, off = stage_memory(model, levers, True), stage_memory(model, levers, False)
-    assert (on.memory_stability_weight, on.memory_noise_std) == (2.0, 0.1)
-    assert (off.memory_stability_weight, off.memory_noise_std) == (0.0, 0.0)
+    assert (on.memory_stability_weight, on.memory_noise_std, on.associative_write_cost) == (2.0, 0.1, 0.01)
+    assert (off.memory_stability_weight, off.memory_noise_std, off.associative_write_cost) == (0.0, 0.0, 0.0)
     assert on.num_memory_tokens == off.num_memory_tokens == 4
 
 
@@ -122,6 +123,13 @@ def test_bad_levers_from_stage_names_the_field(write_recipe, levers_from_stage, 
     curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": levers_from_stage}
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_noise_std": noise}))
+
+
+def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_can_start(write_recipe):
+    curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": 1}
+    recipe = load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_kind": "associative",
+                                       "memory.associative_write_cost": 0.1}))
+    assert recipe.curriculum.levers_from_stage == 1 and recipe.memory.associative_write_cost == 0.1
 
 
 class Killed(Exception):
