@@ -743,6 +743,22 @@ def format_table(table) -> str:
     return "\n".join(lines)
 
 
+def format_left_out(runs: list[dict]) -> str:
+    """One line per task and variant whose means leave runs out (a diverged run has no accuracy):
+    a mean over the runs that finished must not read as a mean over every seed."""
+    groups: dict = {}
+    for run in runs:
+        cfg = run["config"]
+        groups.setdefault(f"{task_label(cfg)}/{cfg['variant']}", []).append(run)
+    lines = []
+    for name, group in groups.items():
+        out = [r for r in group if not r.get("accuracy")]
+        if out:
+            why = ", ".join(f"seed {r['config']['seed']} {r['status']}" for r in out)
+            lines.append(f"{name}: {len(out)} of {len(group)} runs not in the means ({why})")
+    return "\n".join(lines)
+
+
 def plot(table, path: str, title: str = "") -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
@@ -875,6 +891,9 @@ def main(argv: list[str] | None = None) -> dict:
         if any(r.get("selected") for r in runs):
             plot_selection(runs, os.path.join(args.out_dir, "kept_vs_last.png"), f"{runs[0]['device']}, {report['date']}")
         print(format_table(table))
+        left_out = format_left_out(runs)
+        if left_out:
+            print(left_out)
     capacity = write_capacity(args.out_dir, runs, f"{runs[0]['device']}, {report['date']}" if runs else "")
     if capacity:
         print(capacity)

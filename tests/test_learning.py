@@ -52,6 +52,19 @@ def test_a_diverged_run_keeps_its_curve_up_to_the_non_finite_loss():
     assert "accuracy" not in result
 
 
+def test_the_summary_says_which_runs_its_means_leave_out():
+    from benchmarks.learning import format_left_out, format_table, summarize
+
+    def run(seed, accuracy=None, status="ok"):
+        return {"config": {"task": "detect", "variant": "v", "seed": seed}, "status": status,
+                **({"accuracy": accuracy} if accuracy else {})}
+
+    runs = [run(1, {"16": 1.0}), run(2, status="diverged"), run(3, {"16": 0.5}), run(4, status="diverged")]
+    assert "0.75 0.50-1" in format_table(summarize(runs))  # the two that finished (cells cut at 11)
+    assert format_left_out(runs) == "detect/v: 2 of 4 runs not in the means (seed 2 diverged, seed 4 diverged)"
+    assert format_left_out(runs[:1]) == ""
+
+
 def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_and_rate():
     """Curriculum 1..3 then 8 and 16 segments, levers in the last two: those two run 5 steps at
     their own rate; every stage's rate decays by stage_lr_decay per stage before it."""
