@@ -2,7 +2,8 @@
 reference-style RMT loop, timing and peak memory, FLOP counts and the result table.
 
 Every benchmark takes ``--tiny`` (CPU-sized shapes, used by tests/test_bench_smoke.py so the
-scripts do not rot) and ``--out FILE`` (JSON of every row, with the device and the date).
+scripts do not rot; ``--device cuda`` runs them on the GPU), and ``--out FILE`` (JSON of every
+row, with the device and the date).
 """
 from __future__ import annotations
 
@@ -67,7 +68,15 @@ def opt_config(tiny: bool = False) -> OPTConfig:
 
 
 def device_of(args) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    """``--device``: "auto" is the GPU when there is one, except with ``--tiny`` (the CPU smoke);
+    "cuda" runs even ``--tiny`` shapes on the GPU (a quick look at compile or CUDA-graph behaviour
+    there before a full-size run)."""
+    choice = getattr(args, "device", "auto")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    return torch.device(choice)
 
 
 _SAVED: dict[str, str] = {}
@@ -266,6 +275,8 @@ def bf16_matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 10) ->
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="CPU-sized shapes (smoke test)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU if there is one, the CPU with --tiny; cuda: --tiny shapes on the GPU too")
     parser.add_argument("--out", help="write the rows as JSON here")
     return parser
 

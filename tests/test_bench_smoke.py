@@ -268,3 +268,16 @@ def test_associative_gates_tests_the_same_weights_with_hard_gates(monkeypatch):
                                    '{"steps_per_stage": 1, "max_train_segments": 1, "batch_size": 2}'])
     assert tested == [(2, False), (3, False), (2, True), (3, True)]
     assert rows[0]["accuracy"] == {2: 0.5, 3: 0.5} and rows[0]["hard_gate_accuracy"] == {2: 0.75, 3: 0.75}
+
+
+def test_device_choice_runs_tiny_shapes_on_the_cpu_unless_the_gpu_is_asked_for():
+    from benchmarks.common import base_parser, device_of
+
+    parse = base_parser("x").parse_args
+    assert device_of(parse(["--tiny"])).type == "cpu"
+    assert device_of(parse(["--tiny", "--device", "cpu"])).type == "cpu"
+    if torch.cuda.is_available():
+        assert device_of(parse(["--tiny", "--device", "cuda"])).type == "cuda"
+    else:
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
+            device_of(parse(["--tiny", "--device", "cuda"]))
