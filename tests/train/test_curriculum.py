@@ -125,11 +125,29 @@ def test_bad_levers_from_stage_names_the_field(write_recipe, levers_from_stage, 
         load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_noise_std": noise}))
 
 
-def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_can_start(write_recipe):
-    curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": 1}
-    recipe = load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_kind": "associative",
+def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_starts(write_recipe, monkeypatch):
+    """rmt-peft train with an associative memory and only the write cost as a lever: stage 0
+    trains without it (no gate measured), stage 1 with it, in the loss the Trainer steps on."""
+    from rmt_peft.recurrent import RMTModel
+
+    seen = []
+    forward = RMTModel.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            seen.append((self.memory_config.associative_write_cost, out.write_gate is not None))
+        return out
+
+    monkeypatch.setattr(RMTModel, "forward", spy)
+    stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
+    recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
+                                       "memory.memory_kind": "associative", "memory.associative_key_size": 8,
                                        "memory.associative_write_cost": 0.1}))
-    assert recipe.curriculum.levers_from_stage == 1 and recipe.memory.associative_write_cost == 0.1
+    train_recipe(recipe, log=lambda *_: None)
+    assert seen == [(0.0, False)] * 2 + [(0.1, True)] * 3
+    saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
+    assert (saved["memory_kind"], saved["associative_write_cost"]) == ("associative", 0.1)
 
 
 class Killed(Exception):
