@@ -47,6 +47,45 @@ from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_wei
 logger = logging.getLogger("rmt_peft")
 
 
+class _Penalties:
+    """The training-only terms on the memory that join the loss: the stability loss (the memory's
+    relative change per transition after the first) and the associative write cost (the mean
+    write gate per segment)."""
+
+    def __init__(self, cfg: MemoryConfig, on: bool, num_segments: int, device):
+        self.cfg, self.num_segments = cfg, num_segments
+        self.stabilize = on and cfg.memory_stability_weight > 0 and num_segments > 1
+        self.write_cost = on and cfg.associative and cfg.associative_write_cost > 0
+        self.drift = torch.zeros((), dtype=torch.float32, device=device)
+        self.opened = torch.zeros((), dtype=torch.float32, device=device)
+
+    def count_gates(self, new_memory):
+        """``new_memory`` without the write gate its segment measured, which the cost counts."""
+        if not self.write_cost:
+            return new_memory
+        self.opened = self.opened + new_memory.write_gate
+        return dataclasses.replace(new_memory, write_gate=None)
+
+    def count_change(self, index: int, clean, memory) -> None:
+        # Against the memory before its noise: the update should return perturbed states to
+        # where they were (an attractor), not carry the perturbation on.
+        if self.stabilize and index > 0:
+            change = associative.relative_change if self.cfg.associative else relative_change
+            self.drift = self.drift + change(clean, memory, self.cfg.memory_stability_tolerance,
+                                             self.cfg.memory_stability_power)
+
+    def added_to(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(``loss`` with the terms, the mean drift, the mean write gate; the last two detached, or None)."""
+        drift = gate = None
+        if self.stabilize:
+            drift = self.drift / (self.num_segments - 1)
+            loss = loss + self.cfg.memory_stability_weight * drift
+        if self.write_cost:
+            gate = self.opened / self.num_segments
+            loss = loss + self.cfg.associative_write_cost * gate
+        return loss, None if drift is None else drift.detach(), None if gate is None else gate.detach()
+
+
 class _Tally:
     """What forward sums over the segments: the loss and its token count, each segment's mean loss
     (NaN without labelled tokens) and count, and the logits asked for."""
@@ -524,10 +563,7 @@ class RMTModel(nn.Module):
         kept_last = cfg.uncheckpointed_segments
         learning = cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
         noisy = learning and cfg.memory_noise_std > 0
-        stabilize = learning and cfg.memory_stability_weight > 0 and labels is not None and len(bounds) > 1
-        drift = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-        write_cost = learning and cfg.associative and cfg.associative_write_cost > 0 and labels is not None
-        opened = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        penalties = _Penalties(cfg, learning and labels is not None, len(bounds), input_ids.device)
         clean = memory  # the memory before its training noise (what the stability loss compares with)
         padded, labelled = _plan(attention_mask, targets, bounds[first_loss_segment:])
         labelled = [None] * first_loss_segment + labelled
@@ -553,15 +589,9 @@ class RMTModel(nn.Module):
                                                                    **self._checkpoint_policy())
             else:
                 new_memory, s_loss, s_count, s_logits = self._segment(*args)
-            if write_cost:
-                opened = opened + new_memory.write_gate
-                new_memory = dataclasses.replace(new_memory, write_gate=None)
+            new_memory = penalties.count_gates(new_memory)
             memory, active = self._carried(new_memory, memory, clean, seg_mask if padded else None)
-            if stabilize and index > 0:
-                # Against the memory before its noise: the update should return perturbed states to
-                # where they were (an attractor), not carry the perturbation on.
-                change = associative.relative_change if cfg.associative else relative_change
-                drift = drift + change(clean, memory, cfg.memory_stability_tolerance, cfg.memory_stability_power)
+            penalties.count_change(index, clean, memory)
             clean = memory
             if noisy and index + 1 < len(bounds):
                 memory = self._perturbed(memory, cfg.memory_noise_std, active if padded else None)
@@ -569,17 +599,10 @@ class RMTModel(nn.Module):
 
         loss = memory_drift = write_gate = None
         if labels is not None:
-            loss = tally.loss_sum / tally.count.clamp(min=1)
-        if stabilize:
-            memory_drift = drift / (len(bounds) - 1)
-            loss = loss + cfg.memory_stability_weight * memory_drift
-        if write_cost:
-            write_gate = opened / len(bounds)
-            loss = loss + cfg.associative_write_cost * write_gate
+            loss, memory_drift, write_gate = penalties.added_to(tally.loss_sum / tally.count.clamp(min=1))
         return RMTOutput(loss=loss, logits=torch.cat(tally.logits, dim=1) if return_logits else None, memory=memory,
                          segment_losses=torch.stack(tally.losses), segment_token_counts=torch.stack(tally.counts),
-                         memory_drift=memory_drift.detach() if memory_drift is not None else None,
-                         write_gate=write_gate.detach() if write_gate is not None else None)
+                         memory_drift=memory_drift, write_gate=write_gate)
 
     def _perturbed(self, memory, std: float, active: torch.Tensor | None):
         """``memory`` with its training noise, on the samples whose segment was ``active`` (all: None)."""
