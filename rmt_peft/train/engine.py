@@ -81,6 +81,7 @@ class RMTTrainerMixin:
     guard: DivergenceGuard | None = None
     base_learning_rate: float | None = None  # set by a rollback: replaces the resumed checkpoint's
     _loss_sum: torch.Tensor | None = None  # this Trainer's step losses, summed on the device (no sync a step)
+    _lever_sums: dict | None = None  # the memory's lever terms since the last log: name -> (sum, count)
 
     # override: each micro-batch's loss goes to the guard and into the stage's loss sum
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -112,7 +113,27 @@ class RMTTrainerMixin:
     # override: RMTModel computes its own loss over the segments, from the inputs it takes
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
+        self._note_levers(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _note_levers(self, outputs) -> None:
+        """Sum (on the device, no sync) the lever terms a training forward reports: the memory's
+        drift (the stability loss) and the associative write gate (the write cost)."""
+        for name in ("memory_drift", "write_gate"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                sums = self._lever_sums = self._lever_sums or {}
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value, count + 1)
+
+    # override: the lever terms, averaged since the last log, join the training log (and so
+    # TensorBoard, W&B and the other reporters): gates that drift open are seen as they do
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._lever_sums:
+            for name, (total, count) in self._lever_sums.items():
+                logs[name] = round(float(total) / count, 6)
+            self._lever_sums = {}
+        super().log(logs, start_time)
 
     # override: exact match per sample, without the logits of the whole long input
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
