@@ -176,6 +176,11 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                         "associative_hard_gates": True, "associative_write_cost": 0.1,
                                         "lever_stages": 2},
+    # ... rising over the first 150 steps of its stages: switched on at once, the cost of 0.1 sent
+    # the loss from 1e-4 to about 0.5 within 50 steps and 5 of 20 GPU runs to a non-finite loss
+    "associative_late2_write_cost0.1_ramp": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                             "associative_hard_gates": True, "associative_write_cost": 0.1,
+                                             "lever_stages": 2, "lever_ramp_steps": 150},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

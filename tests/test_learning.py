@@ -1,6 +1,7 @@
 """It learns, and the memory lasts: recall a token seen only in the first segment, through the
 memory alone, far beyond the 3 segments trained on (benchmarks/learning.py's CPU preset)."""
 import pytest
+import torch
 
 from benchmarks.learning import PRESETS, VARIANTS, RunConfig, run_one
 
@@ -82,7 +83,8 @@ def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_
 
 
 @pytest.mark.parametrize("variant,lever_stages", [("late_sparse_noise", [6]), ("late2_sparse_noise", [5, 6]),
-                                                   ("late3_sparse_noise", [4, 5, 6]), ("paper", list(range(7)))])
+                                                   ("late3_sparse_noise", [4, 5, 6]), ("paper", list(range(7))),
+                                                   ("associative_late2_write_cost0.1_ramp", [5, 6])])
 def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_stages):
     """The published late variants (BENCHMARKS.md) on the default curriculum of 7 stages:
     late2_sparse_noise has the levers in stages 6 and 7 (0-based 5 and 6), the paper's setting in all."""
@@ -91,6 +93,28 @@ def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_st
     plan = stage_plan(RunConfig(**VARIANTS[variant]))
     assert [p.segments for p in plan] == [1, 2, 3, 4, 5, 6, 7]
     assert [i for i, p in enumerate(plan) if p.levers] == lever_stages
+
+
+def test_the_ramp_raises_the_write_cost_step_by_step_in_the_first_lever_stage(monkeypatch):
+    """lever_ramp_steps=3 on the write cost (levers in the last of two stages): stage 1 trains
+    without it, the first three steps of stage 2 at 1/3, 2/3 and 3/3 of it, the rest at all of it."""
+    from benchmarks.learning import build_model, train
+    from rmt_peft.recurrent import RMTModel
+
+    seen = []
+    forward = RMTModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            seen.append(round(self.memory_config.associative_write_cost, 6))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RMTModel, "forward", spy)
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "memory_kind": "associative", "associative_key_size": 8,
+                       "associative_write_cost": 0.3, "lever_stages": 1, "lever_ramp_steps": 3,
+                       "max_train_segments": 2, "steps_per_stage": 4, "batch_size": 4})
+    train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
+    assert seen == [0.0] * 4 + [0.1, 0.2, 0.3, 0.3]
 
 
 def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():
