@@ -60,10 +60,13 @@ class _Penalties:
         self.opened = torch.zeros((), dtype=torch.float32, device=device)
 
     def count_gates(self, new_memory):
-        """``new_memory`` without the write gate its segment measured, which the cost counts."""
-        if not self.write_cost:
+        """``new_memory`` without the write gate its segment measured (the cost counts it): the
+        state handed on holds the memory only (a forward without labels measures and drops it)."""
+        gate = getattr(new_memory, "write_gate", None)
+        if gate is None:
             return new_memory
-        self.opened = self.opened + new_memory.write_gate
+        if self.write_cost:
+            self.opened = self.opened + gate
         return dataclasses.replace(new_memory, write_gate=None)
 
     def count_change(self, index: int, clean, memory) -> None:

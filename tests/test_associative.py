@@ -273,6 +273,7 @@ def test_the_write_cost_is_the_mean_write_gate_by_hand_and_shuts_the_gates():
     torch.testing.assert_close(out.write_gate, opened, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss, task_loss + 0.5 * opened, rtol=1e-4, atol=1e-6)
     assert out.memory.write_gate is None  # the state handed back holds the memory only
+    assert rmt(ids).memory.write_gate is None  # without labels too (nothing to add the cost to)
     biases = [layer.gate.bias for layer in rmt.memory.associative.layers]
     with_cost = torch.autograd.grad(out.loss, biases)
     rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_write_cost=0.0)
