@@ -90,34 +90,42 @@ def test_curriculum_advances_on_threshold_and_stops_at_the_step_cap(write_recipe
     assert load_recipe(os.path.join(recipe.output_dir, "recipe.yaml")).to_dict()["training"]["max_steps"] == 6
 
 
-def test_memory_levers_apply_from_the_given_stage_on(write_recipe, monkeypatch):
-    """Stage 0 trains with the stability loss and the noise off, stage 1 with the recipe's values
-    (and its training log carries the memory's drift); the saved adapter keeps the recipe's
-    memory config."""
+def train_watching(monkeypatch, recipe, log_key: str):
+    """Train ``recipe``: (each training forward's (memory config, output), the value of ``log_key``
+    in each training log, None where it is missing)."""
     from transformers import Trainer
 
     from rmt_peft.recurrent import RMTModel
 
-    seen, logged = [], []
+    steps, logged = [], []
     forward, log = RMTModel.forward, Trainer.log
 
     def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
         if self.training:
-            seen.append((self.memory_config.memory_stability_weight, self.memory_config.memory_noise_std))
-        return forward(self, *args, **kwargs)
+            steps.append((self.memory_config, out))
+        return out
 
     def log_spy(self, logs, *args, **kwargs):
         if "loss" in logs:
-            logged.append(logs.get("memory_drift"))
+            logged.append(logs.get(log_key))
         return log(self, logs, *args, **kwargs)
 
     monkeypatch.setattr(RMTModel, "forward", spy)
     monkeypatch.setattr(Trainer, "log", log_spy)
+    train_recipe(recipe, log=lambda *_: None)
+    return steps, logged
+
+
+def test_memory_levers_apply_from_the_given_stage_on(write_recipe, monkeypatch):
+    """Stage 0 trains with the stability loss and the noise off, stage 1 with the recipe's values
+    (and its training log carries the memory's drift); the saved adapter keeps the recipe's
+    memory config."""
     stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
     recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
                                        "memory.memory_stability_weight": 2.0, "memory.memory_noise_std": 0.1}))
-    train_recipe(recipe, log=lambda *_: None)
-    assert seen == [(0.0, 0.0)] * 2 + [(2.0, 0.1)] * 3
+    steps, logged = train_watching(monkeypatch, recipe, "memory_drift")
+    assert [(c.memory_stability_weight, c.memory_noise_std) for c, _ in steps] == [(0.0, 0.0)] * 2 + [(2.0, 0.1)] * 3
     assert logged[:2] == [None, None] and len(logged) == 5 and all(d > 0 for d in logged[2:])
     saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
     assert (saved["memory_stability_weight"], saved["memory_noise_std"]) == (2.0, 0.1)
@@ -139,35 +147,15 @@ def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_star
     """rmt-peft train with an associative memory and only the write cost as a lever: stage 0
     trains without it (no gate measured), stage 1 with it, in the loss the Trainer steps on; the
     training log (one step a log) carries each step's mean write gate from stage 1 on."""
-    from transformers import Trainer
-
-    from rmt_peft.recurrent import RMTModel
-
-    seen, gates, logged = [], [], []
-    forward, log = RMTModel.forward, Trainer.log
-
-    def spy(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            seen.append((self.memory_config.associative_write_cost, out.write_gate is not None))
-            if out.write_gate is not None:
-                gates.append(float(out.write_gate))
-        return out
-
-    def log_spy(self, logs, *args, **kwargs):
-        if "loss" in logs:
-            logged.append(logs.get("write_gate"))
-        return log(self, logs, *args, **kwargs)
-
-    monkeypatch.setattr(RMTModel, "forward", spy)
-    monkeypatch.setattr(Trainer, "log", log_spy)
     stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
     recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
                                        "memory.memory_kind": "associative", "memory.associative_key_size": 8,
                                        "memory.associative_write_cost": 0.1}))
-    train_recipe(recipe, log=lambda *_: None)
-    assert seen == [(0.0, False)] * 2 + [(0.1, True)] * 3
-    assert logged[:2] == [None, None] and logged[2:] == pytest.approx(gates, abs=1e-6) and len(gates) == 3
+    steps, logged = train_watching(monkeypatch, recipe, "write_gate")
+    assert [(c.associative_write_cost, out.write_gate is not None) for c, out in steps] == \
+        [(0.0, False)] * 2 + [(0.1, True)] * 3
+    gates = [float(out.write_gate) for _, out in steps[2:]]
+    assert logged[:2] == [None, None] and logged[2:] == pytest.approx(gates, abs=1e-6)
     assert all(0 < g < 1 for g in gates)
     saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
     assert (saved["memory_kind"], saved["associative_write_cost"]) == ("associative", 0.1)
