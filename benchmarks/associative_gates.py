@@ -22,6 +22,14 @@ the noise off and with other draws: whether a gradient spike comes from the batc
 draw (BENCHMARKS.md, "Gate noise on the GPU").
 
     python -m benchmarks.associative_gates --seeds 0 --gate-noise 2 --spike-batches 400
+
+With ``--starved`` it also reads ``--segments`` segments and counts, per layer, the matrix rows
+(key features) that hold a value while their normaliser is still about zero: the authors'
+correction stops the normaliser growing for a key it deems stored, but the matrix row is written
+all the same, so a query on that feature alone reads the row divided by about ``eps``.
+
+    python -m benchmarks.associative_gates --seeds 0 --gate-noise 2 --starved --threads 1 \
+      --set '{"task": "memorize", "associative_hard_gates": true}'
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
-from rmt_peft.associative import _WriteHook, dpfp
+from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
 
@@ -80,6 +88,36 @@ def gate_and_key_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
         cosine = (keys[1:] * keys[:-1]).sum(-1).mean().item() if len(keys) > 1 else None
         layers.append({"gate_by_segment": gates.mean(dim=(1, 2)).tolist(), "key_cosine": cosine})
     return layers
+
+
+def starved_rows(state: AssociativeState, written: float = 1e-3, starved: float = 1e-3) -> list[dict]:
+    """Per layer of ``state``: the rows of its matrix that hold a value (norm above ``written`` x the
+    sample's largest row norm) while their normaliser is below ``starved``, counted per sample
+    (mean over the samples), and the largest and median over written rows of norm / (z + eps):
+    what a query on that feature alone would read, per unit of its feature."""
+    rows = []
+    for matrix, normalizer in zip(state.matrices, state.normalizers):
+        norm = matrix.float().norm(dim=-1)  # (batch, features)
+        holds = norm > written * norm.amax(dim=-1, keepdim=True)
+        ratio = (norm / (normalizer.float() + EPS))[holds]
+        rows.append({"starved": ((normalizer < starved) & holds).float().sum(dim=-1).mean().item(),
+                     "max_ratio": ratio.max().item() if ratio.numel() else 0.0,
+                     "median_ratio": ratio.median().item() if ratio.numel() else 0.0})
+    return rows
+
+
+@torch.no_grad()
+def starved_trace(model: RMTModel, ids: torch.Tensor, marks: list[int]) -> list[dict]:
+    """``starved_rows`` of the state after each of ``marks`` segments of ``ids`` (batch, segments x
+    segment_size), read in evaluation mode: per layer, a list over the marks."""
+    model.eval()
+    size, state, by_mark = model.memory_config.segment_size, None, []
+    for segment in range(max(marks)):
+        state = model.read(ids[:, segment * size:(segment + 1) * size], memory=state)
+        if segment + 1 in marks:
+            by_mark.append(starved_rows(state))
+    return [{key: [mark[layer][key] for mark in by_mark] for key in by_mark[0][layer]}
+            for layer in range(len(by_mark[0]))]
 
 
 def gradient_norm(model: RMTModel, ids: torch.Tensor, labels: torch.Tensor, gate_noise: float,
@@ -140,6 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "with the noise off and redrawn")
     parser.add_argument("--hard-gates", action="store_true",
                         help="also test at --lengths with associative_hard_gates (the same weights)")
+    parser.add_argument("--starved", action="store_true",
+                        help="also count the matrix rows written while their normaliser is about zero")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the numerics, and so a seed's outcome, "
                                                     "depend on it)")
     args = parser.parse_args(argv)
@@ -164,6 +204,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gates = " | ".join(f"layer {i}: " + " ".join(f"{layer['gate_by_segment'][k - 1]:.2f}" for k in marks)
                            + f", keys {layer['key_cosine']:.2f}" for i, layer in enumerate(layers))
         print(f"seed {seed}: accuracy {accuracy}; mean gate at segments {marks}: {gates}", flush=True)
+        if args.starved:
+            row["starved"] = trace = starved_trace(model, ids, marks)
+            for i, layer in enumerate(trace):
+                print(f"seed {seed} layer {i}: rows written with a normaliser ~0, per sample, at segments {marks}: "
+                      + " ".join(f"{n:.1f}" for n in layer["starved"]) + "; largest read per unit of feature "
+                      + " ".join(f"{r:.3g}" for r in layer["max_ratio"]) + " (median "
+                      + " ".join(f"{r:.3g}" for r in layer["median_ratio"]) + ")", flush=True)
         if args.hard_gates:
             soft = model.memory_config
             model.memory_config = dataclasses.replace(soft, associative_hard_gates=True)

@@ -222,6 +222,40 @@ def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
         assert -1 <= layer["key_cosine"] <= 1
 
 
+def test_starved_rows_are_rows_written_where_the_normaliser_is_zero():
+    """One layer, one sample: rows of norm 1, 2, 3 and 1e-9 (not written), normaliser 1, 0, 2, 0;
+    only the second row is starved, and it reads 2 / eps per unit of its feature."""
+    from benchmarks.associative_gates import starved_rows
+    from rmt_peft.associative import EPS, AssociativeState
+
+    matrix = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [1e-9, 0.0]]])
+    state = AssociativeState((matrix,), (torch.tensor([[1.0, 0.0, 2.0, 0.0]]),))
+    (layer,) = starved_rows(state)
+    assert layer["starved"] == 1.0
+    assert layer["max_ratio"] == pytest.approx(2 / EPS)
+    assert layer["median_ratio"] == pytest.approx(1.5, rel=1e-4)  # of 1 / (1 + eps), 2 / eps, 3 / (2 + eps)
+
+
+def test_starved_trace_reads_the_state_after_each_mark():
+    """The trace after 1 and 3 segments equals starved_rows of the states that reading 1 and 3
+    segments at once leaves."""
+    from benchmarks.associative_gates import starved_rows, starved_trace
+    from rmt_peft.tiny_models import tiny_model
+
+    config = MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative", associative_key_size=4)
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neox", num_layers=2), config, verbose=False)
+    with torch.no_grad():
+        for layer in rmt.memory.associative.layers:
+            layer.value.weight.normal_(0, 0.3)
+    ids = torch.randint(2, 128, (2, 15))
+    trace = starved_trace(rmt, ids, [1, 3])
+    for mark, n in enumerate((1, 3)):
+        expected = starved_rows(rmt.eval().read(ids[:, :5 * n]))
+        for layer, want in zip(trace, expected):
+            assert {key: values[mark] for key, values in layer.items()} == pytest.approx(want, rel=1e-5)
+
+
 def test_noise_spikes_recomputes_the_largest_batches_with_the_noise_off_and_redrawn():
     """Without gate noise every recomputation of a batch equals its first gradient norm. With it,
     the noise-off norm is the noiseless one; other draws change a batch of several segments (its
