@@ -12,7 +12,10 @@ decoder layer keeps an associative matrix ``A`` (key features x hidden) and a no
   ``A <- A + sum_j b_j k_j^T (v_j - v'_j)`` (the delta rule: a key written again replaces its
   value instead of adding to it) and ``z <- z + sum_j c_j k_j`` with the correction
   ``c_j = clip(1 - (k_j . z + eps) / |k_j|^2, 0, 1)`` (not differentiated): a key already
-  stored barely grows the normaliser.
+  stored barely grows the normaliser. With ``normalizer_floor`` (ours, off by default) then
+  ``z <- max(z, max_j k_j)`` feature by feature: the correction looks at a key as a whole, so a
+  feature that only a key mostly stored already has gets a row of ``A`` and almost no
+  normaliser, and a query on it reads that row divided by about ``eps``.
 
 ``phi`` is DPFP (deterministic parameter-free projection) of order 3: ``2 * 3 * key_size``
 non-negative features. ``Wv`` starts at zero, so an untrained associative memory reads nothing.
@@ -134,11 +137,12 @@ def read_memory(queries: torch.Tensor, matrix: torch.Tensor, normalizer: torch.T
 
 def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
                  normalizer: torch.Tensor, empty: bool, correction: bool,
-                 hard_gates: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 hard_gates: bool = False, floor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's matrix and normaliser after writing, with the delta rule, the memory positions'
     key projections ``keys`` (batch, m, key size), values (batch, m, hidden) and gate logits
     (batch, m, 1). ``hard_gates``: each gate is 1 where its logit is positive and 0 elsewhere (the
-    normaliser grows as with soft gates, which do not gate it: reads stay scaled as in training)."""
+    normaliser grows as with soft gates, which do not gate it: reads stay scaled as in training).
+    ``floor``: each feature's normaliser is then at least that feature of every key written."""
     keys = dpfp(keys)
     if empty:
         stored, coefficient = torch.zeros_like(values), 1.0
@@ -154,7 +158,10 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
             coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
     weights = (gates > 0).to(keys.dtype) if hard_gates else torch.sigmoid(gates)
     update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, weights[..., 0])
-    return matrix + update.float(), normalizer + (coefficient * keys).sum(dim=1).float()
+    grown = normalizer + (coefficient * keys).sum(dim=1).float()
+    if floor:
+        grown = torch.maximum(grown, keys.amax(dim=1).float())
+    return matrix + update.float(), grown
 
 
 def relative_change(old: AssociativeState, new: AssociativeState, tolerance: float = 0.0,
@@ -232,17 +239,18 @@ class AssociativeLayer(nn.Module):
 
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
-              hard_gates: bool = False, measure_gates: bool = False) -> tuple[torch.Tensor, ...]:
+              hard_gates: bool = False, measure_gates: bool = False, floor: bool = False) -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
         with ``hard_gates``, each gate open or shut by its logit's sign (``write_memory``).
-        ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32."""
+        ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32;
+        ``floor``: the normaliser's floor (``write_memory``)."""
         with self._precision(memory):
             gates = self.gate(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
             written = kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction,
-                             hard_gates and not self.training)
+                             hard_gates and not self.training, floor)
         if measure_gates:
             return (*written, torch.sigmoid(gates.float()).mean())
         return written
@@ -287,10 +295,10 @@ class AssociativeMemory(nn.Module):
     so the backbone called on its own computes as before."""
 
     def __init__(self, num_layers: int, hidden_size: int, key_size: int, correction: bool = True,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, normalizer_floor: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(AssociativeLayer(hidden_size, key_size, dtype, device) for _ in range(num_layers))
-        self.correction = correction
+        self.correction, self.normalizer_floor = correction, normalizer_floor
         self.key_features = 2 * DPFP_ORDER * key_size
         self._session: _Session | None = None  # the backbone call in progress (see session)
         self._slots = [_Slot(layer) for layer in self.layers]
@@ -372,5 +380,5 @@ class _WriteHook:
         slot = self.slot
         slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
                                         session.empty, session.correction, self.kernel, session.gate_noise,
-                                        session.hard_gates, session.measure_gates)
+                                        session.hard_gates, session.measure_gates, self.owner.normalizer_floor)
         return None

@@ -48,6 +48,13 @@ class MemoryConfig:
         per hidden unit. The authors used 64 for GPT-2 and 32 for their tiny GPT-NeoX.
     associative_correction: with memory_kind="associative", a key written again grows the
         normaliser only by what is new about it (the authors' correction; on by default).
+    associative_normalizer_floor: with memory_kind="associative", after each write every key
+        feature's normaliser is at least that feature's value in each key written (ours; off by
+        default, the authors' update). The correction judges a key as a whole, so a feature that
+        only a mostly stored key has can get a row of the matrix and almost no normaliser; a
+        query on it then reads that row divided by about 1e-5 (rows read up to 1e7 times the
+        median were measured, BENCHMARKS.md). With the floor a row's read is bounded by what was
+        written to it.
     associative_gate_noise: with memory_kind="associative", in training, logistic noise of this
         scale on each write gate's logit (the binary-concrete relaxation; 0 = off, 1 makes a
         half-open gate uniform on (0, 1)). The memory tokens write to nearly the same keys every
@@ -126,6 +133,7 @@ class MemoryConfig:
     memory_kind: str = "tokens"
     associative_key_size: int = 64
     associative_correction: bool = True
+    associative_normalizer_floor: bool = False
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
     associative_write_cost: float = 0.0
@@ -157,6 +165,9 @@ class MemoryConfig:
         need(isinstance(self.associative_key_size, int) and self.associative_key_size >= 1,
              "associative_key_size", "expected an integer >= 1")
         need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
+        need(isinstance(self.associative_normalizer_floor, bool), "associative_normalizer_floor", "expected true or false")
+        need(not self.associative_normalizer_floor or self.memory_kind == "associative", "associative_normalizer_floor",
+             "it acts on the associative memory's normalisers: leave it false with memory_kind='tokens'")
         need(isinstance(self.associative_gate_noise, (int, float)) and not isinstance(self.associative_gate_noise, bool)
              and 0 <= self.associative_gate_noise < math.inf, "associative_gate_noise", "expected a number >= 0 (0 = off)")
         need(self.associative_gate_noise == 0 or self.memory_kind == "associative", "associative_gate_noise",
@@ -294,8 +305,8 @@ class MemoryParameters(nn.Module):
         self.memory_tokens = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         if config.associative:
             self.associative = AssociativeMemory(num_layers, hidden_size, config.associative_key_size,
-                                                 config.associative_correction,
-                                                 dtype=dtype, device=device)
+                                                 config.associative_correction, dtype=dtype, device=device,
+                                                 normalizer_floor=config.associative_normalizer_floor)
             return
         self.read_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.write_embedding = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))

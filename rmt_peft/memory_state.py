@@ -31,7 +31,7 @@ FORMAT = "rmt-peft-memory/1"
 # The MemoryConfig fields that decide what a memory means; the others only change training
 # (memory_update: "replace" or "gated" writes, read as None from a config without the field).
 READING_FIELDS = ("memory_kind", "num_memory_tokens", "segment_size", "segment_alignment", "memory_update",
-                  "associative_key_size", "associative_correction")
+                  "associative_key_size", "associative_correction", "associative_normalizer_floor")
 
 
 @dataclass

@@ -44,10 +44,10 @@ def test_dpfp_matches_its_definition():
 class HandLayer(nn.Module):
     """A decoder layer with the associative read before it and the delta-rule write after it."""
 
-    def __init__(self, block, proj, state, index, m, correction=True, hard_gates=False):
+    def __init__(self, block, proj, state, index, m, correction=True, hard_gates=False, floor=False):
         super().__init__()
         self.block, self.proj, self.state, self.index, self.m, self.correction = block, proj, state, index, m, correction
-        self.hard_gates = hard_gates
+        self.hard_gates, self.floor = hard_gates, floor
 
     def forward(self, hidden, *args, **kwargs):
         A, z, first = self.state["A"][self.index], self.state["z"][self.index], self.state["first"]
@@ -59,7 +59,7 @@ class HandLayer(nn.Module):
         memory = h[:, -self.m:]
         new_A, new_z = [], []
         for b in range(memory.shape[0]):
-            dA, dz = torch.zeros_like(A[b]), torch.zeros_like(z[b])
+            dA, dz, largest = torch.zeros_like(A[b]), torch.zeros_like(z[b]), torch.zeros_like(z[b])
             for j in range(self.m):
                 x = memory[b, j]
                 k = dpfp_by_hand(x @ self.proj.key.weight.T)
@@ -74,15 +74,18 @@ class HandLayer(nn.Module):
                     old = (k @ A[b]) / weight
                     c = (1 - weight / (k.norm() ** 2 + EPS)).clamp(0, 1).detach() if self.correction else 1.0
                 dA = dA + gate * torch.outer(k, v - old)
+                bound = self.state.setdefault("bound", {}).setdefault((self.index, b), 0.0)
+                self.state["bound"][self.index, b] = bound + (gate * (v - old).norm()).item()
                 dz = dz + c * k
+                largest = torch.maximum(largest, k)
             new_A.append(A[b] + dA)
-            new_z.append(z[b] + dz)
+            new_z.append(torch.maximum(z[b] + dz, largest) if self.floor else z[b] + dz)
         self.state["next_A"][self.index] = torch.stack(new_A)
         self.state["next_z"][self.index] = torch.stack(new_z)
         return out
 
 
-def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, hard_gates=False):
+def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, hard_gates=False, floor=False):
     """(logits, loss, final state) of ARMT computed by hand, segments cut from the left."""
     model = copy.deepcopy(causal_lm)
     parent, name = layers_path
@@ -93,7 +96,7 @@ def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, h
     state = {"A": [torch.zeros(batch, width, hidden)] * len(layers), "z": [torch.zeros(batch, width)] * len(layers),
              "first": True, "next_A": [None] * len(layers), "next_z": [None] * len(layers), "gates": []}
     for i in range(len(layers)):
-        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction, hard_gates)
+        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction, hard_gates, floor)
     logits = []
     for start in range(0, ids.shape[1], segment_size):
         seg = ids[:, start:start + segment_size]
@@ -154,6 +157,29 @@ def test_without_correction_matches_by_hand():
         _, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], correction=False)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.memory.normalizers[1], state["z"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_normalizer_floor_matches_by_hand_and_leaves_no_row_without_normalizer():
+    backbone, rmt = associative_model(associative_normalizer_floor=True)
+    ids = torch.randint(2, 128, (2, 15))
+    params = list(rmt.memory.parameters())
+    out = rmt(ids, labels=ids)
+    ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], floor=True)[1:]
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref_loss, params)):
+        torch.testing.assert_close(mine, ref, rtol=1e-3, atol=1e-6)
+    for mine, ref in zip(out.memory.normalizers, state["z"]):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    # With z_f >= k_f for every key written, row f of A (a sum of gate_j k_jf (v_j - v'_j)) is at
+    # most z_f times the sum of gate_j |v_j - v'_j| over the writes: what one feature's query reads
+    # is bounded. The authors' update on the same weights and inputs breaks that bound.
+    def worst(state, layer, sample):
+        rows = state["A"][layer][sample].detach().norm(dim=-1) / (state["z"][layer][sample].detach() + EPS)
+        return rows.max().item() / state["bound"][layer, sample]
+    plain = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"])[2]
+    pairs = [(layer, sample) for layer in range(2) for sample in range(2)]
+    assert max(worst(state, *p) for p in pairs) <= 1.0
+    assert max(worst(plain, *p) for p in pairs) > 3.0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
@@ -454,6 +480,10 @@ def test_memory_state_saves_and_loads_and_refuses_the_other_kind(tmp_path):
                                     verbose=False)
     with pytest.raises(UserError, match="memory_kind: 'associative' in .*'tokens' in the model"):
         MemoryState.load_for(path, tokens)
+    # the floor changes what the normalisers mean: a state read without it does not load into a model with it
+    floored = associative_model(associative_normalizer_floor=True)[1]
+    with pytest.raises(UserError, match="associative_normalizer_floor: False in .*True in the model"):
+        MemoryState.load_for(path, floored)
 
 
 def test_layer_checkpointing_is_refused_in_training():
@@ -482,6 +512,10 @@ def test_config_refuses_token_levers_and_no_memory_tokens():
         MemoryConfig(associative_write_cost=0.1)
     with pytest.raises(ValueError, match="associative_write_cost=-0.1 is invalid: expected a number >= 0"):
         MemoryConfig(memory_kind="associative", associative_write_cost=-0.1)
+    with pytest.raises(ValueError, match="associative_normalizer_floor.*memory_kind='tokens'"):
+        MemoryConfig(associative_normalizer_floor=True)
+    with pytest.raises(ValueError, match="associative_normalizer_floor=1 is invalid: expected true or false"):
+        MemoryConfig(memory_kind="associative", associative_normalizer_floor=1)
     with pytest.raises(ValueError, match="num_memory_tokens"):
         MemoryConfig(memory_kind="associative", num_memory_tokens=0)
     with pytest.raises(ValueError, match="memory_kind='bogus' is invalid: expected one of"):
