@@ -84,6 +84,7 @@ class RunConfig:
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
     associative_write_cost: float = 0.0
+    associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
     soft_gate_segments: list[int] = field(default_factory=list)
@@ -181,6 +182,14 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1_ramp": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                              "associative_hard_gates": True, "associative_write_cost": 0.1,
                                              "lever_stages": 2, "lever_ramp_steps": 150},
+    # ... with the normaliser kept at least each written key's features (associative.write_memory):
+    # rows of A written while their normaliser stays about 0 read up to 1e7 times the median row,
+    # with and without the cost (CPU, BENCHMARKS.md); runs diverge with both
+    "associative_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                          "associative_hard_gates": True, "associative_normalizer_floor": True},
+    "associative_late2_write_cost0.1_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                              "associative_hard_gates": True, "associative_write_cost": 0.1,
+                                              "lever_stages": 2, "associative_normalizer_floor": True},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
