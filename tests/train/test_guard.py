@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rmt_peft.errors import TrainingDiverged
+from rmt_peft.recipe import GuardSection
 from rmt_peft.train.guard import DivergenceGuard, diverged, set_base_learning_rate
 
 
@@ -30,6 +31,22 @@ def test_spikes_in_a_row_stop_the_run_at_the_count_and_name_the_first():
                                                r"its running level \(1\) for 3 steps$") as err:
         guard.check_grad_norm(5.0, 9)
     assert (err.value.step, err.value.first_bad_step) == (9, 7)
+
+
+def test_the_default_lets_a_converged_tasks_passing_spike_through_and_stops_one_that_lasts():
+    """The shape the learning benchmark recorded: norms about 0.001 at a loss of about 0, then a
+    spike of norms 3-30 for 50-80 steps that passes (guard.py's default of 100 steps, not 20)."""
+    def feed(guard, spike_length):
+        norms = [0.001] * 200 + [5.0 + (i % 7) * 4 for i in range(spike_length)] + [0.002] * 100
+        for step, norm in enumerate(norms, 1):
+            guard.check_grad_norm(norm, step)
+    feed(DivergenceGuard(), 80)  # passes: no exception
+    with pytest.raises(TrainingDiverged, match="for 20 steps"):
+        feed(DivergenceGuard(spike_steps=20), 80)  # the old default stopped it
+    with pytest.raises(TrainingDiverged, match="for 100 steps") as err:
+        feed(DivergenceGuard(), 150)
+    assert err.value.first_bad_step == 201
+    assert GuardSection().spike_steps == DivergenceGuard().spike_steps  # a recipe's default is the guard's
 
 
 def test_without_a_spike_factor_only_non_finite_values_stop_the_run():
