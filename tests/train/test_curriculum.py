@@ -11,6 +11,7 @@ from rmt_peft.memory import MemoryConfig
 from rmt_peft.train.curriculum import (CurriculumState, StageCallback, StagePlan, first_of_last, levers_on,
                                        stage_budget, stage_memory, stage_plan)
 from rmt_peft.recipe import Stage, load_recipe
+from rmt_peft.recurrent import RMTModel
 from rmt_peft.train.trainer import train_recipe
 
 
@@ -95,7 +96,6 @@ def train_watching(monkeypatch, recipe, log_key: str):
     in each training log, None where it is missing)."""
     from transformers import Trainer
 
-    from rmt_peft.recurrent import RMTModel
 
     steps, logged = [], []
     forward, log = RMTModel.forward, Trainer.log
@@ -150,7 +150,8 @@ def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_star
     stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
     recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
                                        "memory.memory_kind": "associative", "memory.associative_key_size": 8,
-                                       "memory.associative_write_cost": 0.1}))
+                                       "memory.associative_write_cost": 0.1,
+                                       "memory.associative_normalizer_floor": True}))
     steps, logged = train_watching(monkeypatch, recipe, "write_gate")
     assert [(c.associative_write_cost, out.write_gate is not None) for c, out in steps] == \
         [(0.0, False)] * 2 + [(0.1, True)] * 3
@@ -159,6 +160,9 @@ def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_star
     assert all(0 < g < 1 for g in gates)
     saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
     assert (saved["memory_kind"], saved["associative_write_cost"]) == ("associative", 0.1)
+    # the floor (the detect recipe's setting) is built into the trained memory and comes back with it
+    assert all(c.associative_normalizer_floor for c, _ in steps) and saved["associative_normalizer_floor"]
+    assert RMTModel.from_pretrained(os.path.join(recipe.output_dir, "final")).memory.associative.normalizer_floor
 
 
 class Killed(Exception):
