@@ -124,6 +124,10 @@ class RunConfig:
     learning_rate: float = 5e-4
     warmup_steps: int = 50           # at the start of every stage
     stage_lr_decay: float = 1.0      # stage k trains at learning_rate * stage_lr_decay ** (k - 1)
+    # > 0: the rate falls linearly to 0 over the run's last this-many steps (a warmup-stable-decay
+    # schedule): at a constant rate, a converged run can spike in its last steps, and those are
+    # the weights tested (detect seed 306 lost the task in its last 50 steps)
+    cooldown_steps: int = 0
     max_grad_norm: float = 1.0
     eval_segments: list[int] = field(default_factory=lambda: [2 ** k for k in range(13)])
     eval_samples: int = 128
@@ -190,6 +194,12 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                               "associative_hard_gates": True, "associative_write_cost": 0.1,
                                               "lever_stages": 2, "associative_normalizer_floor": True},
+    # ... and the rate falling to 0 over the last stage (300 steps): the last weights are those of
+    # an annealed run, not of one at its peak rate that may be in a passing spike
+    "associative_late2_write_cost0.1_floor_cooldown": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
+        "cooldown_steps": 300},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
@@ -400,6 +410,17 @@ def stage_plan(cfg: RunConfig) -> list[curriculum.StagePlan]:
                                  ramp_steps=cfg.lever_ramp_steps)
 
 
+def step_lr(cfg: RunConfig, peak_lr: float, stage_step: int, step: int, total_steps: int) -> float:
+    """The learning rate of a step (``stage_step`` within its stage, ``step`` within the run, both
+    from 0): the stage's peak, warmed up over the stage's first ``cfg.warmup_steps`` steps, and
+    falling linearly over the run's last ``cfg.cooldown_steps`` (the last step at 1 / cooldown_steps
+    of it, as transformers' linear schedule)."""
+    lr = peak_lr * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak_lr
+    if cfg.cooldown_steps:
+        lr *= min(1.0, (total_steps - step) / cfg.cooldown_steps)
+    return lr
+
+
 class Diverged(FloatingPointError):
     """A non-finite loss, with the curve up to it (its last point holds the steps that led there)."""
 
@@ -422,6 +443,7 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
     model.train()
     step = 0
     levers, plans = model.memory_config, stage_plan(cfg)
+    total_steps = sum(plan.steps for plan in plans)
     first_scored = curriculum.first_of_last(len(plans), cfg.select_stages)
     for index, plan in enumerate(plans):
         stage = plan.segments
@@ -434,9 +456,8 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
                     full, memory_noise_std=rise * full.memory_noise_std,
                     memory_stability_weight=rise * full.memory_stability_weight,
                     associative_write_cost=rise * full.associative_write_cost)
-            lr = plan.peak_lr * min(1.0, (stage_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else plan.peak_lr
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = step_lr(cfg, plan.peak_lr, stage_step, step, total_steps)
             n = rng.randint(shortest(cfg), stage) if cfg.mix else stage
             start = drawn.get(n, 0) % pool
             drawn[n] = start + cfg.batch_size

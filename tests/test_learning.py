@@ -118,6 +118,31 @@ def test_the_ramp_raises_the_write_cost_step_by_step_in_the_first_lever_stage(mo
     assert seen == [0.0] * 4 + [0.1, 0.2, 0.3, 0.3]
 
 
+def test_the_cooldown_brings_the_rate_down_linearly_over_the_last_steps_across_stages(monkeypatch):
+    """Two stages of 4 steps, warmup 2, cooldown 3: each stage warms up (half the peak, then the
+    peak), and the run's last three steps train at 3/3, 2/3 and 1/3 of it, whatever stage they fall in."""
+    from benchmarks.learning import build_model, train
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "max_train_segments": 2, "steps_per_stage": 4,
+                       "batch_size": 4, "learning_rate": 6e-3, "warmup_steps": 2, "cooldown_steps": 3})
+    train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
+    p = 6e-3
+    assert seen == pytest.approx([p / 2, p, p, p, p / 2, p, p * 2 / 3, p / 3])
+    # a cooldown longer than the last stage reaches into the stage before it
+    seen.clear()
+    cfg = RunConfig(**{**cfg.__dict__, "warmup_steps": 0, "cooldown_steps": 6})
+    train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
+    assert seen == pytest.approx([p, p, p * 6 / 6, p * 5 / 6, p * 4 / 6, p * 3 / 6, p * 2 / 6, p / 6])
+
+
 def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():
     """The drift rows: the norm after 1, 2 and 4 segments read one at a time equals the norm of
     the memory RMTModel.forward leaves after the same 1, 2 and 4 segments at once, and the change
