@@ -42,7 +42,8 @@ class Bench:
         self.config, self.device, self.segment, self.m = config, device, segment, memory_tokens
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
-        self.autocast = self.compiled = self.dequant_cache = self.forward_only = False
+        self.autocast = self.dequant_cache = self.forward_only = False
+        self.compiled = (False, "blocks")
         free()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         backbone = build_backbone(config, quantization, device, attention="sdpa")
@@ -73,8 +74,11 @@ class Bench:
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
                    uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False,
-                   forward_only: bool = False):
-        """compile: False, True (each block, torch.compile's default mode) or a torch.compile mode.
+                   forward_only: bool = False, compile_scope: str = "blocks"):
+        """compile: False, True (torch.compile's default mode) or a torch.compile mode, of each block
+        (``compile_scope`` "blocks", compile_blocks) or of the decoder body as a whole, its blocks and
+        their hooks in one graph a segment ("body": one compiled call a segment instead of one a
+        layer, and with CUDA graphs one recording a segment instead of one a layer).
         forward_only: the step is the forward alone (with gradients on, so it keeps what backward
         needs): what segment checkpointing runs again for every checkpointed segment.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
@@ -91,11 +95,16 @@ class Bench:
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast, self.forward_only = autocast, forward_only
-        if compile != self.compiled:
+        if (compile, compile_scope) != self.compiled:
             compile_blocks(self.peft, enable=False)
-            if compile:
-                compile_blocks(self.peft, **({"mode": compile} if isinstance(compile, str) else {}))
-            self.compiled = compile
+            body = self.ours.causal_lm.base_model  # what RMTModel._segment calls
+            body._compiled_call_impl = None
+            kwargs = {"mode": compile} if isinstance(compile, str) else {}
+            if compile and compile_scope == "body":
+                body.compile(**kwargs)
+            elif compile:
+                compile_blocks(self.peft, **kwargs)
+            self.compiled = (compile, compile_scope)
         for model in self.memory_models():
             model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
@@ -307,6 +316,11 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                          "blocks, no checkpointing)", dict(FAST, compile=True)),
          "associative-graphs-nockpt": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled "
                                        "blocks + CUDA graphs, no checkpointing)", dict(FAST, compile="reduce-overhead")),
+         # the decoder body compiled whole: one compiled call (and one CUDA graph) a segment, not a layer
+         **{f"{impl}-body-{key}": (impl, f"{name} (SDPA, fused GELU, autocast, compiled body{graphs}, no checkpointing)",
+                                   dict(FAST, compile=mode, compile_scope="body"))
+            for impl, name in (("ours", "ours"), ("associative", "associative memory"))
+            for key, graphs, mode in (("compiled-nockpt", "", True), ("graphs-nockpt", " + CUDA graphs", "reduce-overhead"))},
          "associative-compiled": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled blocks, "
                                   "segment checkpointing)", dict(FAST, compile=True, checkpoint_segments=True)),
          "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",

@@ -63,6 +63,36 @@ def test_train_bench_forward_only_leaves_the_weights():
     assert any(not torch.equal(p, b) for p, b in zip(lora, before))
 
 
+def test_train_bench_body_scope_compiles_the_whole_decoder_and_computes_the_same_loss():
+    """compile_scope="body": the decoder body is one compiled call a segment (no block compiled on
+    its own), the associative memory's read and write traced into it without a graph break, and
+    the loss is the eager one; compile=False undoes it."""
+    from torch._dynamo.utils import counters
+
+    from rmt_peft.speedups import blocks_compiled
+
+    bench = train.Bench(gpt_neo_config(tiny=True), None, torch.device("cpu"), 16, 4, None, 0, 1)
+    bench.memory_models(associative=True)
+    ids = torch.randint(0, bench.config.vocab_size, (2, 3 * 16))
+    bench.set_levers("sdpa")
+    with torch.no_grad():
+        eager = bench.loss("associative", ids, 2, 3)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        bench.set_levers("sdpa", compile=True, compile_scope="body")
+        body = bench.ours.causal_lm.base_model
+        assert body._compiled_call_impl is not None and not blocks_compiled(bench.peft)
+        with torch.no_grad():
+            compiled = bench.loss("associative", ids, 2, 3)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # first segment, later ones
+    finally:
+        bench.set_levers("sdpa")
+        torch._dynamo.reset()
+    assert body._compiled_call_impl is None
+
+
 def test_quantized_bench_runs_every_section(tmp_path):
     """benchmarks.quantized on CPU-sized shapes: a row per backbone and section, none failed, each
     appended to its section's JSON lines; bf16 is the reference of the others."""
