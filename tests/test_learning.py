@@ -121,6 +121,8 @@ def test_the_ramp_raises_the_write_cost_step_by_step_in_the_first_lever_stage(mo
 def test_the_cooldown_brings_the_rate_down_linearly_over_the_last_steps_across_stages(monkeypatch):
     """Two stages of 4 steps, warmup 2, cooldown 3: each stage warms up (half the peak, then the
     peak), and the run's last three steps train at 3/3, 2/3 and 1/3 of it, whatever stage they fall in."""
+    import dataclasses
+
     from benchmarks.learning import build_model, train
 
     seen = []
@@ -138,7 +140,7 @@ def test_the_cooldown_brings_the_rate_down_linearly_over_the_last_steps_across_s
     assert seen == pytest.approx([p / 2, p, p, p, p / 2, p, p * 2 / 3, p / 3])
     # a cooldown longer than the last stage reaches into the stage before it
     seen.clear()
-    cfg = RunConfig(**{**cfg.__dict__, "warmup_steps": 0, "cooldown_steps": 6})
+    cfg = dataclasses.replace(cfg, warmup_steps=0, cooldown_steps=6)
     train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
     assert seen == pytest.approx([p, p, p * 6 / 6, p * 5 / 6, p * 4 / 6, p * 3 / 6, p * 2 / 6, p / 6])
 
