@@ -43,7 +43,7 @@ class Bench:
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
         self.autocast = self.dequant_cache = self.forward_only = False
-        self.compiled = (False, "blocks")
+        self.compiled = (False, "blocks", False)
         free()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         backbone = build_backbone(config, quantization, device, attention="sdpa")
@@ -74,11 +74,15 @@ class Bench:
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
                    uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False,
-                   forward_only: bool = False, compile_scope: str = "blocks"):
+                   forward_only: bool = False, compile_scope: str = "blocks", dynamic: bool = False):
         """compile: False, True (torch.compile's default mode) or a torch.compile mode, of each block
         (``compile_scope`` "blocks", compile_blocks) or of the decoder body as a whole, its blocks and
         their hooks in one graph a segment ("body": one compiled call a segment instead of one a
         layer, and with CUDA graphs one recording a segment instead of one a layer).
+        dynamic: graphs with every size symbolic (torch.compile(dynamic=True)), an upper bound on
+        what a run whose segment length changes pays (after a second length, e.g. a short last
+        segment, torch compiles the length as a symbol); False: static, as a process training one
+        model at one length.
         forward_only: the step is the forward alone (with gradients on, so it keeps what backward
         needs): what segment checkpointing runs again for every checkpointed segment.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
@@ -95,16 +99,20 @@ class Bench:
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast, self.forward_only = autocast, forward_only
-        if (compile, compile_scope) != self.compiled:
+        if (compile, compile_scope, dynamic) != self.compiled:
             compile_blocks(self.peft, enable=False)
             body = self.ours.causal_lm.base_model  # what RMTModel._segment calls
             body._compiled_call_impl = None
-            kwargs = {"mode": compile} if isinstance(compile, str) else {}
+            # static shapes, as a process training one model compiles them: the models here share
+            # the blocks' compiled code at different lengths (ours: segment + 2 x memory, the
+            # associative memory: segment + memory), and torch would make the second model's graphs
+            # dynamic in the length (automatic dynamic shapes), with symbolic sizes in every call
+            kwargs = {"dynamic": dynamic, **({"mode": compile} if isinstance(compile, str) else {})}
             if compile and compile_scope == "body":
                 body.compile(**kwargs)
             elif compile:
                 compile_blocks(self.peft, **kwargs)
-            self.compiled = (compile, compile_scope)
+            self.compiled = (compile, compile_scope, dynamic)
         for model in self.memory_models():
             model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm
@@ -321,6 +329,10 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                    dict(FAST, compile=mode, compile_scope="body"))
             for impl, name in (("ours", "ours"), ("associative", "associative memory"))
             for key, graphs, mode in (("compiled-nockpt", "", True), ("graphs-nockpt", " + CUDA graphs", "reduce-overhead"))},
+         # every size symbolic: what dynamic shapes cost each memory (see set_levers)
+         **{f"{impl}-compiled-dynamic-nockpt": (impl, f"{name} (SDPA, fused GELU, autocast, compiled blocks with dynamic "
+                                                f"shapes, no checkpointing)", dict(FAST, compile=True, dynamic=True))
+            for impl, name in (("ours", "ours"), ("associative", "associative memory"))},
          "associative-compiled": ("associative", "associative memory (SDPA, fused GELU, autocast, compiled blocks, "
                                   "segment checkpointing)", dict(FAST, compile=True, checkpoint_segments=True)),
          "ours-compiled-cache-nockpt": ("ours", "ours (compiled blocks, no checkpointing, dequantized-weight cache)",

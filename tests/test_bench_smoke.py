@@ -93,6 +93,36 @@ def test_train_bench_body_scope_compiles_the_whole_decoder_and_computes_the_same
     assert body._compiled_call_impl is None
 
 
+def test_train_bench_compiles_each_model_at_its_own_static_length():
+    """Ours (segment + 2 x memory positions) and then the associative memory (segment + memory)
+    through the same compiled block code in one process: the second model gets static graphs of
+    its own, as in a process of its own. Without dynamic=False torch makes them dynamic in the
+    length, and the matmuls it records carry a symbol (e.g. aten.mm_s50_64_64) instead of it."""
+    import re
+
+    from torch._dynamo.utils import counters
+
+    bench = train.Bench(gpt_neo_config(tiny=True), None, torch.device("cpu"), 16, 4, None, 0, 1)
+    bench.memory_models(associative=True)
+    ids = torch.randint(0, bench.config.vocab_size, (1, 2 * 16))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        bench.set_levers("sdpa", compile=True)
+        # without the caches: a graph found in one is not lowered again, and records no matmul
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            for impl in ("ours", "associative"):
+                bench.loss(impl, ids, 1, 2)
+        shapes = list(counters["aten_mm_info"])
+        lengths = {int(m.group(1)) for k in shapes for m in [re.match(r"aten\.mm_(\d+)_64_64$", k)] if m}
+        assert {16 + 2 * 4, 16 + 4} <= lengths, shapes  # both models' lengths, each compiled as it is
+        assert not [k for k in shapes if re.search(r"_s\d+", k)], shapes
+    finally:
+        bench.set_levers("sdpa")
+        torch._dynamo.reset()
+
+
 def test_quantized_bench_runs_every_section(tmp_path):
     """benchmarks.quantized on CPU-sized shapes: a row per backbone and section, none failed, each
     appended to its section's JSON lines; bf16 is the reference of the others."""
