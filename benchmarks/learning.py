@@ -33,10 +33,19 @@ length, time; ``capacity``: retrieval accuracy by K) and ``accuracy.png`` (accur
 segments, mean and range over seeds, one panel per task). ``partial/TASK-VARIANT-seedN.json``
 holds each run's results so far, written after training and after each tested length: a run cut
 by a time limit keeps the lengths it finished.
+
+``--save-weights`` also keeps the weights each run tests (``weights/TASK-VARIANT-seedN.pt``, fp32
+with the run's config, about 15 MB at the GPU scale); ``--weights FILE ...`` tests such runs again
+without training, ``--set`` changing what is tested: GPU-trained runs at other lengths or with
+other inference settings, on a CPU:
+
+    python -m benchmarks.learning --weights learning/weights/reasoning-*.pt \
+        --set '{"eval_segments": [256, 1024], "associative_hard_gates": false}' --out-dir /tmp/again
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -591,28 +600,32 @@ def soft_gate_accuracy(cfg: RunConfig, model: RMTModel, device, partial_dir: str
     return scores
 
 
+def run_file_name(cfg: dict) -> str:
+    """TASK-VARIANT-seedN[-KN]: a run's files (--pairs: a retrieval run per K)."""
+    grid = f"-K{cfg['retrieval_pairs']}" if cfg["task"] == "retrieval" else ""
+    return f"{cfg['task']}-{cfg['variant']}-seed{cfg['seed']}{grid}"
+
+
 def save_partial(folder: str | None, result: dict) -> None:
     """``result`` (one run, so far) to FOLDER/TASK-VARIANT-seedN[-KN].json, atomically."""
     if folder is None:
         return
-    cfg = result["config"]
-    grid = f"-K{cfg['retrieval_pairs']}" if cfg["task"] == "retrieval" else ""  # --pairs: a run per K
-    path = os.path.join(folder, f"{cfg['task']}-{cfg['variant']}-seed{cfg['seed']}{grid}.json")
+    path = os.path.join(folder, run_file_name(result["config"]) + ".json")
     with open(path + ".tmp", "w") as f:
         json.dump({**result, "partial": True}, f)
     os.replace(path + ".tmp", path)
 
 
-def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
+def run_one(cfg: RunConfig, partial_dir: str | None = None, weights_dir: str | None = None) -> dict:
     """Train and test one run. ``partial_dir``: the run's result so far is written there after
-    training and after each tested length, so a run cut by a time limit keeps what it measured."""
+    training and after each tested length, so a run cut by a time limit keeps what it measured.
+    ``weights_dir``: the tested weights are saved there before the tests (``save_weights``)."""
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(cfg.seed)
     model = build_model(cfg, device)
     started = time.time()
-    result = {"config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else "cpu", "status": "ok"}
+    result = {"config": dataclasses.asdict(cfg), "device": device_name(device), "status": "ok"}
     selection = Selection(cfg, model, device) if cfg.select_stages else None
     try:
         result["curve"] = train(cfg, model, device, selection)
@@ -626,7 +639,6 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
         result["guard"] = stops[0]
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: the divergence guard would have stopped it: {stops[0]}",
               flush=True)
-    started = time.time()
     if selection:  # the last weights too, at a few lengths, then the chosen ones
         result["last_accuracy"] = {str(n): accuracy(cfg, model, n, device) for n in cfg.last_eval_segments}
         result["selected"] = selection.restore()
@@ -634,6 +646,19 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
         print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: chose step {result['selected']['step']} "
               f"({result['selected']['select_accuracy']:.2f} at {cfg.select_segments} segments); the last weights: "
               + ", ".join(f"{n}: {a:.2f}" for n, a in result["last_accuracy"].items()), flush=True)
+    if weights_dir:
+        result["weights"] = save_weights(weights_dir, cfg, model, result)
+    return evaluate(cfg, model, device, result, partial_dir)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+def evaluate(cfg: RunConfig, model: RMTModel, device, result: dict, partial_dir: str | None) -> dict:
+    """``result`` with the answer accuracy of ``model`` at every tested length (and the soft gates'
+    and the memory's drift where ``cfg`` asks for them)."""
+    started = time.time()
     result["accuracy"] = {}
     save_partial(partial_dir, result)
     for n in eval_lengths(cfg):
@@ -653,10 +678,66 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None) -> dict:
     return result
 
 
+def save_weights(folder: str, cfg: RunConfig, model: RMTModel, result: dict) -> str:
+    """The weights a run tests, with its config and training time, to FOLDER/TASK-VARIANT-seedN[-KN].pt
+    (atomically; fp32, about 15 MB at the GPU scale): ``--weights`` tests them again elsewhere, e.g.
+    a GPU's runs at other lengths or with other inference settings on a CPU."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, run_file_name(dataclasses.asdict(cfg)) + ".pt")
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": dataclasses.asdict(cfg), "state_dict": state, "device": result["device"],
+                "train_seconds": result["train_seconds"], "final_loss": result["curve"][-1]["loss"]}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def check_weights_file(path: str) -> None:
+    """A SystemExit naming ``path`` unless it is a file that ``save_weights`` wrote."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--weights {path}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torch.load of anything else: pickle, zip or unpickler errors
+        raise SystemExit(f"--weights {path}: not a file of --save-weights ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
+        raise SystemExit(f"--weights {path}: not a file of --save-weights (no config and state_dict)")
+
+
+def run_saved(path: str, overrides: dict | None = None, partial_dir: str | None = None) -> dict:
+    """Test the weights ``save_weights`` wrote to ``path`` (trained elsewhere), with ``overrides``
+    (RunConfig fields, e.g. other eval_segments or associative_hard_gates) on the saved config."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{**{k: v for k, v in saved["config"].items() if k in fields}, **(overrides or {})})
+    model = build_model(cfg, device)
+    model.load_state_dict(saved["state_dict"])
+    result = {"config": dataclasses.asdict(cfg), "device": device_name(device), "status": "ok", "weights": path,
+              "trained_on": saved["device"], "train_seconds": saved["train_seconds"],
+              "final_loss": saved["final_loss"]}
+    return evaluate(cfg, model, device, result, partial_dir)
+
+
 # -- the grid, the table and the plot -------------------------------------------------------------
+def settings(text: str) -> dict:
+    """--set's JSON object of RunConfig fields; a SystemExit that names what is wrong with it."""
+    try:
+        fields = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--set {text!r}: not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise SystemExit(f"--set {text!r}: a JSON object of RunConfig fields, e.g. '{{\"eval_segments\": [16, 256]}}'")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise SystemExit(f"--set {unknown}: not RunConfig fields (e.g. eval_segments, eval_samples, steps_per_stage, "
+                         f"associative_hard_gates)")
+    return fields
+
+
 def configs(args) -> list[RunConfig]:
     base = dict(PRESETS[args.preset])
-    base.update(json.loads(args.set) if args.set else {})
+    base.update(settings(args.set))
     runs = [r.split("/") for r in args.runs] or [[t, v] for t in args.tasks for v in args.variants]
     if args.pairs and (min(args.pairs) < 1 or all(run[0] != "retrieval" for run in runs)):
         raise SystemExit(f"--pairs {args.pairs}: numbers of pairs >= 1 for the retrieval task, which no run names")
@@ -895,6 +976,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\'')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes; they share the GPU)")
     parser.add_argument("--out-dir", default="learning")
+    parser.add_argument("--save-weights", action="store_true",
+                        help="save each run's tested weights to OUT_DIR/weights/TASK-VARIANT-seedN.pt")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
+                        help="test runs saved by --save-weights instead of training (--set changes their "
+                             "configs, e.g. eval_segments)")
     args = parser.parse_args(argv)
     if argv is None:
         import sys
@@ -902,21 +988,22 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     partial_dir = os.path.join(args.out_dir, "partial")  # each run's results so far (a cut run keeps them)
     os.makedirs(partial_dir, exist_ok=True)
-    grid = configs(args)
-    started = time.time()
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            runs = []
-            for result in pool.imap_unordered(partial(run_one, partial_dir=partial_dir), grid):
-                runs.append(result)
-                print(_one_line(result), flush=True)
-                write_report(args.out_dir, runs, started, argv)  # a run killed at its time limit keeps these
+    if args.weights:
+        if args.runs:
+            raise SystemExit("--weights or --runs, not both")
+        for path in args.weights:
+            check_weights_file(path)
+        grid, work = args.weights, partial(run_saved, overrides=settings(args.set), partial_dir=partial_dir)
     else:
-        runs = []
-        for cfg in grid:
-            runs.append(run_one(cfg, partial_dir))
-            print(_one_line(runs[-1]), flush=True)
-            write_report(args.out_dir, runs, started, argv)
+        weights_dir = os.path.join(args.out_dir, "weights") if args.save_weights else None
+        grid, work = configs(args), partial(run_one, partial_dir=partial_dir, weights_dir=weights_dir)
+    started = time.time()
+    runs = []
+    with mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        for result in pool.imap_unordered(work, grid) if pool else map(work, grid):
+            runs.append(result)
+            print(_one_line(result), flush=True)
+            write_report(args.out_dir, runs, started, argv)  # a run killed at its time limit keeps these
     report = write_report(args.out_dir, runs, started, argv)
     table = report["accuracy"]
     if table:
@@ -954,7 +1041,8 @@ def _one_line(result: dict) -> str:
         return f"{head}: {result['status']}: {result.get('error')}"
     accs = " ".join(f"{n}:{a:.2f}" for n, a in result["accuracy"].items())
     soft = " ".join(f"{n}:{a:.2f}" for n, a in result.get("soft_gate_accuracy", {}).items())
-    return (f"{head}: train {result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s | {accs}"
+    trained = f"trained on {result['trained_on']}" if "trained_on" in result else f"train {result['train_seconds']:.0f}s"
+    return (f"{head}: {trained} eval {result['eval_seconds']:.0f}s | {accs}"
             + (f" | soft gates {soft}" if soft else ""))
 
 

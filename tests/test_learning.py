@@ -296,3 +296,48 @@ def test_the_seed_plot_draws_one_line_per_run_in_a_colour_per_variant(tmp_path):
     assert len(lines) == 6
     assert len({line.get_color() for line in lines}) == 2
     assert sorted(tuple(line.get_ydata()) for line in lines)[0] == (1.0, 0.5)
+
+
+def test_saved_weights_test_again_elsewhere_to_the_same_answers_and_with_other_settings(tmp_path, monkeypatch):
+    """--save-weights keeps the weights a run tests (with its config); --weights tests them again
+    without training: the same parameters, the same accuracies at the same lengths, and --set
+    changes what is tested (other lengths, hard gates). A field RunConfig lacks is named."""
+    import json
+
+    from benchmarks import learning
+
+    tested = []
+    real_evaluate = learning.evaluate
+
+    def evaluate(cfg, model, *rest):
+        tested.append((cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real_evaluate(cfg, model, *rest)
+
+    monkeypatch.setattr(learning, "evaluate", evaluate)
+    out = tmp_path / "run"
+    settings = {"max_train_segments": 2, "steps_per_stage": 20, "eval_segments": [1, 3], "eval_samples": 16,
+                "associative_key_size": 4}
+    trained = learning.main(["--preset", "cpu", "--runs", "token/associative_gate_noise2/5", "--save-weights",
+                             "--set", json.dumps(settings), "--out-dir", str(out)])["runs"][0]
+    weights = out / "weights" / "token-associative_gate_noise2-seed5.pt"
+    assert trained["weights"] == str(weights)
+    again = learning.main(["--weights", str(weights), "--out-dir", str(tmp_path / "again"),
+                           "--set", json.dumps({"eval_segments": [1, 3, 5], "associative_hard_gates": True})])["runs"][0]
+    (cfg_trained, state_trained), (cfg_again, state_again) = tested
+    assert state_trained.keys() == state_again.keys()
+    assert all(torch.equal(state_trained[k].float(), state_again[k].float()) for k in state_trained)
+    assert (cfg_again.seed, cfg_again.associative_gate_noise, cfg_again.associative_hard_gates) == (5, 2.0, True)
+    assert not cfg_trained.associative_hard_gates and set(again["accuracy"]) == {"1", "3", "5"}
+    assert again["trained_on"] == "cpu" and again["final_loss"] == trained["curve"][-1]["loss"]
+    soft = learning.main(["--weights", str(weights), "--out-dir", str(tmp_path / "soft"),
+                          "--set", json.dumps({"eval_segments": [1, 3]})])["runs"][0]
+    assert soft["accuracy"] == trained["accuracy"]  # the same weights and test samples: the same answers
+    with pytest.raises(SystemExit, match=r"\['eval_lengths'\]: not RunConfig fields"):
+        learning.main(["--weights", str(weights), "--out-dir", str(tmp_path / "bad"), "--set", '{"eval_lengths": [2]}'])
+    with pytest.raises(SystemExit, match="none.pt: no such file"):
+        learning.main(["--weights", str(tmp_path / "none.pt"), "--out-dir", str(tmp_path / "bad")])
+    report = out / "runs.json"
+    with pytest.raises(SystemExit, match="runs.json: not a file of --save-weights"):
+        learning.main(["--weights", str(report), "--out-dir", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="not JSON"):
+        learning.main(["--runs", "token/paper", "--out-dir", str(tmp_path / "bad"), "--set", "{eval_segments: [2]}"])
