@@ -30,13 +30,18 @@ all the same, so a query on that feature alone reads the row divided by about ``
 
     python -m benchmarks.associative_gates --seeds 0 --gate-noise 2 --starved --threads 1 \
       --set '{"task": "memorize", "associative_hard_gates": true}'
+
+With ``--weights`` it traces runs that ``benchmarks.learning --save-weights`` kept (trained on a
+GPU, say) instead of training here:
+
+    python -m benchmarks.associative_gates --weights learning/weights/reasoning-*-seed104.pt \
+      --segments 512 --lengths 16 256 512 --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +169,23 @@ def noise_spikes(cfg: learning.RunConfig, model: RMTModel, device, batches: int,
     return {"median": norms[len(norms) // 2], "max": norms[-1], "largest": largest}
 
 
+def trained_runs(args, device):
+    """(config, model) of each run to trace: loaded from ``--weights``, or trained here, one per
+    ``--seeds`` (the learning benchmark's associative detect run with ``--gate-noise``)."""
+    overrides = learning.settings(args.set)
+    for path in args.weights:
+        cfg, model, _ = learning.load_saved(path, overrides, device)
+        yield cfg, model
+    for seed in [] if args.weights else args.seeds:
+        fields = {**learning.PRESETS[args.preset], **learning.VARIANTS["associative"], "task": "detect",
+                  "variant": "associative", "seed": seed, "associative_gate_noise": args.gate_noise, **overrides}
+        cfg = learning.RunConfig(**fields)
+        torch.manual_seed(seed)
+        model = learning.build_model(cfg, device)
+        learning.train(cfg, model, device)
+        yield cfg, model
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -180,6 +202,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also test at --lengths with associative_hard_gates (the same weights)")
     parser.add_argument("--starved", action="store_true",
                         help="also count the matrix rows written while their normaliser is about zero")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
+                        help="trace runs saved by benchmarks.learning --save-weights (e.g. trained on a GPU) "
+                             "instead of training --seeds; --set changes their configs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the numerics, and so a seed's outcome, "
                                                     "depend on it)")
     args = parser.parse_args(argv)
@@ -187,18 +212,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for seed in args.seeds:
-        fields = {**learning.PRESETS[args.preset], **learning.VARIANTS["associative"], "task": "detect",
-                  "variant": "associative", "seed": seed, "associative_gate_noise": args.gate_noise,
-                  **(json.loads(args.set) if args.set else {})}
-        cfg = learning.RunConfig(**fields)
-        torch.manual_seed(seed)
-        model = learning.build_model(cfg, device)
-        learning.train(cfg, model, device)
+    for path in args.weights:
+        learning.check_weights_file(path)
+    for cfg, model in trained_runs(args, device):
+        seed = cfg.seed
         ids, _ = learning.Samples(cfg, "test").batch(args.segments, list(range(args.samples)), args.samples, device)
         layers = gate_and_key_trace(model, ids)
         accuracy = {n: learning.accuracy(cfg, model, n, device) for n in args.lengths}
-        row = {"seed": seed, "gate_noise": args.gate_noise, "accuracy": accuracy, "layers": layers}
+        row = {"seed": seed, "gate_noise": cfg.associative_gate_noise, "accuracy": accuracy, "layers": layers,
+               "config": dataclasses.asdict(cfg)}
         rows.append(row)
         marks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= args.segments]
         gates = " | ".join(f"layer {i}: " + " ".join(f"{layer['gate_by_segment'][k - 1]:.2f}" for k in marks)

@@ -703,16 +703,23 @@ def check_weights_file(path: str) -> None:
         raise SystemExit(f"--weights {path}: not a file of --save-weights (no config and state_dict)")
 
 
-def run_saved(path: str, overrides: dict | None = None, partial_dir: str | None = None) -> dict:
-    """Test the weights ``save_weights`` wrote to ``path`` (trained elsewhere), with ``overrides``
-    (RunConfig fields, e.g. other eval_segments or associative_hard_gates) on the saved config."""
-    torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def load_saved(path: str, overrides: dict | None, device) -> tuple[RunConfig, RMTModel, dict]:
+    """The run ``save_weights`` wrote to ``path``: its config with ``overrides``, its model with the
+    saved weights, and what else the file holds."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{**{k: v for k, v in saved["config"].items() if k in fields}, **(overrides or {})})
     model = build_model(cfg, device)
     model.load_state_dict(saved["state_dict"])
+    return cfg, model, saved
+
+
+def run_saved(path: str, overrides: dict | None = None, partial_dir: str | None = None) -> dict:
+    """Test the weights ``save_weights`` wrote to ``path`` (trained elsewhere), with ``overrides``
+    (RunConfig fields, e.g. other eval_segments or associative_hard_gates) on the saved config."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, saved = load_saved(path, overrides, device)
     result = {"config": dataclasses.asdict(cfg), "device": device_name(device), "status": "ok", "weights": path,
               "trained_on": saved["device"], "train_seconds": saved["train_seconds"],
               "final_loss": saved["final_loss"]}

@@ -332,6 +332,12 @@ def test_saved_weights_test_again_elsewhere_to_the_same_answers_and_with_other_s
     soft = learning.main(["--weights", str(weights), "--out-dir", str(tmp_path / "soft"),
                           "--set", json.dumps({"eval_segments": [1, 3]})])["runs"][0]
     assert soft["accuracy"] == trained["accuracy"]  # the same weights and test samples: the same answers
+    from benchmarks import associative_gates
+
+    traced = associative_gates.main(["--weights", str(weights), "--segments", "3", "--samples", "4",
+                                     "--lengths", "1", "3", "--set", json.dumps({"eval_samples": 16})])[0]
+    assert traced["accuracy"] == {1: trained["accuracy"]["1"], 3: trained["accuracy"]["3"]}
+    assert traced["gate_noise"] == 2.0 and len(traced["layers"][0]["gate_by_segment"]) == 3
     with pytest.raises(SystemExit, match=r"\['eval_lengths'\]: not RunConfig fields"):
         learning.main(["--weights", str(weights), "--out-dir", str(tmp_path / "bad"), "--set", '{"eval_lengths": [2]}'])
     with pytest.raises(SystemExit, match="none.pt: no such file"):
