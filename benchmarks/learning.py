@@ -92,6 +92,7 @@ class RunConfig:
     associative_key_size: int = 64
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
+    associative_gate_threshold: float = 0.0  # with hard gates: open where the logit exceeds it
     associative_write_cost: float = 0.0
     associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these

@@ -67,6 +67,12 @@ class MemoryConfig:
         normaliser grows as in training (soft gates do not gate it either). Training keeps the
         soft gates (they need a gradient); pair it with associative_gate_noise, which trains the
         gates to sit shut or open.
+    associative_gate_threshold: with associative_hard_gates, a gate is open where its logit
+        exceeds this instead of 0 (a gate at least sigmoid(threshold) open). Beyond the trained
+        lengths the gates drift open on filler, a little more each segment, where the fact's own
+        write stays far above 0; a threshold between the two keeps the drift from overwriting the
+        fact (BENCHMARKS.md, "A threshold for the hard gates"). An inference setting, read at each
+        call like associative_hard_gates; 0 = the logit's sign.
     associative_write_cost: with memory_kind="associative", in training, adds this weight times
         the mean write gate (over the layers, memory tokens, samples and segments; the noisy soft
         gates) to the loss: a write costs, so the memory learns to write when something new comes
@@ -136,6 +142,7 @@ class MemoryConfig:
     associative_normalizer_floor: bool = False
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
+    associative_gate_threshold: float = 0.0
     associative_write_cost: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
@@ -175,6 +182,12 @@ class MemoryConfig:
         need(isinstance(self.associative_hard_gates, bool), "associative_hard_gates", "expected true or false")
         need(not self.associative_hard_gates or self.memory_kind == "associative", "associative_hard_gates",
              "it acts on the associative memory's write gates: leave it false with memory_kind='tokens'")
+        need(isinstance(self.associative_gate_threshold, (int, float))
+             and not isinstance(self.associative_gate_threshold, bool)
+             and math.isfinite(self.associative_gate_threshold), "associative_gate_threshold",
+             "expected a finite number (a gate logit; 0 = its sign)")
+        need(self.associative_gate_threshold == 0 or self.associative_hard_gates, "associative_gate_threshold",
+             "it moves where the hard gates open: set associative_hard_gates=true (soft gates have no threshold)")
         need(isinstance(self.associative_write_cost, (int, float)) and not isinstance(self.associative_write_cost, bool)
              and 0 <= self.associative_write_cost < math.inf, "associative_write_cost",
              "expected a number >= 0 (0 = off)")

@@ -461,6 +461,7 @@ class RMTModel(nn.Module):
             measure = cfg.associative_write_cost > 0 and self.training and torch.is_grad_enabled()
             with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
                                                  hard_gates=cfg.associative_hard_gates,
+                                                 gate_threshold=cfg.associative_gate_threshold,
                                                  measure_gates=measure) as session:
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state

@@ -44,10 +44,10 @@ def test_dpfp_matches_its_definition():
 class HandLayer(nn.Module):
     """A decoder layer with the associative read before it and the delta-rule write after it."""
 
-    def __init__(self, block, proj, state, index, m, correction=True, hard_gates=False, floor=False):
+    def __init__(self, block, proj, state, index, m, correction=True, hard_gates=False, floor=False, threshold=0.0):
         super().__init__()
         self.block, self.proj, self.state, self.index, self.m, self.correction = block, proj, state, index, m, correction
-        self.hard_gates, self.floor = hard_gates, floor
+        self.hard_gates, self.floor, self.threshold = hard_gates, floor, threshold
 
     def forward(self, hidden, *args, **kwargs):
         A, z, first = self.state["A"][self.index], self.state["z"][self.index], self.state["first"]
@@ -65,8 +65,9 @@ class HandLayer(nn.Module):
                 k = dpfp_by_hand(x @ self.proj.key.weight.T)
                 v = x @ self.proj.value.weight.T
                 logit = x @ self.proj.gate.weight[0] + self.proj.gate.bias[0]
-                gate = (logit > 0).float() if self.hard_gates else torch.sigmoid(logit)
+                gate = (logit > self.threshold).float() if self.hard_gates else torch.sigmoid(logit)
                 self.state["gates"].append(gate.detach())
+                self.state.setdefault("logits", []).append(logit.detach())
                 if first:
                     old, c = torch.zeros_like(v), 1.0
                 else:
@@ -85,7 +86,8 @@ class HandLayer(nn.Module):
         return out
 
 
-def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, hard_gates=False, floor=False):
+def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, hard_gates=False, floor=False,
+              threshold=0.0):
     """(logits, loss, final state) of ARMT computed by hand, segments cut from the left."""
     model = copy.deepcopy(causal_lm)
     parent, name = layers_path
@@ -96,7 +98,7 @@ def hand_armt(causal_lm, rmt, ids, segment_size, layers_path, correction=True, h
     state = {"A": [torch.zeros(batch, width, hidden)] * len(layers), "z": [torch.zeros(batch, width)] * len(layers),
              "first": True, "next_A": [None] * len(layers), "next_z": [None] * len(layers), "gates": []}
     for i in range(len(layers)):
-        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction, hard_gates, floor)
+        layers[i] = HandLayer(layers[i], assoc.layers[i], state, i, m, correction, hard_gates, floor, threshold)
     logits = []
     for start in range(0, ids.shape[1], segment_size):
         seg = ids[:, start:start + segment_size]
@@ -211,6 +213,32 @@ def test_hard_gates_match_by_hand_outside_training_only(arch):
         torch.testing.assert_close(*losses)
         rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_hard_gates=False)
         torch.testing.assert_close(rmt.eval()(ids, labels=ids).loss, soft_loss)
+
+
+def test_a_gate_threshold_opens_the_hard_gates_only_above_it_as_by_hand():
+    """associative_gate_threshold: a hard gate is open where its logit exceeds the threshold, the
+    delta rule by hand with that rule; some logits fall between 0 and the threshold, so the
+    result differs from the sign's. Training (soft gates) ignores it."""
+    backbone, rmt = associative_model("gpt2", associative_hard_gates=True, associative_gate_threshold=0.2)
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for layer in rmt.memory.associative.layers:
+            layer.gate.weight.normal_(0, 1)
+        out = rmt.eval()(ids, labels=ids, return_logits=True)
+        ref_logits, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], hard_gates=True, threshold=0.2)
+        logits = torch.stack(state["logits"])
+        assert ((logits > 0) & (logits <= 0.2)).any() and (logits > 0.2).any()
+        torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
+        for mine, ref in zip(out.memory.tensors(), [*state["A"], *state["z"]]):
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+        _, _, at_sign = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], hard_gates=True)
+        assert max((a - b).abs().max() for a, b in zip(state["A"], at_sign["A"])) > 1e-3
+        torch.manual_seed(2)
+        trained = rmt.train()(ids, labels=ids).loss
+        rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_gate_threshold=0.0)
+        torch.manual_seed(2)
+        torch.testing.assert_close(rmt(ids, labels=ids).loss, trained)
 
 
 def test_the_backbone_alone_is_unchanged_outside_the_model():
@@ -508,6 +536,11 @@ def test_config_refuses_token_levers_and_no_memory_tokens():
         MemoryConfig(associative_hard_gates=True)
     with pytest.raises(ValueError, match="associative_hard_gates='yes' is invalid: expected true or false"):
         MemoryConfig(memory_kind="associative", associative_hard_gates="yes")
+    with pytest.raises(ValueError, match="associative_gate_threshold=1.0 is invalid: .*set associative_hard_gates=true"):
+        MemoryConfig(memory_kind="associative", associative_gate_threshold=1.0)
+    with pytest.raises(ValueError, match="associative_gate_threshold=nan is invalid: expected a finite number"):
+        MemoryConfig(memory_kind="associative", associative_hard_gates=True, associative_gate_threshold=float("nan"))
+    MemoryConfig(memory_kind="associative", associative_hard_gates=True, associative_gate_threshold=-1)
     with pytest.raises(ValueError, match="associative_write_cost.*memory_kind='tokens'"):
         MemoryConfig(associative_write_cost=0.1)
     with pytest.raises(ValueError, match="associative_write_cost=-0.1 is invalid: expected a number >= 0"):
