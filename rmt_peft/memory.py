@@ -68,11 +68,11 @@ class MemoryConfig:
         soft gates (they need a gradient); pair it with associative_gate_noise, which trains the
         gates to sit shut or open.
     associative_gate_threshold: with associative_hard_gates, a gate is open where its logit
-        exceeds this instead of 0 (a gate at least sigmoid(threshold) open). Beyond the trained
-        lengths the gates drift open on filler, a little more each segment, where the fact's own
-        write stays far above 0; a threshold between the two keeps the drift from overwriting the
-        fact (BENCHMARKS.md, "A threshold for the hard gates"). An inference setting, read at each
-        call like associative_hard_gates; 0 = the logit's sign.
+        exceeds this instead of 0 (a gate at least sigmoid(threshold) open). Along the input many
+        gates open just above 0 on filler, while a fact's own write opens them well above; at the
+        CPU scale 0.5 held detect longer on every run that had learned the task and cost the
+        half-learned ones (BENCHMARKS.md, "A threshold for the hard gates"). An inference setting,
+        read at each call like associative_hard_gates; 0 = the logit's sign.
     associative_write_cost: with memory_kind="associative", in training, adds this weight times
         the mean write gate (over the layers, memory tokens, samples and segments; the noisy soft
         gates) to the loss: a write costs, so the memory learns to write when something new comes
