@@ -70,7 +70,7 @@ class MemoryConfig:
     associative_gate_threshold: with associative_hard_gates, a gate is open where its logit
         exceeds this instead of 0 (a gate at least sigmoid(threshold) open). Along the input many
         gates open just above 0 on filler, while a fact's own write opens them well above; at the
-        CPU scale 0.5 held detect longer on every run that had learned the task and cost the
+        CPU scale 0.5 held detect longer on every learned run that faded and cost the
         half-learned ones (BENCHMARKS.md, "A threshold for the hard gates"). An inference setting,
         read at each call like associative_hard_gates; 0 = the logit's sign.
     associative_write_cost: with memory_kind="associative", in training, adds this weight times
