@@ -139,6 +139,11 @@ class RunConfig:
     # the weights tested (detect seed 306 lost the task in its last 50 steps)
     cooldown_steps: int = 0
     max_grad_norm: float = 1.0
+    adam_beta2: float = 0.999
+    # > 0: each step's gradient is also clipped to this many times a running level of the clipped
+    # norms (an average about ten steps long); a lone spike of 100-1000x the level otherwise kicks
+    # Adam's every coordinate by about 3 learning rates (detect seed 306 lost the task after such)
+    relative_clip: float = 0.0
     eval_segments: list[int] = field(default_factory=lambda: [2 ** k for k in range(13)])
     eval_samples: int = 128
     token_values: int = 10           # token task: distinct values to recall (chance 1 / token_values)
@@ -431,6 +436,16 @@ def step_lr(cfg: RunConfig, peak_lr: float, stage_step: int, step: int, total_st
     return lr
 
 
+def relative_clip_(params, norm: torch.Tensor, level: torch.Tensor | None, factor: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` (whose norm is ``norm``) down to at most ``factor`` x
+    ``level`` and return the new level (an average of the norms so clipped), on the device: no sync."""
+    if level is None:
+        return norm.detach().clone()
+    scale = (factor * level / (norm + 1e-12)).clamp(max=1.0)
+    torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+    return 0.9 * level + 0.1 * norm.detach() * scale
+
+
 class Diverged(FloatingPointError):
     """A non-finite loss, with the curve up to it (its last point holds the steps that led there)."""
 
@@ -443,7 +458,9 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
     """The curriculum; returns the loss curve. Stops (and says so) on a non-finite loss. In the
     last ``cfg.select_stages`` stages ``selection`` scores a checkpoint every ``cfg.select_every`` steps."""
     data = Samples(cfg, "train")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0,
+                                  betas=(0.9, cfg.adam_beta2))
+    clip_level = None
     rng = random.Random(cfg.seed)
     # distinct samples per segment count, cycled (the pool of the runs measured before longer stages)
     pool = cfg.steps_per_stage * cfg.batch_size
@@ -475,6 +492,9 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
             loss = model(ids, labels=labels).loss
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if cfg.relative_clip:
+                clip_level = relative_clip_(model.parameters(), norm.clamp(max=cfg.max_grad_norm), clip_level,
+                                            cfg.relative_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             window.append((loss.detach(), norm.detach()))

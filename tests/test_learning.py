@@ -145,6 +145,21 @@ def test_the_cooldown_brings_the_rate_down_linearly_over_the_last_steps_across_s
     assert seen == pytest.approx([p, p, p * 6 / 6, p * 5 / 6, p * 4 / 6, p * 3 / 6, p * 2 / 6, p / 6])
 
 
+def test_relative_clip_caps_a_lone_spike_at_the_factor_times_the_running_level():
+    """Norms 2, 2, 200, 2 with factor 5: the first sets the level, the second is under 5 x 2 and
+    passes, the spike is scaled to 5 x the level (the level by hand: 0.9 x 2 + 0.1 x 2 = 2, so
+    10), and the level then moves by a tenth of the clipped norm, not of the spike."""
+    from benchmarks.learning import relative_clip_
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    level, seen = None, []
+    for norm in (2.0, 2.0, 200.0, 2.0):
+        param.grad = torch.tensor([norm, 0.0, 0.0, 0.0])
+        level = relative_clip_([param], param.grad.norm(), level, 5.0)
+        seen += [param.grad.norm().item(), level.item()]
+    assert seen == pytest.approx([2, 2, 2, 2, 10, 0.9 * 2 + 0.1 * 10, 2, 0.9 * 2.8 + 0.1 * 2])
+
+
 def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():
     """The drift rows: the norm after 1, 2 and 4 segments read one at a time equals the norm of
     the memory RMTModel.forward leaves after the same 1, 2 and 4 segments at once, and the change
