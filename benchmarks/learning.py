@@ -98,6 +98,10 @@ class RunConfig:
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
     soft_gate_segments: list[int] = field(default_factory=list)
+    # ... and at these hard-gate thresholds (associative_gate_threshold), at the lengths of
+    # eval_segments: a threshold's test in the call that trains, not in a second call that needs
+    # the weights (a device call returns 8 files; ten runs' weights are 150 MB)
+    gate_threshold_tests: list[float] = field(default_factory=list)
     memory_update: str = "replace"
     memory_gate_bias: float = 0.0
     memory_noise_std: float = 0.0
@@ -621,6 +625,26 @@ def soft_gate_accuracy(cfg: RunConfig, model: RMTModel, device, partial_dir: str
     return scores
 
 
+def threshold_accuracy(cfg: RunConfig, model: RMTModel, device, partial_dir: str | None, result: dict) -> dict:
+    """Accuracy at ``cfg.eval_segments`` with hard gates at each of ``cfg.gate_threshold_tests``:
+    the same weights that ``result["accuracy"]`` tested at ``cfg.associative_gate_threshold``."""
+    tested = model.memory_config
+    scores = result["gate_threshold_accuracy"] = {}
+    try:
+        for threshold in cfg.gate_threshold_tests:
+            model.memory_config = dataclasses.replace(tested, associative_hard_gates=True,
+                                                      associative_gate_threshold=threshold)
+            row = scores[str(threshold)] = {}
+            for n in eval_lengths(cfg):
+                row[str(n)] = accuracy(cfg, model, n, device)
+                print(f"{cfg.task}/{cfg.variant}/seed{cfg.seed}: {n} segments, gate threshold {threshold:g} "
+                      f"{row[str(n)]:.2f}", flush=True)
+                save_partial(partial_dir, result)
+    finally:
+        model.memory_config = tested
+    return scores
+
+
 def run_file_name(cfg: dict) -> str:
     """TASK-VARIANT-seedN[-KN]: a run's files (--pairs: a retrieval run per K)."""
     grid = f"-K{cfg['retrieval_pairs']}" if cfg["task"] == "retrieval" else ""
@@ -689,6 +713,8 @@ def evaluate(cfg: RunConfig, model: RMTModel, device, result: dict, partial_dir:
         save_partial(partial_dir, result)
     if cfg.soft_gate_segments:
         result["soft_gate_accuracy"] = soft_gate_accuracy(cfg, model, device, partial_dir, result)
+    if cfg.gate_threshold_tests:
+        result["gate_threshold_accuracy"] = threshold_accuracy(cfg, model, device, partial_dir, result)
     result["eval_seconds"] = time.time() - started
     if cfg.drift_segments and cfg.memory_kind == "tokens":  # the drift of a memory of tokens
         result["drift"] = memory_drift(cfg, model, cfg.drift_segments, device)
@@ -1070,8 +1096,10 @@ def _one_line(result: dict) -> str:
     accs = " ".join(f"{n}:{a:.2f}" for n, a in result["accuracy"].items())
     soft = " ".join(f"{n}:{a:.2f}" for n, a in result.get("soft_gate_accuracy", {}).items())
     trained = f"trained on {result['trained_on']}" if "trained_on" in result else f"train {result['train_seconds']:.0f}s"
+    thresholds = "".join(f" | gate threshold {t} " + " ".join(f"{n}:{a:.2f}" for n, a in row.items())
+                         for t, row in result.get("gate_threshold_accuracy", {}).items())
     return (f"{head}: {trained} eval {result['eval_seconds']:.0f}s | {accs}"
-            + (f" | soft gates {soft}" if soft else ""))
+            + (f" | soft gates {soft}" if soft else "") + thresholds)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,37 @@ def test_hard_gate_runs_also_test_the_same_weights_with_soft_gates(tmp_path, mon
     assert "soft gates 3:0.25" in learning._one_line(result)
 
 
+def test_gate_threshold_tests_test_the_same_weights_at_each_threshold_after_the_run_s_own(tmp_path, monkeypatch):
+    """With gate_threshold_tests, every length of eval_segments is tested at the run's threshold,
+    then again at each listed one, with hard gates, on the same weights; the partial file holds
+    every score."""
+    import json
+
+    from benchmarks import learning
+
+    tested, weights = [], set()
+
+    def accuracy(cfg, model, segments, device, *rest):
+        config = model.memory_config
+        tested.append((segments, config.associative_hard_gates, config.associative_gate_threshold))
+        weights.add(model.memory.associative.layers[0].gate.weight.data_ptr())
+        return config.associative_gate_threshold / 4
+
+    monkeypatch.setattr(learning, "accuracy", accuracy)
+    variant = "associative_late2_write_cost0.1_floor"
+    cfg = RunConfig(**{**PRESETS["cpu"], **VARIANTS[variant], "task": "token", "variant": variant,
+                       "max_train_segments": 1, "steps_per_stage": 2, "eval_segments": [1, 3],
+                       "gate_threshold_tests": [0.5, 2.0], "associative_key_size": 4})
+    result = run_one(cfg, str(tmp_path))
+    assert tested == [(1, True, 0.0), (3, True, 0.0), (1, True, 0.5), (3, True, 0.5), (1, True, 2.0), (3, True, 2.0)]
+    assert len(weights) == 1
+    assert result["accuracy"] == {"1": 0.0, "3": 0.0}
+    assert result["gate_threshold_accuracy"] == {"0.5": {"1": 0.125, "3": 0.125}, "2.0": {"1": 0.5, "3": 0.5}}
+    saved = json.loads((tmp_path / "token-associative_late2_write_cost0.1_floor-seed0.json").read_text())
+    assert saved["gate_threshold_accuracy"] == result["gate_threshold_accuracy"]
+    assert "gate threshold 2.0 1:0.50 3:0.50" in learning._one_line(result)
+
+
 def test_a_capacity_grid_keeps_one_partial_file_per_number_of_pairs(tmp_path):
     """--pairs runs one retrieval run per K with the same task, variant and seed: each keeps its
     own file in partial/ (they overwrote one another, losing all but the last K of a cut grid)."""
