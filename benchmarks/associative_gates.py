@@ -31,6 +31,15 @@ all the same, so a query on that feature alone reads the row divided by about ``
     python -m benchmarks.associative_gates --seeds 0 --gate-noise 2 --starved --threads 1 \
       --set '{"task": "memorize", "associative_hard_gates": true}'
 
+With ``--by-fact N`` it answers ``--samples`` test samples of N segments and splits the answers
+by what the gates did to each sample's last fact (the text tasks): whether a gate opened at the
+fact's segment (was it written at all), and whether gates opened on filler after it (was it
+overwritten: the keys repeat, so a write on filler replaces what the fact wrote). A gate is open
+as the model tests it: with hard gates where its logit exceeds the threshold, else where the
+soft gate exceeds 1/2.
+
+    python -m benchmarks.associative_gates --weights learning/weights/reasoning-*.pt --by-fact 16 --samples 256
+
 With ``--weights`` it traces runs that ``benchmarks.learning --save-weights`` kept (trained on a
 GPU, say) instead of training here:
 
@@ -42,12 +51,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
 from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp
+from rmt_peft.metrics import exact_match
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
 
@@ -123,6 +134,47 @@ def starved_trace(model: RMTModel, ids: torch.Tensor, marks: list[int]) -> list[
             by_mark.append(starved_rows(state))
     return [{key: [mark[layer][key] for mark in by_mark] for key in by_mark[0][layer]}
             for layer in range(len(by_mark[0]))]
+
+
+@torch.no_grad()
+def fact_outcomes(cfg: learning.RunConfig, model: RMTModel, segments: int, samples: int, device) -> dict:
+    """Answers of ``samples`` test samples of ``segments`` segments, split by what the write gates
+    did to each sample's last fact: opened at the segment where it ends or not; opened on a later
+    segment that holds no fact (before the answered one) or not. A sample whose last fact lies in the answered segment needs
+    no memory for it and is counted apart. Also the median logit of the gates open on filler."""
+    if cfg.task not in ("memorize", "detect", "reasoning"):
+        raise SystemExit(f"--by-fact: the {cfg.task} task has no facts to place (memorize, detect, reasoning)")
+    model.eval()
+    data, seg = learning.Samples(cfg, "test"), cfg.segment_size
+    ids, labels = data.batch(segments, list(range(samples)), samples, device)
+    with recorded_writes(model) as records:
+        reader = model.stream(batch_size=samples)
+        reader.feed(ids[:, :-seg])
+        state = reader.finish().memory
+    right = exact_match(model(ids[:, -seg:], memory=state, return_logits=True).logits.float(), labels[:, -seg:]).cpu()
+    config = model.memory_config
+    threshold = config.associative_gate_threshold if config.associative_hard_gates else 0.0
+    logits = torch.logit(torch.stack([r[1] for r in records]).clamp(1e-7, 1 - 1e-7).cpu())  # (segments x layers, b, m)
+    logits = logits.view(segments - 1, -1, samples, logits.shape[-1]).amax(dim=(1, 3))  # (segments - 1, batch)
+    dataset, groups, filler_logits = data.dataset(segments, samples), {}, []
+
+    def count(group: str, ok: bool) -> None:
+        total = groups.setdefault(group, [0, 0])
+        total[0], total[1] = total[0] + int(ok), total[1] + 1
+
+    for i in range(samples):
+        spans = dataset.layout(i).fact_spans  # a fact that crosses into the next segment is written there
+        facts = {t for start, end in spans for t in range(start // seg, (end - 1) // seg + 1)}
+        last, ok = max((end - 1) // seg for _, end in spans), bool(right[i])
+        if last == segments - 1:
+            count("last fact in the answered segment", ok)
+            continue
+        count("last fact written" if logits[last, i] > threshold else "last fact not written", ok)
+        later = [t for t in range(last + 1, segments - 1) if t not in facts and logits[t, i] > threshold]
+        filler_logits += [logits[t, i].item() for t in later]
+        count("filler written after it" if later else "no filler written after it", ok)
+    return {"segments": segments, "samples": samples, "accuracy": right.float().mean().item(), "threshold": threshold,
+            "groups": groups, "filler_open_logit_median": statistics.median(filler_logits) if filler_logits else None}
 
 
 def gradient_norm(model: RMTModel, ids: torch.Tensor, labels: torch.Tensor, gate_noise: float,
@@ -202,6 +254,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also test at --lengths with associative_hard_gates (the same weights)")
     parser.add_argument("--starved", action="store_true",
                         help="also count the matrix rows written while their normaliser is about zero")
+    parser.add_argument("--by-fact", type=int, default=0, metavar="N",
+                        help="also answer --samples samples of N segments and split the answers by whether "
+                             "the last fact was written and whether filler was written after it")
     parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                         help="trace runs saved by benchmarks.learning --save-weights (e.g. trained on a GPU) "
                              "instead of training --seeds; --set changes their configs")
@@ -233,6 +288,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       + " ".join(f"{n:.1f}" for n in layer["starved"]) + "; largest read per unit of feature "
                       + " ".join(f"{r:.3g}" for r in layer["max_ratio"]) + " (median "
                       + " ".join(f"{r:.3g}" for r in layer["median_ratio"]) + ")", flush=True)
+        if args.by_fact:
+            row["by_fact"] = split = fact_outcomes(cfg, model, args.by_fact, args.samples, device)
+            print(f"seed {seed}: {args.by_fact} segments, accuracy {split['accuracy']:.2f}; "
+                  + "; ".join(f"{group} {right}/{total} = {right / total:.2f}" for group, (right, total)
+                              in sorted(split["groups"].items()))
+                  + f"; median logit of the gates open on filler {split['filler_open_logit_median']}", flush=True)
         if args.hard_gates:
             soft = model.memory_config
             model.memory_config = dataclasses.replace(soft, associative_hard_gates=True)

@@ -375,3 +375,47 @@ def test_device_choice_runs_tiny_shapes_on_the_cpu_unless_the_gpu_is_asked_for()
     else:
         with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
             device_of(parse(["--tiny", "--device", "cuda"]))
+
+
+def test_by_fact_splits_the_answers_by_the_gates_at_and_after_each_sample_s_last_fact():
+    """Gates forced by their bias (weights at zero): all open, every sample's last fact is written
+    and the samples whose fact lies before the second-to-last segment also wrote filler after it;
+    all shut (or open below the hard gates' threshold), none is. The groups are counted here from
+    the samples' layouts, the accuracy with the benchmark's own accuracy()."""
+    from benchmarks import learning
+    from benchmarks.associative_gates import fact_outcomes
+
+    segments, samples = 4, 12
+    cfg = learning.RunConfig(**{**learning.PRESETS["cpu_text"], **learning.VARIANTS["associative"], "task": "detect",
+                                "variant": "associative", "eval_samples": samples, "associative_key_size": 8})
+    model = learning.build_model(cfg, "cpu")
+    layout = learning.Samples(cfg, "test").dataset(segments, samples).layout
+    last = [max((end - 1) // cfg.segment_size for _, end in layout(i).fact_spans) for i in range(samples)]
+    answered = sum(s == segments - 1 for s in last)
+    remembered, later = samples - answered, sum(s < segments - 2 for s in last)
+    assert 0 < later < remembered  # the layouts hold each kind of sample
+
+    def force(bias: float, **config) -> dict:
+        with torch.no_grad():
+            for layer in model.memory.associative.layers:
+                layer.gate.weight.zero_()
+                layer.gate.bias.fill_(bias)
+        model.memory_config = dataclasses.replace(model.memory_config, **config)
+        return fact_outcomes(cfg, model, segments, samples, "cpu")
+
+    def totals(split: dict) -> dict:
+        return {group: total for group, (_, total) in split["groups"].items()}
+
+    opened = force(3.0)
+    assert totals(opened) == {"last fact in the answered segment": answered, "last fact written": remembered,
+                              "filler written after it": later, "no filler written after it": remembered - later}
+    assert opened["accuracy"] == pytest.approx(learning.accuracy(cfg, model, segments, "cpu"))
+    assert opened["filler_open_logit_median"] == pytest.approx(3.0, abs=1e-4)
+    shut = {"last fact in the answered segment": answered, "last fact not written": remembered,
+            "no filler written after it": remembered}
+    assert totals(force(-3.0)) == shut
+    below = force(0.3, associative_hard_gates=True, associative_gate_threshold=0.5)
+    assert totals(below) == shut and below["threshold"] == 0.5
+    assert totals(force(0.3, associative_hard_gates=True, associative_gate_threshold=0.0))["last fact written"] == remembered
+    with pytest.raises(SystemExit, match="token task"):
+        fact_outcomes(dataclasses.replace(cfg, task="token"), model, segments, samples, "cpu")
