@@ -213,6 +213,11 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                               "associative_hard_gates": True, "associative_write_cost": 0.1,
                                               "lever_stages": 2, "associative_normalizer_floor": True},
+    # ... with three times the cost: reasoning runs at the CPU scale lose the fact to confident
+    # writes on filler after it (benchmarks.associative_gates --by-fact)
+    "associative_late2_write_cost0.3_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                              "associative_hard_gates": True, "associative_write_cost": 0.3,
+                                              "lever_stages": 2, "associative_normalizer_floor": True},
     # ... and the rate falling to 0 over the last stage (300 steps): the last weights are those of
     # an annealed run, not of one at its peak rate that may be in a passing spike
     "associative_late2_write_cost0.1_floor_cooldown": {
@@ -790,22 +795,30 @@ def settings(text: str) -> dict:
 
 
 def configs(args) -> list[RunConfig]:
-    base = dict(PRESETS[args.preset])
-    base.update(settings(args.set))
+    given = settings(args.set)
+    base = {**PRESETS[args.preset], **given}
     runs = [r.split("/") for r in args.runs] or [[t, v] for t in args.tasks for v in args.variants]
     if args.pairs and (min(args.pairs) < 1 or all(run[0] != "retrieval" for run in runs)):
         raise SystemExit(f"--pairs {args.pairs}: numbers of pairs >= 1 for the retrieval task, which no run names")
-    out = []
+    out, overridden = [], {}
     for run in runs:
         if len(run) not in (2, 3) or run[0] not in TASKS or run[1] not in VARIANTS:
             raise SystemExit(f"--runs {'/'.join(run)}: expected TASK/VARIANT[/SEED], tasks {sorted(TASKS)}, "
                              f"variants {sorted(VARIANTS)}")
+        for name in set(VARIANTS[run[1]]) & set(given):
+            if VARIANTS[run[1]][name] != given[name]:
+                overridden[(run[1], name)] = VARIANTS[run[1]][name]
         # --pairs: one run per K for the retrieval task (other tasks ignore it)
         pairs = [{"retrieval_pairs": k} for k in args.pairs] if run[0] == "retrieval" and args.pairs else [{}]
         for grid_point in pairs:
             for seed in [int(run[2])] if len(run) == 3 else args.seeds:
                 out.append(RunConfig(**{**base, **VARIANTS[run[1]], **grid_point, "task": run[0], "variant": run[1],
                                         "seed": seed}))
+    # a variant is its fields (documented runs rely on it), so it keeps them over --set: say so, or
+    # a sweep of such a field through --set silently repeats the variant
+    for (variant, name), value in sorted(overridden.items()):
+        print(f"--set {name}={given[name]!r} does not apply to variant {variant}, which sets {name}={value!r}: "
+              f"define a variant to change it", flush=True)
     return out
 
 
@@ -1027,7 +1040,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", nargs="+", type=int, default=[], metavar="K",
                         help="retrieval task: one run per number of key-value pairs K (a capacity grid)")
     parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
-    parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\'')
+    parser.add_argument("--set", default="", help='JSON of RunConfig fields for every run, e.g. \'{"steps_per_stage": 50}\' '
+                                                  "(a variant's own fields keep the variant's values)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes; they share the GPU)")
     parser.add_argument("--out-dir", default="learning")
     parser.add_argument("--save-weights", action="store_true",

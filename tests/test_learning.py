@@ -393,3 +393,23 @@ def test_saved_weights_test_again_elsewhere_to_the_same_answers_and_with_other_s
         learning.main(["--weights", str(report), "--out-dir", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="not JSON"):
         learning.main(["--runs", "token/paper", "--out-dir", str(tmp_path / "bad"), "--set", "{eval_segments: [2]}"])
+
+
+def test_set_keeps_a_variant_s_own_fields_and_names_each_one_it_could_not_change(capsys):
+    """--set applies to every run except where the run's variant sets the field: the variant keeps
+    its value (documented runs rely on it) and one line names the field, the variant and both
+    values; a field no variant sets, or set to the variant's own value, is applied silently."""
+    import argparse
+
+    from benchmarks.learning import configs
+
+    args = argparse.Namespace(preset="cpu", runs=["detect/associative_late2_write_cost0.1_floor/0",
+                                                  "detect/paper/0"], tasks=[], variants=[], seeds=[0], pairs=[],
+                              set='{"associative_write_cost": 0.3, "lever_stages": 2, "adam_beta2": 0.95}')
+    late, paper = configs(args)
+    assert (late.associative_write_cost, late.lever_stages, late.adam_beta2) == (0.1, 2, 0.95)
+    assert (paper.associative_write_cost, paper.lever_stages, paper.adam_beta2) == (0.3, 2, 0.95)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["--set associative_write_cost=0.3 does not apply to variant "
+                       "associative_late2_write_cost0.1_floor, which sets associative_write_cost=0.1: "
+                       "define a variant to change it"]
