@@ -140,15 +140,16 @@ def starved_trace(model: RMTModel, ids: torch.Tensor, marks: list[int]) -> list[
 def fact_outcomes(cfg: learning.RunConfig, model: RMTModel, segments: int, samples: int, device) -> dict:
     """Answers of ``samples`` test samples of ``segments`` segments, split by what the write gates
     did to each sample's last fact: opened at the segment where it ends or not; opened on a later
-    segment that holds no fact (before the answered one) or not. A sample whose last fact lies in the answered segment needs
-    no memory for it and is counted apart. Also the median logit of the gates open on filler."""
+    segment that holds no fact (before the answered one) or not. A sample whose last fact lies in
+    the answered segment needs no memory for it and is counted apart. Also the median logit of
+    the gates open on filler. Eager segments only: a replayed CUDA graph would skip the recording."""
     if cfg.task not in ("memorize", "detect", "reasoning"):
         raise SystemExit(f"--by-fact: the {cfg.task} task has no facts to place (memorize, detect, reasoning)")
     model.eval()
     data, seg = learning.Samples(cfg, "test"), cfg.segment_size
     ids, labels = data.batch(segments, list(range(samples)), samples, device)
     with recorded_writes(model) as records:
-        reader = model.stream(batch_size=samples)
+        reader = model.stream(batch_size=samples, cuda_graph=False)
         reader.feed(ids[:, :-seg])
         state = reader.finish().memory
     right = exact_match(model(ids[:, -seg:], memory=state, return_logits=True).logits.float(), labels[:, -seg:]).cpu()
