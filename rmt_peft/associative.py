@@ -239,6 +239,20 @@ class AssociativeLayer(nn.Module):
         with self._precision(hidden):
             return kernel(self.query(hidden), matrix, normalizer, hidden.dtype)
 
+    def write_projections(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The keys, values and gate logits of the memory positions, as one matmul with the three
+        weights stacked: a training step is host-bound on the GPU, and each separate projection
+        costs a weight cast and a matmul launch forward and three backward in every layer call.
+        Under DeepSpeed ZeRO-3 each weight is whole only inside its own module's call, so there
+        the three modules are called one by one."""
+        if any(hasattr(p, "ds_id") for p in (self.key.weight, self.value.weight, self.gate.weight)):
+            return self.key(memory), self.value(memory), self.gate(memory)
+        k, h = self.key.out_features, self.value.out_features
+        weight = torch.cat([self.key.weight, self.value.weight, self.gate.weight])
+        bias = torch.cat([self.gate.bias.new_zeros(k + h), self.gate.bias])
+        projected = F.linear(memory, weight, bias)
+        return projected[..., :k], projected[..., k:k + h], projected[..., k + h:]
+
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
               hard_gates: bool = False, measure_gates: bool = False, floor: bool = False,
@@ -250,10 +264,10 @@ class AssociativeLayer(nn.Module):
         ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32;
         ``floor``: the normaliser's floor (``write_memory``)."""
         with self._precision(memory):
-            gates = self.gate(memory)
+            keys, values, gates = self.write_projections(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
-            written = kernel(self.key(memory), self.value(memory), gates, matrix, normalizer, empty, correction,
+            written = kernel(keys, values, gates, matrix, normalizer, empty, correction,
                              hard_gates and not self.training, floor, gate_threshold)
         if measure_gates:
             return (*written, torch.sigmoid(gates.float()).mean())
