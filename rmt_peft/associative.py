@@ -207,6 +207,12 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return (u.log() - (-u).log1p()).to(like.dtype)
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose call is its weight alone: no hooks, no partitioned weight."""
+    return (type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
+            and not hasattr(module.weight, "ds_id"))
+
+
 class AssociativeLayer(nn.Module):
     """The trainable projections of one decoder layer's associative memory (the authors'
     W_mq, W_mk, W_mv, W_mb)."""
@@ -243,10 +249,11 @@ class AssociativeLayer(nn.Module):
         """The keys, values and gate logits of the memory positions, as one matmul with the three
         weights stacked: a training step is host-bound on the GPU, and each separate projection
         costs a weight cast and a matmul launch forward and three backward in every layer call.
-        Under DeepSpeed ZeRO-3 each weight is whole only inside its own module's call, so there
-        the three modules are called one by one."""
-        if any(hasattr(p, "ds_id") for p in (self.key.weight, self.value.weight, self.gate.weight)):
-            return self.key(memory), self.value(memory), self.gate(memory)
+        Modules whose call does more than their weight (hooks: DeepSpeed ZeRO-3 gathers its
+        partitioned weights in them; a wrapper such as a LoRA layer) are called one by one."""
+        modules = (self.key, self.value, self.gate)
+        if not all(_plain_linear(m) for m in modules):
+            return tuple(m(memory) for m in modules)
         k, h = self.key.out_features, self.value.out_features
         weight = torch.cat([self.key.weight, self.value.weight, self.gate.weight])
         bias = torch.cat([self.gate.bias.new_zeros(k + h), self.gate.bias])

@@ -359,10 +359,10 @@ def test_training_noise_perturbs_training_only():
     torch.testing.assert_close(noisy.segment_losses[0], clean.segment_losses[0])
 
 
-def test_the_write_projects_keys_values_and_gates_in_one_matmul_or_module_by_module_under_zero3():
+def test_the_write_projects_keys_values_and_gates_in_one_matmul_or_module_by_module_with_hooks():
     """One linear for the three projections (a host-bound GPU step pays per launch), equal to the
-    three weights applied by hand, values and gradients; weights that DeepSpeed ZeRO-3 partitions
-    (marked by ``ds_id``) are whole only inside their own modules' calls, so those are called."""
+    three weights applied by hand, values and gradients. Modules with hooks (DeepSpeed ZeRO-3
+    gathers its partitioned weights, marked by ``ds_id``, in them) are called one by one."""
     torch.manual_seed(0)
     layer = AssociativeLayer(hidden_size=16, key_size=4)
     nn.init.normal_(layer.value.weight, std=0.3)
@@ -383,14 +383,15 @@ def test_the_write_projects_keys_values_and_gates_in_one_matmul_or_module_by_mod
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     called = []
-    for module in (layer.key, layer.value, layer.gate):
-        module.register_forward_pre_hook(lambda m, args: called.append(m))
-    layer.write_projections(memory)
-    assert called == []
-    layer.value.weight.ds_id = 7
+    handle = layer.value.register_forward_pre_hook(lambda m, args: called.append(m))
     for got, want in zip(layer.write_projections(memory), by_hand):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert called == [layer.key, layer.value, layer.gate]
+    assert called == [layer.value]
+    handle.remove()
+    layer.gate.weight.ds_id = 7
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer.write_projections(memory)
+    assert sum(e.name == "aten::linear" for e in prof.events()) == 3
 
 
 def test_gate_noise_is_logistic_noise_on_the_gate_logits_in_training_only():
