@@ -160,6 +160,44 @@ def test_relative_clip_caps_a_lone_spike_at_the_factor_times_the_running_level()
     assert seen == pytest.approx([2, 2, 2, 2, 10, 0.9 * 2 + 0.1 * 10, 2, 0.9 * 2.8 + 0.1 * 2])
 
 
+def test_averaging_tests_the_mean_of_the_last_steps_weights_and_leaves_training_unchanged(monkeypatch):
+    """Two stages of 4 steps, the last 3 averaged: the model ends on the mean of the weights after
+    steps 6, 7 and 8, computed here from copies taken after every step, and the loss curve is the
+    one the same run has without averaging."""
+    from benchmarks.learning import Average, build_model, train
+
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "max_train_segments": 2, "steps_per_stage": 4,
+                       "batch_size": 4, "average_steps": 3})
+    plain = train(cfg, build_model(cfg, "cpu"), "cpu", None)
+    after = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        after.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    model = build_model(cfg, "cpu")
+    average = Average(model)
+    curve = train(cfg, model, "cpu", None, average)
+    assert [point["loss"] for point in curve] == [point["loss"] for point in plain]
+    assert len(after) == 8
+    last = [p.detach().clone() for p in model.parameters()]
+    assert average.restore() == 3
+    for i, p in enumerate(model.parameters()):
+        mean = (after[5][i] + after[6][i] + after[7][i]) / 3
+        torch.testing.assert_close(p, mean)
+    # the mean differs from the last weights wherever the last steps moved them
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), last))
+
+
+def test_averaging_and_selection_are_not_both_allowed():
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "select_stages": 1, "average_steps": 10})
+    with pytest.raises(ValueError, match="select_stages and average_steps"):
+        run_one(cfg)
+
+
 def test_memory_drift_reads_the_memory_that_one_forward_over_the_whole_input_leaves():
     """The drift rows: the norm after 1, 2 and 4 segments read one at a time equals the norm of
     the memory RMTModel.forward leaves after the same 1, 2 and 4 segments at once, and the change
