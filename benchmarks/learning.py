@@ -703,14 +703,15 @@ def run_one(cfg: RunConfig, partial_dir: str | None = None, weights_dir: str | N
     """Train and test one run. ``partial_dir``: the run's result so far is written there after
     training and after each tested length, so a run cut by a time limit keeps what it measured.
     ``weights_dir``: the tested weights are saved there before the tests (``save_weights``)."""
+    # before the model is built: a wrong pair of settings fails at once
+    if cfg.select_stages and cfg.average_steps:
+        raise ValueError("select_stages and average_steps each choose the weights tested: set one of them to 0")
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(cfg.seed)
     model = build_model(cfg, device)
     started = time.time()
     result = {"config": dataclasses.asdict(cfg), "device": device_name(device), "status": "ok"}
-    if cfg.select_stages and cfg.average_steps:
-        raise ValueError("select_stages and average_steps each choose the weights tested: set one of them to 0")
     selection = Selection(cfg, model, device) if cfg.select_stages else None
     average = Average(model) if cfg.average_steps else None
     try:
