@@ -201,6 +201,7 @@ class Measurement:
     seconds: float  # median over the timed repeats
     peak_gib: float | None  # peak allocated during warm-up and timed repeats (None on CPU)
     oom: bool = False
+    first_s: float | None = None  # the first call's time: with compiled code, mostly compiling
 
 
 def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, repeat: int = 3) -> Measurement:
@@ -210,20 +211,19 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, r
         torch.cuda.reset_peak_memory_stats(device)
     times, oom = [], False
     try:
-        for i in range(warmup + repeat):
+        for _ in range(warmup + repeat):
             sync(device)
             t0 = time.perf_counter()
             step()
             sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError:
         oom = True  # free outside the handler: the traceback holds the step's activations
     if oom:
         free()
         return Measurement(float("nan"), None, oom=True)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return Measurement(statistics.median(times), peak)
+    return Measurement(statistics.median(times[warmup:]), peak, first_s=times[0])
 
 
 # -- FLOPs -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from rmt_peft.attention import use_gpt_neo_sdpa
 from rmt_peft.backbones import enable_checkpointing
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
-from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, use_fused_gelu
+from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, compile_body, use_fused_gelu
 
 from .common import (TORCH_HELD, ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
@@ -100,16 +100,15 @@ class Bench:
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast, self.forward_only = autocast, forward_only
         if (compile, compile_scope, dynamic) != self.compiled:
+            compile_body(self.peft, enable=False)
             compile_blocks(self.peft, enable=False)
-            body = self.ours.causal_lm.base_model  # what RMTModel._segment calls
-            body._compiled_call_impl = None
             # static shapes, as a process training one model compiles them: the models here share
             # the blocks' compiled code at different lengths (ours: segment + 2 x memory, the
             # associative memory: segment + memory), and torch would make the second model's graphs
             # dynamic in the length (automatic dynamic shapes), with symbolic sizes in every call
             kwargs = {"dynamic": dynamic, **({"mode": compile} if isinstance(compile, str) else {})}
             if compile and compile_scope == "body":
-                body.compile(**kwargs)
+                compile_body(self.peft, **kwargs)
             elif compile:
                 compile_blocks(self.peft, **kwargs)
             self.compiled = (compile, compile_scope, dynamic)
@@ -154,7 +153,7 @@ class Bench:
         tokens = batch * segments * self.segment
         row = {"backbone": self.quantization, "impl": label, "segments": segments, "batch": batch,
                "step_s": result.seconds, "tokens_per_s": tokens / result.seconds if not result.oom else None,
-               "peak_gib": result.peak_gib, "oom": result.oom}
+               "peak_gib": result.peak_gib, "oom": result.oom, "first_step_s": result.first_s}
         if self.forward_only:
             row["forward_only"] = True
         if self.peak_tflops and not result.oom and not self.forward_only:  # training FLOPs only

@@ -44,7 +44,7 @@ from .fileio import check_writable
 from .memory import MemoryConfig
 from .quantization import BACKENDS, QUANTIZATIONS
 from .runs import FINAL_DIR, RUN_SUMMARY_FILE
-from .speedups import CUDA_GRAPH_MODES
+from .speedups import COMPILE_SCOPES, CUDA_GRAPH_MODES
 from .tiny_models import ARCHITECTURES, TINY_PREFIX, tiny_config
 from .training_args import UNSUPPORTED, TrainingKeys, owned, read_deepspeed_config, resolve_deepspeed
 
@@ -87,7 +87,10 @@ class ModelSection:
     (``ZERO3_NO_COMPILE``; ``Recipe.compiles_blocks`` resolves it). compile_mode:
     torch.compile's mode for the blocks (None = its default; "reduce-overhead" also captures
     CUDA graphs for training steps, +4-36% on NF4 backbones in BENCHMARKS.md; evaluation runs
-    the blocks eagerly then). cache_dequantized_weights: 4-bit backbones keep each weight
+    the blocks eagerly then). compile_scope: what is compiled, "blocks" (default: each decoder
+    block, one graph shared by every layer) or "body" (the decoder stack whole, one compiled
+    call a segment: a faster step where the host is the bottleneck, a longer compile per new
+    shape; ``rmt_peft.speedups.compile_body``). cache_dequantized_weights: 4-bit backbones keep each weight
     dequantized in the compute dtype instead of dequantizing it on every call (same values;
     2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``); null
     (default) = on where the copies take at most a tenth of the GPU's memory
@@ -114,6 +117,7 @@ class ModelSection:
     speedups: bool = True
     compile_blocks: bool | None = None
     compile_mode: str | None = None
+    compile_scope: str = "blocks"
     cache_dequantized_weights: bool | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +127,10 @@ class ModelSection:
         _need(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not allowed; allowed: {list(DTYPES)}")
         _need(self.compile_mode in COMPILE_MODES,
               f"model.compile_mode={self.compile_mode!r} is not allowed; allowed: {list(COMPILE_MODES)}")
+        _need(self.compile_scope in COMPILE_SCOPES,
+              f"model.compile_scope={self.compile_scope!r} is not allowed; allowed: {list(COMPILE_SCOPES)}")
+        _need(self.compile_scope == "blocks" or self.compile_blocks is not False,
+              f"model.compile_scope={self.compile_scope!r} needs model.compile_blocks=true (or null: on a GPU)")
         _need(self.compile_mode is None or self.compile_blocks is not False,
               f"model.compile_mode={self.compile_mode!r} needs model.compile_blocks=true (or null: on a GPU)")
         _need(self.quantization_backend in BACKENDS,

@@ -231,7 +231,7 @@ class RMTModel(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
                       verbose: bool = True, *, speedups: bool = True, compile: bool | str = False,
-                      cache_dequantized: bool | None = None) -> "RMTModel":
+                      compile_scope: str = "blocks", cache_dequantized: bool | None = None) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
         and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
@@ -243,6 +243,8 @@ class RMTModel(nn.Module):
         built it (e.g. eager attention, for ``output_attentions``). ``compile`` compiles each
         decoder block (True, or a torch.compile mode such as "reduce-overhead"): 1.7-2.5x faster
         training on a GPU, tens of seconds of compiling per new shape (docs/performance.md).
+        ``compile_scope="body"`` compiles the decoder stack whole instead (``speedups.compile_body``:
+        one compiled call a segment, faster where the host is the bottleneck, longer to compile).
 
         ``cache_dequantized`` (4-bit backbones): keep each weight dequantized instead of
         dequantizing it on every call (``speedups.cache_dequantized_weights``: same values, 2
@@ -258,7 +260,7 @@ class RMTModel(nn.Module):
                 logger.info(f"dequantized-weight cache {why}; from_backbone(cache_dequantized=...) overrides")
         if cache_dequantized:
             cache_dequantized_weights(model.causal_lm)
-        speed_up(model.causal_lm, compile=compile, enable=speedups)
+        speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope)
         model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())

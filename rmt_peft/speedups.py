@@ -6,6 +6,9 @@
 - ``compile_blocks``: ``torch.compile`` of each transformer block (not the whole model, so the
   segment loop, checkpointing and masks stay eager). RMT runs many short forwards, so Python and
   kernel-launch overhead dominates at small batches; compiled blocks remove most of it.
+- ``compile_body``: ``torch.compile`` of the decoder body whole (every block with its hooks, the
+  final norm): one compiled call a segment instead of one a layer, so the host work a layer call
+  costs is paid once a segment. Longer to compile (the layers are unrolled into one graph).
 - ``use_gpt_neo_sdpa`` (rmt_peft.attention): the exact SDPA attention path for GPT-Neo.
 
 The exact ones (SDPA for GPT-Neo, the fused GELU, and the padded LM head inside ``RMTModel``) are
@@ -73,6 +76,8 @@ def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> i
     the next block still reads it (a RuntimeError when streaming or evaluating), so calls under
     ``torch.no_grad`` run the block eagerly."""
     blocks = transformer_blocks(model)
+    if enable and compiled_scope(model) == "body":  # the two never nest
+        compile_body(model, enable=False)
     compiled = torch.compile(_call_block, **compile_kwargs) if enable else None
     if enable:
         # Every block shares one compiled function, whose graphs are kept per layer kind (GPT-Neo:
@@ -104,6 +109,53 @@ def blocks_compiled(model: nn.Module) -> bool:
     return any(getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(model))
 
 
+COMPILE_SCOPES = ("blocks", "body")
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder stack under ``model``'s LM head (GPT-Neo / GPT-2: ``transformer``, OPT / Llama:
+    ``model``): what ``RMTModel`` calls once a segment."""
+    from transformers import PreTrainedModel
+
+    lms = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if not lms:
+        raise UserError(f"compile_body: {type(model).__name__} holds no transformers model")
+    return lms[0].base_model
+
+
+def compile_body(model: nn.Module, enable: bool = True, **compile_kwargs) -> int:
+    """``torch.compile`` the decoder body of ``model`` whole, its blocks' hooks included (an
+    associative memory's read and write), in place (``enable=False`` undoes it); undoes
+    ``compile_blocks`` first, so the two never nest. Returns the number of blocks inside.
+
+    One compiled call a segment instead of one a layer: a step's host work (Python, guards and
+    launches between the blocks) is paid once a segment, and with a CUDA-graph mode a step
+    records one graph a segment instead of one a layer. The price is compile time: the layers
+    are unrolled into one graph, so each new shape (a short last segment, evaluation without
+    gradients, an associative memory's first segment) compiles the whole stack again. With a
+    CUDA-graph mode, calls under ``torch.no_grad`` run eagerly, as for ``compile_blocks``."""
+    body = decoder_body(model)
+    compile_blocks(model, enable=False)
+    body._compiled_call_impl = None
+    if enable:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = partial(torch.compile(_call_block, **compile_kwargs), body)
+        graphs = compile_kwargs.get("mode") in CUDA_GRAPH_MODES
+        body._compiled_call_impl = _graphs_with_grad(body, compiled) if graphs else compiled
+    return len(transformer_blocks(body))
+
+
+def compiled_scope(model: nn.Module) -> str | None:
+    """Which part of ``model`` is compiled: "blocks", "body" or None."""
+    if blocks_compiled(model):
+        return "blocks"
+    try:
+        body = decoder_body(model)
+    except UserError:
+        return None
+    return "body" if getattr(body, "_compiled_call_impl", None) is not None else None
+
+
 def _graphs_with_grad(block: nn.Module, compiled):
     def call(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -113,14 +165,22 @@ def _graphs_with_grad(block: nn.Module, compiled):
     return call
 
 
-def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True) -> dict[str, int]:
-    """Apply the exact SDPA attention (GPT-Neo), the fused GELU and, if asked, compiled blocks
-    (``compile``: True, or a torch.compile mode such as "reduce-overhead"). ``enable=False``
-    undoes the SDPA attention and the fused GELU (``compile_blocks(model, enable=False)`` undoes
-    the compile)."""
+def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True,
+             compile_scope: str = "blocks") -> dict[str, int]:
+    """Apply the exact SDPA attention (GPT-Neo), the fused GELU and, if asked, the compile
+    (``compile``: True, or a torch.compile mode such as "reduce-overhead") of each block
+    (``compile_scope="blocks"``, ``compile_blocks``) or of the decoder body whole ("body",
+    ``compile_body``). ``enable=False`` undoes the SDPA attention and the fused GELU
+    (``compile_blocks`` / ``compile_body(model, enable=False)`` undo the compile)."""
+    if compile_scope not in COMPILE_SCOPES:
+        raise UserError(f"compile_scope={compile_scope!r} is not allowed; allowed: {list(COMPILE_SCOPES)}")
     done = {"gpt_neo_sdpa": use_gpt_neo_sdpa(model, enable), "fused_gelu": use_fused_gelu(model, enable)}
     if compile:
-        done["compiled_blocks"] = compile_blocks(model, **({"mode": compile} if isinstance(compile, str) else {}))
+        kwargs = {"mode": compile} if isinstance(compile, str) else {}
+        if compile_scope == "body":
+            done["compiled_body"] = compile_body(model, **kwargs)
+        else:
+            done["compiled_blocks"] = compile_blocks(model, **kwargs)
     return done
 
 
@@ -378,8 +438,9 @@ def graph_blocker(model: nn.Module, merged: dict) -> str | None:
     ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
     Compiled blocks fail to capture; bitsandbytes layers that compute themselves (8-bit, or
     4-bit without a dequantized copy) are not known to capture, so they are left eager."""
-    if blocks_compiled(model):
-        return "the blocks are compiled (their capture fails)"
+    scope = compiled_scope(model)
+    if scope:
+        return f"{'the blocks are' if scope == 'blocks' else 'the decoder body is'} compiled (the capture fails)"
     try:
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
     except ImportError:
@@ -418,12 +479,13 @@ class SegmentGraph:
     eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
 
     def __init__(self, model: nn.Module):
-        if blocks_compiled(model):
+        scope = compiled_scope(model)
+        if scope:
             # measured on an H200 (BENCHMARKS.md, issue 15): the capture fails with
             # cudaErrorStreamCaptureInvalidated and leaves the CUDA context unusable
-            raise UserError("cuda_graph=True cannot capture compiled blocks: the capture fails and leaves the GPU "
-                            "context broken; stream with cuda_graph=False, or undo the compile first "
-                            "(rmt_peft.speedups.compile_blocks(rmt.causal_lm, enable=False))")
+            raise UserError(f"cuda_graph=True cannot capture compiled {'blocks' if scope == 'blocks' else 'decoder body'}"
+                            ": the capture fails and leaves the GPU context broken; stream with cuda_graph=False, or "
+                            f"undo the compile first (rmt_peft.speedups.compile_{scope}(rmt.causal_lm, enable=False))")
         if not next(model.parameters()).is_cuda:
             raise UserError("cuda_graph=True needs the model on a CUDA device; use cuda_graph=False on "
                             f"{next(model.parameters()).device}")

@@ -62,6 +62,8 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     (["model.quantization=fp8", "training.deepspeed=zero2"], ["model.quantization='fp8'", "training.deepspeed"]),
     ("memory.checkpoint_segments=sometimes", ["checkpoint_segments='sometimes'", "'auto'"]),
     ("model.compile_mode=fastest", ["model.compile_mode='fastest'", "reduce-overhead"]),
+    ("model.compile_scope=model", ["model.compile_scope='model'", "'blocks'", "'body'"]),
+    (["model.compile_blocks=false", "model.compile_scope=body"], ["model.compile_scope='body'", "compile_blocks=true"]),
     (["model.compile_blocks=false", "model.compile_mode=reduce-overhead"],
      ["model.compile_mode='reduce-overhead'", "compile_blocks=true"]),
     (["model.compile_blocks=true", "model.compile_mode=reduce-overhead", "memory.checkpoint_segments=true"],

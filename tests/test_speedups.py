@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
-from rmt_peft.speedups import FusedTanhGelu, compile_blocks, speed_up, use_fused_gelu
+from rmt_peft.speedups import FusedTanhGelu, compile_blocks, compile_body, compiled_scope, speed_up, use_fused_gelu
 from rmt_peft.tiny_models import tiny_model
 
 
@@ -139,3 +139,64 @@ def test_compile_is_one_argument_away(monkeypatch):
     for compile in (False, True, "reduce-overhead"):
         RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(2, 16), verbose=False, compile=compile)
     assert calls == [{}, {"mode": "reduce-overhead"}]
+
+
+def test_compile_body_is_one_compiled_call_a_segment_and_trains_like_eager():
+    """compile_body: the decoder stack is one graph for every segment (no block compiled on its
+    own, no graph break), the loss and the trainable gradients are the eager model's to the last
+    bit; compile_blocks takes over from it (they never nest) and enable=False undoes both."""
+    from torch._dynamo.utils import counters
+
+    from rmt_peft import MemoryConfig, RMTModel
+    from rmt_peft.speedups import blocks_compiled
+
+    def build():
+        torch.manual_seed(0)
+        return RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=3), MemoryConfig(2, 16), lora="all-linear",
+                                      verbose=False)
+
+    ids = torch.randint(0, 128, (2, 3 * 16))
+
+    def loss_and_grads(rmt):
+        rmt.zero_grad()
+        loss = rmt(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in rmt.parameters() if p.requires_grad]
+
+    eager = loss_and_grads(build())
+    rmt = build()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert compile_body(rmt.causal_lm, backend="eager") == 3  # dynamo's tracing and guards, no inductor
+        assert compiled_scope(rmt.causal_lm) == "body" and not blocks_compiled(rmt.causal_lm)
+        torch.testing.assert_close(loss_and_grads(rmt), eager, rtol=0, atol=0)
+        torch.testing.assert_close(loss_and_grads(rmt), eager, rtol=0, atol=0)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        compile_blocks(rmt.causal_lm, backend="eager")
+        assert compiled_scope(rmt.causal_lm) == "blocks"
+        assert rmt.causal_lm.transformer._compiled_call_impl is None
+        compile_body(rmt.causal_lm, backend="eager")
+        assert compiled_scope(rmt.causal_lm) == "body" and not blocks_compiled(rmt.causal_lm)
+    finally:
+        compile_body(rmt.causal_lm, enable=False)
+        torch._dynamo.reset()
+    assert compiled_scope(rmt.causal_lm) is None
+
+
+def test_compile_scope_is_checked_and_reaches_compile_body(monkeypatch):
+    """from_backbone(compile=..., compile_scope="body") compiles the body with the mode asked for;
+    a scope it does not know is a named error."""
+    import rmt_peft.speedups
+    from rmt_peft import MemoryConfig, RMTModel
+    from rmt_peft.errors import UserError
+
+    calls = []
+    monkeypatch.setattr(rmt_peft.speedups, "compile_body", lambda model, **kwargs: calls.append(kwargs))
+    for compile in (False, True, "reduce-overhead"):
+        RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(2, 16), verbose=False, compile=compile,
+                               compile_scope="body")
+    assert calls == [{}, {"mode": "reduce-overhead"}]
+    with pytest.raises(UserError, match=r"compile_scope='layers'.*\['blocks', 'body'\]"):
+        RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(2, 16), verbose=False, compile=True,
+                               compile_scope="layers")

@@ -98,6 +98,17 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     assert calls == [{}, {"mode": "reduce-overhead"}, {}]
 
 
+def test_compile_scope_body_reaches_compile_body(write_recipe, monkeypatch):
+    import rmt_peft.speedups
+
+    calls = []
+    monkeypatch.setattr(rmt_peft.speedups, "compile_body", lambda model, **kwargs: calls.append(("body", kwargs)))
+    monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(("blocks", kwargs)))
+    build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_scope": "body",
+                                          "model.compile_mode": "reduce-overhead"})), seed=0)
+    assert calls == [("body", {"mode": "reduce-overhead"})]
+
+
 def test_no_blocks_are_compiled_under_zero3_and_one_line_says_why(write_recipe, monkeypatch, caplog):
     """ZeRO-3's per-module hooks make torch.compile recompile until its limit: compile_blocks null
     resolves to off there (the recipe's rule: tests/test_recipe.py), with one log line saying why."""
