@@ -13,7 +13,9 @@ as soon as it is measured, and a row that fails records its error while the next
           (before any step: LoRA starts at zero, so it is the backbone's loss) against bf16's.
   auto    ``checkpoint_segments="auto"`` on ``--auto-backbone`` (torch-4bit) at the same shape under
           a ``--cap-gib`` (32) cap, against the same backbone's uncapped row without checkpointing
-          (run right after that backbone's train row, on the same model).
+          (run right after that backbone's train row, on the same model); then the same with the
+          blocks compiled at each of ``--auto-budgets`` (``compile_blocks(memory_budget=...)``:
+          smaller segments, so "auto" keeps more of them).
   stream  ``--stream-tokens`` (2,048,000) through ``rmt.stream()`` with its defaults (LoRA read
           through merged copies, CUDA graphs from segment 17), segments of ``--stream-segment-size``
           (2,028): bf16 plain and inside ``torch.autocast("cuda", dtype=torch.bfloat16)`` (their
@@ -145,7 +147,8 @@ def train_section(args, device, log, sections) -> None:
                 row["loss_rel_diff_vs_bf16"] = abs(loss - reference["loss_fixed_batch"]) / reference["loss_fixed_batch"]
             log("train", row)
             if "auto" in sections and name == args.auto_backbone:
-                auto_row(args, bench, segments, batch, row, log)
+                for budget in [1.0, *args.auto_budgets]:
+                    auto_row(args, bench, segments, batch, row, log, budget)
         except Exception as err:
             log("train", {"backbone": name, **failed(err)})
         del bench
@@ -153,14 +156,18 @@ def train_section(args, device, log, sections) -> None:
         free()
 
 
-def auto_row(args, bench: Bench, segments: int, batch: int, uncapped: dict, log) -> None:
-    """checkpoint_segments="auto" under the cap, on the backbone of ``uncapped`` (its row without checkpointing)."""
+def auto_row(args, bench: Bench, segments: int, batch: int, uncapped: dict, log, budget: float = 1.0) -> None:
+    """checkpoint_segments="auto" under the cap, on the backbone of ``uncapped`` (its row without
+    checkpointing), the blocks compiled at activation ``budget``."""
     try:
         capped(bench.device, args.cap_gib)
-        bench.set_levers(**FAST, compile=not args.tiny or args.compile_tiny, checkpoint_segments="auto")
-        row = bench.run("ours", segments, batch, f"{uncapped['backbone']}, compiled, checkpoint_segments=auto, "
+        bench.set_levers(**FAST, compile=not args.tiny or args.compile_tiny, checkpoint_segments="auto",
+                         memory_budget=budget)
+        label = f", memory_budget={budget}" if budget < 1 else ""
+        row = bench.run("ours", segments, batch, f"{uncapped['backbone']}, compiled{label}, checkpoint_segments=auto, "
                                                  f"cap {args.cap_gib} GiB")
-        row.update(backbone=uncapped["backbone"], cap_gib=args.cap_gib, kept_segments=bench.ours._auto_kept)
+        row.update(backbone=uncapped["backbone"], cap_gib=args.cap_gib, kept_segments=bench.ours._auto_kept,
+                   memory_budget=budget)
         if row.get("tokens_per_s") and uncapped.get("tokens_per_s"):
             row["speed_vs_uncapped_no_checkpointing"] = row["tokens_per_s"] / uncapped["tokens_per_s"]
         log("auto", row)
@@ -353,6 +360,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--auto-backbone", default="torch-4bit", choices=list(BACKBONES))
     parser.add_argument("--cap-gib", type=float, default=32.0)
+    parser.add_argument("--auto-budgets", type=float, nargs="*", default=[],
+                        help="auto: also with the blocks compiled at these activation budgets (0-1)")
     parser.add_argument("--stream-tokens", type=int, default=2_048_000)
     parser.add_argument("--stream-segment-size", type=int, default=2028)
     parser.add_argument("--chunk", type=int, default=8192)
@@ -396,7 +405,7 @@ def main(argv=None) -> list[dict]:
 def summary(rows: list[dict]) -> None:
     columns = ["section", "backbone", "run", "impl", "tokens_per_s", "speed_vs_bf16", "peak_gib",
                "backbone_bytes_per_weight", "quantized_layer_bytes_per_weight", "loss_fixed_batch",
-               "loss_rel_diff_vs_bf16", "kept_segments", "speed_vs_uncapped_no_checkpointing", "seconds",
+               "loss_rel_diff_vs_bf16", "kept_segments", "memory_budget", "speed_vs_uncapped_no_checkpointing", "seconds",
                "time_vs_plain", "memory_max_abs_diff_vs_plain", "time_vs_bf16", "oom", "error"]
     used = [c for c in columns if any(c in r for r in rows)]
     print("\n| " + " | ".join(used) + " |\n|" + "---|" * len(used))

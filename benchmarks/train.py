@@ -43,7 +43,7 @@ class Bench:
         self.quantization = quantization or "bf16"
         self.peak_tflops, self.warmup, self.repeat = peak_tflops, warmup, repeat
         self.autocast = self.dequant_cache = self.forward_only = False
-        self.compiled = (False, "blocks", False)
+        self.compiled = (False, "blocks", False, 1.0)
         free()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         backbone = build_backbone(config, quantization, device, attention="sdpa")
@@ -74,7 +74,8 @@ class Bench:
     def set_levers(self, attention: str, checkpoint_segments: bool = False, checkpoint_layers: bool = False,
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
                    uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False,
-                   forward_only: bool = False, compile_scope: str = "blocks", dynamic: bool = False):
+                   forward_only: bool = False, compile_scope: str = "blocks", dynamic: bool = False,
+                   memory_budget: float = 1.0):
         """compile: False, True (torch.compile's default mode) or a torch.compile mode, of each block
         (``compile_scope`` "blocks", compile_blocks) or of the decoder body as a whole, its blocks and
         their hooks in one graph a segment ("body": one compiled call a segment instead of one a
@@ -83,6 +84,7 @@ class Bench:
         what a run whose segment length changes pays (after a second length, e.g. a short last
         segment, torch compiles the length as a symbol); False: static, as a process training one
         model at one length.
+        memory_budget: the compiled graphs' activation budget (speedups.compiled_call).
         forward_only: the step is the forward alone (with gradients on, so it keeps what backward
         needs): what segment checkpointing runs again for every checkpointed segment.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
@@ -99,19 +101,20 @@ class Bench:
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast, self.forward_only = autocast, forward_only
-        if (compile, compile_scope, dynamic) != self.compiled:
+        if (compile, compile_scope, dynamic, memory_budget) != self.compiled:
             compile_body(self.peft, enable=False)
             compile_blocks(self.peft, enable=False)
             # static shapes, as a process training one model compiles them: the models here share
             # the blocks' compiled code at different lengths (ours: segment + 2 x memory, the
             # associative memory: segment + memory), and torch would make the second model's graphs
             # dynamic in the length (automatic dynamic shapes), with symbolic sizes in every call
-            kwargs = {"dynamic": dynamic, **({"mode": compile} if isinstance(compile, str) else {})}
+            kwargs = {"dynamic": dynamic, "memory_budget": memory_budget,
+                      **({"mode": compile} if isinstance(compile, str) else {})}
             if compile and compile_scope == "body":
                 compile_body(self.peft, **kwargs)
             elif compile:
                 compile_blocks(self.peft, **kwargs)
-            self.compiled = (compile, compile_scope, dynamic)
+            self.compiled = (compile, compile_scope, dynamic, memory_budget)
         for model in self.memory_models():
             model.memory_config.checkpoint_segments = checkpoint_segments
         lm = self.ours.causal_lm

@@ -231,7 +231,8 @@ class RMTModel(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
                       verbose: bool = True, *, speedups: bool = True, compile: bool | str = False,
-                      compile_scope: str = "blocks", cache_dequantized: bool | None = None) -> "RMTModel":
+                      compile_scope: str = "blocks", compile_memory_budget: float = 1.0,
+                      cache_dequantized: bool | None = None) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
         and the memory parameters train; with ``lora=None`` the backbone keeps its requires_grad.
@@ -245,6 +246,9 @@ class RMTModel(nn.Module):
         training on a GPU, tens of seconds of compiling per new shape (docs/performance.md).
         ``compile_scope="body"`` compiles the decoder stack whole instead (``speedups.compile_body``:
         one compiled call a segment, faster where the host is the bottleneck, longer to compile).
+        ``compile_memory_budget`` < 1: the compiled graphs keep about that share of their
+        activations and recompute the rest in backward (``speedups.compiled_call``): smaller
+        segments, so ``checkpoint_segments="auto"`` keeps more of them.
 
         ``cache_dequantized`` (4-bit backbones): keep each weight dequantized instead of
         dequantizing it on every call (``speedups.cache_dequantized_weights``: same values, 2
@@ -260,7 +264,8 @@ class RMTModel(nn.Module):
                 logger.info(f"dequantized-weight cache {why}; from_backbone(cache_dequantized=...) overrides")
         if cache_dequantized:
             cache_dequantized_weights(model.causal_lm)
-        speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope)
+        speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope,
+                 memory_budget=compile_memory_budget)
         model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())

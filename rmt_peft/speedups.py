@@ -64,7 +64,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 RECOMPILE_LIMIT = 64  # graphs kept for the blocks' compiled call (compile_blocks)
 
 
-def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> int:
+def compile_blocks(model: nn.Module, enable: bool = True, memory_budget: float = 1.0, **compile_kwargs) -> int:
     """``torch.compile`` each transformer block in place (``enable=False`` undoes it). The first
     call of each new input shape compiles (tens of seconds on a GPU); later calls reuse it.
 
@@ -74,11 +74,16 @@ def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> i
     With a CUDA-graph mode (``mode="reduce-overhead"`` or ``"max-autotune"``) the graphs serve
     training calls only: without gradients, torch's graph trees overwrite a block's output while
     the next block still reads it (a RuntimeError when streaming or evaluating), so calls under
-    ``torch.no_grad`` run the block eagerly."""
+    ``torch.no_grad`` run the block eagerly.
+
+    ``memory_budget`` < 1: each compiled graph keeps at most about that share of the activations
+    it would keep for backward and recomputes the rest in backward, cheapest first (torch's
+    ``activation_memory_budget``, decided when the graph compiles): a segment's activations
+    shrink with less recompute than checkpointing the whole segment costs (``compiled_call``)."""
     blocks = transformer_blocks(model)
     if enable and compiled_scope(model) == "body":  # the two never nest
         compile_body(model, enable=False)
-    compiled = torch.compile(_call_block, **compile_kwargs) if enable else None
+    compiled = compiled_call(memory_budget, **compile_kwargs) if enable else None
     if enable:
         # Every block shares one compiled function, whose graphs are kept per layer kind (GPT-Neo:
         # global / local attention), with or without gradients, per segment length (a short last
@@ -93,6 +98,32 @@ def compile_blocks(model: nn.Module, enable: bool = True, **compile_kwargs) -> i
         else:
             block._compiled_call_impl = partial(compiled, block)
     return len(blocks)
+
+
+def compiled_call(memory_budget: float = 1.0, **compile_kwargs):
+    """``torch.compile(_call_block, **compile_kwargs)``; with ``memory_budget`` < 1, through
+    inductor with ``torch._functorch.config.activation_memory_budget`` set while each graph
+    compiles (its forward / backward split is decided then), so it holds for these graphs only."""
+    if not isinstance(memory_budget, (int, float)) or isinstance(memory_budget, bool) or not 0 < memory_budget <= 1:
+        raise UserError(f"memory_budget={memory_budget!r} is invalid: expected a number in (0, 1] (1 = keep every "
+                        "activation the compiled graphs would keep)")
+    if memory_budget == 1:
+        return torch.compile(_call_block, **compile_kwargs)
+    backend = compile_kwargs.pop("backend", "inductor")
+    if backend != "inductor":
+        raise UserError(f"memory_budget={memory_budget} needs torch.compile's inductor backend (got {backend!r}): "
+                        "the budget is applied where inductor splits forward and backward")
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    mode = compile_kwargs.pop("mode", None)
+    patches = {**(list_mode_options(mode) if mode else {}), **compile_kwargs.pop("options", {})}
+
+    def budgeted(graph, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=memory_budget):
+            return compile_fx(graph, example_inputs, config_patches=patches)
+
+    return torch.compile(_call_block, backend=budgeted, **compile_kwargs)
 
 
 def _call_block(block: nn.Module, *args, **kwargs):
@@ -123,7 +154,7 @@ def decoder_body(model: nn.Module) -> nn.Module:
     return lms[0].base_model
 
 
-def compile_body(model: nn.Module, enable: bool = True, **compile_kwargs) -> int:
+def compile_body(model: nn.Module, enable: bool = True, memory_budget: float = 1.0, **compile_kwargs) -> int:
     """``torch.compile`` the decoder body of ``model`` whole, its blocks' hooks included (an
     associative memory's read and write), in place (``enable=False`` undoes it); undoes
     ``compile_blocks`` first, so the two never nest. Returns the number of blocks inside.
@@ -133,13 +164,14 @@ def compile_body(model: nn.Module, enable: bool = True, **compile_kwargs) -> int
     records one graph a segment instead of one a layer. The price is compile time: the layers
     are unrolled into one graph, so each new shape (a short last segment, evaluation without
     gradients, an associative memory's first segment) compiles the whole stack again. With a
-    CUDA-graph mode, calls under ``torch.no_grad`` run eagerly, as for ``compile_blocks``."""
+    CUDA-graph mode, calls under ``torch.no_grad`` run eagerly, and ``memory_budget`` acts, as for
+    ``compile_blocks``."""
     body = decoder_body(model)
     compile_blocks(model, enable=False)
     body._compiled_call_impl = None
     if enable:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        compiled = partial(torch.compile(_call_block, **compile_kwargs), body)
+        compiled = partial(compiled_call(memory_budget, **compile_kwargs), body)
         graphs = compile_kwargs.get("mode") in CUDA_GRAPH_MODES
         body._compiled_call_impl = _graphs_with_grad(body, compiled) if graphs else compiled
     return len(transformer_blocks(body))
@@ -166,17 +198,20 @@ def _graphs_with_grad(block: nn.Module, compiled):
 
 
 def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True,
-             compile_scope: str = "blocks") -> dict[str, int]:
+             compile_scope: str = "blocks", memory_budget: float = 1.0) -> dict[str, int]:
     """Apply the exact SDPA attention (GPT-Neo), the fused GELU and, if asked, the compile
     (``compile``: True, or a torch.compile mode such as "reduce-overhead") of each block
     (``compile_scope="blocks"``, ``compile_blocks``) or of the decoder body whole ("body",
-    ``compile_body``). ``enable=False`` undoes the SDPA attention and the fused GELU
+    ``compile_body``), its graphs at activation ``memory_budget`` (``compiled_call``).
+    ``enable=False`` undoes the SDPA attention and the fused GELU
     (``compile_blocks`` / ``compile_body(model, enable=False)`` undo the compile)."""
     if compile_scope not in COMPILE_SCOPES:
         raise UserError(f"compile_scope={compile_scope!r} is not allowed; allowed: {list(COMPILE_SCOPES)}")
     done = {"gpt_neo_sdpa": use_gpt_neo_sdpa(model, enable), "fused_gelu": use_fused_gelu(model, enable)}
     if compile:
         kwargs = {"mode": compile} if isinstance(compile, str) else {}
+        if memory_budget != 1:
+            kwargs["memory_budget"] = memory_budget
         if compile_scope == "body":
             done["compiled_body"] = compile_body(model, **kwargs)
         else:

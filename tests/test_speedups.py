@@ -200,3 +200,53 @@ def test_compile_scope_is_checked_and_reaches_compile_body(monkeypatch):
     with pytest.raises(UserError, match=r"compile_scope='layers'.*\['blocks', 'body'\]"):
         RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(2, 16), verbose=False, compile=True,
                                compile_scope="layers")
+
+
+def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager():
+    """compile_blocks(memory_budget=0.3): the compiled graphs keep under 0.6x the bytes for
+    backward that they keep at 1.0 (counted by hand: every tensor autograd saves), and the loss
+    and gradients stay the eager model's (recomputing is exact up to float reordering)."""
+    from rmt_peft import MemoryConfig, RMTModel
+
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(tiny_model("gpt2", num_layers=2, hidden_size=128), MemoryConfig(2, 32),
+                                 lora="all-linear", verbose=False)  # eval mode: no dropout, a deterministic loss
+    ids = torch.randint(0, 128, (2, 3 * 32))
+
+    def step():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        rmt.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = rmt(ids, labels=ids).loss
+        loss.backward()
+        return sum(saved.values()), loss.detach(), [p.grad.clone() for p in rmt.parameters() if p.requires_grad]
+
+    _, eager_loss, eager_grads = step()
+    try:
+        compile_blocks(rmt.causal_lm)
+        full, loss, _ = step()
+        compile_blocks(rmt.causal_lm, memory_budget=0.3)
+        budgeted, loss, grads = step()
+    finally:
+        compile_blocks(rmt.causal_lm, enable=False)
+        torch._dynamo.reset()
+    assert budgeted < 0.6 * full, (budgeted, full)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_a_memory_budget_outside_0_1_or_without_inductor_is_a_named_error():
+    from rmt_peft.errors import UserError
+
+    model = tiny_model("gpt_neo", num_layers=2)
+    for budget in (0, 1.5, True, "half"):
+        with pytest.raises(UserError, match=r"memory_budget=.* is invalid: expected a number in \(0, 1\]"):
+            compile_blocks(model, memory_budget=budget)
+    with pytest.raises(UserError, match="memory_budget=0.5 needs torch.compile's inductor backend .got 'eager'"):
+        compile_body(model, memory_budget=0.5, backend="eager")
+    assert compiled_scope(model) is None

@@ -89,7 +89,8 @@ def build_model(recipe: Recipe, seed: int):
     # null: on where it costs little (RMTModel.from_backbone); never under ZeRO-3 (partitioned weights)
     cache = False if recipe.zero_stage == 3 else recipe.model.cache_dequantized_weights
     rmt = RMTModel.from_backbone(backbone, memory, lora=recipe.lora, speedups=recipe.model.speedups,
-                                 compile=compile, compile_scope=recipe.model.compile_scope, cache_dequantized=cache,
+                                 compile=compile, compile_scope=recipe.model.compile_scope,
+                                 compile_memory_budget=recipe.model.compile_memory_budget, cache_dequantized=cache,
                                  verbose=False)
     logger.info(rmt.trainable_summary())
     if recipe.model.attention == "eager":  # asked for by name: keep it (from_backbone switches GPT-Neo to SDPA)

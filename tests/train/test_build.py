@@ -98,7 +98,7 @@ def test_compile_mode_reaches_compile_blocks(write_recipe, monkeypatch):
     assert calls == [{}, {"mode": "reduce-overhead"}, {}]
 
 
-def test_compile_scope_body_reaches_compile_body(write_recipe, monkeypatch):
+def test_compile_scope_and_memory_budget_reach_the_compile(write_recipe, monkeypatch):
     import rmt_peft.speedups
 
     calls = []
@@ -106,7 +106,8 @@ def test_compile_scope_body_reaches_compile_body(write_recipe, monkeypatch):
     monkeypatch.setattr(rmt_peft.speedups, "compile_blocks", lambda model, **kwargs: calls.append(("blocks", kwargs)))
     build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_scope": "body",
                                           "model.compile_mode": "reduce-overhead"})), seed=0)
-    assert calls == [("body", {"mode": "reduce-overhead"})]
+    build_model(load_recipe(write_recipe({"model.compile_blocks": True, "model.compile_memory_budget": 0.5})), seed=0)
+    assert calls == [("body", {"mode": "reduce-overhead"}), ("blocks", {"memory_budget": 0.5})]
 
 
 def test_no_blocks_are_compiled_under_zero3_and_one_line_says_why(write_recipe, monkeypatch, caplog):
