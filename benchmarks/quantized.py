@@ -15,7 +15,8 @@ as soon as it is measured, and a row that fails records its error while the next
           a ``--cap-gib`` (32) cap, against the same backbone's uncapped row without checkpointing
           (run right after that backbone's train row, on the same model); then the same with the
           blocks compiled at each of ``--auto-budgets`` (``compile_blocks(memory_budget=...)``:
-          smaller segments, so "auto" keeps more of them).
+          smaller segments, so "auto" keeps more of them), and with ``--auto-chooses`` at the budget
+          "auto" chooses itself (``memory.activation_budget``).
   stream  ``--stream-tokens`` (2,048,000) through ``rmt.stream()`` with its defaults (LoRA read
           through merged copies, CUDA graphs from segment 17), segments of ``--stream-segment-size``
           (2,028): bf16 plain and inside ``torch.autocast("cuda", dtype=torch.bfloat16)`` (their
@@ -147,7 +148,7 @@ def train_section(args, device, log, sections) -> None:
                 row["loss_rel_diff_vs_bf16"] = abs(loss - reference["loss_fixed_batch"]) / reference["loss_fixed_batch"]
             log("train", row)
             if "auto" in sections and name == args.auto_backbone:
-                for budget in [1.0, *args.auto_budgets]:
+                for budget in [1.0, *args.auto_budgets, *([None] if args.auto_chooses else [])]:
                     auto_row(args, bench, segments, batch, row, log, budget)
         except Exception as err:
             log("train", {"backbone": name, **failed(err)})
@@ -156,24 +157,31 @@ def train_section(args, device, log, sections) -> None:
         free()
 
 
-def auto_row(args, bench: Bench, segments: int, batch: int, uncapped: dict, log, budget: float = 1.0) -> None:
+def auto_row(args, bench: Bench, segments: int, batch: int, uncapped: dict, log, budget: float | None = 1.0) -> None:
     """checkpoint_segments="auto" under the cap, on the backbone of ``uncapped`` (its row without
-    checkpointing), the blocks compiled at activation ``budget``."""
+    checkpointing), the blocks compiled at activation ``budget``; None: at the budget "auto" chooses
+    (as ``from_backbone(compile=True)`` sets it up; it compiles again after the first step, a
+    warm-up step)."""
     try:
         capped(bench.device, args.cap_gib)
-        bench.set_levers(**FAST, compile=not args.tiny or args.compile_tiny, checkpoint_segments="auto",
-                         memory_budget=budget)
-        label = f", memory_budget={budget}" if budget < 1 else ""
+        compile = not args.tiny or args.compile_tiny
+        bench.set_levers(**FAST, compile=compile, checkpoint_segments="auto", memory_budget=budget or 1.0)
+        if budget is None and compile:
+            bench.ours._compiled = {"compile": True, "scope": "blocks", "budget": None}
+            bench.compiled = None  # auto may compile the blocks again: set_levers compiles anew after this row
+        label = ", memory_budget chosen by auto" if budget is None else f", memory_budget={budget}" if budget < 1 else ""
         row = bench.run("ours", segments, batch, f"{uncapped['backbone']}, compiled{label}, checkpoint_segments=auto, "
                                                  f"cap {args.cap_gib} GiB")
+        chosen = (bench.ours._compiled or {}).get("budget")
         row.update(backbone=uncapped["backbone"], cap_gib=args.cap_gib, kept_segments=bench.ours._auto_kept,
-                   memory_budget=budget)
+                   memory_budget=chosen if budget is None else budget)
         if row.get("tokens_per_s") and uncapped.get("tokens_per_s"):
             row["speed_vs_uncapped_no_checkpointing"] = row["tokens_per_s"] / uncapped["tokens_per_s"]
         log("auto", row)
     except Exception as err:
         log("auto", {"backbone": uncapped.get("backbone"), **failed(err)})
     finally:
+        bench.ours._compiled = None
         capped(bench.device, None)
         bench.set_levers("sdpa")
 
@@ -362,6 +370,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cap-gib", type=float, default=32.0)
     parser.add_argument("--auto-budgets", type=float, nargs="*", default=[],
                         help="auto: also with the blocks compiled at these activation budgets (0-1)")
+    parser.add_argument("--auto-chooses", action="store_true",
+                        help="auto: also at the budget auto chooses (from_backbone(compile=True)'s setup)")
     parser.add_argument("--stream-tokens", type=int, default=2_048_000)
     parser.add_argument("--stream-segment-size", type=int, default=2028)
     parser.add_argument("--chunk", type=int, default=8192)

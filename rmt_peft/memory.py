@@ -268,6 +268,27 @@ def segments_to_keep(free_bytes: int, segment_bytes: int, num_segments: int,
     return max(1, min(num_segments, int(usable // segment_bytes)))
 
 
+# checkpoint_segments="auto" with compiled graphs: a segment compiled at activation budget b held
+# about b + 0.05 of what it held at 1 (H100, NF4 8 x 4: 0.35 -> 0.41, 0.3 -> 0.36; the rest is
+# outside the graphs: embeddings, the loss's logits), so the budget asked is this share of the
+# ratio that would just fit; never below the floor (graphs that keep almost nothing recompute
+# almost every forward op, a whole extra forward).
+AUTO_BUDGET_SHARE = 0.8
+MIN_AUTO_BUDGET = 0.1
+
+
+def activation_budget(free_bytes: int, segment_bytes: int, num_segments: int,
+                      margin: float = AUTO_CHECKPOINT_MARGIN) -> float:
+    """The compiled graphs' activation budget (``compile_memory_budget``) at which all
+    ``num_segments`` keep their activations in ``free_bytes`` less ``margin``, given one segment's
+    bytes measured at budget 1: ``AUTO_BUDGET_SHARE`` of the ratio, within [``MIN_AUTO_BUDGET``, 1].
+    ``segments_to_keep`` then decides again from the segment measured at that budget."""
+    if segment_bytes <= 0:
+        return 1.0
+    ratio = free_bytes * (1 - margin) / (num_segments * segment_bytes)
+    return min(1.0, max(MIN_AUTO_BUDGET, AUTO_BUDGET_SHARE * ratio))
+
+
 def allocated_bytes(device: torch.device) -> int | None:
     """Bytes torch has allocated on ``device``; None where it cannot tell (not a CUDA GPU)."""
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else None

@@ -93,8 +93,9 @@ class ModelSection:
     shape; ``rmt_peft.speedups.compile_body``). compile_memory_budget: in (0, 1], the share of
     the activations each compiled graph keeps for backward; below 1 it recomputes the rest,
     cheapest first (torch's ``activation_memory_budget``): smaller segments at less recompute
-    than checkpointing whole segments, so ``memory.checkpoint_segments: auto`` keeps more of
-    them. cache_dequantized_weights: 4-bit backbones keep each weight
+    than checkpointing whole segments. null (default): 1, lowered by
+    ``memory.checkpoint_segments: auto`` when whole segments would be recomputed.
+    cache_dequantized_weights: 4-bit backbones keep each weight
     dequantized in the compute dtype instead of dequantizing it on every call (same values;
     2 bytes per weight more memory; ``rmt_peft.speedups.cache_dequantized_weights``); null
     (default) = on where the copies take at most a tenth of the GPU's memory
@@ -122,7 +123,7 @@ class ModelSection:
     compile_blocks: bool | None = None
     compile_mode: str | None = None
     compile_scope: str = "blocks"
-    compile_memory_budget: float = 1.0
+    compile_memory_budget: float | None = None
     cache_dequantized_weights: bool | None = None
 
     def __post_init__(self) -> None:
@@ -135,10 +136,10 @@ class ModelSection:
         _need(self.compile_scope in COMPILE_SCOPES,
               f"model.compile_scope={self.compile_scope!r} is not allowed; allowed: {list(COMPILE_SCOPES)}")
         budget = self.compile_memory_budget
-        _need(isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1,
-              f"model.compile_memory_budget={budget!r} is invalid: expected a number in (0, 1] (1 = keep every "
-              "activation)")
-        _need(budget == 1 or self.compile_blocks is not False,
+        _need(budget is None or (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1),
+              f"model.compile_memory_budget={budget!r} is invalid: expected null or a number in (0, 1] (1 = keep "
+              "every activation)")
+        _need(budget is None or self.compile_blocks is not False,
               f"model.compile_memory_budget={budget!r} needs model.compile_blocks=true (or null: on a GPU)")
         _need(self.compile_scope == "blocks" or self.compile_blocks is not False,
               f"model.compile_scope={self.compile_scope!r} needs model.compile_blocks=true (or null: on a GPU)")

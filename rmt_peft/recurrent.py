@@ -37,11 +37,11 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .fileio import atomic_directory
 from .inputs import IGNORE_INDEX, check_inputs
-from .memory import (MemoryConfig, MemoryParameters, allocated_bytes, free_gpu_bytes, perturb, relative_change,
-                     segments_to_keep)
+from .memory import (MemoryConfig, MemoryParameters, activation_budget, allocated_bytes, free_gpu_bytes, perturb,
+                     relative_change, segments_to_keep)
 from .quantized_embedding import compute_dtype_of, embedding_matrix
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
-                       merge_pays, merged_lora_key,
+                       compile_model, merge_pays, merged_lora_key,
                        merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up, transformer_blocks)
 
 logger = logging.getLogger("rmt_peft")
@@ -220,6 +220,10 @@ class RMTModel(nn.Module):
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
         self._auto_kept: int | None = None  # checkpoint_segments="auto": segments kept at the last step
+        # from_backbone's compile (compile, scope, budget: None = 1 until "auto" lowers it), and the
+        # budget "auto" chose, applied at the next forward (_keep_what_fits)
+        self._compiled: dict | None = None
+        self._pending_budget: float | None = None
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
         blocks = transformer_blocks(self.causal_lm) if memory_config.associative else []
         self.memory = MemoryParameters(memory_config, embeddings.embedding_dim, std, num_layers=len(blocks),
@@ -231,7 +235,7 @@ class RMTModel(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: nn.Module, memory_config: MemoryConfig, lora=None,
                       verbose: bool = True, *, speedups: bool = True, compile: bool | str = False,
-                      compile_scope: str = "blocks", compile_memory_budget: float = 1.0,
+                      compile_scope: str = "blocks", compile_memory_budget: float | None = None,
                       cache_dequantized: bool | None = None) -> "RMTModel":
         """Wrap ``backbone``. With ``lora`` (a peft ``LoraConfig``, a preset "attention" /
         "all-linear" or a dict, see ``adapters.lora_config``) the backbone is frozen and only LoRA
@@ -248,7 +252,9 @@ class RMTModel(nn.Module):
         one compiled call a segment, faster where the host is the bottleneck, longer to compile).
         ``compile_memory_budget`` < 1: the compiled graphs keep about that share of their
         activations and recompute the rest in backward (``speedups.compiled_call``): smaller
-        segments, so ``checkpoint_segments="auto"`` keeps more of them.
+        segments, so ``checkpoint_segments="auto"`` keeps more of them. None (default): 1, until
+        ``checkpoint_segments="auto"`` finds that whole segments would be recomputed; it then
+        lowers the budget so that all fit (``memory.activation_budget``, logged) and compiles again.
 
         ``cache_dequantized`` (4-bit backbones): keep each weight dequantized instead of
         dequantizing it on every call (``speedups.cache_dequantized_weights``: same values, 2
@@ -265,7 +271,9 @@ class RMTModel(nn.Module):
         if cache_dequantized:
             cache_dequantized_weights(model.causal_lm)
         speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope,
-                 memory_budget=compile_memory_budget)
+                 memory_budget=1.0 if compile_memory_budget is None else compile_memory_budget)
+        if compile:
+            model._compiled = {"compile": compile, "scope": compile_scope, "budget": compile_memory_budget}
         model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())
@@ -506,6 +514,13 @@ class RMTModel(nn.Module):
         """checkpoint_segments="auto": how many segments keep their activations (``segments_to_keep``),
         logged when the decision changes."""
         keep = segments_to_keep(free, segment_bytes, num_segments)
+        if keep < num_segments and self._compiled and self._compiled["budget"] is None:
+            # whole segments would be recomputed: graphs that keep less recompute less for the same room
+            budget = activation_budget(free, segment_bytes, num_segments)
+            self._compiled["budget"] = self._pending_budget = budget
+            logger.info(f"checkpoint_segments='auto': {num_segments - keep} of {num_segments} segments would be "
+                        f"recomputed whole; the compiled graphs keep {budget:.2f} of their activations from the next "
+                        f"step on (compile_memory_budget: a number keeps yours)")
         if keep != self._auto_kept:
             logger.info(f"checkpoint_segments='auto': {keep} of {num_segments} segments keep their activations "
                         f"({segment_bytes / 2**30:.2f} GiB each, measured; {free / 2**30:.1f} GiB free)")
@@ -571,6 +586,9 @@ class RMTModel(nn.Module):
         # "auto" on a GPU: the first segment keeps its activations and measures them (_keep_what_fits)
         measure = (use_checkpoint and cfg.checkpoint_segments == "auto" and len(bounds) > 1
                    and allocated_bytes(input_ids.device) is not None)
+        if measure and self._pending_budget is not None:
+            compile_model(self.causal_lm, self._compiled["compile"], self._compiled["scope"], self._pending_budget)
+            self._pending_budget = None
         kept_last = cfg.uncheckpointed_segments
         learning = cfg.num_memory_tokens > 0 and self.training and torch.is_grad_enabled()
         noisy = learning and cfg.memory_noise_std > 0

@@ -209,14 +209,18 @@ def speed_up(model: nn.Module, compile: bool | str = False, enable: bool = True,
         raise UserError(f"compile_scope={compile_scope!r} is not allowed; allowed: {list(COMPILE_SCOPES)}")
     done = {"gpt_neo_sdpa": use_gpt_neo_sdpa(model, enable), "fused_gelu": use_fused_gelu(model, enable)}
     if compile:
-        kwargs = {"mode": compile} if isinstance(compile, str) else {}
-        if memory_budget != 1:
-            kwargs["memory_budget"] = memory_budget
-        if compile_scope == "body":
-            done["compiled_body"] = compile_body(model, **kwargs)
-        else:
-            done["compiled_blocks"] = compile_blocks(model, **kwargs)
+        done[f"compiled_{compile_scope}"] = compile_model(model, compile, compile_scope, memory_budget)
     return done
+
+
+def compile_model(model: nn.Module, compile: bool | str, scope: str = "blocks", memory_budget: float = 1.0) -> int:
+    """``compile_blocks`` or ``compile_body`` (``scope``) with ``compile`` (True or a torch.compile
+    mode) at ``memory_budget``; what ``speed_up`` compiles, and what checkpoint_segments="auto"
+    compiles again when it lowers the budget."""
+    kwargs = {"mode": compile} if isinstance(compile, str) else {}
+    if memory_budget != 1:
+        kwargs["memory_budget"] = memory_budget
+    return (compile_body if scope == "body" else compile_blocks)(model, **kwargs)
 
 
 # -- flat and fast: what segment checkpointing need not recompute ------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rmt_peft import MemoryConfig, RMTModel, load_backbone, recurrent
-from rmt_peft.memory import segments_to_keep
+from rmt_peft.memory import activation_budget, segments_to_keep
 from rmt_peft.speedups import cache_dequantized_weights
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 
@@ -107,6 +107,50 @@ def test_auto_on_a_gpu_checkpoints_what_does_not_fit(monkeypatch, free, blocks):
     model.memory_config = dataclasses.replace(PLAIN, checkpoint_segments="auto", uncheckpointed_segments=0)
     got_loss, got_grads, got_blocks = loss_and_grads(model, ids)[:3]
     assert got_blocks == blocks
+    torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
+    for key in grads:
+        torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_auto_budget_by_hand():
+    """activation_budget: 0.8 of the budget at which every segment's bytes (measured at budget 1)
+    would just fit in the free memory less 10%, within [0.1, 1]."""
+    gib = 2 ** 30
+    # the NF4 8 x 4 shape under a 32 GiB cap: 0.8 x 26.1 / 58.4 = 0.357 (0.35 measured 0.88x on an H100)
+    assert activation_budget(29 * gib, int(7.3 * gib), 8) == pytest.approx(0.8 * 0.9 * 29 / (8 * 7.3), rel=1e-6)
+    assert activation_budget(100 * gib, 9 * gib, 8) == 1.0  # everything fits
+    assert activation_budget(5 * gib, 9 * gib, 8) == 0.1  # the floor
+    assert activation_budget(10 * gib, 0, 8) == 1.0
+
+
+@pytest.mark.parametrize("chosen", [None, 0.5])
+def test_auto_lowers_the_budget_of_the_graphs_it_compiled_once(monkeypatch, caplog, chosen):
+    """from_backbone(compile=True) with "auto" and a GPU's memory simulated (100 bytes a segment,
+    200 free: 1 of 4 segments fits): the next forward compiles the blocks again at
+    activation_budget's budget, 0.8 x 180 / 400 = 0.36, once, and says so; a budget the user chose
+    (compile_memory_budget=0.5) is kept. Loss and gradients stay the plain run's."""
+    from rmt_peft.speedups import compile_blocks
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 64))  # 4 segments
+    model = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), PLAIN, lora=LORA, verbose=False,
+                                   compile=True, compile_memory_budget=chosen).train()
+    compile_blocks(model.causal_lm, enable=False)  # run eagerly: the test is the decision, not inductor
+    loss, grads = loss_and_grads(model, ids)[:2]
+    calls, compiles = [], []
+    model.causal_lm.transformer.h[0].register_forward_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(recurrent, "allocated_bytes", lambda device: 100 * len(calls))
+    monkeypatch.setattr(recurrent, "free_gpu_bytes", lambda device: 200)
+    monkeypatch.setattr(recurrent, "compile_model", lambda *args: compiles.append(args[1:]))
+    model.memory_config = dataclasses.replace(PLAIN, checkpoint_segments="auto")
+    with caplog.at_level("INFO", logger="rmt_peft"):
+        for _ in range(3):
+            got_loss, got_grads = loss_and_grads(model, ids)[:2]
+    if chosen is None:
+        assert compiles == [(True, "blocks", pytest.approx(0.36))]
+        assert "keep 0.36 of their activations" in caplog.text
+    else:
+        assert compiles == [] and "of their activations" not in caplog.text
     torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
     for key in grads:
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)

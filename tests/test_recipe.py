@@ -65,7 +65,7 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     ("model.compile_scope=model", ["model.compile_scope='model'", "'blocks'", "'body'"]),
     (["model.compile_blocks=false", "model.compile_scope=body"], ["model.compile_scope='body'", "compile_blocks=true"]),
     ("model.compile_memory_budget=0", ["model.compile_memory_budget=0", "(0, 1]"]),
-    ("model.compile_memory_budget=half", ["model.compile_memory_budget='half'", "a number"]),
+    ("model.compile_memory_budget=half", ["model.compile_memory_budget='half'", "float | None"]),
     (["model.compile_blocks=false", "model.compile_memory_budget=0.5"],
      ["model.compile_memory_budget=0.5", "compile_blocks=true"]),
     (["model.compile_blocks=false", "model.compile_mode=reduce-overhead"],
