@@ -90,7 +90,10 @@ class MemoryConfig:
         others are recomputed (the flat path as fast as the memory allows): each forward keeps
         the first segment's activations, measures them, and ``segments_to_keep`` decides from
         the free memory (logged when the decision changes); ``uncheckpointed_segments`` is then
-        not used. Elsewhere (the CPU) "auto" acts as true.
+        not used. Where whole segments would be recomputed and ``from_backbone(compile=True)``
+        compiled the graphs without a ``compile_memory_budget``, it lowers their activation
+        budget instead (``activation_budget``) and compiles them again at the next step.
+        Elsewhere (the CPU) "auto" acts as true.
     segment_alignment: "left" cuts segments from the first token (the last segment may be
         short; pair with right padding); "right" cuts from the last token (the first segment may
         be short; pair with left padding).
