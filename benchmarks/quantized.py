@@ -167,12 +167,12 @@ def auto_row(args, bench: Bench, segments: int, batch: int, uncapped: dict, log,
         compile = not args.tiny or args.compile_tiny
         bench.set_levers(**FAST, compile=compile, checkpoint_segments="auto", memory_budget=budget or 1.0)
         if budget is None and compile:
-            bench.ours._compiled = {"compile": True, "scope": "blocks", "budget": None}
+            bench.ours._compiled = {"compile": True, "scope": "blocks", "budget": 1.0, "auto": True}
             bench.compiled = None  # auto may compile the blocks again: set_levers compiles anew after this row
         label = ", memory_budget chosen by auto" if budget is None else f", memory_budget={budget}" if budget < 1 else ""
         row = bench.run("ours", segments, batch, f"{uncapped['backbone']}, compiled{label}, checkpoint_segments=auto, "
                                                  f"cap {args.cap_gib} GiB")
-        chosen = (bench.ours._compiled or {}).get("budget")
+        chosen = (bench.ours._compiled or {}).get("budget")  # what auto chose (None: not compiled here)
         row.update(backbone=uncapped["backbone"], cap_gib=args.cap_gib, kept_segments=bench.ours._auto_kept,
                    memory_budget=chosen if budget is None else budget)
         if row.get("tokens_per_s") and uncapped.get("tokens_per_s"):

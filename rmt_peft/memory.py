@@ -92,7 +92,8 @@ class MemoryConfig:
         the free memory (logged when the decision changes); ``uncheckpointed_segments`` is then
         not used. Where whole segments would be recomputed and ``from_backbone(compile=True)``
         compiled the graphs without a ``compile_memory_budget``, it lowers their activation
-        budget instead (``activation_budget``) and compiles them again at the next step.
+        budget instead (``activation_budget``) and compiles them again at the next step (again
+        whenever a step with more segments does not fit).
         Elsewhere (the CPU) "auto" acts as true.
     segment_alignment: "left" cuts segments from the first token (the last segment may be
         short; pair with right padding); "right" cuts from the last token (the first segment may

@@ -37,8 +37,8 @@ from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .fileio import atomic_directory
 from .inputs import IGNORE_INDEX, check_inputs
-from .memory import (MemoryConfig, MemoryParameters, activation_budget, allocated_bytes, free_gpu_bytes, perturb,
-                     relative_change, segments_to_keep)
+from .memory import (MIN_AUTO_BUDGET, MemoryConfig, MemoryParameters, activation_budget, allocated_bytes,
+                     free_gpu_bytes, perturb, relative_change, segments_to_keep)
 from .quantized_embedding import compute_dtype_of, embedding_matrix
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
                        compile_model, merge_pays, merged_lora_key,
@@ -220,8 +220,8 @@ class RMTModel(nn.Module):
         self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
         self._auto_kept: int | None = None  # checkpoint_segments="auto": segments kept at the last step
-        # from_backbone's compile (compile, scope, budget: None = 1 until "auto" lowers it), and the
-        # budget "auto" chose, applied at the next forward (_keep_what_fits)
+        # from_backbone's compile (compile, scope, budget, and whether "auto" may lower the budget),
+        # and the budget "auto" chose, applied at the next forward (_keep_what_fits)
         self._compiled: dict | None = None
         self._pending_budget: float | None = None
         self.pad_lm_head = True  # an exact speed-up on CUDA (see _lm_logits); from_backbone(speedups=False) clears it
@@ -273,7 +273,8 @@ class RMTModel(nn.Module):
         speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope,
                  memory_budget=1.0 if compile_memory_budget is None else compile_memory_budget)
         if compile:
-            model._compiled = {"compile": compile, "scope": compile_scope, "budget": compile_memory_budget}
+            model._compiled = {"compile": compile, "scope": compile_scope, "auto": compile_memory_budget is None,
+                               "budget": 1.0 if compile_memory_budget is None else compile_memory_budget}
         model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())
@@ -514,13 +515,18 @@ class RMTModel(nn.Module):
         """checkpoint_segments="auto": how many segments keep their activations (``segments_to_keep``),
         logged when the decision changes."""
         keep = segments_to_keep(free, segment_bytes, num_segments)
-        if keep < num_segments and self._compiled and self._compiled["budget"] is None:
-            # whole segments would be recomputed: graphs that keep less recompute less for the same room
-            budget = activation_budget(free, segment_bytes, num_segments)
-            self._compiled["budget"] = self._pending_budget = budget
-            logger.info(f"checkpoint_segments='auto': {num_segments - keep} of {num_segments} segments would be "
-                        f"recomputed whole; the compiled graphs keep {budget:.2f} of their activations from the next "
-                        f"step on (compile_memory_budget: a number keeps yours)")
+        compiled = self._compiled
+        if keep < num_segments and compiled and compiled["auto"]:
+            # whole segments would be recomputed: graphs that keep less recompute less for the same room.
+            # The segment was measured at the current budget, so the new one is relative to it (a
+            # curriculum that adds segments lowers it again).
+            current = compiled["budget"]
+            budget = max(MIN_AUTO_BUDGET, current * activation_budget(free, segment_bytes, num_segments))
+            if budget < current:
+                compiled["budget"] = self._pending_budget = budget
+                logger.info(f"checkpoint_segments='auto': {num_segments - keep} of {num_segments} segments would be "
+                            f"recomputed whole; the compiled graphs keep {budget:.2f} of their activations from the "
+                            f"next step on (compile_memory_budget: a number keeps yours)")
         if keep != self._auto_kept:
             logger.info(f"checkpoint_segments='auto': {keep} of {num_segments} segments keep their activations "
                         f"({segment_bytes / 2**30:.2f} GiB each, measured; {free / 2**30:.1f} GiB free)")

@@ -124,11 +124,13 @@ def test_auto_budget_by_hand():
 
 
 @pytest.mark.parametrize("chosen", [None, 0.5])
-def test_auto_lowers_the_budget_of_the_graphs_it_compiled_once(monkeypatch, caplog, chosen):
-    """from_backbone(compile=True) with "auto" and a GPU's memory simulated (100 bytes a segment,
-    200 free: 1 of 4 segments fits): the next forward compiles the blocks again at
-    activation_budget's budget, 0.8 x 180 / 400 = 0.36, once, and says so; a budget the user chose
-    (compile_memory_budget=0.5) is kept. Loss and gradients stay the plain run's."""
+def test_auto_lowers_the_budget_of_the_graphs_it_compiled(monkeypatch, caplog, chosen):
+    """from_backbone(compile=True) with "auto" and a GPU's memory simulated (a segment holds 100
+    bytes x the graphs' budget, 200 free): at 4 segments 1 fits, so the next forward compiles the
+    blocks again at activation_budget's 0.8 x 180 / 400 = 0.36, says so, and then all 4 fit
+    (36 bytes each): no further compile. 8 segments (a curriculum's next stage) fit 5 at 0.36, so
+    it lowers again, relative to what it measured: 0.36 x 0.8 x 180 / 288 = 0.18. A budget the user
+    chose (compile_memory_budget=0.5) is kept. Loss and gradients stay the plain run's."""
     from rmt_peft.speedups import compile_blocks
 
     torch.manual_seed(0)
@@ -137,20 +139,23 @@ def test_auto_lowers_the_budget_of_the_graphs_it_compiled_once(monkeypatch, capl
                                    compile=True, compile_memory_budget=chosen).train()
     compile_blocks(model.causal_lm, enable=False)  # run eagerly: the test is the decision, not inductor
     loss, grads = loss_and_grads(model, ids)[:2]
-    calls, compiles = [], []
-    model.causal_lm.transformer.h[0].register_forward_hook(lambda *_: calls.append(1))
-    monkeypatch.setattr(recurrent, "allocated_bytes", lambda device: 100 * len(calls))
+    calls, budget = [], [1.0 if chosen is None else chosen]
+    model.causal_lm.transformer.h[0].register_forward_hook(lambda *_: calls.append(budget[0]))
+    monkeypatch.setattr(recurrent, "allocated_bytes", lambda device: 100 * sum(calls))
     monkeypatch.setattr(recurrent, "free_gpu_bytes", lambda device: 200)
-    monkeypatch.setattr(recurrent, "compile_model", lambda *args: compiles.append(args[1:]))
+    monkeypatch.setattr(recurrent, "compile_model", lambda model, compile, scope, b: budget.__setitem__(0, b))
     model.memory_config = dataclasses.replace(PLAIN, checkpoint_segments="auto")
     with caplog.at_level("INFO", logger="rmt_peft"):
         for _ in range(3):
             got_loss, got_grads = loss_and_grads(model, ids)[:2]
+        assert budget[0] == pytest.approx(0.36 if chosen is None else 0.5)
+        loss_and_grads(model, torch.randint(0, 128, (2, 128)))  # 8 segments
+        loss_and_grads(model, torch.randint(0, 128, (2, 128)))
     if chosen is None:
-        assert compiles == [(True, "blocks", pytest.approx(0.36))]
-        assert "keep 0.36 of their activations" in caplog.text
+        assert budget[0] == pytest.approx(0.18)
+        assert caplog.text.count("of their activations") == 2 and "keep 0.36 of their activations" in caplog.text
     else:
-        assert compiles == [] and "of their activations" not in caplog.text
+        assert budget[0] == 0.5 and "of their activations" not in caplog.text
     torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
     for key in grads:
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
