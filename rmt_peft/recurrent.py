@@ -41,7 +41,7 @@ from .memory import (MIN_AUTO_BUDGET, MemoryConfig, MemoryParameters, activation
                      free_gpu_bytes, perturb, relative_change, segments_to_keep)
 from .quantized_embedding import compute_dtype_of, embedding_matrix
 from .speedups import (GRAPH_AFTER_SEGMENTS, SegmentGraph, cache_dequantized_weights, cache_pays, graph_pays,
-                       compile_model, merge_pays, merged_lora_key,
+                       compile_model, compiled_scope, merge_pays, merged_lora_key,
                        merged_lora_view, merged_lora_weights, save_matmuls_policy, speed_up, transformer_blocks)
 
 logger = logging.getLogger("rmt_peft")
@@ -516,7 +516,8 @@ class RMTModel(nn.Module):
         logged when the decision changes."""
         keep = segments_to_keep(free, segment_bytes, num_segments)
         compiled = self._compiled
-        if keep < num_segments and compiled and compiled["auto"]:
+        # only graphs still compiled as from_backbone left them (the user may have undone the compile)
+        if keep < num_segments and compiled and compiled["auto"] and compiled_scope(self.causal_lm) == compiled["scope"]:
             # whole segments would be recomputed: graphs that keep less recompute less for the same room.
             # The segment was measured at the current budget, so the new one is relative to it (a
             # curriculum that adds segments lowers it again).

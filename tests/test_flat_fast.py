@@ -137,7 +137,7 @@ def test_auto_lowers_the_budget_of_the_graphs_it_compiled(monkeypatch, caplog, c
     ids = torch.randint(0, 128, (2, 64))  # 4 segments
     model = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), PLAIN, lora=LORA, verbose=False,
                                    compile=True, compile_memory_budget=chosen).train()
-    compile_blocks(model.causal_lm, enable=False)  # run eagerly: the test is the decision, not inductor
+    compile_blocks(model.causal_lm, backend="eager")  # dynamo without inductor: the test is the decision
     loss, grads = loss_and_grads(model, ids)[:2]
     calls, budget = [], [1.0 if chosen is None else chosen]
     model.causal_lm.transformer.h[0].register_forward_hook(lambda *_: calls.append(budget[0]))
@@ -159,6 +159,10 @@ def test_auto_lowers_the_budget_of_the_graphs_it_compiled(monkeypatch, caplog, c
     torch.testing.assert_close(got_loss, loss, rtol=1e-6, atol=1e-6)
     for key in grads:
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
+    compile_blocks(model.causal_lm, enable=False)  # a compile the user undid is left undone
+    loss_and_grads(model, torch.randint(0, 128, (2, 256)))  # 16 segments
+    assert budget[0] == pytest.approx(0.18 if chosen is None else 0.5)
+    torch._dynamo.reset()
 
 
 def test_bad_option_values_are_named():
