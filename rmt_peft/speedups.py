@@ -9,6 +9,8 @@
 - ``compile_body``: ``torch.compile`` of the decoder body whole (every block with its hooks, the
   final norm): one compiled call a segment instead of one a layer, so the host work a layer call
   costs is paid once a segment. Longer to compile (the layers are unrolled into one graph).
+- ``memory_budget`` of either (``compiled_call``): the compiled graphs keep part of their
+  activations and recompute the rest in backward; ``checkpoint_segments="auto"`` lowers it.
 - ``use_gpt_neo_sdpa`` (rmt_peft.attention): the exact SDPA attention path for GPT-Neo.
 
 The exact ones (SDPA for GPT-Neo, the fused GELU, and the padded LM head inside ``RMTModel``) are
