@@ -913,6 +913,12 @@ def _check_deepspeed(recipe: Recipe) -> None:
               f" with ZeRO-3 (training.deepspeed={recipe.keys.deepspeed!r}) is not supported: {ZERO3_NO_COMPILE}; "
               "set model.compile_blocks=null (resolves to off under ZeRO-3) or false and leave model.compile_mode "
               "unset, or train with ZeRO-2 (training.deepspeed=zero2), where compiled blocks work")
+        compile_asks = [f"model.{name}={value!r}" for name, value, default in
+                        (("compile_scope", model.compile_scope, "blocks"),
+                         ("compile_memory_budget", model.compile_memory_budget, None)) if value != default]
+        _need(not (stage == 3 and compile_asks),
+              f"{' and '.join(compile_asks)} with ZeRO-3 (training.deepspeed={recipe.keys.deepspeed!r}) has no "
+              f"effect: nothing is compiled under ZeRO-3 ({ZERO3_NO_COMPILE}); leave it unset, or train with ZeRO-2")
         _need(not (stage == 3 and mem.checkpoint_segments),
               "memory.checkpoint_segments=true with ZeRO-3 is not supported: the whole-segment recompute runs "
               "outside the layers' DeepSpeed hooks, which have already re-partitioned the frozen weights; use "

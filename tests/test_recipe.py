@@ -75,6 +75,8 @@ def test_mixed_stages_and_the_resolved_recipe_round_trips(write_recipe, tmp_path
     ("model.cache_dequantized_weights=true", ["cache_dequantized_weights=true", "'4bit'", "None"]),
     (["model.quantization=4bit", "model.dtype=bfloat16", "model.cache_dequantized_weights=true",
       "training.deepspeed=zero3"], ["cache_dequantized_weights=true", "ZeRO-3", "ZeRO-2"]),
+    (["model.compile_scope=body", "model.compile_memory_budget=0.5", "training.deepspeed=zero3"],
+     ["model.compile_scope='body' and model.compile_memory_budget=0.5", "ZeRO-3", "no effect", "ZeRO-2"]),
     ("data.task=poetry", ["data.task='poetry'", "token_memory"]),
     ("data.options.colour=red", ["colour", "num_values"]),
     ("memory.segment_size=60", ["segment_size=60", "68 positions", "64", "segment_size <= 56"]),
