@@ -270,11 +270,11 @@ class RMTModel(nn.Module):
                 logger.info(f"dequantized-weight cache {why}; from_backbone(cache_dequantized=...) overrides")
         if cache_dequantized:
             cache_dequantized_weights(model.causal_lm)
-        speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope,
-                 memory_budget=1.0 if compile_memory_budget is None else compile_memory_budget)
+        budget = 1.0 if compile_memory_budget is None else compile_memory_budget  # None: 1, "auto" may lower it
+        speed_up(model.causal_lm, compile=compile, enable=speedups, compile_scope=compile_scope, memory_budget=budget)
         if compile:
             model._compiled = {"compile": compile, "scope": compile_scope, "auto": compile_memory_budget is None,
-                               "budget": 1.0 if compile_memory_budget is None else compile_memory_budget}
+                               "budget": budget}
         model.pad_lm_head = speedups
         if verbose:
             print(model.trainable_summary())
