@@ -75,7 +75,7 @@ class Bench:
                    fused_gelu: bool = False, autocast: bool = False, compile: bool | str = False,
                    uncheckpointed: int = 0, policy: str = "recompute_all", dequant_cache: bool = False,
                    forward_only: bool = False, compile_scope: str = "blocks", dynamic: bool = False,
-                   memory_budget: float = 1.0, compile_options: dict | None = None):
+                   memory_budget: float = 1.0):
         """compile: False, True (torch.compile's default mode) or a torch.compile mode, of each block
         (``compile_scope`` "blocks", compile_blocks) or of the decoder body as a whole, its blocks and
         their hooks in one graph a segment ("body": one compiled call a segment instead of one a
@@ -85,8 +85,6 @@ class Bench:
         segment, torch compiles the length as a symbol); False: static, as a process training one
         model at one length.
         memory_budget: the compiled graphs' activation budget (speedups.compiled_call).
-        compile_options: inductor options for the compile (torch.compile(options=...)), e.g.
-        {"cpp_wrapper": True}: kernels launched from generated C++ instead of Python.
         forward_only: the step is the forward alone (with gradients on, so it keeps what backward
         needs): what segment checkpointing runs again for every checkpointed segment.
         uncheckpointed / policy: MemoryConfig.uncheckpointed_segments / checkpoint_policy;
@@ -103,7 +101,7 @@ class Bench:
         use_gpt_neo_sdpa(self.peft, enable=attention == "sdpa")
         use_fused_gelu(self.peft, enable=fused_gelu)
         self.autocast, self.forward_only = autocast, forward_only
-        key = (compile, compile_scope, dynamic, memory_budget, tuple(sorted((compile_options or {}).items())))
+        key = (compile, compile_scope, dynamic, memory_budget)
         if key != self.compiled:
             compile_body(self.peft, enable=False)
             compile_blocks(self.peft, enable=False)
@@ -112,8 +110,7 @@ class Bench:
             # associative memory: segment + memory), and torch would make the second model's graphs
             # dynamic in the length (automatic dynamic shapes), with symbolic sizes in every call
             kwargs = {"dynamic": dynamic, "memory_budget": memory_budget,
-                      **({"mode": compile} if isinstance(compile, str) else {}),
-                      **({"options": compile_options} if compile_options else {})}
+                      **({"mode": compile} if isinstance(compile, str) else {})}
             if compile and compile_scope == "body":
                 compile_body(self.peft, **kwargs)
             elif compile:
@@ -335,10 +332,6 @@ SWEEP = {"reference": ("reference", "reference loop (eager, no checkpointing)", 
                                    dict(FAST, compile=mode, compile_scope="body"))
             for impl, name in (("ours", "ours"), ("associative", "associative memory"))
             for key, graphs, mode in (("compiled-nockpt", "", True), ("graphs-nockpt", " + CUDA graphs", "reduce-overhead"))},
-         # the compiled code launching its kernels from C++ instead of Python: the associative step is host-bound
-         **{f"{impl}-cppwrap-nockpt": (impl, f"{name} (SDPA, fused GELU, autocast, compiled blocks with a C++ wrapper, "
-                                       f"no checkpointing)", dict(FAST, compile=True, compile_options={"cpp_wrapper": True}))
-            for impl, name in (("ours", "ours"), ("associative", "associative memory"))},
          # every size symbolic: what dynamic shapes cost each memory (see set_levers)
          **{f"{impl}-compiled-dynamic-nockpt": (impl, f"{name} (SDPA, fused GELU, autocast, compiled blocks with dynamic "
                                                 f"shapes, no checkpointing)", dict(FAST, compile=True, dynamic=True))
