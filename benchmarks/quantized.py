@@ -20,7 +20,8 @@ as soon as it is measured, and a row that fails records its error while the next
   stream  ``--stream-tokens`` (2,048,000) through ``rmt.stream()`` with its defaults (LoRA read
           through merged copies, CUDA graphs from segment 17), segments of ``--stream-segment-size``
           (2,028): bf16 plain and inside ``torch.autocast("cuda", dtype=torch.bfloat16)`` (their
-          memories must be equal), fp8 plain, fp8 with compiled blocks (no graphs).
+          memories must be equal), bf16 with compiled blocks, fp8 plain and with compiled blocks
+          (their graphs captured too, from segment 17; each row says whether it replayed graphs).
   answers the trained model of ``--answers-run`` (a run folder of ``rmt-peft train quickstart``) loaded
           by ``RMTModel.from_pretrained`` in bf16 and as each of ``--answers-backbones`` (torch-held,
           the user's path: ``quantization=..., quantization_backend="torch"``): per sample the answer
@@ -195,11 +196,12 @@ def stream_rmt(name: str, device, args) -> RMTModel:
 
 
 def stream_once(rmt: RMTModel, ids: torch.Tensor, chunk: int, autocast: bool):
+    """The stream's result, and whether it replayed CUDA graphs (the default decides)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         reader = rmt.stream()
         for start in range(0, ids.shape[1], chunk):
             reader.feed(ids[:, start:start + chunk])
-        return reader.finish()
+        return reader.finish(), reader._graph is not None
 
 
 def stream_section(args, device, log) -> None:
@@ -209,7 +211,8 @@ def stream_section(args, device, log) -> None:
     # past segment 17 (the CUDA graph is captured), and ending in a segment as short as the timed
     # stream's last one: compiled blocks (static shapes) then meet no new length in the timed stream
     warm = ids[:, :20 * args.stream_segment_size + args.stream_tokens % args.stream_segment_size]
-    runs = [("bf16", False, False), ("bf16", False, True), ("fp8", False, False), ("fp8", True, False)]
+    runs = [("bf16", False, False), ("bf16", False, True), ("bf16", True, False), ("fp8", False, False),
+            ("fp8", True, False)]
     rmt, built, plain = None, None, {}
     for name, compiled, autocast in runs:
         if compiled and args.tiny and not args.compile_tiny:
@@ -231,16 +234,18 @@ def stream_section(args, device, log) -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             t0 = time.perf_counter()
-            result = stream_once(rmt, ids, args.chunk, autocast)
+            result, graphed = stream_once(rmt, ids, args.chunk, autocast)
             sync(device)
             seconds = time.perf_counter() - t0
-            row = {"run": label, "backbone": name, "compiled": compiled, "autocast": autocast,
+            row = {"run": label, "backbone": name, "compiled": compiled, "autocast": autocast, "cuda_graphs": graphed,
                    "tokens": args.stream_tokens, "seconds": seconds, "tokens_per_s": args.stream_tokens / seconds,
                    "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None}
             twin = plain.get((name, compiled))
             if autocast and twin:  # inside autocast the stream must compute exactly the plain one
                 row["time_vs_plain"] = seconds / twin[0]
                 row["memory_max_abs_diff_vs_plain"] = float((result.memory - twin[1]).abs().max())
+            if compiled and (name, False) in plain:  # the compiled blocks must compute what the plain ones do
+                row["memory_max_abs_diff_vs_uncompiled"] = float((result.memory - plain[(name, False)][1]).abs().max())
             if not autocast:
                 plain[(name, compiled)] = (seconds, result.memory)
             if name != "bf16" and ("bf16", False) in plain:

@@ -16,7 +16,7 @@ import torch
 
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
-from rmt_peft.speedups import compile_blocks, merged_lora_view
+from rmt_peft.speedups import compile_blocks
 
 from .common import (GIB, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
                      forward_flops_per_token, free, gpt_neo_config, lora_config, print_table, sync, write_json)
@@ -156,7 +156,7 @@ def stream_memory_kind(args, kind: str, config, q, device, ids, env, peak, rows:
             s_loop, p_loop = timed(lambda: segment_loop(rmt, ids), device)
             record(f"segment loop (floor), {prefix}{lora_state}{suffix}", args.tokens, s_loop, p_loop, one)
     if args.profile and device.type == "cuda":
-        with merged_lora_view(rmt._stream_weights(states[lora_state])):  # the last state, as it streamed
+        with rmt._stream_view(states[lora_state]):  # the last state, as it streamed
             split = kernel_split(rmt, ids)
         rows.append({"run": f"one segment, kernel time by kind, {prefix}{lora_state}{suffix}", **split})
         print(rows[-1], flush=True)

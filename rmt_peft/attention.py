@@ -11,7 +11,9 @@ the same function with ``torch.nn.functional.scaled_dot_product_attention``:
   upcast buys, without storing fp32 score matrices;
 - local layers AND the model's own sliding-window buffer (``module.bias``) into the mask, so the
   window is exactly eager's;
-- with no padding a global layer runs ``is_causal=True`` (the flash kernel).
+- with no padding a global layer runs ``is_causal=True`` (the flash kernel), also where
+  transformers cannot rule out packed sequences (compiling, CUDA-graph capture) and would build a
+  full mask, for callers that say they never pack (``unpacked_rows``: ``RMTModel``).
 
 ``use_gpt_neo_sdpa(model)`` switches a loaded GPT-Neo model (plain, quantized or inside peft) to
 it: the attention function and its mask builder are registered as ``"gpt_neo_sdpa"`` in
@@ -21,6 +23,8 @@ gets a subclass whose ``_attn`` dispatches through the interface. Weights and st
 unchanged. Attention weights are not returned (``output_attentions`` needs eager).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +68,37 @@ def gpt_neo_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2), None
 
 
+_unpacked = 0  # > 0 inside unpacked_rows()
+
+
+@contextmanager
+def unpacked_rows():
+    """Inside it, a GPT-Neo SDPA call without a padding mask builds no mask: each row is one sequence.
+
+    Without a padding mask transformers checks the position ids for packed sequences (a host sync).
+    Where it cannot read them, while compiling or capturing a CUDA graph, it assumes packing and
+    builds a full (batch, 1, q, k) mask: every global layer then runs masked SDPA instead of the
+    causal kernel, and compiled blocks see a mask in the capture that they never saw eagerly, so
+    they compile again inside it, which the capture refuses (measured on an H100, BENCHMARKS.md).
+    Callers that never pack (``RMTModel``, whose positions count from 0 in every row) say so here.
+    """
+    global _unpacked
+    _unpacked += 1
+    try:
+        yield
+    finally:
+        _unpacked -= 1
+
+
+def gpt_neo_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, except that inside ``unpacked_rows`` no padding means no mask."""
+    if attention_mask is None and _unpacked:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(GPT_NEO_SDPA, gpt_neo_sdpa_attention)
-AttentionMaskInterface.register(GPT_NEO_SDPA, sdpa_mask)
+AttentionMaskInterface.register(GPT_NEO_SDPA, gpt_neo_sdpa_mask)
 
 
 class GPTNeoSdpaSelfAttention(GPTNeoSelfAttention):

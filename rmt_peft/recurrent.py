@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from . import associative, card, hub, saving
 from .adapters import attach_lora, trainable_summary
 from .associative import AssociativeState
+from .attention import unpacked_rows
 from .backbones import causal_lm_of, check_position_limit
 from .errors import UserError
 from .fileio import atomic_directory
@@ -217,7 +218,7 @@ class RMTModel(nn.Module):
         if std is None:
             std = float(embedding_matrix(embeddings).detach().float().std())
         self._padded_head: tuple | None = None  # (weight key, padded copy), see _lm_logits
-        self._merged_lora: tuple | None = None  # (merged_lora_key, copies), see _stream_weights
+        self._merged_lora: tuple | None = None  # (merged_lora_key, view of the copies), see _stream_view
         self._stream_notes: dict[str, str | None] = {}  # the last reason logged for each default of the streams
         self._auto_kept: int | None = None  # checkpoint_segments="auto": segments kept at the last step
         # from_backbone's compile (compile, scope, budget, and whether "auto" may lower the budget),
@@ -396,22 +397,24 @@ class RMTModel(nn.Module):
             self._padded_head = (key, _pad_rows(weight.detach()))  # a plain attribute, not in state dicts
         return self._padded_head[1]
 
-    def _stream_weights(self, merge_lora: bool | None) -> dict:
-        """The merged LoRA copies a stream reads through ({}: peft's own layers). None decides with
-        ``speedups.merge_pays``, logged when the reason changes (not once per stream). In eval mode
-        the copies stay with the model while the layers' tensors are unchanged, so the streams of
-        one evaluation (one per document or batch) share them; ``train()`` frees them."""
+    def _stream_view(self, merge_lora: bool | None) -> merged_lora_view:
+        """The view a stream reads through: merged LoRA copies, or none (peft's own layers). None
+        decides with ``speedups.merge_pays``, logged when the reason changes (not once per stream).
+        In eval mode the view and its copies stay with the model while the layers' tensors are
+        unchanged, so the streams of one evaluation (one per document or batch) share them, and
+        compiled blocks, which check each layer's forward, see the same ones and compile once;
+        ``train()`` frees them."""
         if merge_lora is None:
             merge_lora, why = merge_pays(self)
             self._note_stream_default("with LoRA merged into copies of the weights", why, "merge_lora")
         if not merge_lora:
-            return {}
+            return merged_lora_view({})
         if self.training:  # the weights change at every step: nothing to keep
-            return merged_lora_weights(self)
+            return merged_lora_view(merged_lora_weights(self))
         key = merged_lora_key(self)
         if self._merged_lora is None or self._merged_lora[0] != key:
             self._merged_lora = None  # the old copies go before the new ones are made
-            self._merged_lora = (key, merged_lora_weights(self))
+            self._merged_lora = (key, merged_lora_view(merged_lora_weights(self)))
         return self._merged_lora[1]
 
     def _own_precision(self):
@@ -472,19 +475,21 @@ class RMTModel(nn.Module):
             # itself; the others would not) and a padded sample computes what it would alone.
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         body = self.causal_lm.base_model
+        # unpacked_rows: no mask without padding, also inside CUDA-graph captures and compiled bodies
         if is_associative:
             cfg = self.memory_config
             measure = cfg.associative_write_cost > 0 and self.training and torch.is_grad_enabled()
             with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
                                                  hard_gates=cfg.associative_hard_gates,
                                                  gate_threshold=cfg.associative_gate_threshold,
-                                                 measure_gates=measure) as session:
+                                                 measure_gates=measure) as session, unpacked_rows():
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
             new_memory, hidden = session.result(), hidden[:, :n]
         else:
-            hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                          use_cache=False).last_hidden_state
+            with unpacked_rows():
+                hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
             # A copy, not a view: a view would keep this segment's whole hidden state alive for as
             # long as the memory lives (every segment of a checkpointed BPTT step).
             if m and self.memory_config.memory_update != "replace":
@@ -763,13 +768,13 @@ class MemoryStream:
     no padding). ``feed`` returns the logits of the segments it completed when asked for.
     With ``merge_lora`` it reads through merged copies of the LoRA layers' weights, inside its own
     calls only (values then as a merged model rounds them); the model keeps the copies for the
-    next stream while it stays in eval mode with the same weights (``RMTModel._stream_weights``).
+    next stream while it stays in eval mode with the same weights (``RMTModel._stream_view``).
     """
 
     def __init__(self, model: RMTModel, batch_size: int = 1, compute_loss: bool = False,
                  return_logits: bool = False, cuda_graph: bool | None = None, merge_lora: bool | None = None):
         self.model = model
-        self._view = merged_lora_view(model._stream_weights(merge_lora))
+        self._view = model._stream_view(merge_lora)
         self._graph, self._graph_from = None, 0  # the segment index the graph serves from
         if cuda_graph is None:
             cuda_graph, why = graph_pays(model, self._view.weights)

@@ -477,11 +477,12 @@ GRAPH_AFTER_SEGMENTS = 16
 def graph_blocker(model: nn.Module, merged: dict) -> str | None:
     """Why a stream of ``model`` should not capture its segments (None: nothing against it).
     ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
-    Compiled blocks fail to capture; bitsandbytes layers that compute themselves (8-bit, or
-    4-bit without a dequantized copy) are not known to capture, so they are left eager."""
-    scope = compiled_scope(model)
-    if scope:
-        return f"{'the blocks are' if scope == 'blocks' else 'the decoder body is'} compiled (the capture fails)"
+    A decoder body compiled whole (``compile_body``) is not known to capture; compiled blocks
+    capture (their graphs, fused and launched at once). bitsandbytes layers that compute
+    themselves (8-bit, or 4-bit without a dequantized copy) are not known to capture either, so
+    they are left eager."""
+    if compiled_scope(model) == "body":
+        return "the decoder body is compiled (not known to capture)"
     try:
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
     except ImportError:
@@ -520,13 +521,13 @@ class SegmentGraph:
     eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
 
     def __init__(self, model: nn.Module):
-        scope = compiled_scope(model)
-        if scope:
-            # measured on an H200 (BENCHMARKS.md, issue 15): the capture fails with
-            # cudaErrorStreamCaptureInvalidated and leaves the CUDA context unusable
-            raise UserError(f"cuda_graph=True cannot capture compiled {'blocks' if scope == 'blocks' else 'decoder body'}"
-                            ": the capture fails and leaves the GPU context broken; stream with cuda_graph=False, or "
-                            f"undo the compile first (rmt_peft.speedups.compile_{scope}(rmt.causal_lm, enable=False))")
+        if compiled_scope(model) == "body":
+            # not known to capture: a graph compiled inside the capture fails it
+            # (cudaErrorStreamCaptureInvalidated) and leaves the CUDA context unusable
+            raise UserError("cuda_graph=True cannot capture a compiled decoder body: a compile inside the capture "
+                            "fails it and leaves the GPU context broken; stream with cuda_graph=False, compile the "
+                            "blocks instead (rmt_peft.speedups.compile_blocks(rmt.causal_lm)), or undo the compile "
+                            "(rmt_peft.speedups.compile_body(rmt.causal_lm, enable=False))")
         if not next(model.parameters()).is_cuda:
             raise UserError("cuda_graph=True needs the model on a CUDA device; use cuda_graph=False on "
                             f"{next(model.parameters()).device}")

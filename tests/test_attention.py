@@ -140,3 +140,59 @@ def test_rmt_with_lora_on_sdpa_matches_eager():
     out_e, out_s = rmt_e(ids, labels=ids), rmt_s(ids, labels=ids)
     assert torch.allclose(out_s.loss, out_e.loss, atol=1e-5)
     assert torch.allclose(out_s.memory, out_e.memory, atol=1e-4)
+
+
+def capturing(monkeypatch):
+    """transformers as it behaves inside a CUDA-graph capture (it asks torch whether one is on)."""
+    from transformers.utils import import_utils
+
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+
+
+def sdpa_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """(a mask was passed, is_causal) for every SDPA call from here on."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is not None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_no_mask_without_padding_inside_a_capture_for_callers_that_never_pack(monkeypatch):
+    """Inside a capture transformers cannot read the position ids to rule out packed sequences, so
+    it builds a full mask and the global layers lose the causal kernel (and compiled blocks see a
+    mask they never saw, and compile inside the capture). ``unpacked_rows`` keeps the mask out,
+    with the same outputs; ``RMTModel`` runs its segments inside it."""
+    from rmt_peft.attention import unpacked_rows
+
+    model = sharpened_gpt_neo()
+    use_gpt_neo_sdpa(model)
+    ids = torch.randint(0, 128, (2, 60))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits  # no cache: transformers checks the positions for packing
+        capturing(monkeypatch)
+        calls = sdpa_calls(monkeypatch)
+        as_transformers_does = model(ids, use_cache=False).logits
+        assert calls[0] == (True, False)  # layer 0 is global: a mask, not the causal kernel
+        calls.clear()
+        with unpacked_rows():
+            got = model(ids, use_cache=False).logits
+        assert calls == [(False, True), (True, False)]  # global: causal kernel; local: its window table
+    torch.testing.assert_close(as_transformers_does, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    rmt = RMTModel.from_backbone(sharpened_gpt_neo(), MemoryConfig(num_memory_tokens=4, segment_size=40),
+                                 verbose=False).eval()
+    calls.clear()
+    with torch.no_grad():
+        rmt(ids)
+    assert calls and all(call == (False, True) for call in calls[::2])  # every global layer of every segment
+    calls.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # padding: a mask is needed, and built
+    with torch.no_grad():
+        rmt(ids, attention_mask=mask)
+    assert all(has_mask for has_mask, _ in calls)

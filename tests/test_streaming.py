@@ -93,36 +93,70 @@ def test_cuda_graph_stream_needs_a_gpu():
         rmt.stream(cuda_graph=True)
 
 
-def test_cuda_graph_stream_refuses_compiled_blocks():
-    """Capturing compiled blocks failed on an H200 (and broke the CUDA context): refused up front,
-    on any device, with the call that undoes the compile."""
+def test_cuda_graph_stream_refuses_a_compiled_body_not_compiled_blocks():
+    """A compiled decoder body is not known to capture (a compile inside the capture breaks the CUDA
+    context): refused up front, on any device, naming the alternatives. Compiled blocks get as far
+    as the device check: they capture (BENCHMARKS.md, issue 25)."""
     from rmt_peft.errors import UserError
-    from rmt_peft.speedups import compile_blocks
+    from rmt_peft.speedups import compile_blocks, compile_body
 
     rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
-    compile_blocks(rmt.causal_lm)  # nothing compiles until a block is called
-    with pytest.raises(UserError, match=r"cannot capture compiled blocks.*compile_blocks\(rmt.causal_lm, enable=False\)"):
+    compile_body(rmt.causal_lm)  # nothing compiles until the body is called
+    with pytest.raises(UserError, match=r"cannot capture a compiled decoder body.*compile_blocks\(rmt.causal_lm\)"
+                                        r".*compile_body\(rmt.causal_lm, enable=False\)"):
         rmt.stream(cuda_graph=True)
-    compile_blocks(rmt.causal_lm, enable=False)
+    compile_blocks(rmt.causal_lm)
     with pytest.raises(UserError, match="needs the model on a CUDA device"):
         rmt.stream(cuda_graph=True)
 
 
+def test_compiled_blocks_compile_nothing_new_inside_a_capture_or_a_second_stream(monkeypatch):
+    """What a capture of compiled blocks needs: the segment the capture records calls the graphs
+    the warm-up compiled. transformers inside a capture (simulated: it asks torch whether one is
+    on) would hand the blocks a mask they never saw (``attention.unpacked_rows``), and each new
+    stream's merged LoRA copies would be new forwards to the blocks' guards (``_stream_view``)."""
+    from transformers.utils import import_utils
+
+    from rmt_peft.speedups import compile_blocks
+
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), MemoryConfig(num_memory_tokens=2, segment_size=16),
+                                 verbose=False, lora={"r": 4, "target_modules": "all-linear",
+                                                      "init_lora_weights": False}).eval()
+    ids = torch.randint(2, 128, (1, 3 * 16 + 1))
+
+    def read(merge_lora):
+        reader = rmt.stream(merge_lora=merge_lora)
+        reader.feed(ids)
+        return reader.finish().memory
+
+    expected = {merge: read(merge) for merge in (False, True)}  # eager
+    compile_blocks(rmt.causal_lm, dynamic=False)
+    for merge in (False, True):
+        read(merge)  # compiles
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for merge in (False, True):
+            torch.testing.assert_close(read(merge), expected[merge], rtol=1e-3, atol=1e-4)  # compiled vs eager rounding
+    compile_blocks(rmt.causal_lm, enable=False)
+
+
 def test_graph_blocker_names_what_a_default_stream_keeps_eager(tmp_path):
-    """The default stream (cuda_graph=None) captures nothing when blocks are compiled or when a
+    """The default stream (cuda_graph=None) captures nothing when the decoder body is compiled whole or when a
     bitsandbytes layer computes itself (8-bit; 4-bit without dequantized copies, its own cache
     or the stream's merged LoRA copies); a plain model, or 4-bit with copies, has no blocker.
     On the CPU the default is off, with nothing to log."""
     from rmt_peft import load_backbone
-    from rmt_peft.speedups import cache_dequantized_weights, compile_blocks, graph_blocker, graph_pays
+    from rmt_peft.speedups import cache_dequantized_weights, compile_blocks, compile_body, graph_blocker, graph_pays
     from rmt_peft.tiny_models import save_tiny_model
 
     rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
     assert graph_blocker(rmt, {}) is None
     assert graph_pays(rmt, {}) == (False, None) and rmt.stream()._graph is None
     compile_blocks(rmt.causal_lm)
-    assert "compiled" in graph_blocker(rmt, {})
-    compile_blocks(rmt.causal_lm, enable=False)
+    assert graph_blocker(rmt, {}) is None  # compiled blocks capture
+    compile_body(rmt.causal_lm)
+    assert "decoder body is compiled" in graph_blocker(rmt, {})
+    compile_body(rmt.causal_lm, enable=False)
 
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo", num_layers=2)
     four = load_backbone(path, quantization="4bit", dtype="float32", quantization_backend="bitsandbytes")
