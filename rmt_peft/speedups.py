@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .associative import AssociativeState
-from .attention import use_gpt_neo_sdpa
+from .attention import GPT_NEO_SDPA, use_gpt_neo_sdpa
 from .errors import UserError
 from .quantized_linear import QuantizedLinear
 
@@ -474,15 +474,32 @@ def _merged_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 GRAPH_AFTER_SEGMENTS = 16
 
 
+def compiled_capture_blocker(model: nn.Module) -> str | None:
+    """Why compiled code in ``model`` must not be captured in a stream's CUDA graph (None: nothing
+    compiled, or blocks that capture). A graph compiled inside a capture fails it and leaves the
+    CUDA context unusable. Compiled blocks capture on GPT-Neo's SDPA path, which builds no mask in
+    a capture (``attention.unpacked_rows``); elsewhere transformers builds one there that the
+    blocks never saw, and they would compile again. A decoder body compiled whole is not known to
+    capture."""
+    scope = compiled_scope(model)
+    if scope == "body":
+        return "the decoder body is compiled (not known to capture)"
+    if scope == "blocks" and not any(getattr(getattr(m, "config", None), "_attn_implementation", None) == GPT_NEO_SDPA
+                                     for m in model.modules()):
+        return ("the blocks are compiled, and transformers builds their attention mask anew inside a capture "
+                "(only GPT-Neo's SDPA path keeps it out)")
+    return None
+
+
 def graph_blocker(model: nn.Module, merged: dict) -> str | None:
     """Why a stream of ``model`` should not capture its segments (None: nothing against it).
     ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
-    A decoder body compiled whole (``compile_body``) is not known to capture; compiled blocks
-    capture (their graphs, fused and launched at once). bitsandbytes layers that compute
-    themselves (8-bit, or 4-bit without a dequantized copy) are not known to capture either, so
-    they are left eager."""
-    if compiled_scope(model) == "body":
-        return "the decoder body is compiled (not known to capture)"
+    Compiled code that would compile again inside the capture (``compiled_capture_blocker``), and
+    bitsandbytes layers that compute themselves (8-bit, or 4-bit without a dequantized copy),
+    which are not known to capture, are left eager."""
+    compiled = compiled_capture_blocker(model)
+    if compiled:
+        return compiled
     try:
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
     except ImportError:
@@ -521,13 +538,13 @@ class SegmentGraph:
     eagerly). Graphs live as long as the stream: the weights must not change while it reads."""
 
     def __init__(self, model: nn.Module):
-        if compiled_scope(model) == "body":
-            # not known to capture: a graph compiled inside the capture fails it
-            # (cudaErrorStreamCaptureInvalidated) and leaves the CUDA context unusable
-            raise UserError("cuda_graph=True cannot capture a compiled decoder body: a compile inside the capture "
-                            "fails it and leaves the GPU context broken; stream with cuda_graph=False, compile the "
-                            "blocks instead (rmt_peft.speedups.compile_blocks(rmt.causal_lm)), or undo the compile "
-                            "(rmt_peft.speedups.compile_body(rmt.causal_lm, enable=False))")
+        blocker = compiled_capture_blocker(model)
+        if blocker:
+            # a compile inside the capture fails it (cudaErrorStreamCaptureInvalidated) for good
+            scope = compiled_scope(model)
+            raise UserError(f"cuda_graph=True cannot capture this model: {blocker}; a compile inside the capture "
+                            "fails it and leaves the GPU context broken. Stream with cuda_graph=False, or undo the "
+                            f"compile (rmt_peft.speedups.compile_{scope}(rmt.causal_lm, enable=False))")
         if not next(model.parameters()).is_cuda:
             raise UserError("cuda_graph=True needs the model on a CUDA device; use cuda_graph=False on "
                             f"{next(model.parameters()).device}")
