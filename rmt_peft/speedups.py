@@ -479,11 +479,13 @@ def compiled_capture_blocker(model: nn.Module) -> str | None:
     compiled, or blocks that capture). A graph compiled inside a capture fails it and leaves the
     CUDA context unusable. Compiled blocks capture on GPT-Neo's SDPA path, which builds no mask in
     a capture (``attention.unpacked_rows``); elsewhere transformers builds one there that the
-    blocks never saw, and they would compile again. A decoder body compiled whole is not known to
-    capture."""
+    blocks never saw, and they would compile again. A decoder body compiled whole, and blocks
+    compiled with an associative memory's hooks, are not known to capture (not tried on a GPU)."""
     scope = compiled_scope(model)
     if scope == "body":
         return "the decoder body is compiled (not known to capture)"
+    if scope == "blocks" and getattr(getattr(model, "memory_config", None), "associative", False):
+        return "the blocks are compiled with an associative memory's read and write (not known to capture)"
     if scope == "blocks" and not any(getattr(getattr(m, "config", None), "_attn_implementation", None) == GPT_NEO_SDPA
                                      for m in model.modules()):
         return ("the blocks are compiled, and transformers builds their attention mask anew inside a capture "

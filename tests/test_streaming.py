@@ -113,6 +113,11 @@ def test_cuda_graph_stream_refuses_compiled_code_that_would_compile_inside_the_c
     compile_body(rmt.causal_lm)
     with pytest.raises(UserError, match=r"decoder body is compiled.*compile_body\(rmt.causal_lm, enable=False\)"):
         rmt.stream(cuda_graph=True)
+    armt = RMTModel.from_backbone(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16,
+                                                                      memory_kind="associative"), verbose=False)
+    compile_blocks(armt.causal_lm)
+    with pytest.raises(UserError, match="associative memory's read and write"):
+        armt.stream(cuda_graph=True)
 
 
 def test_compiled_blocks_compile_nothing_new_inside_a_capture_or_a_second_stream(monkeypatch):
