@@ -401,20 +401,19 @@ class RMTModel(nn.Module):
         """The view a stream reads through: merged LoRA copies, or none (peft's own layers). None
         decides with ``speedups.merge_pays``, logged when the reason changes (not once per stream).
         In eval mode the view and its copies stay with the model while the layers' tensors are
-        unchanged, so the streams of one evaluation (one per document or batch) share them, and
-        compiled blocks, which check each layer's forward, see the same ones and compile once;
-        ``train()`` frees them."""
+        unchanged, so the streams of one evaluation (one per document or batch) share them instead
+        of merging again; ``train()`` frees them."""
         if merge_lora is None:
             merge_lora, why = merge_pays(self)
             self._note_stream_default("with LoRA merged into copies of the weights", why, "merge_lora")
         if not merge_lora:
-            return merged_lora_view({})
+            return merged_lora_view(self, {})
         if self.training:  # the weights change at every step: nothing to keep
-            return merged_lora_view(merged_lora_weights(self))
+            return merged_lora_view(self, merged_lora_weights(self))
         key = merged_lora_key(self)
         if self._merged_lora is None or self._merged_lora[0] != key:
             self._merged_lora = None  # the old copies go before the new ones are made
-            self._merged_lora = (key, merged_lora_view(merged_lora_weights(self)))
+            self._merged_lora = (key, merged_lora_view(self, merged_lora_weights(self)))
         return self._merged_lora[1]
 
     def _own_precision(self):
@@ -777,7 +776,7 @@ class MemoryStream:
         self._view = model._stream_view(merge_lora)
         self._graph, self._graph_from = None, 0  # the segment index the graph serves from
         if cuda_graph is None:
-            cuda_graph, why = graph_pays(model, self._view.weights)
+            cuda_graph, why = graph_pays(model, self._view.copies)
             model._note_stream_default("with CUDA graphs", why, "cuda_graph")
             self._graph_from = GRAPH_AFTER_SEGMENTS
         if cuda_graph:

@@ -399,12 +399,13 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor | nn.Module, torch.Tensor | None]]:
-    """For each LoRA layer ``merged_lora_view`` can fold: its base weight (dequantized if quantized)
-    plus ``scaling * B @ A`` of the active adapters, summed in fp32 and rounded once to the
-    layer's compute dtype (what ``merge_and_unload`` gives), and its bias; for an FP8 layer, a
-    ``QuantizedLinear`` of that sum in FP8 (1 byte per weight, matmuls at FP8 rate) and None.
-    The model is unchanged."""
+def merged_lora_weights(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """For each LoRA layer ``merged_lora_view`` can fold, a frozen copy that computes it with its
+    adapters folded in: its base weight (dequantized if quantized) plus ``scaling * B @ A`` of the
+    active adapters, summed in fp32 and rounded once to the layer's compute dtype (what
+    ``merge_and_unload`` gives), with its bias, as a ``MergedLinear``; for an FP8 layer, a
+    ``QuantizedLinear`` of that sum in FP8 (1 byte per weight, matmuls at FP8 rate). The model is
+    unchanged."""
     out = {}
     for layer in _mergeable_lora_layers(model):
         base = layer.get_base_layer()
@@ -423,10 +424,25 @@ def merged_lora_weights(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor 
                 weight = weight + layer.get_delta_weight(name).float()
         bias = None if base.bias is None else base.bias.to(dtype)
         if getattr(base, "format", None) == "fp8":  # quantized again: the stream keeps FP8's matmul rate
-            out[layer] = (QuantizedLinear(weight.to(dtype), bias, "fp8"), None)
+            out[layer] = QuantizedLinear(weight.to(dtype), bias, "fp8")
         else:
-            out[layer] = (weight.to(dtype), bias)
+            out[layer] = MergedLinear(weight.to(dtype), bias)
     return out
+
+
+class MergedLinear(nn.Module):
+    """A LoRA layer's merged copy (``merged_lora_weights``): one matmul in the copy's dtype, the
+    input cast to it and the result back to the input's dtype (a 4-bit layer's copy is in its
+    compute dtype, which its input need not share)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        # buffers: they move with the copy and are never trained
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def merged_lora_key(model: nn.Module) -> tuple:
@@ -439,32 +455,32 @@ def merged_lora_key(model: nn.Module) -> tuple:
 
 
 class merged_lora_view:
-    """``with merged_lora_view(weights):`` each LoRA layer in ``weights`` (``merged_lora_weights``)
-    multiplies with its merged copy, one matmul instead of the base matmul plus LoRA's four
-    kernels; the layers are restored on exit. Reading with LoRA attached then runs at the speed
-    of a merged model without merging it (the model stays trainable, its weights untouched)."""
+    """``with merged_lora_view(model, copies):`` each LoRA layer of ``model`` in ``copies``
+    (``merged_lora_weights``) is replaced in its parent module by its merged copy, one matmul
+    instead of the base matmul plus LoRA's four kernels; the layers are put back on exit. Reading
+    with LoRA attached then runs at the speed of a merged model without merging it (the model
+    stays trainable, its weights untouched).
 
-    def __init__(self, weights: dict[nn.Module, tuple[torch.Tensor | nn.Module, torch.Tensor | None]]):
-        self.weights = weights
-        # made once: the same objects on every entry, so compiled blocks see one forward per layer
-        self._forwards = {layer: weight if isinstance(weight, nn.Module) else partial(_merged_forward, weight, bias)
-                          for layer, (weight, bias) in weights.items()}
+    The copies take the layers' places rather than their ``forward``s: compiled blocks then meet
+    modules of one type in every block and share their graphs across the blocks. A forward of
+    each layer's own was a new object to their guards in every block: one graph per block and
+    segment length (48 for GPT-Neo-1.3B's stream), past torch's recompile limit once another
+    model's graphs were in the process, where the rest of the blocks ran uncompiled."""
+
+    def __init__(self, model: nn.Module, copies: dict[nn.Module, nn.Module]):
+        self.copies = copies
+        # (parent, name, LoRA layer, copy), found once: the stream enters the view every segment
+        self._places = [(parent, name, child, copies[child]) for parent in (model.modules() if copies else ())
+                        for name, child in parent._modules.items() if child in copies]
 
     def __enter__(self):
-        for layer, forward in self._forwards.items():
-            # into the instance's dict: set as an attribute, an FP8 copy (a module) would become
-            # a child module named "forward", never called (the class's forward wins) and saved
-            # with the layer's state dict
-            layer.__dict__["forward"] = forward
+        for parent, name, _, copy in self._places:
+            parent._modules[name] = copy
         return self
 
     def __exit__(self, *exc):
-        for layer in self.weights:
-            layer.__dict__.pop("forward", None)
-
-
-def _merged_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *args, **kwargs):
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        for parent, name, layer, _ in self._places:
+            parent._modules[name] = layer
 
 
 # -- streaming: one segment as a CUDA graph --------------------------------------------------
@@ -495,7 +511,7 @@ def compiled_capture_blocker(model: nn.Module) -> str | None:
 
 def graph_blocker(model: nn.Module, merged: dict) -> str | None:
     """Why a stream of ``model`` should not capture its segments (None: nothing against it).
-    ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view``).
+    ``merged``: the LoRA layers the stream reads through merged copies (``merged_lora_view.copies``).
     Compiled code that would compile again inside the capture (``compiled_capture_blocker``), and
     bitsandbytes layers that compute themselves (8-bit, or 4-bit without a dequantized copy),
     which are not known to capture, are left eager."""

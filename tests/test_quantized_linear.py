@@ -167,7 +167,7 @@ def test_merging_and_merged_stream_copies_use_the_dequantized_weights(tmp_path):
     ids = torch.randint(2, 128, (1, 37), generator=torch.Generator().manual_seed(0))
     attached = stream_tokens(rmt, [ids], compute_loss=True)
     reader = rmt.stream(compute_loss=True, merge_lora=True)
-    assert len(reader._view.weights) == 12
+    assert len(reader._view.copies) == 12
     reader.feed(ids)
     copies = reader.finish()
     merged = stream_tokens(rmt.merge_and_unload(dtype=torch.float32), [ids], compute_loss=True)
@@ -219,8 +219,8 @@ def test_fp8_merged_stream_copies_stay_fp8(monkeypatch):
     truth = stream_tokens(reference, [ids], compute_loss=True)
     attached = stream_tokens(rmt, [ids], compute_loss=True)
     reader = rmt.stream(compute_loss=True, merge_lora=True)
-    copies = list(reader._view.weights.values())
-    assert len(copies) == 12 and all(isinstance(c, ql.QuantizedLinear) and c.format == "fp8" for c, _ in copies)
+    copies = list(reader._view.copies.values())
+    assert len(copies) == 12 and all(isinstance(c, ql.QuantizedLinear) and c.format == "fp8" for c in copies)
     keys = set(rmt.state_dict())
     from peft.tuners.lora import layer as lora_layer
 

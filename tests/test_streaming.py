@@ -150,6 +150,39 @@ def test_compiled_blocks_compile_nothing_new_inside_a_capture_or_a_second_stream
     compile_blocks(rmt.causal_lm, enable=False)
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_merged_copies_let_the_blocks_share_their_compiled_graphs(quantization):
+    """Compiled blocks share one graph per kind of block (GPT-Neo: global and local attention)
+    and segment length, with or without the stream's merged LoRA copies: 4 graphs for 4 blocks
+    read in segments of one full and one short length. The copies used to be each layer's own
+    ``forward``, a new object to the guards in every block: one graph per block (8 here, 48 for
+    GPT-Neo-1.3B), past torch's recompile limit with another model's graphs in the process."""
+    from rmt_peft.quantized_linear import quantize_linears
+    from rmt_peft.speedups import compile_blocks
+
+    backbone = tiny_model("gpt_neo", num_layers=4)
+    if quantization:
+        quantize_linears(backbone.to(torch.bfloat16), quantization)
+    rmt = RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=2, segment_size=16),
+                                 verbose=False, lora={"r": 4, "target_modules": "all-linear"}).eval()
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_blocks(rmt.causal_lm, dynamic=False, backend=counting)
+    ids = torch.randint(2, 128, (1, 3 * 16 + 5))  # three segments of 16 and a short one
+    for merge in (False, True):
+        graphs.clear()
+        reader = rmt.stream(merge_lora=merge)
+        reader.feed(ids)
+        reader.finish()
+        assert len(reader._view.copies) == (24 if merge else 0)
+        assert len(graphs) == 2 * 2, merge  # (global, local) x (16, 5) tokens
+    compile_blocks(rmt.causal_lm, enable=False)
+
+
 def test_graph_blocker_names_what_a_default_stream_keeps_eager(tmp_path):
     """The default stream (cuda_graph=None) captures nothing when compiled code would compile again
     inside the capture (compiled blocks off GPT-Neo's SDPA path, a compiled body) or when a
@@ -234,7 +267,7 @@ def test_gpu_cuda_graph_stream_matches_eager(merge_lora):
     for graph in (False, True):
         reader = rmt.stream(batch_size=2, compute_loss=True, return_logits=True, cuda_graph=graph,
                             merge_lora=merge_lora)
-        assert bool(reader._view.weights) == (merge_lora is None)
+        assert bool(reader._view.copies) == (merge_lora is None)
         logits = [out for chunk in ids.split(23, dim=1) for out in reader.feed(chunk)]
         results.append((reader.finish(), torch.cat(logits, dim=1)))
     (eager, eager_logits), (graphed, graphed_logits) = results
@@ -267,9 +300,9 @@ def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path,
     merged = rmt.merge_and_unload(dtype=torch.float32, device=device).eval()
     expected = stream_tokens(merged, [ids], compute_loss=True)
 
-    assert bool(rmt.stream()._view.weights) == (device.type == "cuda")  # the default: merged copies on a GPU only
+    assert bool(rmt.stream()._view.copies) == (device.type == "cuda")  # the default: merged copies on a GPU only
     reader = rmt.stream(compute_loss=True, merge_lora=True)
-    assert len(reader._view.weights) == 12  # 6 linear layers x 2 blocks
+    assert len(reader._view.copies) == 12  # 6 linear layers x 2 blocks
     reader.feed(ids)
     got = reader.finish()
     torch.testing.assert_close(got.memory, expected.memory, rtol=1e-4, atol=1e-5)
@@ -288,15 +321,15 @@ def test_streams_share_the_merged_copies_until_the_weights_change(caplog):
     rmt = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), MemoryConfig(num_memory_tokens=3, segment_size=8),
                                  verbose=False, lora={"r": 4, "target_modules": "all-linear",
                                                       "init_lora_weights": False}).eval()
-    first, second = rmt.stream(merge_lora=True)._view.weights, rmt.stream(merge_lora=True)._view.weights
-    assert len(first) == 12 and all(first[layer][0] is second[layer][0] for layer in first)
+    first, second = rmt.stream(merge_lora=True)._view.copies, rmt.stream(merge_lora=True)._view.copies
+    assert len(first) == 12 and all(first[layer] is second[layer] for layer in first)
 
     layer = next(iter(first))
     with torch.no_grad():
         layer.lora_B["default"].weight.add_(0.5)
     ids = torch.randint(2, 128, (1, 29))
     reader = rmt.stream(compute_loss=True, merge_lora=True)
-    assert reader._view.weights[layer][0] is not first[layer][0]
+    assert reader._view.copies[layer] is not first[layer]
     reader.feed(ids)
     got = reader.finish()
     expected = stream_tokens(rmt.merge_and_unload(dtype=torch.float32).eval(), [ids], compute_loss=True)
@@ -312,5 +345,5 @@ def test_streams_share_the_merged_copies_until_the_weights_change(caplog):
     rmt.float()
     with caplog.at_level(logging.INFO, logger="rmt_peft"):
         for _ in range(3):
-            assert rmt.stream()._view.weights == {}  # the default on the CPU: peft's own layers
+            assert rmt.stream()._view.copies == {}  # the default on the CPU: peft's own layers
     assert sum("merged into copies" in r.getMessage() for r in caplog.records) == 1
