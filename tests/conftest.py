@@ -3,12 +3,31 @@ gain nothing from a second thread, and on a loaded machine OpenMP's spinning thr
 10-100x slower."""
 import contextlib
 import copy
+import functools
 import glob
 import os
 
 import pytest
 import torch
 import yaml
+
+@functools.cache
+def cpu_rowwise_fp8() -> bool:
+    """Whether torch's CPU ``_scaled_mm`` takes a scale per row (torch 2.11 takes one per tensor)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def pytest_runtest_setup(item):
+    # The FP8 layer scales each row of its input; its tests run it on the CPU, where only newer
+    # torch can (the layer itself runs on FP8 GPUs only: quantized_linear.check_fp8).
+    if item.get_closest_marker("cpu_fp8") and not cpu_rowwise_fp8():
+        pytest.skip(f"torch {torch.__version__}: the CPU's _scaled_mm takes no row-wise scales (torch 2.13's does)")
+
 
 # DeepSpeed's CPU ranks (tests under `deepspeed --num_gpus 2`) leave shared-memory buffers of
 # ~70 MB each in /dev/shm when they end: ~1 GB a test run, which fills a machine's RAM over a day.

@@ -16,6 +16,8 @@ from rmt_peft.errors import UserError
 from rmt_peft.saving import quantization_of
 from rmt_peft.tiny_models import save_tiny_model, tiny_model
 
+# each format, FP8 where the CPU can run it (conftest.py)
+FORMATS = [pytest.param(f, marks=pytest.mark.cpu_fp8) if f == "fp8" else f for f in ql.FORMATS]
 # QLoRA's 16 NF4 values (Dettmers et al. 2023, appendix E) to 4 digits, as torchao's format holds them
 NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379,
                     0.4407, 0.5626, 0.7230, 1.0])
@@ -48,7 +50,7 @@ def rowwise_fp8(t: torch.Tensor) -> torch.Tensor:
     return (t.float() / scale).to(torch.float8_e4m3fn).float() * scale
 
 
-@pytest.mark.parametrize("format", ql.FORMATS)
+@pytest.mark.parametrize("format", FORMATS)
 def test_each_format_computes_with_its_weight_dequantized_by_hand(format):
     torch.manual_seed(0)
     weight = torch.randn(96, 128, dtype=torch.bfloat16) * 0.05
@@ -76,7 +78,7 @@ def test_each_format_computes_with_its_weight_dequantized_by_hand(format):
     assert (y.float() - full).abs().max() < 0.1 * full.abs().max()
 
 
-@pytest.mark.parametrize("format", ql.FORMATS)
+@pytest.mark.parametrize("format", FORMATS)
 def test_under_autocast_each_format_computes_in_the_autocast_dtype_as_a_linear_layer_does(format):
     """An fp32 input (a LayerNorm's output under autocast) is cast to bf16 first, as autocast casts
     an nn.Linear's: the output is bf16 (FP8 returned fp32, doubling every activation after it) and
@@ -92,7 +94,7 @@ def test_under_autocast_each_format_computes_in_the_autocast_dtype_as_a_linear_l
     assert torch.equal(y, layer(x.detach().to(torch.bfloat16)))
 
 
-@pytest.mark.parametrize("format", ql.FORMATS)
+@pytest.mark.parametrize("format", FORMATS)
 def test_a_lora_step_matches_full_precision_layers_holding_the_dequantized_weights(format):
     """Loss, LoRA gradients and the gradient reaching the inputs through every frozen quantized layer,
     against the same model whose linear layers are plain bf16 layers with the dequantized weights."""
@@ -195,6 +197,7 @@ def test_fp8_activation_rows_map_their_largest_magnitude_to_448_in_range_without
         assert q.float()[-2].abs().max() == 0 and (q.float()[-1] == -448).all()
 
 
+@pytest.mark.cpu_fp8
 def test_fp8_merged_stream_copies_stay_fp8(monkeypatch):
     """FP8 layers' merged copies are FP8 again (1 byte per weight, FP8 matmuls), and the stream
     reads through them: peft's own LoRA forward is not called (it was: the copies, modules, became
@@ -239,7 +242,7 @@ def test_fp8_merged_stream_copies_stay_fp8(monkeypatch):
 def test_fp8_is_refused_on_the_cpu_and_on_gpus_without_fp8_tensor_cores(tmp_path, monkeypatch):
     path = save_tiny_model(str(tmp_path / "neo"), "gpt_neo")
     with pytest.raises(UserError, match="quantization='fp8'.*compute capability >= 8.9.*'cpu'"):
-        load_backbone(path, quantization="fp8")
+        load_backbone(path, quantization="fp8", device_map="cpu")  # on the CPU also where a GPU is
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
     with pytest.raises(UserError, match="NVIDIA A100 has 8.0"):
@@ -249,6 +252,7 @@ def test_fp8_is_refused_on_the_cpu_and_on_gpus_without_fp8_tensor_cores(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_fp8
 def test_compiled_layers_compute_what_eager_layers_compute_and_keep_no_weight_copies():
     """torch.compile traces each format's autograd function: same outputs and input gradients as
     eager, and between forward and backward it keeps no copy of the weight (dequantized, or NF4's

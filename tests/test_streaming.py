@@ -150,7 +150,7 @@ def test_compiled_blocks_compile_nothing_new_inside_a_capture_or_a_second_stream
     compile_blocks(rmt.causal_lm, enable=False)
 
 
-@pytest.mark.parametrize("quantization", [None, "fp8"])
+@pytest.mark.parametrize("quantization", [None, pytest.param("fp8", marks=pytest.mark.cpu_fp8)])
 def test_merged_copies_let_the_blocks_share_their_compiled_graphs(quantization):
     """Compiled blocks share one graph per kind of block (GPT-Neo: global and local attention)
     and segment length, with or without the stream's merged LoRA copies: 4 graphs for 4 blocks
