@@ -316,7 +316,7 @@ def cache_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool,
         return False, None
     if device.type != "cuda":
         return False, f"4-bit weights on {device.type}, not a CUDA GPU"
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if _zero3_partitioned(model):
         return False, "weights partitioned by DeepSpeed ZeRO-3"
     return _small_share(size, device, share)
 
@@ -381,9 +381,15 @@ def merge_pays(model: nn.Module, share: float = AUTO_CACHE_SHARE) -> tuple[bool,
         return False, None
     if model.training:
         return False, "the model is in training mode (LoRA dropout)"
+    if _zero3_partitioned(model):
+        return False, "weights partitioned by DeepSpeed ZeRO-3"
     if device.type != "cuda":
         return False, f"weights on {device.type}, not a CUDA GPU"
     return _small_share(size, device, share)
+
+
+def _zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _merged_itemsize(base: nn.Module) -> int:
@@ -406,6 +412,9 @@ def merged_lora_weights(model: nn.Module) -> dict[nn.Module, nn.Module]:
     ``merge_and_unload`` gives), with its bias, as a ``MergedLinear``; for an FP8 layer, a
     ``QuantizedLinear`` of that sum in FP8 (1 byte per weight, matmuls at FP8 rate). The model is
     unchanged."""
+    if _zero3_partitioned(model):  # a rank holds a slice of each weight: a copy of it would be a slice too
+        raise UserError("merge_lora=True: the weights are partitioned by DeepSpeed ZeRO-3, and merged copies need "
+                        "whole weights; stream with merge_lora=False (peft's own layers, gathered by ZeRO-3's hooks)")
     out = {}
     for layer in _mergeable_lora_layers(model):
         base = layer.get_base_layer()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rmt_peft import MemoryConfig, RMTModel, stream_tokens
+from rmt_peft.errors import UserError
 from rmt_peft.tiny_models import tiny_model
 
 
@@ -86,8 +87,6 @@ def test_streaming_100k_tokens_holds_memory_flat():
 
 
 def test_cuda_graph_stream_needs_a_gpu():
-    from rmt_peft.errors import UserError
-
     rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
     with pytest.raises(UserError, match="cuda_graph=True needs the model on a CUDA device"):
         rmt.stream(cuda_graph=True)
@@ -99,7 +98,6 @@ def test_cuda_graph_stream_refuses_compiled_code_that_would_compile_inside_the_c
     far as the device check (they capture: BENCHMARKS.md, issue 25); elsewhere transformers builds
     a mask inside the capture that the blocks never saw, and a compiled body is not known to capture."""
     from rmt_peft.attention import use_gpt_neo_sdpa
-    from rmt_peft.errors import UserError
     from rmt_peft.speedups import compile_blocks, compile_body
 
     rmt = RMTModel(tiny_model("gpt_neo"), MemoryConfig(num_memory_tokens=2, segment_size=16))
@@ -310,6 +308,21 @@ def test_stream_with_lora_merged_into_copies_reads_as_the_merged_model(tmp_path,
     assert not any("forward" in vars(m) for m in rmt.modules() if hasattr(m, "lora_A"))
     with torch.no_grad():  # (on the CPU the 4-bit weights go back to bitsandbytes' plain layout: last bits)
         torch.testing.assert_close(rmt(ids, labels=ids).loss, before, rtol=1e-4, atol=0)
+
+
+def test_merged_copies_refuse_weights_partitioned_by_zero3():
+    """Under ZeRO-3 a rank holds a slice of each weight, and a merged copy would be a slice too:
+    the default stream keeps peft's own layers (ZeRO-3's hooks gather their weights) and says
+    why; merge_lora=True is an error that names ZeRO-3 and the way out."""
+    from rmt_peft.speedups import merge_pays
+
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neo", num_layers=2), MemoryConfig(num_memory_tokens=2, segment_size=8),
+                                 verbose=False, lora={"r": 4, "target_modules": "all-linear"}).eval()
+    assert merge_pays(rmt)[1] == "weights on cpu, not a CUDA GPU"
+    next(rmt.causal_lm.parameters()).ds_id = 0  # deepspeed.zero.Init's mark on the parameters it partitions
+    assert merge_pays(rmt) == (False, "weights partitioned by DeepSpeed ZeRO-3")
+    with pytest.raises(UserError, match="partitioned by DeepSpeed ZeRO-3.*merge_lora=False"):
+        rmt.stream(merge_lora=True)
 
 
 def test_streams_share_the_merged_copies_until_the_weights_change(caplog):
