@@ -468,7 +468,8 @@ class merged_lora_view:
     (``merged_lora_weights``) is replaced in its parent module by its merged copy, one matmul
     instead of the base matmul plus LoRA's four kernels; the layers are put back on exit. Reading
     with LoRA attached then runs at the speed of a merged model without merging it (the model
-    stays trainable, its weights untouched).
+    stays trainable, its weights untouched). Hooks on the LoRA layers do not run inside the view
+    (``stream(merge_lora=False)`` keeps them).
 
     The copies take the layers' places rather than their ``forward``s: compiled blocks then meet
     modules of one type in every block and share their graphs across the blocks. A forward of
