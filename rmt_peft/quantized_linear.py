@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._triton import has_triton
 
 from .errors import UserError
 
@@ -90,7 +91,7 @@ def dequantize_scaled(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     # elsewhere one mul computing in fp32 and storing in ``dtype`` (e4m3, which torch does not
     # promote, read as fp32 first). The three steps took 8% of an H100 training step's kernel time
     # with GPT-Neo-1.3B's int8 head (BENCHMARKS.md, issue 25, "Eighth pass").
-    if qweight.is_cuda:
+    if qweight.is_cuda and has_triton():  # what compile needs for a GPU kernel (not on every platform)
         return _fused_dequantize()(qweight, scale, dtype)
     values = qweight if qweight.dtype == torch.int8 else qweight.float()
     return torch.mul(values, scale, out=torch.empty(qweight.shape, dtype=dtype, device=qweight.device))
