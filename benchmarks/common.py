@@ -226,6 +226,30 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, r
     return Measurement(statistics.median(times[warmup:]), peak, first_s=times[0])
 
 
+def kernel_kind(name: str) -> str:
+    """"matmul", "attention" or "other" for a CUDA kernel's name (cuBLAS / cuDNN / cutlass / flash)."""
+    name = name.lower()
+    if any(key in name for key in ("fmha", "flash", "sdpa", "attention")):
+        return "attention"
+    if any(key in name for key in ("gemm", "nvjet", "xmma", "cutlass", "matmul")):
+        return "matmul"
+    return "other"
+
+
+def kernel_seconds(events) -> dict:
+    """GPU kernel time of ``events`` (a profile's ``key_averages()``), in all and by
+    ``kernel_kind``: {"kernel_s", "matmul_s", "attention_s", "other_s"}. Unlike a step's wall time
+    it does not move with the host: on an H100 where identical training steps took 0.75-1.25 s,
+    their kernels repeated to 0.002 s (BENCHMARKS.md, issue 25, "Eighth pass")."""
+    out = {"kernel_s": 0.0, "matmul_s": 0.0, "attention_s": 0.0, "other_s": 0.0}
+    for event in events:  # kernels only: an op's event repeats its kernels' time
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            seconds = event.self_device_time_total / 1e6
+            out["kernel_s"] += seconds
+            out[f"{kernel_kind(event.key)}_s"] += seconds
+    return out
+
+
 # -- FLOPs -----------------------------------------------------------------------------------
 def matmul_params(config) -> int:
     """Weights every token multiplies through (all linear layers + the LM head), excluding LoRA:

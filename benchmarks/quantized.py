@@ -10,7 +10,8 @@ as soon as it is measured, and a row that fails records its error while the next
           bnb-4bit (bitsandbytes NF4 with and without the dequantized-weight cache); bnb-8bit
           (LLM.int8, slow, not in the default list). Per row: tokens/s and the ratio to bf16, peak
           GiB, the backbone's allocated bytes per frozen weight, and the loss on a fixed batch
-          (before any step: LoRA starts at zero, so it is the backbone's loss) against bf16's.
+          (before any step: LoRA starts at zero, so it is the backbone's loss) against bf16's;
+          with ``--kernel-time``, one profiled step's GPU kernel time, which host noise does not move.
   auto    ``checkpoint_segments="auto"`` on ``--auto-backbone`` (torch-4bit) at the same shape under
           a ``--cap-gib`` (32) cap, against the same backbone's uncapped row without checkpointing
           (run right after that backbone's train row, on the same model); then the same with the
@@ -21,7 +22,8 @@ as soon as it is measured, and a row that fails records its error while the next
           through merged copies, CUDA graphs from segment 17), segments of ``--stream-segment-size``
           (2,028): bf16 plain and inside ``torch.autocast("cuda", dtype=torch.bfloat16)`` (their
           memories must be equal), bf16 with compiled blocks, fp8 plain and with compiled blocks
-          (their graphs captured too, from segment 17; each row says whether it replayed graphs).
+          (their graphs captured too, from segment 17; each row says whether it replayed graphs);
+          ``--stream-rows`` runs some of them.
   answers the trained model of ``--answers-run`` (a run folder of ``rmt-peft train quickstart``) loaded
           by ``RMTModel.from_pretrained`` in bf16 and as each of ``--answers-backbones`` (torch-held,
           the user's path: ``quantization=..., quantization_backend="torch"``): per sample the answer
@@ -53,9 +55,9 @@ from rmt_peft.recipe import load_recipe
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import compile_blocks, dequantized_cache_bytes
 
-from .common import (GIB, base_parser, build_backbone, device_of, environment, free, gpt_neo_config, lora_config,
-                     measure, opt_config, optimizer_for, sync)
-from .train import FAST, Bench
+from .common import (GIB, base_parser, build_backbone, device_of, environment, free, gpt_neo_config, kernel_seconds,
+                     lora_config, measure, opt_config, optimizer_for, sync)
+from .train import FAST, Bench, profiled_step
 
 # backbone name -> (build_backbone's quantization, the dequantized-weight cache)
 BACKBONES = {"bf16": (None, False), "torch-8bit": ("torch-8bit", False), "torch-4bit": ("torch-4bit", False),
@@ -63,6 +65,10 @@ BACKBONES = {"bf16": (None, False), "torch-8bit": ("torch-8bit", False), "torch-
              "bnb-8bit": ("8bit", False)}
 DEFAULT_BACKBONES = ["bf16", "torch-8bit", "torch-4bit", "fp8", "bnb-4bit-cache", "bnb-4bit"]
 SECTIONS = ("train", "auto", "stream", "answers", "opt")
+# the stream section's rows, in the order they run: name -> (backbone, compiled blocks, inside autocast)
+STREAM_ROWS = {"bf16": ("bf16", False, False), "bf16-autocast": ("bf16", False, True),
+               "bf16-compiled": ("bf16", True, False), "fp8": ("fp8", False, False),
+               "fp8-compiled": ("fp8", True, False)}
 # build_backbone's torch-held names -> from_pretrained's quantization (with quantization_backend="torch")
 LOADED_AS = {"torch-8bit": "8bit", "torch-4bit": "4bit", "fp8": "fp8"}
 OPT_RECIPE = "babilong_reasoning_opt_6.7b_8bit"
@@ -142,10 +148,14 @@ def train_section(args, device, log, sections) -> None:
             bench.set_levers(**FAST, compile=not args.tiny or args.compile_tiny, dequant_cache=cache)
             row = bench.run("ours", segments, batch, f"{name}, compiled, no checkpointing")
             row.update(backbone=name, loss_fixed_batch=loss, **bytes_per_weight(bench, cache))
+            if args.kernel_time and device.type == "cuda" and not row["oom"]:
+                row.update(kernel_seconds(profiled_step(bench, "ours", segments, batch, row["impl"])[1]))
             if name == "bf16":
                 reference = row
             elif reference and row.get("tokens_per_s"):
                 row["speed_vs_bf16"] = row["tokens_per_s"] / reference["tokens_per_s"]
+                if row.get("kernel_s") and reference.get("kernel_s"):
+                    row["kernel_speed_vs_bf16"] = reference["kernel_s"] / row["kernel_s"]
                 row["loss_rel_diff_vs_bf16"] = abs(loss - reference["loss_fixed_batch"]) / reference["loss_fixed_batch"]
             log("train", row)
             if "auto" in sections and name == args.auto_backbone:
@@ -211,10 +221,9 @@ def stream_section(args, device, log) -> None:
     # past segment 17 (the CUDA graph is captured), and ending in a segment as short as the timed
     # stream's last one: compiled blocks (static shapes) then meet no new length in the timed stream
     warm = ids[:, :20 * args.stream_segment_size + args.stream_tokens % args.stream_segment_size]
-    runs = [("bf16", False, False), ("bf16", False, True), ("bf16", True, False), ("fp8", False, False),
-            ("fp8", True, False)]
     rmt, built, plain = None, None, {}
-    for name, compiled, autocast in runs:
+    for row_name in args.stream_rows:
+        name, compiled, autocast = STREAM_ROWS[row_name]
         if compiled and args.tiny and not args.compile_tiny:
             continue
         label = f"stream {args.stream_tokens} tokens, {name}{', compiled blocks' if compiled else ''}" \
@@ -369,6 +378,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--shape", default="8x4", help="SEGMENTSxBATCH of the train rows")
     parser.add_argument("--segment-size", type=int, default=1024)
     parser.add_argument("--memory-tokens", type=int, default=10)
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="train: also profile one step per row for its GPU kernel time (kernel_s, by kind), which "
+                             "the host's noise does not move, and the ratio to bf16's (kernel_speed_vs_bf16)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--auto-backbone", default="torch-4bit", choices=list(BACKBONES))
@@ -379,6 +391,8 @@ def main(argv=None) -> list[dict]:
                         help="auto: also at the budget auto chooses (from_backbone(compile=True)'s setup)")
     parser.add_argument("--stream-tokens", type=int, default=2_048_000)
     parser.add_argument("--stream-segment-size", type=int, default=2028)
+    parser.add_argument("--stream-rows", nargs="+", default=list(STREAM_ROWS), choices=list(STREAM_ROWS),
+                        help="stream: the rows to run (in this order; each against bf16 when that row ran first)")
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--answers-run", help="answers: a run folder of `rmt-peft train quickstart`")
     parser.add_argument("--answers-backbones", nargs="+", default=["fp8", "torch-8bit", "torch-4bit"],

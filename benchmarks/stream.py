@@ -19,7 +19,8 @@ from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import compile_blocks
 
 from .common import (GIB, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
-                     forward_flops_per_token, free, gpt_neo_config, lora_config, print_table, sync, write_json)
+                     forward_flops_per_token, free, gpt_neo_config, kernel_kind, lora_config, print_table, sync,
+                     write_json)
 
 
 # LoRA attached as peft computes it; attached with the stream's merged copies (its default on a
@@ -54,16 +55,6 @@ def segment_loop(rmt: RMTModel, ids: torch.Tensor):
     for start in range(0, ids.shape[1], size):
         memory = rmt._segment(memory, ids[:, start:start + size], None, None, False)[0]
     return memory
-
-
-def kernel_kind(name: str) -> str:
-    """"matmul", "attention" or "other" for a CUDA kernel's name (cuBLAS / cuDNN / cutlass / flash)."""
-    name = name.lower()
-    if any(key in name for key in ("fmha", "flash", "sdpa", "attention")):
-        return "attention"
-    if any(key in name for key in ("gemm", "nvjet", "xmma", "cutlass", "matmul")):
-        return "matmul"
-    return "other"
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import cache_dequantized_weights, cache_pays, compile_blocks, compile_body, use_fused_gelu
 
 from .common import (TORCH_HELD, ReferenceRMT, base_parser, bf16_matmul_tflops, build_backbone, device_of, environment,
-                     free, gpt_neo_config, lora_config, measure, optimizer_for, print_table,
+                     free, gpt_neo_config, kernel_seconds, lora_config, measure, optimizer_for, print_table,
                      stop_checkpointing_layers, train_flops_per_token, write_json)
 
 
@@ -231,33 +231,38 @@ def lm_head_layouts(device: torch.device, vocab: int, hidden: int, rows: int, re
     return out
 
 
-def profile(bench: Bench, runs: list[str]) -> list[dict]:
-    """Where one step's time goes, for each IMPL:SEGMENTSxBATCH run: GPU kernel time against the
-    step's wall time (the rest is the GPU waiting on Python, launches or host syncs) and the top kernels."""
+def profiled_step(bench: Bench, impl: str, segments: int, batch: int, label: str, cpu: bool = False):
+    """One step of ``impl`` under the profiler (after ``bench.run``'s warm-up steps had their
+    turn): (its row, the profile's ``key_averages()``). ``cpu``: record host ops too."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    activities = ([ProfilerActivity.CPU] if cpu or bench.device.type != "cuda" else []) + \
+        ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    warmup, repeat = bench.warmup, bench.repeat
+    bench.warmup, bench.repeat = 0, 1
+    try:
+        with torch_profile(activities=activities) as prof:
+            row = bench.run(impl, segments, batch, f"{label} (profiled)")
+    finally:
+        bench.warmup, bench.repeat = warmup, repeat
+    return row, prof.key_averages()
+
+
+def profile(bench: Bench, runs: list[str]) -> list[dict]:
+    """Where one step's time goes, for each IMPL:SEGMENTSxBATCH run: GPU kernel time (by kind)
+    against the step's wall time (the rest is the GPU waiting on Python, launches or host syncs)
+    and the top kernels."""
     rows = []
     for run in runs:
         name, (segments, batch) = parse_run(run)
         impl, label, settings = SWEEP[name]
         bench.set_levers(**settings)
         bench.run(impl, segments, batch, f"{label} (warm-up for the profile)")
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
-        warmup, repeat = bench.warmup, bench.repeat
-        bench.warmup, bench.repeat = 0, 1
-        try:
-            with torch_profile(activities=activities) as prof:
-                row = bench.run(impl, segments, batch, f"{label} (profiled)")
-        finally:
-            bench.warmup, bench.repeat = warmup, repeat
-        events = prof.key_averages()
-        kernel_s = None
-        if bench.device.type == "cuda":  # kernels only: an op's row repeats its kernels' time
-            kernel_s = sum(e.self_device_time_total for e in events
-                           if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-        rows.append({"impl": label, "segments": segments, "batch": batch, "step_s": row["step_s"],
-                     "gpu_kernel_s": kernel_s,
+        row, events = profiled_step(bench, impl, segments, batch, label, cpu=True)
+        kernels = kernel_seconds(events) if bench.device.type == "cuda" else {"kernel_s": None}
+        kernel_s = kernels.get("kernel_s")
+        rows.append({"impl": label, "segments": segments, "batch": batch, "step_s": row["step_s"], **kernels,
                      "gpu_busy_pct": 100 * kernel_s / row["step_s"] if kernel_s else None})
         sort = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
         print(f"\n### Profile: {label}, {segments} segments x batch {batch}")
@@ -464,7 +469,7 @@ def main(argv=None) -> dict:
             rows = profile(bench, args.profile_runs or [f"ours-nockpt:{shape}", f"independent:{shape}"])
             tables[f"profile_{name}"] = rows
             print_table(f"GPU busy share of a step, {name} backbone", rows,
-                        ["impl", "segments", "batch", "step_s", "gpu_kernel_s", "gpu_busy_pct"])
+                        ["impl", "segments", "batch", "step_s", "kernel_s", "matmul_s", "attention_s", "gpu_busy_pct"])
         if "sweep" in args.sections:
             key = f"sweep_{name}"
             rows = planned(bench, args.runs, lambda rows: write_json(args.out, env, {**tables, key: rows})) \

@@ -144,6 +144,18 @@ def test_quantized_bench_runs_every_section(tmp_path):
         assert logged == [json.loads(json.dumps(r)) for r in rows if r["section"] == section]
 
 
+def test_quantized_bench_stream_rows_run_the_rows_named_in_their_order():
+    """--stream-rows: only the named stream rows, in the order given; a row compares with the plain
+    bf16 stream only when that one ran before it."""
+    from benchmarks import quantized
+
+    rows = quantized.main(["--tiny", "--sections", "stream", "--stream-rows", "fp8", "bf16-autocast", "bf16", "fp8"])
+    assert [(r["backbone"], r["autocast"]) for r in rows] == [("fp8", False), ("bf16", True), ("bf16", False),
+                                                              ("fp8", False)], rows
+    assert "time_vs_bf16" not in rows[0] and "time_vs_plain" not in rows[1]
+    assert rows[3]["time_vs_bf16"] == pytest.approx(rows[3]["seconds"] / rows[2]["seconds"])
+
+
 def test_quantized_bench_answers_compare_each_backbone_with_bf16(tmp_path):
     """The answers section on a briefly trained quickstart: int8 per channel keeps nearly every answer
     of bf16 (a wrong comparison would not), and FP8 on the CPU is the named error."""
@@ -187,6 +199,24 @@ def test_stream_bench_sorts_kernels_by_kind():
     assert {name: stream.kernel_kind(name) for name in names} == names
 
 
+def test_kernel_seconds_sum_the_kernels_by_kind_and_skip_the_ops_above_them():
+    """A profile's events: CUDA kernels are summed, in all and by kind; CPU op events (whose device
+    time repeats their kernels') are not."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import kernel_seconds
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(key=key, device_type=device, self_device_time_total=us) for key, device, us in [
+        ("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_TNT", cuda, 60_000),  # an FP8 matmul
+        ("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT", cuda, 120_000),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", cuda, 57_000),
+        ("triton_poi_fused_add_gelu_gelu_backward_mul_view_2", cuda, 22_000),
+        ("aten::mm", cpu, 180_000)]]
+    got = kernel_seconds(events)
+    assert got == pytest.approx({"kernel_s": 0.259, "matmul_s": 0.18, "attention_s": 0.057, "other_s": 0.022})
+
+
 def test_vs_full_attention_bench_runs():
     summary = vs_full_attention.main(["--tiny", "--modes", "infer"])
     assert [s["tokens"] for s in summary] == [128, 256]
@@ -198,7 +228,7 @@ def test_train_bench_profile_runs():
                          "--repeat", "1", "--profile-runs", "ours-nockpt:2x1", "independent:2x1"])
     rows = tables["profile_bf16"]
     assert [r["segments"] * r["batch"] for r in rows] == [2, 2] and all(r["step_s"] > 0 for r in rows)
-    assert all(r["gpu_kernel_s"] is None for r in rows)  # no GPU here
+    assert all(r["kernel_s"] is None and r["gpu_busy_pct"] is None for r in rows)  # no GPU here
 
 
 @pytest.mark.slow
