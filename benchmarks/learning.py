@@ -29,8 +29,13 @@ line per variant, mean and range over seeds); ``accuracy.png`` has a panel per K
         --seeds 0 1 2 --jobs 12 --out-dir results/capacity            # accuracy against K
 
 Writes ``runs.json`` (every run: config, loss curve with every step's gradient norm, accuracy by
-length, time; ``capacity``: retrieval accuracy by K) and ``accuracy.png`` (accuracy against
-segments, mean and range over seeds, one panel per task). ``partial/TASK-VARIANT-seedN.json``
+length, time; ``capacity``: retrieval accuracy by K), ``accuracy.png`` (accuracy against
+segments, mean and range over seeds, one panel per task), ``seeds.png`` (a line per run, when
+there are several seeds), ``curves.png`` (every run's training loss and every step's gradient
+norm, stage starts and the late levers marked) and, for runs that tested other weights beside
+their last ones (a kept checkpoint, ``average_steps``), ``last_vs_other_weights.png``.
+``--plot-from A/runs.json B/runs.json`` merges several calls' reports into ``--out-dir`` and
+draws their plots, training nothing. ``partial/TASK-VARIANT-seedN.json``
 holds each run's results so far, written after training and after each tested length: a run cut
 by a time limit keeps the lengths it finished.
 
@@ -1026,11 +1031,12 @@ def _save(fig, path: str, title: str) -> None:
     _pyplot().close(fig)
 
 
-def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
-    """Runs that kept their best checkpoint: accuracy at the longest length of the last weights
-    against the kept ones, by seed, one panel per task."""
+def plot_last_against_other_weights(runs: list[dict], path: str, title: str = "") -> None:
+    """Runs that tested other weights besides their last ones (the kept checkpoint, or the mean of
+    the last steps' weights): accuracy at the longest length both tested, the last weights against
+    the others, by seed, one panel per task."""
     plt = _pyplot()
-    chosen = [r for r in runs if r.get("selected")]
+    chosen = [r for r in runs if _other_weights(r)]
     tasks = sorted({r["config"]["task"] for r in chosen})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -1042,16 +1048,100 @@ def plot_selection(runs: list[dict], path: str, title: str = "") -> None:
             color = f"C{offset}"
             ax.scatter(x, [r["last_accuracy"][n] for r in rows], marker="o", facecolors="none", edgecolors=color,
                        label=f"{variant}: last weights")
-            ax.scatter(x, [r["accuracy"][n] for r in rows], marker="x", color=color, label=f"{variant}: kept")
+            ax.scatter(x, [r["accuracy"][n] for r in rows], marker="x", color=color,
+                       label=f"{variant}: {_other_weights(rows[0])}")
             for xi, r in zip(x, rows):
                 ax.plot([xi, xi], [r["last_accuracy"][n], r["accuracy"][n]], color="grey", lw=0.6)
         ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("seed")
         ax.set_ylabel(f"accuracy at {n} segments")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, path, title)
+
+
+def _other_weights(run: dict) -> str:
+    """What a run tested besides its last weights ("" when only them)."""
+    if not run.get("last_accuracy") or not run.get("accuracy"):
+        return ""
+    if run.get("selected"):
+        return "kept"
+    if run.get("averaged_steps"):
+        return f"mean of the last {run['averaged_steps']} steps"
+    return ""
+
+
+def plot_curves(runs: list[dict], path: str, title: str = "") -> None:
+    """Training as it went, one column per task: the loss of each logged window and every step's
+    gradient norm (before clipping), one line per run, a colour per variant, a dotted line where
+    each stage starts and a dashed one where the late levers switch on. Where a run that forgets
+    spiked, and when, which the accuracy plots do not show."""
+    plt = _pyplot()
+    rows = [r for r in runs if r.get("curve")]
+    tasks = sorted({task_label(r["config"]) for r in rows})
+    variants = sorted({r["config"]["variant"] for r in rows})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 6), squeeze=False, sharex="col")
+    for column, task in enumerate(tasks):
+        loss_ax, norm_ax = axes[0][column], axes[1][column]
+        mine = sorted((r for r in rows if task_label(r["config"]) == task),
+                      key=lambda r: (r["config"]["variant"], r["config"]["seed"]))
+        for index, variant in enumerate(variants):
+            group = [r for r in mine if r["config"]["variant"] == variant]
+            for i, run in enumerate(group):
+                curve, color = run["curve"], f"C{index}"
+                label = f"{variant} ({len(group)} runs)" if i == 0 else None
+                loss_ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], color=color, lw=0.7, alpha=0.7,
+                             label=label)
+                steps, norms = _every_step(curve)
+                norm_ax.plot(steps, norms, color=color, lw=0.4, alpha=0.5)
+        for ax in (loss_ax, norm_ax):
+            for step in _stage_starts(mine[0]["curve"]):
+                ax.axvline(step, color="grey", ls=":", lw=0.6)
+            lever = _lever_start(mine[0])
+            if lever is not None:
+                ax.axvline(lever, color="black", ls="--", lw=0.8, label="late levers on" if ax is loss_ax else None)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        loss_ax.set_title(task)
+        loss_ax.set_ylabel("training loss (window mean)")
+        norm_ax.set_ylabel("gradient norm, every step")
+        norm_ax.set_xlabel("optimizer step")
+        loss_ax.legend(fontsize=7)
+    _save(fig, path, title)
+
+
+def _every_step(curve: list[dict]) -> tuple[list[int], list[float]]:
+    """Each logged window's per-step gradient norms, at the steps they were taken."""
+    steps, norms = [], []
+    for point in curve:
+        window = point.get("grad_norms", [])
+        steps += range(point["step"] - len(window) + 1, point["step"] + 1)
+        norms += window
+    return steps, norms
+
+
+def _stage_starts(curve: list[dict]) -> list[int]:
+    """The first step of each stage after the first (windows never straddle stages)."""
+    return [point["step"] - len(point.get("grad_norms", [])) + 1 for before, point in zip(curve, curve[1:])
+            if point["stage"] != before["stage"]]
+
+
+def _lever_start(run: dict) -> int | None:
+    """The first step with the late levers on, from the run's own curriculum; None when they are on
+    from the start or never, or when the config is from a version this one cannot read."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    try:
+        plan = stage_plan(RunConfig(**{k: v for k, v in run["config"].items() if k in known}))
+    except (TypeError, ValueError):
+        return None
+    step = 0
+    for stage in plan:
+        if stage.levers:
+            return step if step else None
+        step += stage.steps
+    return None
 
 
 def plot_seeds(runs: list[dict], path: str, title: str = "") -> None:
@@ -1092,11 +1182,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                         help="test runs saved by --save-weights instead of training (--set changes their "
                              "configs, e.g. eval_segments)")
+    parser.add_argument("--plot-from", nargs="+", default=[], metavar="RUNS_JSON",
+                        help="train nothing: merge the runs of these runs.json files (several calls of the "
+                             "benchmark) into OUT_DIR/runs.json and draw their plots and tables")
     args = parser.parse_args(argv)
     if argv is None:
         import sys
         argv = sys.argv[1:]
+    if args.plot_from and (args.runs or args.weights):
+        raise SystemExit(f"--plot-from or {'--runs' if args.runs else '--weights'}, not both")
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.plot_from:
+        report = merge_reports(args.plot_from, args.out_dir, argv)
+        draw(args.out_dir, report["runs"], report)
+        return report
     partial_dir = os.path.join(args.out_dir, "partial")  # each run's results so far (a cut run keeps them)
     os.makedirs(partial_dir, exist_ok=True)
     if args.weights:
@@ -1116,31 +1215,76 @@ def main(argv: list[str] | None = None) -> dict:
             print(_one_line(result), flush=True)
             write_report(args.out_dir, runs, started, argv)  # a run killed at its time limit keeps these
     report = write_report(args.out_dir, runs, started, argv)
+    draw(args.out_dir, runs, report)
+    return report
+
+
+def draw(out_dir: str, runs: list[dict], report: dict) -> None:
+    """The plots beside runs.json (accuracy by length; by seed when there are several; the last
+    weights against the others a run tested; the training curves) and the tables, printed."""
+    title = f"{', '.join(sorted({r['device'] for r in runs if 'device' in r}))}, {report['date']}"
     table = report["accuracy"]
     if table:
-        plot(table, os.path.join(args.out_dir, "accuracy.png"), title=f"{runs[0]['device']}, {report['date']}")
+        plot(table, os.path.join(out_dir, "accuracy.png"), title=title)
         if len(runs) > len({(task_label(r["config"]), r["config"]["variant"]) for r in runs}):  # several seeds
-            plot_seeds(runs, os.path.join(args.out_dir, "seeds.png"), title=f"{runs[0]['device']}, {report['date']}")
-        if any(r.get("selected") for r in runs):
-            plot_selection(runs, os.path.join(args.out_dir, "kept_vs_last.png"), f"{runs[0]['device']}, {report['date']}")
+            plot_seeds(runs, os.path.join(out_dir, "seeds.png"), title=title)
+        if any(_other_weights(r) for r in runs):
+            plot_last_against_other_weights(runs, os.path.join(out_dir, "last_vs_other_weights.png"), title)
         print(format_table(table))
         left_out = format_left_out(runs)
         if left_out:
             print(left_out)
-    capacity = write_capacity(args.out_dir, runs, f"{runs[0]['device']}, {report['date']}" if runs else "")
+    if any(r.get("curve") for r in runs):
+        plot_curves(runs, os.path.join(out_dir, "curves.png"), title)
+    capacity = write_capacity(out_dir, runs, title if runs else "")
     if capacity:
         print(capacity)
+
+
+def read_report(path: str) -> dict:
+    """A runs.json this benchmark wrote; a SystemExit naming ``path`` for anything else."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except OSError as err:
+        raise SystemExit(f"--plot-from {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--plot-from {path}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("runs"), list) or "date" not in report:
+        raise SystemExit(f"--plot-from {path}: not a runs.json of this benchmark (no date and list of runs)")
     return report
+
+
+def merge_reports(paths: list[str], out_dir: str, argv) -> dict:
+    """One report of every run in the runs.json files at ``paths`` (in their order), written to
+    ``out_dir``/runs.json, which must not be one of them (its calls' dates and commands would go)."""
+    target = os.path.realpath(os.path.join(out_dir, "runs.json"))
+    for path in paths:
+        if os.path.realpath(path) == target:
+            raise SystemExit(f"--plot-from {path}: the merged report would replace it; pass another --out-dir")
+    reports = [read_report(path) for path in paths]
+    runs = [run for report in reports for run in report["runs"]]
+    merged = {"date": ", ".join(dict.fromkeys(report["date"] for report in reports)),
+              "wall_seconds": sum(report.get("wall_seconds", 0.0) for report in reports), "argv": argv,
+              "merged": [{"path": path, "date": report["date"], "argv": report.get("argv")}
+                         for path, report in zip(paths, reports)],
+              "runs": runs, "accuracy": summarize(runs), "capacity": summarize_capacity(runs)}
+    _write_json(out_dir, merged)
+    return merged
 
 
 def write_report(out_dir: str, runs: list[dict], started: float, argv) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.time() - started,
               "argv": argv, "runs": runs, "accuracy": summarize(runs), "capacity": summarize_capacity(runs)}
+    _write_json(out_dir, report)
+    return report
+
+
+def _write_json(out_dir: str, report: dict) -> None:
     tmp = os.path.join(out_dir, "runs.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "runs.json"))
-    return report
+    os.replace(tmp, os.path.join(out_dir, "runs.json"))  # a reader never meets half a file
 
 
 def _one_line(result: dict) -> str:

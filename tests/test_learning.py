@@ -382,6 +382,112 @@ def test_the_seed_plot_draws_one_line_per_run_in_a_colour_per_variant(tmp_path):
     assert sorted(tuple(line.get_ydata()) for line in lines)[0] == (1.0, 0.5)
 
 
+def _curve_run(seed: int, variant: str = "late", stages: int = 4, steps: int = 100, spike_at: int | None = None) -> dict:
+    """A run's record as train() logs it: windows of 50 steps (a stage's last window ends with it),
+    each with its mean loss and every step's gradient norm; one spike where asked."""
+    curve, step = [], 0
+    for stage in range(1, stages + 1):
+        for _ in range(steps // 50):
+            norms = [10.0 if spike_at == step + i + 1 else 0.01 for i in range(50)]
+            step += 50
+            curve.append({"step": step, "stage": stage, "loss": 1.0 / step, "grad_norm": sum(norms) / 50,
+                          "grad_norms": norms})
+    config = {"task": "detect", "variant": variant, "seed": seed, "retrieval_pairs": 4, "max_train_segments": stages,
+              "steps_per_stage": steps, "lever_stages": 2 if variant == "late" else None, "a_field_gone_since": 1}
+    return {"config": config, "curve": curve, "accuracy": {"16": 1.0}, "last_accuracy": {"16": 0.5},
+            "averaged_steps": 100, "device": "cpu"}
+
+
+def test_the_curves_plot_draws_every_step_and_marks_the_stages_and_the_late_levers(tmp_path):
+    """curves.png: per run, one loss point per logged window and one gradient norm per optimizer
+    step at that step; dotted lines where stages 2..4 start (100 steps a stage), a dashed one where
+    the last two stages' levers switch on (step 200), none for a run with levers from the start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from benchmarks import learning
+
+    drawn = []
+    with mock.patch.object(learning, "_save", lambda fig, path, title: drawn.append(fig)):
+        learning.plot_curves([_curve_run(0, spike_at=237), _curve_run(1)], str(tmp_path / "curves.png"))
+        learning.plot_curves([_curve_run(0, variant="always")], str(tmp_path / "curves.png"))
+    loss_ax, norm_ax = drawn[0].axes
+    solid = [line for line in norm_ax.get_lines() if line.get_linestyle() == "-"]
+    assert len(solid) == 2 and list(solid[0].get_xdata()) == list(range(1, 401))
+    assert list(solid[0].get_ydata()).index(10.0) == 236 and max(solid[1].get_ydata()) == 0.01
+    assert [list(line.get_xdata()) for line in loss_ax.get_lines() if line.get_linestyle() == "-"][0] == list(
+        range(50, 401, 50))
+    dotted = sorted(line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == ":")
+    assert dotted == [101, 201, 301]
+    assert [line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == "--"] == [200]
+    assert not [line for line in drawn[1].axes[0].get_lines() if line.get_linestyle() == "--"]
+
+
+def test_plot_from_merges_calls_into_one_report_and_never_replaces_one_of_them(tmp_path):
+    """--plot-from a b: one runs.json with a's runs then b's, each call's date and command, the
+    accuracy table over all of them, and the plots; an out-dir holding one of the inputs, a file
+    that is not JSON, one that is not a report, and one that is not there are named errors that
+    leave the input as it was."""
+    import json
+
+    from benchmarks import learning
+
+    calls = []
+    for index, seeds in enumerate(([0, 1], [2])):
+        runs = [_curve_run(seed) for seed in seeds]
+        for run in runs:
+            run["accuracy"] = {"16": 0.25 * (run["config"]["seed"] + 1)}
+        folder = tmp_path / f"call{index}"
+        folder.mkdir()
+        (folder / "runs.json").write_text(json.dumps({"date": f"day {index}", "argv": [f"call {index}"],
+                                                      "wall_seconds": 10.0, "runs": runs}))
+        calls.append(str(folder / "runs.json"))
+    out = tmp_path / "merged"
+    report = learning.main(["--plot-from", *calls, "--out-dir", str(out)])
+    saved = json.loads((out / "runs.json").read_text())
+    assert [r["config"]["seed"] for r in saved["runs"]] == [0, 1, 2]
+    assert saved["accuracy"] == {"detect": {"late": {"16": [0.25, 0.5, 0.75]}}} == report["accuracy"]
+    assert saved["date"] == "day 0, day 1" and saved["wall_seconds"] == 20.0
+    assert [(m["path"], m["argv"]) for m in saved["merged"]] == [(calls[0], ["call 0"]), (calls[1], ["call 1"])]
+    for name in ("accuracy.png", "seeds.png", "curves.png", "last_vs_other_weights.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    before = (tmp_path / "call0" / "runs.json").read_text()
+    with pytest.raises(SystemExit, match="would replace it; pass another --out-dir"):
+        learning.main(["--plot-from", calls[0], calls[1], "--out-dir", str(tmp_path / "call0")])
+    assert (tmp_path / "call0" / "runs.json").read_text() == before
+    (tmp_path / "broken.json").write_text('{"runs": [')
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    for path, why in (("broken.json", "not JSON"), ("other.json", "not a runs.json"), ("absent.json", "No such file")):
+        with pytest.raises(SystemExit, match=f"--plot-from .*{path}: {why}"):
+            learning.main(["--plot-from", str(tmp_path / path), "--out-dir", str(out)])
+    with pytest.raises(SystemExit, match="--plot-from or --runs, not both"):
+        learning.main(["--plot-from", calls[0], "--runs", "detect/paper", "--out-dir", str(out)])
+
+
+def test_the_last_weights_plot_names_what_else_each_run_tested(tmp_path):
+    """Averaged runs are drawn against their last weights as "mean of the last N steps", runs that
+    kept a checkpoint as "kept"; a run that tested only its last weights is not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from benchmarks import learning
+
+    averaged = [_curve_run(seed) for seed in (0, 1)]
+    kept = {**_curve_run(2, variant="kept"), "selected": True}
+    del kept["averaged_steps"]
+    plain = {**_curve_run(3, variant="plain"), "last_accuracy": {}}
+    drawn = []
+    with mock.patch.object(learning, "_save", lambda fig, path, title: drawn.append(fig)):
+        learning.plot_last_against_other_weights([*averaged, kept, plain], str(tmp_path / "x.png"))
+    labels = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert labels == ["kept: last weights", "kept: kept", "late: last weights", "late: mean of the last 100 steps"]
+
+
 def test_saved_weights_test_again_elsewhere_to_the_same_answers_and_with_other_settings(tmp_path, monkeypatch):
     """--save-weights keeps the weights a run tests (with its config); --weights tests them again
     without training: the same parameters, the same accuracies at the same lengths, and --set
