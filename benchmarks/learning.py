@@ -1129,8 +1129,9 @@ def _stage_starts(curve: list[dict]) -> list[int]:
 
 
 def _lever_start(run: dict) -> int | None:
-    """The first step with the late levers on, from the run's own curriculum; None when they are on
-    from the start or never, or when the config is from a version this one cannot read."""
+    """The first step with the late levers on (steps counted from 1, as the curve's), from the
+    run's own curriculum; None when they are on from the start or never, or when the config is
+    from a version this one cannot read."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
     try:
         plan = stage_plan(RunConfig(**{k: v for k, v in run["config"].items() if k in known}))
@@ -1139,7 +1140,7 @@ def _lever_start(run: dict) -> int | None:
     step = 0
     for stage in plan:
         if stage.levers:
-            return step if step else None
+            return step + 1 if step else None
         step += stage.steps
     return None
 

@@ -400,8 +400,9 @@ def _curve_run(seed: int, variant: str = "late", stages: int = 4, steps: int = 1
 
 def test_the_curves_plot_draws_every_step_and_marks_the_stages_and_the_late_levers(tmp_path):
     """curves.png: per run, one loss point per logged window and one gradient norm per optimizer
-    step at that step; dotted lines where stages 2..4 start (100 steps a stage), a dashed one where
-    the last two stages' levers switch on (step 200), none for a run with levers from the start."""
+    step at that step (counted from 1); dotted lines where stages 2..4 start (100 steps a stage:
+    steps 101, 201, 301), a dashed one where the last two stages' levers switch on (step 201),
+    none for a run with levers from the start."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,7 +422,7 @@ def test_the_curves_plot_draws_every_step_and_marks_the_stages_and_the_late_leve
         range(50, 401, 50))
     dotted = sorted(line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == ":")
     assert dotted == [101, 201, 301]
-    assert [line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == "--"] == [200]
+    assert [line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == "--"] == [201]
     assert not [line for line in drawn[1].axes[0].get_lines() if line.get_linestyle() == "--"]
 
 
