@@ -223,6 +223,14 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                               "associative_hard_gates": True, "associative_write_cost": 0.1,
                                               "lever_stages": 2, "associative_normalizer_floor": True},
+    # ... the cost ramped in over the whole first of its two stages (300 steps at the GPU scale):
+    # switched on at once it shakes every GPU run (loss 1e-4 -> 0.02-1.4) and at the CPU scale
+    # made 3 of 16 detect runs lose the writing they had learned; ramped in over that scale's whole
+    # first lever stage (--set '{"lever_ramp_steps": 150}' on the variant above) none did
+    "associative_late2_write_cost0.1_floor_ramp": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                                   "associative_hard_gates": True, "associative_write_cost": 0.1,
+                                                   "lever_stages": 2, "associative_normalizer_floor": True,
+                                                   "lever_ramp_steps": 300},
     # ... with three times the cost: reasoning runs at the CPU scale lose the fact to confident
     # writes on filler after it (benchmarks.associative_gates --by-fact)
     "associative_late2_write_cost0.3_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,

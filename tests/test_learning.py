@@ -85,7 +85,8 @@ def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_
 
 @pytest.mark.parametrize("variant,lever_stages", [("late_sparse_noise", [6]), ("late2_sparse_noise", [5, 6]),
                                                    ("late3_sparse_noise", [4, 5, 6]), ("paper", list(range(7))),
-                                                   ("associative_late2_write_cost0.1_ramp", [5, 6])])
+                                                   ("associative_late2_write_cost0.1_ramp", [5, 6]),
+                                                   ("associative_late2_write_cost0.1_floor_ramp", [5, 6])])
 def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_stages):
     """The published late variants (BENCHMARKS.md) on the default curriculum of 7 stages:
     late2_sparse_noise has the levers in stages 6 and 7 (0-based 5 and 6), the paper's setting in all."""
