@@ -153,6 +153,13 @@ class RunConfig:
     # norms (an average about ten steps long); a lone spike of 100-1000x the level otherwise kicks
     # Adam's every coordinate by about 3 learning rates (detect seed 306 lost the task after such)
     relative_clip: float = 0.0
+    # True: Adam's moments start afresh at the first lever stage. Before it the loss is about 1e-4
+    # and the gradients' norm about 5e-4; the write cost brings norms of 1-1,000 (clipped to 1),
+    # and with beta2 = 0.999 the second moment takes about 1,000 steps to follow: steps 10-20 of the
+    # stage move each weight about 5.5 times as far as Adam's own scale (the learning rate), step 50
+    # 4 times, step 100 2.9, step 300 1.7 (m / sqrt(v) by hand for a 2,000-fold jump). Started afresh,
+    # bias correction scales the new gradients from the first step.
+    lever_adam_reset: bool = False
     # > 0: the weights tested are the mean of the weights after each of the run's last this-many
     # steps (stochastic weight averaging's uniform mean), the last weights also tested at
     # last_eval_segments: at the CPU scale a last-bit change moves a run's accuracy by up to 0.36,
@@ -231,6 +238,13 @@ VARIANTS: dict[str, dict] = {
                                                    "associative_hard_gates": True, "associative_write_cost": 0.1,
                                                    "lever_stages": 2, "associative_normalizer_floor": True,
                                                    "lever_ramp_steps": 300},
+    # ... with Adam's moments started afresh when the cost comes on (ramped in, the cost shook the
+    # GPU runs as much, memorize 2 of 5 against 4 of 5: the shock is Adam's lagging second moment
+    # meeting gradients 2,000 times larger, not the cost's size; see RunConfig.lever_adam_reset)
+    "associative_late2_write_cost0.1_floor_reset": {"memory_kind": "associative", "associative_gate_noise": 2.0,
+                                                    "associative_hard_gates": True, "associative_write_cost": 0.1,
+                                                    "lever_stages": 2, "associative_normalizer_floor": True,
+                                                    "lever_adam_reset": True},
     # ... with three times the cost: reasoning runs at the CPU scale lose the fact to confident
     # writes on filler after it (benchmarks.associative_gates --by-fact)
     "associative_late2_write_cost0.3_floor": {"memory_kind": "associative", "associative_gate_noise": 2.0,
@@ -504,6 +518,8 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
     for index, plan in enumerate(plans):
         stage = plan.segments
         guard = DivergenceGuard()  # rmt-peft train's default guard, fresh each stage as there
+        if cfg.lever_adam_reset and plan.levers and (index == 0 or not plans[index - 1].levers):
+            optimizer.state.clear()  # AdamW starts a parameter's moments and step count when it finds none
         full = model.memory_config = curriculum.stage_memory(levers, levers, plan.levers)
         for stage_step in range(plan.steps):
             if stage_step < plan.ramp_steps:

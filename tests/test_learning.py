@@ -86,7 +86,8 @@ def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_
 @pytest.mark.parametrize("variant,lever_stages", [("late_sparse_noise", [6]), ("late2_sparse_noise", [5, 6]),
                                                    ("late3_sparse_noise", [4, 5, 6]), ("paper", list(range(7))),
                                                    ("associative_late2_write_cost0.1_ramp", [5, 6]),
-                                                   ("associative_late2_write_cost0.1_floor_ramp", [5, 6])])
+                                                   ("associative_late2_write_cost0.1_floor_ramp", [5, 6]),
+                                                   ("associative_late2_write_cost0.1_floor_reset", [5, 6])])
 def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_stages):
     """The published late variants (BENCHMARKS.md) on the default curriculum of 7 stages:
     late2_sparse_noise has the levers in stages 6 and 7 (0-based 5 and 6), the paper's setting in all."""
@@ -117,6 +118,33 @@ def test_the_ramp_raises_the_write_cost_step_by_step_in_the_first_lever_stage(mo
                        "max_train_segments": 2, "steps_per_stage": 4, "batch_size": 4})
     train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
     assert seen == [0.0] * 4 + [0.1, 0.2, 0.3, 0.3]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_adam_starts_afresh_at_the_first_lever_stage_only_when_asked(monkeypatch, reset):
+    """Three stages of 2 steps, levers in the last two: with lever_adam_reset the first step of
+    stage 2 is a first Adam step (each weight moves by lr * g / (|g| + eps), by hand from the
+    clipped gradient), and stage 3 is not (its first step moves otherwise); without it, neither is."""
+    from benchmarks.learning import build_model, train
+
+    moves = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        before = [(p.detach().clone(), p.grad.detach().clone()) for p in params]
+        out = step(self, *args, **kwargs)
+        lr, eps = self.param_groups[0]["lr"], self.param_groups[0]["eps"]
+        moves.append(all(torch.allclose(p.detach() - w, -lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-9)
+                         for p, (w, g) in zip(params, before)))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg = RunConfig(**{**PRESETS["cpu"], "task": "token", "memory_kind": "associative", "associative_key_size": 8,
+                       "associative_write_cost": 0.1, "lever_stages": 2, "lever_adam_reset": reset,
+                       "max_train_segments": 3, "steps_per_stage": 2, "batch_size": 4})
+    train(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), None)
+    assert moves == [True, False, reset, False, False, False]
 
 
 def test_the_cooldown_brings_the_rate_down_linearly_over_the_last_steps_across_stages(monkeypatch):
