@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import bptt_memory, stream, train, vs_full_attention
-from benchmarks.common import ReferenceRMT, build_backbone, gpt_neo_config, train_flops_per_token
+from benchmarks import bptt_memory, graph_loss, stream, train, vs_full_attention
+from benchmarks.common import ReferenceRMT, build_backbone, gpt_neo_config, lora_config, train_flops_per_token
 from rmt_peft.memory import MemoryConfig
 from rmt_peft.recurrent import RMTModel
 
@@ -24,6 +24,24 @@ def test_reference_loop_computes_the_rmt_loss():
     ids = torch.randint(0, config.vocab_size, (2, 96))
     with torch.no_grad():
         assert torch.allclose(reference(ids), ours(ids, labels=ids).loss, atol=1e-5)
+
+
+def test_graph_loss_streams_the_loss_of_a_forward_pass():
+    """The check's eager stream on a tiny FP8 backbone computes the loss ``forward`` computes for
+    the whole input on the same model; on a CPU nothing is captured and the default stream is the
+    same stream."""
+    row = graph_loss.main(["--tiny", "--backbones", "fp8", "--compiled", "no", "--segments", "6"])["graph_loss"][0]
+    config = gpt_neo_config(tiny=True)
+    ids = torch.randint(0, config.vocab_size, (1, 6 * 32), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    rmt = RMTModel.from_backbone(build_backbone(config, "fp8", torch.device("cpu")),
+                                 MemoryConfig(num_memory_tokens=10, segment_size=32), lora=lora_config(),
+                                 verbose=False).eval()
+    with torch.no_grad():
+        loss = rmt(ids, labels=ids).loss.item()
+    assert row["segments"] == 6 and not row["captured"]
+    assert row["loss_eager"] == pytest.approx(loss, rel=1e-5)
+    assert row["loss_graph"] == row["loss_eager"] and row["segment_loss_max_abs_diff"] == 0
 
 
 def test_train_flops_match_a_hand_count():
