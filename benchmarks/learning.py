@@ -153,12 +153,12 @@ class RunConfig:
     # norms (an average about ten steps long); a lone spike of 100-1000x the level otherwise kicks
     # Adam's every coordinate by about 3 learning rates (detect seed 306 lost the task after such)
     relative_clip: float = 0.0
-    # True: Adam's moments start afresh at the first lever stage. Before it the loss is about 1e-4
-    # and the gradients' norm about 5e-4; the write cost brings norms of 1-1,000 (clipped to 1),
-    # and with beta2 = 0.999 the second moment takes about 1,000 steps to follow: steps 10-20 of the
-    # stage move each weight about 5.5 times as far as Adam's own scale (the learning rate), step 50
-    # 4 times, step 100 2.9, step 300 1.7 (m / sqrt(v) by hand for a 2,000-fold jump). Started afresh,
-    # bias correction scales the new gradients from the first step.
+    # True: Adam's moments start afresh at the first lever stage. The write cost's onset multiplies
+    # the gradients' norm (on the GPU about 2,000-fold) while Adam's second moment (beta2 = 0.999)
+    # lags, which by hand makes steps 10-20 of the stage about 5.5 times Adam's scale; started
+    # afresh, bias correction scales them from the first step. At the CPU scale it left the
+    # onset's loss peak and the accuracy where they were (BENCHMARKS.md, "Adam started afresh"):
+    # the lag is not what shakes the runs.
     lever_adam_reset: bool = False
     # > 0: the weights tested are the mean of the weights after each of the run's last this-many
     # steps (stochastic weight averaging's uniform mean), the last weights also tested at
@@ -239,8 +239,8 @@ VARIANTS: dict[str, dict] = {
                                                    "lever_stages": 2, "associative_normalizer_floor": True,
                                                    "lever_ramp_steps": 300},
     # ... with Adam's moments started afresh when the cost comes on (ramped in, the cost shook the
-    # GPU runs as much, memorize 2 of 5 against 4 of 5: the shock is Adam's lagging second moment
-    # meeting gradients 2,000 times larger, not the cost's size; see RunConfig.lever_adam_reset)
+    # GPU runs as much, memorize 2 of 5 against 4 of 5; a guess was Adam's lagging second moment,
+    # see RunConfig.lever_adam_reset; at the CPU scale the reset did not lower the shock)
     "associative_late2_write_cost0.1_floor_reset": {"memory_kind": "associative", "associative_gate_noise": 2.0,
                                                     "associative_hard_gates": True, "associative_write_cost": 0.1,
                                                     "lever_stages": 2, "associative_normalizer_floor": True,
