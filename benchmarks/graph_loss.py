@@ -78,6 +78,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-tokens", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=4096)
     args = parser.parse_args(argv)
+    if args.layers < 2 or args.layers % 2:
+        parser.error(f"--layers: an even number >= 2 (GPT-Neo's blocks alternate global and local attention), "
+                     f"got {args.layers}")
     if args.tiny:
         args.segment_size, args.chunk = 32, 128
     device = device_of(args)

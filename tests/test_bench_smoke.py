@@ -44,6 +44,12 @@ def test_graph_loss_streams_the_loss_of_a_forward_pass():
     assert row["loss_graph"] == row["loss_eager"] and row["segment_loss_max_abs_diff"] == 0
 
 
+def test_graph_loss_names_an_odd_layer_count(capsys):
+    with pytest.raises(SystemExit):
+        graph_loss.main(["--layers", "3"])
+    assert "--layers: an even number >= 2" in capsys.readouterr().err
+
+
 def test_train_flops_match_a_hand_count():
     config = gpt_neo_config(tiny=False)
     d, v, layers, n = 2048, 50257, 24, 1044
