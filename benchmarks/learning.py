@@ -98,6 +98,7 @@ class RunConfig:
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
     associative_gate_threshold: float = 0.0  # with hard gates: open where the logit exceeds it
+    associative_hard_gates_in_training: bool = False  # with hard gates: in training too (straight-through)
     associative_write_cost: float = 0.0
     associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
@@ -256,6 +257,13 @@ VARIANTS: dict[str, dict] = {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
         "cooldown_steps": 300},
+    # ... trained with the hard gates it is tested with (the gradient straight through the soft
+    # gates): with soft gates in training, a gate a little open on filler wears the fact away in
+    # training and not at inference, so training cannot see what inference does
+    "associative_late2_write_cost0.1_floor_hard_train": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_hard_gates_in_training": True, "associative_write_cost": 0.1, "lever_stages": 2,
+        "associative_normalizer_floor": True},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

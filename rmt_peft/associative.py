@@ -138,12 +138,14 @@ def read_memory(queries: torch.Tensor, matrix: torch.Tensor, normalizer: torch.T
 def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
                  normalizer: torch.Tensor, empty: bool, correction: bool,
                  hard_gates: bool = False, floor: bool = False,
-                 gate_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 gate_threshold: float = 0.0, straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's matrix and normaliser after writing, with the delta rule, the memory positions'
     key projections ``keys`` (batch, m, key size), values (batch, m, hidden) and gate logits
     (batch, m, 1). ``hard_gates``: each gate is 1 where its logit exceeds ``gate_threshold`` and 0
     elsewhere (the normaliser grows as with soft gates, which do not gate it: reads stay scaled as
-    in training).
+    in training). ``straight_through`` (with ``hard_gates``): the gates write 0 or 1 as hard gates do,
+    and their gradient is the soft gates' (the straight-through estimator), so training writes as
+    inference does.
     ``floor``: each feature's normaliser is then at least that feature of every key written."""
     keys = dpfp(keys)
     if empty:
@@ -158,7 +160,13 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
             # a sample with nothing written yet (padding so far) writes as a first segment does
             started = (normalizer != 0).any(dim=-1)[:, None, None]
             coefficient = torch.where(started, coefficient, torch.ones_like(coefficient))
-    weights = (gates > gate_threshold).to(keys.dtype) if hard_gates else torch.sigmoid(gates)
+    if hard_gates:
+        weights = (gates > gate_threshold).to(keys.dtype)
+        if straight_through:
+            soft = torch.sigmoid(gates)
+            weights = soft + (weights - soft).detach()
+    else:
+        weights = torch.sigmoid(gates)
     update = torch.einsum("bmk,bmh,bm->bkh", keys, values - stored, weights[..., 0])
     grown = normalizer + (coefficient * keys).sum(dim=1).float()
     if floor:
@@ -263,19 +271,22 @@ class AssociativeLayer(nn.Module):
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
               hard_gates: bool = False, measure_gates: bool = False, floor: bool = False,
-              gate_threshold: float = 0.0) -> tuple[torch.Tensor, ...]:
+              gate_threshold: float = 0.0, hard_in_training: bool = False) -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
         with ``hard_gates``, each gate open where its logit exceeds ``gate_threshold`` and shut
-        elsewhere (``write_memory``).
+        elsewhere (``write_memory``); in training too with ``hard_in_training`` (the gradient
+        straight through the soft gates).
         ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32;
         ``floor``: the normaliser's floor (``write_memory``)."""
         with self._precision(memory):
             keys, values, gates = self.write_projections(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
+            straight_through = hard_in_training and self.training
             written = kernel(keys, values, gates, matrix, normalizer, empty, correction,
-                             hard_gates and not self.training, floor, gate_threshold)
+                             hard_gates and (straight_through or not self.training), floor, gate_threshold,
+                             straight_through)
         if measure_gates:
             return (*written, torch.sigmoid(gates.float()).mean())
         return written
@@ -287,10 +298,11 @@ class _Session:
     and how (``AssociativeLayer.write``). ``written`` is filled when the session ends."""
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
-                 hard_gates: bool, measure_gates: bool, gate_threshold: float = 0.0):
+                 hard_gates: bool, measure_gates: bool, gate_threshold: float = 0.0,
+                 hard_in_training: bool = False):
         self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
         self.gate_noise, self.hard_gates, self.measure_gates = gate_noise, hard_gates, measure_gates
-        self.gate_threshold = gate_threshold
+        self.gate_threshold, self.hard_in_training = gate_threshold, hard_in_training
         self.written: list[tuple[torch.Tensor, ...] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
@@ -349,16 +361,19 @@ class AssociativeMemory(nn.Module):
 
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
-                hard_gates: bool = False, measure_gates: bool = False, gate_threshold: float = 0.0):
+                hard_gates: bool = False, measure_gates: bool = False, gate_threshold: float = 0.0,
+                hard_in_training: bool = False):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
         ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
-        ``gate_noise``, ``hard_gates`` and ``gate_threshold`` as MemoryConfig's
-        associative_gate_noise, associative_hard_gates and associative_gate_threshold (the caller's
+        ``gate_noise``, ``hard_gates``, ``gate_threshold`` and ``hard_in_training`` as MemoryConfig's
+        associative_gate_noise, associative_hard_gates, associative_gate_threshold and
+        associative_hard_gates_in_training (the caller's
         config at this call, so changing it takes effect);
         ``measure_gates``: the new state's ``write_gate`` is the mean write gate over the layers."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
-        session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates, gate_threshold)
+        session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates, gate_threshold,
+                           hard_in_training)
         for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
             slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
@@ -408,5 +423,5 @@ class _WriteHook:
         slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
                                         session.empty, session.correction, self.kernel, session.gate_noise,
                                         session.hard_gates, session.measure_gates, self.owner.normalizer_floor,
-                                        session.gate_threshold)
+                                        session.gate_threshold, session.hard_in_training)
         return None

@@ -73,6 +73,13 @@ class MemoryConfig:
         CPU scale 0.5 held detect longer on every learned run that faded and cost the
         half-learned ones (BENCHMARKS.md, "A threshold for the hard gates"). An inference setting,
         read at each call like associative_hard_gates; 0 = the logit's sign.
+    associative_hard_gates_in_training: with associative_hard_gates, training writes with the
+        hard gates too (after associative_gate_noise, at associative_gate_threshold), their
+        gradient passed straight through the soft gates (the straight-through estimator). Soft
+        gates in training and hard ones at inference write differently: a gate a little open on
+        filler wears a fact away in training and leaves it whole at inference, or a gate just
+        under the threshold writes a share of a fact in training and nothing at inference. With
+        this, what training writes is what inference writes. Off by default.
     associative_write_cost: with memory_kind="associative", in training, adds this weight times
         the mean write gate (over the layers, memory tokens, samples and segments; the noisy soft
         gates) to the loss: a write costs, so the memory learns to write when something new comes
@@ -147,6 +154,7 @@ class MemoryConfig:
     associative_gate_noise: float = 0.0
     associative_hard_gates: bool = False
     associative_gate_threshold: float = 0.0
+    associative_hard_gates_in_training: bool = False
     associative_write_cost: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
@@ -192,6 +200,10 @@ class MemoryConfig:
              "expected a finite number (a gate logit; 0 = its sign)")
         need(self.associative_gate_threshold == 0 or self.associative_hard_gates, "associative_gate_threshold",
              "it moves where the hard gates open: set associative_hard_gates=true (soft gates have no threshold)")
+        need(isinstance(self.associative_hard_gates_in_training, bool), "associative_hard_gates_in_training",
+             "expected true or false")
+        need(not self.associative_hard_gates_in_training or self.associative_hard_gates,
+             "associative_hard_gates_in_training", "it trains with the hard gates: set associative_hard_gates=true")
         need(isinstance(self.associative_write_cost, (int, float)) and not isinstance(self.associative_write_cost, bool)
              and 0 <= self.associative_write_cost < math.inf, "associative_write_cost",
              "expected a number >= 0 (0 = off)")

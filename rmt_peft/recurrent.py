@@ -481,6 +481,7 @@ class RMTModel(nn.Module):
             with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
                                                  hard_gates=cfg.associative_hard_gates,
                                                  gate_threshold=cfg.associative_gate_threshold,
+                                                 hard_in_training=cfg.associative_hard_gates_in_training,
                                                  measure_gates=measure) as session, unpacked_rows():
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state

@@ -241,6 +241,58 @@ def test_a_gate_threshold_opens_the_hard_gates_only_above_it_as_by_hand():
         torch.testing.assert_close(rmt(ids, labels=ids).loss, trained)
 
 
+def test_straight_through_gates_write_as_hard_gates_with_the_soft_gates_gradient():
+    """write_memory(straight_through=True): the matrix and normaliser of hard gates exactly, and
+    the gate logits' gradient of soft gates, for a loss linear in the matrix, by hand: the update
+    is linear in each gate, so d/dlogit = sigmoid'(logit) <R, k (v - v')>."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    logits = torch.randn(2, 3, 1, requires_grad=True)
+    matrix, normalizer = torch.randn(2, 24, 5), torch.rand(2, 24) + 0.5
+    new, grown = write_memory(keys, values, logits, matrix, normalizer, False, True, hard_gates=True,
+                              straight_through=True)
+    hard, hard_grown = write_memory(keys, values, logits.detach(), matrix, normalizer, False, True, hard_gates=True)
+    torch.testing.assert_close(new, hard, rtol=0, atol=0)
+    torch.testing.assert_close(grown, hard_grown, rtol=0, atol=0)
+    R = torch.randn_like(new)
+    (new * R).sum().backward()
+    k = dpfp_by_hand(keys)
+    stored = torch.einsum("bmk,bkh->bmh", k, matrix) / (torch.einsum("bk,bmk->bm", normalizer, k)[..., None] + EPS)
+    s = torch.sigmoid(logits.detach())
+    expected = s * (1 - s) * torch.einsum("bkh,bmk,bmh->bm", R, k, values - stored)[..., None]
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-4, atol=1e-6)
+    assert expected.abs().max() > 0.1
+
+
+def test_hard_gates_in_training_write_in_training_what_evaluation_writes_and_train_the_gates():
+    """associative_hard_gates_in_training: without dropout, a training forward equals evaluation's
+    hard-gated delta rule by hand (logits, loss, state), and the gates still get a gradient (the
+    soft gates'); without it, training's soft gates give another loss."""
+    backbone, rmt = associative_model("gpt2", associative_hard_gates=True, associative_hard_gates_in_training=True)
+    for module in rmt.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    backbone.config.attn_pdrop = backbone.config.resid_pdrop = backbone.config.embd_pdrop = 0.0
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for layer in rmt.memory.associative.layers:
+            layer.gate.weight.normal_(0, 1)
+        ref_logits, ref_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt2"], hard_gates=True)
+    assert set(torch.stack(state["gates"]).unique().tolist()) == {0.0, 1.0}
+    out = rmt.train()(ids, labels=ids, return_logits=True)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(out.memory.tensors(), [*state["A"], *state["z"]]):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    gate_grad = rmt.memory.associative.layers[0].gate.weight.grad
+    assert gate_grad is not None and gate_grad.abs().max() > 1e-6 and torch.isfinite(gate_grad).all()
+    rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_hard_gates_in_training=False)
+    with torch.no_grad():
+        assert abs(rmt(ids, labels=ids).loss.item() - ref_loss.item()) > 1e-4
+
+
 def test_the_backbone_alone_is_unchanged_outside_the_model():
     backbone = tiny_model("gpt2", num_layers=2)
     RMTModel.from_backbone(backbone, MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative"),
@@ -576,6 +628,10 @@ def test_config_refuses_token_levers_and_no_memory_tokens():
     with pytest.raises(ValueError, match="associative_gate_threshold=nan is invalid: expected a finite number"):
         MemoryConfig(memory_kind="associative", associative_hard_gates=True, associative_gate_threshold=float("nan"))
     MemoryConfig(memory_kind="associative", associative_hard_gates=True, associative_gate_threshold=-1)
+    with pytest.raises(ValueError, match="associative_hard_gates_in_training=True is invalid: .*set associative_hard_gates=true"):
+        MemoryConfig(memory_kind="associative", associative_hard_gates_in_training=True)
+    with pytest.raises(ValueError, match="associative_hard_gates_in_training=1 is invalid: expected true or false"):
+        MemoryConfig(memory_kind="associative", associative_hard_gates=True, associative_hard_gates_in_training=1)
     with pytest.raises(ValueError, match="associative_write_cost.*memory_kind='tokens'"):
         MemoryConfig(associative_write_cost=0.1)
     with pytest.raises(ValueError, match="associative_write_cost=-0.1 is invalid: expected a number >= 0"):
