@@ -264,6 +264,14 @@ VARIANTS: dict[str, dict] = {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_hard_gates_in_training": True, "associative_write_cost": 0.1, "lever_stages": 2,
         "associative_normalizer_floor": True},
+    # ... then a stage of up to 16 segments (outside issue 24's "trained on <= 7"): the gates drift
+    # open past the lengths trained on, and the write cost only holds them shut where it is paid.
+    # At the CPU scale a stage of up to 12 after 3 held detect at 512 segments at 0.988-1.00 on
+    # 8 seeds (a fourth stage of 3 instead: 0.80-1.00; BENCHMARKS.md, "A longer last stage")
+    "associative_late2_write_cost0.1_floor_to16": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
+        "extra_stages": [16]},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

@@ -98,6 +98,14 @@ def test_the_late_variants_put_the_levers_in_their_last_stages(variant, lever_st
     assert [i for i, p in enumerate(plan) if p.levers] == lever_stages
 
 
+def test_the_to16_variant_pays_the_write_cost_in_the_last_trained_stage_and_the_stage_of_16():
+    from benchmarks.learning import stage_plan
+
+    plan = stage_plan(RunConfig(**VARIANTS["associative_late2_write_cost0.1_floor_to16"]))
+    assert [p.segments for p in plan] == [1, 2, 3, 4, 5, 6, 7, 16]
+    assert [p.segments for p in plan if p.levers] == [7, 16]
+
+
 def test_the_ramp_raises_the_write_cost_step_by_step_in_the_first_lever_stage(monkeypatch):
     """lever_ramp_steps=3 on the write cost (levers in the last of two stages): stage 1 trains
     without it, the first three steps of stage 2 at 1/3, 2/3 and 3/3 of it, the rest at all of it."""
