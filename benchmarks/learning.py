@@ -100,6 +100,7 @@ class RunConfig:
     associative_gate_threshold: float = 0.0  # with hard gates: open where the logit exceeds it
     associative_hard_gates_in_training: bool = False  # with hard gates: in training too (straight-through)
     associative_write_cost: float = 0.0
+    associative_write_cost_form: str = "gate"
     associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
@@ -263,6 +264,13 @@ VARIANTS: dict[str, dict] = {
     "associative_late2_write_cost0.1_floor_hard_train": {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_hard_gates_in_training": True, "associative_write_cost": 0.1, "lever_stages": 2,
+        "associative_normalizer_floor": True},
+    # ... the cost charged as softplus(logit) instead of the soft gate: the gate's own cost barely
+    # pulls on a gate open wide (its slope g (1 - g) vanishes), and confident writes on filler are
+    # what the runs that fade lose their facts to; softplus pulls on every gate by the gate itself
+    "associative_late2_write_cost0.1_floor_softplus": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_write_cost": 0.1, "associative_write_cost_form": "softplus", "lever_stages": 2,
         "associative_normalizer_floor": True},
     # ... then a stage of up to 16 segments (outside issue 24's "trained on <= 7"): the gates drift
     # open past the lengths trained on, and the write cost only holds them shut where it is paid.

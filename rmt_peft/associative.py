@@ -271,14 +271,16 @@ class AssociativeLayer(nn.Module):
     def write(self, memory: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor, empty: bool,
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
               hard_gates: bool = False, measure_gates: bool = False, floor: bool = False,
-              gate_threshold: float = 0.0, hard_in_training: bool = False) -> tuple[torch.Tensor, ...]:
+              gate_threshold: float = 0.0, hard_in_training: bool = False,
+              cost_form: str = "gate") -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
         with ``hard_gates``, each gate open where its logit exceeds ``gate_threshold`` and shut
         elsewhere (``write_memory``); in training too with ``hard_in_training`` (the gradient
         straight through the soft gates).
-        ``measure_gates``: a third output, the mean soft gate (the noisy one in training), fp32;
-        ``floor``: the normaliser's floor (``write_memory``)."""
+        ``measure_gates``: a third output, fp32, what the write cost charges (``cost_form`` as
+        MemoryConfig.associative_write_cost_form): the mean soft gate, or the mean softplus of the
+        gates' logits (the noisy ones in training); ``floor``: the normaliser's floor (``write_memory``)."""
         with self._precision(memory):
             keys, values, gates = self.write_projections(memory)
             if gate_noise and self.training:
@@ -288,7 +290,9 @@ class AssociativeLayer(nn.Module):
                              hard_gates and (straight_through or not self.training), floor, gate_threshold,
                              straight_through)
         if measure_gates:
-            return (*written, torch.sigmoid(gates.float()).mean())
+            logits = gates.float()
+            charged = torch.sigmoid(logits) if cost_form == "gate" else F.softplus(logits)
+            return (*written, charged.mean())
         return written
 
 
@@ -299,10 +303,10 @@ class _Session:
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
                  hard_gates: bool, measure_gates: bool, gate_threshold: float = 0.0,
-                 hard_in_training: bool = False):
+                 hard_in_training: bool = False, cost_form: str = "gate"):
         self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
         self.gate_noise, self.hard_gates, self.measure_gates = gate_noise, hard_gates, measure_gates
-        self.gate_threshold, self.hard_in_training = gate_threshold, hard_in_training
+        self.gate_threshold, self.hard_in_training, self.cost_form = gate_threshold, hard_in_training, cost_form
         self.written: list[tuple[torch.Tensor, ...] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
@@ -362,18 +366,19 @@ class AssociativeMemory(nn.Module):
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
                 hard_gates: bool = False, measure_gates: bool = False, gate_threshold: float = 0.0,
-                hard_in_training: bool = False):
+                hard_in_training: bool = False, cost_form: str = "gate"):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
         ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
         ``gate_noise``, ``hard_gates``, ``gate_threshold`` and ``hard_in_training`` as MemoryConfig's
         associative_gate_noise, associative_hard_gates, associative_gate_threshold and
         associative_hard_gates_in_training (the caller's
         config at this call, so changing it takes effect);
-        ``measure_gates``: the new state's ``write_gate`` is the mean write gate over the layers."""
+        ``measure_gates``: the new state's ``write_gate`` is the mean over the layers of what the
+        write cost charges (``cost_form``: the soft gates, or the softplus of their logits)."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
         session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates, gate_threshold,
-                           hard_in_training)
+                           hard_in_training, cost_form)
         for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
             slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
@@ -423,5 +428,5 @@ class _WriteHook:
         slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
                                         session.empty, session.correction, self.kernel, session.gate_noise,
                                         session.hard_gates, session.measure_gates, self.owner.normalizer_floor,
-                                        session.gate_threshold, session.hard_in_training)
+                                        session.gate_threshold, session.hard_in_training, session.cost_form)
         return None

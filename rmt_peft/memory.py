@@ -23,6 +23,7 @@ from torch import nn
 from .associative import AssociativeMemory
 
 MEMORY_KINDS = ("tokens", "associative")
+WRITE_COST_FORMS = ("gate", "softplus")
 ALIGNMENTS = ("left", "right")
 MEMORY_UPDATES = ("replace", "gated")
 CHECKPOINT_POLICIES = ("recompute_all", "save_matmuls")
@@ -86,6 +87,11 @@ class MemoryConfig:
         and to leave its matrices alone on filler. Without it, the delta rule lets a memory copy
         a fact forward every segment (read it, write it back to the same keys), which keeps it
         over the trained lengths and drifts beyond them (docs/memory-model.md); 0 = off.
+    associative_write_cost_form: what the write cost charges per gate, from its logit x: "gate"
+        (the default) the soft gate sigmoid(x), whose pull on x, sigmoid(x)(1 - sigmoid(x)), fades
+        as the gate opens wide, so a confident write on filler is barely charged; "softplus"
+        log(1 + e^x) = -log(1 - sigmoid(x)) (minus the log-probability that the gate is shut),
+        whose pull on x is the gate itself, so the wider a gate opens the harder it is pulled shut.
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -156,6 +162,7 @@ class MemoryConfig:
     associative_gate_threshold: float = 0.0
     associative_hard_gates_in_training: bool = False
     associative_write_cost: float = 0.0
+    associative_write_cost_form: str = "gate"
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -209,6 +216,8 @@ class MemoryConfig:
              "expected a number >= 0 (0 = off)")
         need(self.associative_write_cost == 0 or self.memory_kind == "associative", "associative_write_cost",
              "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
+        need(self.associative_write_cost_form in WRITE_COST_FORMS, "associative_write_cost_form",
+             f"expected one of {WRITE_COST_FORMS}")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",

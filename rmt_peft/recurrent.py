@@ -117,8 +117,9 @@ class RMTOutput(ModelOutput):
     segment (NaN where a segment has no labelled token), detached, for metrics; memory_drift:
     with ``memory_stability_weight`` in training, the mean relative squared change of the memory
     per transition after the first (part of ``loss``, times the weight); write_gate: with
-    ``associative_write_cost`` in training, the mean write gate over the segments (part of
-    ``loss``, times the cost)."""
+    ``associative_write_cost`` in training, the mean write gate over the segments (with
+    ``associative_write_cost_form="softplus"`` the mean softplus of the gates' logits: what the
+    cost charges; part of ``loss``, times the cost)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -482,7 +483,8 @@ class RMTModel(nn.Module):
                                                  hard_gates=cfg.associative_hard_gates,
                                                  gate_threshold=cfg.associative_gate_threshold,
                                                  hard_in_training=cfg.associative_hard_gates_in_training,
-                                                 measure_gates=measure) as session, unpacked_rows():
+                                                 measure_gates=measure,
+                                                 cost_form=cfg.associative_write_cost_form) as session, unpacked_rows():
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
             new_memory, hidden = session.result(), hidden[:, :n]

@@ -363,19 +363,26 @@ def test_the_stability_loss_is_the_matrices_change_per_transition_by_hand():
     assert any(not torch.allclose(a, b) for a, b in zip(with_drift, plain) if a is not None)  # the drift trains
 
 
-def test_the_write_cost_is_the_mean_write_gate_by_hand_and_shuts_the_gates():
-    """Trained with a write cost, the loss is the task's plus the cost times the mean write gate
-    over the layers, memory tokens, samples and segments (every gate of the hand-computed delta
-    rule), its gradient on the gates' biases is the cost times the gates' slope (training pushes
-    them shut), and evaluation adds nothing."""
-    backbone, rmt = associative_model("gpt_neox", associative_write_cost=0.5)
+def trained_with_a_write_cost(**memory):
+    """A tiny GPT-NeoX associative model with ``memory``'s write cost, one training forward of 3
+    segments (loss with the cost) and the hand-computed delta rule's task loss and gates."""
+    backbone, rmt = associative_model("gpt_neox", **memory)
     ids = torch.randint(2, 128, (2, 15))
     rmt.train()  # no dropout in the tiny GPT-NeoX: training computes what evaluation does
     out = rmt(ids, labels=ids)
     with torch.no_grad():
         _, task_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"])
-    opened = torch.stack(state["gates"]).mean()  # 3 segments x 2 layers x 2 samples x 2 tokens
-    assert len(state["gates"]) == 24
+    return rmt, ids, out, task_loss, torch.stack(state["gates"])  # 3 segments x 2 layers x 2 samples x 2 tokens
+
+
+def test_the_write_cost_is_the_mean_write_gate_by_hand_and_shuts_the_gates():
+    """Trained with a write cost, the loss is the task's plus the cost times the mean write gate
+    over the layers, memory tokens, samples and segments (every gate of the hand-computed delta
+    rule), its gradient on the gates' biases is the cost times the gates' slope (training pushes
+    them shut), and evaluation adds nothing."""
+    rmt, ids, out, task_loss, gates = trained_with_a_write_cost(associative_write_cost=0.5)
+    opened = gates.mean()
+    assert gates.shape == (24,)
     torch.testing.assert_close(out.write_gate, opened, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss, task_loss + 0.5 * opened, rtol=1e-4, atol=1e-6)
     assert out.memory.write_gate is None  # the state handed back holds the memory only
@@ -386,13 +393,40 @@ def test_the_write_cost_is_the_mean_write_gate_by_hand_and_shuts_the_gates():
     plain = torch.autograd.grad(rmt(ids, labels=ids).loss, biases)
     # the cost's own gradient on layer l's gate bias: 0.5 x the mean over segments and layers of
     # d(gate)/d(bias) = g (1 - g) (gates in the hand write's order: segment, layer, sample, token)
-    gates = torch.stack(state["gates"]).view(3, 2, 4)
+    gates = gates.view(3, 2, 4)
     direct = 0.5 * (gates * (1 - gates)).mean(dim=2).sum(dim=0) / (3 * 2)
     # within 2%: the gates of later segments also depend on the bias, through what they read
     torch.testing.assert_close(torch.cat([a - b for a, b in zip(with_cost, plain)]), direct, rtol=0.02, atol=0)
     rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_write_cost=0.5)
     with torch.no_grad():
         torch.testing.assert_close(rmt.eval()(ids, labels=ids).loss, task_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_the_softplus_write_cost_charges_minus_log_shut_by_hand_and_pulls_wide_open_gates_hardest():
+    """With associative_write_cost_form="softplus" the loss is the task's plus the cost times the
+    mean of -log(1 - g) over every gate g of the hand-computed delta rule (softplus of the
+    logits), and its gradient on each layer's gate bias is the cost times the mean gate itself,
+    not the gate's slope g (1 - g): a gate open wide is pulled shut hardest."""
+    rmt, ids, out, task_loss, gates = trained_with_a_write_cost(associative_write_cost=0.5,
+                                                                associative_write_cost_form="softplus")
+    gates = gates.double()
+    charged = (-torch.log1p(-gates)).mean().float()
+    torch.testing.assert_close(out.write_gate, charged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, task_loss + 0.5 * charged, rtol=1e-4, atol=1e-6)
+    assert not torch.isclose(charged, gates.mean().float(), rtol=1e-2)  # not the gate form's charge
+    biases = [layer.gate.bias for layer in rmt.memory.associative.layers]
+    with_cost = torch.autograd.grad(out.loss, biases)
+    rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_write_cost=0.0)
+    plain = torch.autograd.grad(rmt(ids, labels=ids).loss, biases)
+    # d softplus(x) / dx = sigmoid(x) = g; within 2% as in the gate form's test (later segments'
+    # gates also depend on the bias, through what they read)
+    direct = 0.5 * gates.view(3, 2, 4).mean(dim=2).sum(dim=0).float() / (3 * 2)
+    torch.testing.assert_close(torch.cat([a - b for a, b in zip(with_cost, plain)]), direct, rtol=0.02, atol=0)
+
+
+def test_an_unknown_write_cost_form_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"associative_write_cost_form='sigmoid'.*\('gate', 'softplus'\)"):
+        MemoryConfig(memory_kind="associative", associative_write_cost_form="sigmoid")
 
 
 def test_training_noise_perturbs_training_only():
