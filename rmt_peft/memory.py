@@ -218,6 +218,9 @@ class MemoryConfig:
              "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
         need(self.associative_write_cost_form in WRITE_COST_FORMS, "associative_write_cost_form",
              f"expected one of {WRITE_COST_FORMS}")
+        need(self.associative_write_cost_form == "gate" or self.memory_kind == "associative",
+             "associative_write_cost_form", "it shapes the associative memory's write cost: leave it 'gate' with "
+             "memory_kind='tokens'")
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",

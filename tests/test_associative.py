@@ -424,9 +424,11 @@ def test_the_softplus_write_cost_charges_minus_log_shut_by_hand_and_pulls_wide_o
     torch.testing.assert_close(torch.cat([a - b for a, b in zip(with_cost, plain)]), direct, rtol=0.02, atol=0)
 
 
-def test_an_unknown_write_cost_form_is_refused_by_name():
+def test_an_unknown_write_cost_form_or_one_without_the_associative_memory_is_refused_by_name():
     with pytest.raises(ValueError, match=r"associative_write_cost_form='sigmoid'.*\('gate', 'softplus'\)"):
         MemoryConfig(memory_kind="associative", associative_write_cost_form="sigmoid")
+    with pytest.raises(ValueError, match=r"associative_write_cost_form='softplus'.*memory_kind='tokens'"):
+        MemoryConfig(associative_write_cost_form="softplus")
 
 
 def test_training_noise_perturbs_training_only():
