@@ -275,7 +275,8 @@ VARIANTS: dict[str, dict] = {
     # ... then a stage of up to 16 segments (outside issue 24's "trained on <= 7"): the gates drift
     # open past the lengths trained on, and the write cost only holds them shut where it is paid.
     # At the CPU scale a stage of up to 12 after 3 held detect at 512 segments at 0.988-1.00 on
-    # 8 seeds (a fourth stage of 3 instead: 0.80-1.00; BENCHMARKS.md, "A longer last stage")
+    # 8 seeds (a fourth stage of 3 instead: 0.80-1.00; BENCHMARKS.md, "A longer last stage"); on an
+    # H100 4 of 7 unseen detect seeds held at 4,096, one diverged in the long stage (not adopted)
     "associative_late2_write_cost0.1_floor_to16": {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
