@@ -94,7 +94,7 @@ def gate_and_key_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
     segments."""
     model.eval()
     with recorded_writes(model) as records:
-        reader = model.stream(batch_size=ids.shape[0])
+        reader = model.stream(batch_size=ids.shape[0], cuda_graph=False)  # a replayed graph would skip the hooks
         reader.feed(ids)
         reader.finish()
     layers = []

@@ -318,7 +318,9 @@ def test_learning_bench_runs_a_capacity_grid_over_pairs(tmp_path):
 
 def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
     """With the gates' weights at zero each layer writes with sigmoid(its bias) at every segment:
-    the trace must report exactly that, per layer and segment."""
+    the trace must report exactly that, per layer and segment. It reads eager segments: on a GPU
+    a stream replays CUDA graphs, which skip the hooks that record the gates (an H100 run traced
+    only the segments before capture)."""
     from benchmarks.associative_gates import gate_and_key_trace
     from rmt_peft.tiny_models import tiny_model
 
@@ -329,7 +331,10 @@ def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
         for layer, bias in zip(rmt.memory.associative.layers, biases):
             layer.gate.weight.zero_()
             layer.gate.bias.fill_(bias)
+    asked, stream = [], rmt.stream
+    rmt.stream = lambda **kwargs: asked.append(kwargs) or stream(**kwargs)
     layers = gate_and_key_trace(rmt, torch.randint(2, 128, (3, 20)))
+    assert asked == [{"batch_size": 3, "cuda_graph": False}]
     assert len(layers) == 2
     for layer, bias in zip(layers, biases):
         assert layer["gate_by_segment"] == pytest.approx([torch.sigmoid(torch.tensor(bias)).item()] * 4, abs=1e-6)
