@@ -40,6 +40,15 @@ soft gate exceeds 1/2.
 
     python -m benchmarks.associative_gates --weights learning/weights/reasoning-*.pt --by-fact 16 --samples 256
 
+With ``--forced-writes RATE ...`` it also answers ``--samples`` samples at each of ``--lengths``
+with each layer's gates forced open for a sample at a segment with probability RATE (as
+MemoryConfig.associative_forced_write_rate does in training): how much a write that the model
+did not choose costs what its memory holds. The GPU runs that miss lose the fact to rare,
+confident writes on filler; a memory that writes what keeps the fact loses nothing by them.
+
+    python -m benchmarks.associative_gates --weights learning/weights/detect-*.pt --forced-writes 0.01 0.05 \
+      --lengths 16 128 --samples 256 --segments 2
+
 With ``--weights`` it traces runs that ``benchmarks.learning --save-weights`` kept (trained on a
 GPU, say) instead of training here:
 
@@ -57,10 +66,26 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
-from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp
+from rmt_peft.associative import EPS, FORCED_LOGIT, AssociativeState, _WriteHook, dpfp
 from rmt_peft.metrics import exact_match
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
+
+
+@contextlib.contextmanager
+def wrapped_write_kernels(model: RMTModel, wrap):
+    """Inside: each decoder layer's associative write calls ``wrap(layer index, kernel)`` instead of
+    its kernel (eager segments only: a replayed CUDA graph skips the hooks)."""
+    hooks = [h for block in transformer_blocks(model.causal_lm) for h in block._forward_hooks.values()
+             if isinstance(h, _WriteHook)]
+    kernels = [h.kernel for h in hooks]
+    for hook, kernel in zip(hooks, kernels):
+        hook.kernel = wrap(hook.index, kernel)
+    try:
+        yield
+    finally:
+        for hook, kernel in zip(hooks, kernels):
+            hook.kernel = kernel
 
 
 @contextlib.contextmanager
@@ -68,23 +93,55 @@ def recorded_writes(model: RMTModel):
     """Inside: every write of the associative memory appends (layer, gates (batch, m), key
     features (batch, m, features)) to the yielded list."""
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    hooks = [h for block in transformer_blocks(model.causal_lm) for h in block._forward_hooks.values()
-             if isinstance(h, _WriteHook)]
 
-    def recording(hook, kernel):
+    def recording(index, kernel):
         def write(keys, values, gates, *rest):
-            records.append((hook.index, torch.sigmoid(gates.float())[..., 0].detach(), dpfp(keys.float()).detach()))
+            records.append((index, torch.sigmoid(gates.float())[..., 0].detach(), dpfp(keys.float()).detach()))
             return kernel(keys, values, gates, *rest)
         return write
 
-    kernels = [h.kernel for h in hooks]
-    for hook, kernel in zip(hooks, kernels):
-        hook.kernel = recording(hook, kernel)
-    try:
+    with wrapped_write_kernels(model, recording):
         yield records
-    finally:
-        for hook, kernel in zip(hooks, kernels):
-            hook.kernel = kernel
+
+
+@contextlib.contextmanager
+def forcing_writes(model: RMTModel, rate: float, seed: int = 0):
+    """Inside: each layer's gates are forced open for a sample at a segment with probability
+    ``rate``, as MemoryConfig.associative_forced_write_rate does in training, here in evaluation
+    too (the hard gates otherwise as the model has them). Eager segments only."""
+    draws = None
+
+    def forcing(index, kernel):
+        def write(keys, values, gates, *rest):
+            nonlocal draws
+            if draws is None:
+                draws = torch.Generator(device=gates.device).manual_seed(seed)
+            forced = torch.rand(gates.shape[0], 1, 1, device=gates.device, generator=draws) < rate
+            return kernel(keys, values, torch.where(forced, torch.full_like(gates, FORCED_LOGIT), gates), *rest)
+        return write
+
+    with wrapped_write_kernels(model, forcing):
+        yield
+
+
+@torch.no_grad()
+def forced_write_accuracy(cfg: learning.RunConfig, model: RMTModel, segments: int, samples: int, rate: float,
+                          device) -> float:
+    """Accuracy of ``samples`` test samples of ``segments`` segments with writes forced at ``rate``
+    (``forcing_writes``): how much a write where the model chose none costs what its memory
+    holds."""
+    model.eval()
+    data, seg = learning.Samples(cfg, "test"), cfg.segment_size
+    right, batch = 0.0, min(samples, 128)
+    with forcing_writes(model, rate):
+        for first in range(0, samples, batch):
+            indices = list(range(first, min(first + batch, samples)))
+            ids, labels = data.batch(segments, indices, samples, device)
+            reader = model.stream(batch_size=len(indices), cuda_graph=False)
+            reader.feed(ids[:, :-seg])
+            logits = model(ids[:, -seg:], memory=reader.finish().memory, return_logits=True).logits
+            right += exact_match(logits.float(), labels[:, -seg:]).sum().item()
+    return right / samples
 
 
 @torch.no_grad()
@@ -258,6 +315,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--by-fact", type=int, default=0, metavar="N",
                         help="also answer --samples samples of N segments and split the answers by whether "
                              "the last fact was written and whether filler was written after it")
+    parser.add_argument("--forced-writes", type=float, nargs="+", default=[], metavar="RATE",
+                        help="also answer --samples samples at each of --lengths with each layer's gates forced "
+                             "open per sample and segment at each RATE: what a write the model did not choose "
+                             "costs it")
     parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                         help="trace runs saved by benchmarks.learning --save-weights (e.g. trained on a GPU) "
                              "instead of training --seeds; --set changes their configs")
@@ -295,6 +356,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   + "; ".join(f"{group} {right}/{total} = {right / total:.2f}" for group, (right, total)
                               in sorted(split["groups"].items()))
                   + f"; median logit of the gates open on filler {split['filler_open_logit_median']}", flush=True)
+        if args.forced_writes:
+            row["forced_write_accuracy"] = forced = {
+                rate: {n: forced_write_accuracy(cfg, model, n, args.samples, rate, device) for n in args.lengths}
+                for rate in args.forced_writes}
+            print(f"seed {seed}: accuracy with forced writes (rate: by length) {forced}", flush=True)
         if args.hard_gates:
             soft = model.memory_config
             model.memory_config = dataclasses.replace(soft, associative_hard_gates=True)

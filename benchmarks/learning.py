@@ -101,6 +101,7 @@ class RunConfig:
     associative_hard_gates_in_training: bool = False  # with hard gates: in training too (straight-through)
     associative_write_cost: float = 0.0
     associative_write_cost_form: str = "gate"
+    associative_forced_write_rate: float = 0.0
     associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
@@ -281,6 +282,17 @@ VARIANTS: dict[str, dict] = {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
         "extra_stages": [16]},
+    # ... with forced writes (associative_forced_write_rate) in the lever stages: the GPU's detect
+    # runs that fade lose the fact where a gate opens confidently on filler after it (seeds 352,
+    # 356: every miss at 1,024 segments; benchmarks.associative_gates --by-fact), while the runs
+    # that hold write on filler too and lose nothing; a write forced open now and then in
+    # training teaches every run to write what keeps the fact. At the CPU scale it did (answers
+    # with gates forced at 2%: 0.36 -> 0.51), and learned detect worse (5 stages: 0.96 -> 0.87 at
+    # 128 segments; BENCHMARKS.md, "Forced writes"); not run on the GPU
+    "associative_late2_write_cost0.1_floor_forced0.05": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
+        "associative_forced_write_rate": 0.05},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},

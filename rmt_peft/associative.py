@@ -40,6 +40,7 @@ from torch import nn
 
 DPFP_ORDER = 3  # the authors' nu
 EPS = 1e-5      # the authors' denominator epsilon
+FORCED_LOGIT = 30.0  # a gate forced open: its sigmoid is 1 in fp32 and bf16
 
 
 def dpfp(x: torch.Tensor, order: int = DPFP_ORDER) -> torch.Tensor:
@@ -272,7 +273,7 @@ class AssociativeLayer(nn.Module):
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
               hard_gates: bool = False, measure_gates: bool = False, floor: bool = False,
               gate_threshold: float = 0.0, hard_in_training: bool = False,
-              cost_form: str = "gate") -> tuple[torch.Tensor, ...]:
+              cost_form: str = "gate", forced_rate: float = 0.0) -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
         with ``hard_gates``, each gate open where its logit exceeds ``gate_threshold`` and shut
@@ -280,17 +281,23 @@ class AssociativeLayer(nn.Module):
         straight through the soft gates).
         ``measure_gates``: a third output, fp32, what the write cost charges (``cost_form`` as
         MemoryConfig.associative_write_cost_form): the mean soft gate, or the mean softplus of the
-        gates' logits (the noisy ones in training); ``floor``: the normaliser's floor (``write_memory``)."""
+        gates' logits (the noisy ones in training); ``floor``: the normaliser's floor (``write_memory``);
+        ``forced_rate``: in training, each sample's gates forced open with this probability
+        (MemoryConfig.associative_forced_write_rate), charged by the cost as they were."""
         with self._precision(memory):
             keys, values, gates = self.write_projections(memory)
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
+            charged_logits = gates
+            if forced_rate and self.training:
+                forced = torch.rand(gates.shape[0], 1, 1, device=gates.device) < forced_rate
+                gates = torch.where(forced, torch.full_like(gates, FORCED_LOGIT), gates)
             straight_through = hard_in_training and self.training
             written = kernel(keys, values, gates, matrix, normalizer, empty, correction,
                              hard_gates and (straight_through or not self.training), floor, gate_threshold,
                              straight_through)
         if measure_gates:
-            logits = gates.float()
+            logits = charged_logits.float()
             charged = torch.sigmoid(logits) if cost_form == "gate" else F.softplus(logits)
             return (*written, charged.mean())
         return written
@@ -303,10 +310,11 @@ class _Session:
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
                  hard_gates: bool, measure_gates: bool, gate_threshold: float = 0.0,
-                 hard_in_training: bool = False, cost_form: str = "gate"):
+                 hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0):
         self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
         self.gate_noise, self.hard_gates, self.measure_gates = gate_noise, hard_gates, measure_gates
         self.gate_threshold, self.hard_in_training, self.cost_form = gate_threshold, hard_in_training, cost_form
+        self.forced_rate = forced_rate
         self.written: list[tuple[torch.Tensor, ...] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
@@ -366,7 +374,7 @@ class AssociativeMemory(nn.Module):
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
                 hard_gates: bool = False, measure_gates: bool = False, gate_threshold: float = 0.0,
-                hard_in_training: bool = False, cost_form: str = "gate"):
+                hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
         ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
         ``gate_noise``, ``hard_gates``, ``gate_threshold`` and ``hard_in_training`` as MemoryConfig's
@@ -374,11 +382,12 @@ class AssociativeMemory(nn.Module):
         associative_hard_gates_in_training (the caller's
         config at this call, so changing it takes effect);
         ``measure_gates``: the new state's ``write_gate`` is the mean over the layers of what the
-        write cost charges (``cost_form``: the soft gates, or the softplus of their logits)."""
+        write cost charges (``cost_form``: the soft gates, or the softplus of their logits);
+        ``forced_rate`` as MemoryConfig.associative_forced_write_rate."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
         session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates, gate_threshold,
-                           hard_in_training, cost_form)
+                           hard_in_training, cost_form, forced_rate)
         for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
             slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
@@ -428,5 +437,6 @@ class _WriteHook:
         slot.written = slot.layer.write(hidden[:, -session.write_tokens:], slot.matrix, slot.normalizer,
                                         session.empty, session.correction, self.kernel, session.gate_noise,
                                         session.hard_gates, session.measure_gates, self.owner.normalizer_floor,
-                                        session.gate_threshold, session.hard_in_training, session.cost_form)
+                                        session.gate_threshold, session.hard_in_training, session.cost_form,
+                                        session.forced_rate)
         return None

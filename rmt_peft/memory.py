@@ -92,6 +92,13 @@ class MemoryConfig:
         as the gate opens wide, so a confident write on filler is barely charged; "softplus"
         log(1 + e^x) = -log(1 - sigmoid(x)) (minus the log-probability that the gate is shut),
         whose pull on x is the gate itself, so the wider a gate opens the harder it is pulled shut.
+    associative_forced_write_rate: with memory_kind="associative", in training, the probability
+        that one layer's write gates are forced wide open for one sample at one segment (their
+        gradient is then 0, and the write cost charges the gates as they were). Along a long
+        input a gate now and then opens confidently on filler, and a memory whose writes on
+        filler carry nothing of the fact loses it there (the GPU's detect runs that fade,
+        BENCHMARKS.md); forced writes teach the memory to write what keeps the fact, so such a
+        write does no harm. A training lever, as the write cost; 0 = off.
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -163,6 +170,7 @@ class MemoryConfig:
     associative_hard_gates_in_training: bool = False
     associative_write_cost: float = 0.0
     associative_write_cost_form: str = "gate"
+    associative_forced_write_rate: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -179,48 +187,13 @@ class MemoryConfig:
     checkpoint_policy: str = "recompute_all"
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-
+        need = self._need
         need(isinstance(self.num_memory_tokens, int) and self.num_memory_tokens >= 0,
              "num_memory_tokens", "expected an integer >= 0 (0 = no-memory baseline)")
         need(isinstance(self.segment_size, int) and self.segment_size >= 1,
              "segment_size", "expected an integer >= 1")
         need(self.memory_kind in MEMORY_KINDS, "memory_kind", f"expected one of {MEMORY_KINDS}")
-        need(isinstance(self.associative_key_size, int) and self.associative_key_size >= 1,
-             "associative_key_size", "expected an integer >= 1")
-        need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
-        need(isinstance(self.associative_normalizer_floor, bool), "associative_normalizer_floor", "expected true or false")
-        need(not self.associative_normalizer_floor or self.memory_kind == "associative", "associative_normalizer_floor",
-             "it acts on the associative memory's normalisers: leave it false with memory_kind='tokens'")
-        need(isinstance(self.associative_gate_noise, (int, float)) and not isinstance(self.associative_gate_noise, bool)
-             and 0 <= self.associative_gate_noise < math.inf, "associative_gate_noise", "expected a number >= 0 (0 = off)")
-        need(self.associative_gate_noise == 0 or self.memory_kind == "associative", "associative_gate_noise",
-             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
-        need(isinstance(self.associative_hard_gates, bool), "associative_hard_gates", "expected true or false")
-        need(not self.associative_hard_gates or self.memory_kind == "associative", "associative_hard_gates",
-             "it acts on the associative memory's write gates: leave it false with memory_kind='tokens'")
-        need(isinstance(self.associative_gate_threshold, (int, float))
-             and not isinstance(self.associative_gate_threshold, bool)
-             and math.isfinite(self.associative_gate_threshold), "associative_gate_threshold",
-             "expected a finite number (a gate logit; 0 = its sign)")
-        need(self.associative_gate_threshold == 0 or self.associative_hard_gates, "associative_gate_threshold",
-             "it moves where the hard gates open: set associative_hard_gates=true (soft gates have no threshold)")
-        need(isinstance(self.associative_hard_gates_in_training, bool), "associative_hard_gates_in_training",
-             "expected true or false")
-        need(not self.associative_hard_gates_in_training or self.associative_hard_gates,
-             "associative_hard_gates_in_training", "it trains with the hard gates: set associative_hard_gates=true")
-        need(isinstance(self.associative_write_cost, (int, float)) and not isinstance(self.associative_write_cost, bool)
-             and 0 <= self.associative_write_cost < math.inf, "associative_write_cost",
-             "expected a number >= 0 (0 = off)")
-        need(self.associative_write_cost == 0 or self.memory_kind == "associative", "associative_write_cost",
-             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
-        need(self.associative_write_cost_form in WRITE_COST_FORMS, "associative_write_cost_form",
-             f"expected one of {WRITE_COST_FORMS}")
-        need(self.associative_write_cost_form == "gate" or self.memory_kind == "associative",
-             "associative_write_cost_form", "it shapes the associative memory's write cost: leave it 'gate' with "
-             "memory_kind='tokens'")
+        self._check_associative_fields()
         need(self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 0),
              "bptt_depth", "expected None (full BPTT) or an integer >= 0")
         need(isinstance(self.checkpoint_segments, bool) or self.checkpoint_segments == "auto",
@@ -254,6 +227,52 @@ class MemoryConfig:
             for name in TOKEN_MEMORY_LEVERS:
                 need(getattr(self, name) == defaults[name], name,
                      f"it acts on a memory of tokens: leave it at {defaults[name]!r} with memory_kind='associative'")
+
+    def _need(self, ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+    def _check_associative_fields(self) -> None:
+        """The associative_* fields: each of the right type, and off unless memory_kind='associative'."""
+        need = self._need
+        need(isinstance(self.associative_key_size, int) and self.associative_key_size >= 1,
+             "associative_key_size", "expected an integer >= 1")
+        need(isinstance(self.associative_correction, bool), "associative_correction", "expected true or false")
+        need(isinstance(self.associative_normalizer_floor, bool), "associative_normalizer_floor", "expected true or false")
+        need(not self.associative_normalizer_floor or self.memory_kind == "associative", "associative_normalizer_floor",
+             "it acts on the associative memory's normalisers: leave it false with memory_kind='tokens'")
+        need(isinstance(self.associative_gate_noise, (int, float)) and not isinstance(self.associative_gate_noise, bool)
+             and 0 <= self.associative_gate_noise < math.inf, "associative_gate_noise", "expected a number >= 0 (0 = off)")
+        need(self.associative_gate_noise == 0 or self.memory_kind == "associative", "associative_gate_noise",
+             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
+        need(isinstance(self.associative_hard_gates, bool), "associative_hard_gates", "expected true or false")
+        need(not self.associative_hard_gates or self.memory_kind == "associative", "associative_hard_gates",
+             "it acts on the associative memory's write gates: leave it false with memory_kind='tokens'")
+        need(isinstance(self.associative_gate_threshold, (int, float))
+             and not isinstance(self.associative_gate_threshold, bool)
+             and math.isfinite(self.associative_gate_threshold), "associative_gate_threshold",
+             "expected a finite number (a gate logit; 0 = its sign)")
+        need(self.associative_gate_threshold == 0 or self.associative_hard_gates, "associative_gate_threshold",
+             "it moves where the hard gates open: set associative_hard_gates=true (soft gates have no threshold)")
+        need(isinstance(self.associative_hard_gates_in_training, bool), "associative_hard_gates_in_training",
+             "expected true or false")
+        need(not self.associative_hard_gates_in_training or self.associative_hard_gates,
+             "associative_hard_gates_in_training", "it trains with the hard gates: set associative_hard_gates=true")
+        need(isinstance(self.associative_write_cost, (int, float)) and not isinstance(self.associative_write_cost, bool)
+             and 0 <= self.associative_write_cost < math.inf, "associative_write_cost",
+             "expected a number >= 0 (0 = off)")
+        need(self.associative_write_cost == 0 or self.memory_kind == "associative", "associative_write_cost",
+             "it acts on the associative memory's write gates: leave it at 0 with memory_kind='tokens'")
+        need(self.associative_write_cost_form in WRITE_COST_FORMS, "associative_write_cost_form",
+             f"expected one of {WRITE_COST_FORMS}")
+        need(self.associative_write_cost_form == "gate" or self.memory_kind == "associative",
+             "associative_write_cost_form", "it shapes the associative memory's write cost: leave it 'gate' with "
+             "memory_kind='tokens'")
+        rate = self.associative_forced_write_rate
+        need(isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1,
+             "associative_forced_write_rate", "expected a probability from 0 to 1 (0 = off)")
+        need(rate == 0 or self.memory_kind == "associative", "associative_forced_write_rate",
+             "it forces the associative memory's write gates open: leave it at 0 with memory_kind='tokens'")
 
     @property
     def associative(self) -> bool:

@@ -484,7 +484,9 @@ class RMTModel(nn.Module):
                                                  gate_threshold=cfg.associative_gate_threshold,
                                                  hard_in_training=cfg.associative_hard_gates_in_training,
                                                  measure_gates=measure,
-                                                 cost_form=cfg.associative_write_cost_form) as session, unpacked_rows():
+                                                 cost_form=cfg.associative_write_cost_form,
+                                                 forced_rate=cfg.associative_forced_write_rate) as session, \
+                    unpacked_rows():
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
             new_memory, hidden = session.result(), hidden[:, :n]

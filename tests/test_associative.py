@@ -431,6 +431,71 @@ def test_an_unknown_write_cost_form_or_one_without_the_associative_memory_is_ref
         MemoryConfig(associative_write_cost_form="softplus")
 
 
+def test_forced_writes_open_every_gate_in_training_as_by_hand_and_the_cost_charges_the_gates_as_they_were():
+    """associative_forced_write_rate=1: a training forward equals the delta rule by hand with every
+    gate 1 (no dropout in the tiny GPT-NeoX); the write cost charges the soft gates the
+    projections computed, and the task loss gives the gates no gradient (a forced gate is a
+    constant). Evaluation forces nothing: the soft gates by hand."""
+    backbone, rmt = associative_model("gpt_neox", associative_forced_write_rate=1.0, associative_write_cost=0.5)
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for layer in rmt.memory.associative.layers:
+            layer.gate.weight.normal_(0, 1)
+        ref_logits, task_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"], hard_gates=True,
+                                                 threshold=-float("inf"))
+        soft_logits, _, soft = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"])
+    assert set(torch.stack(state["gates"]).unique().tolist()) == {1.0}
+    assert torch.stack(soft["gates"]).max() < 0.99  # forcing changes what is written
+    out = rmt.train()(ids, labels=ids, return_logits=True)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for mine, ref in zip(out.memory.tensors(), [*state["A"], *state["z"]]):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    # the cost charges the unforced gates, which depend on the logits the forced run computed
+    charged = torch.sigmoid(torch.stack(state["logits"])).mean()
+    torch.testing.assert_close(out.write_gate, charged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, task_loss + 0.5 * charged, rtol=1e-4, atol=1e-6)
+    gate_weights = [layer.gate.weight for layer in rmt.memory.associative.layers]
+    rmt.memory_config = dataclasses.replace(rmt.memory_config, associative_write_cost=0.0)
+    task_grads = torch.autograd.grad(rmt(ids, labels=ids).loss, gate_weights, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in task_grads)
+    with torch.no_grad():
+        torch.testing.assert_close(rmt.eval()(ids, labels=ids, return_logits=True).logits, soft_logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_forced_writes_open_a_sample_s_gates_together_at_the_rate():
+    """associative_forced_write_rate=0.25 over 4,000 samples: about a quarter of the samples have
+    every gate of the write forced open (the logit replaced), the others none (their logits as
+    projected); outside training none."""
+    torch.manual_seed(0)
+    layer = AssociativeLayer(16, 4)
+    memory, matrix, normalizer = torch.randn(4000, 3, 16), torch.zeros(4000, 24, 16), torch.zeros(4000, 24)
+    seen = []
+
+    def kernel(keys, values, gates, *args):
+        seen.append(gates)
+        return matrix, normalizer
+
+    projected = layer.gate(memory)
+    layer.write(memory, matrix, normalizer, True, True, kernel, forced_rate=0.25)
+    forced = seen[0] == 30.0
+    per_sample = forced.all(dim=(1, 2))
+    assert (forced.any(dim=(1, 2)) == per_sample).all()  # all of a sample's gates, or none
+    assert 0.22 < per_sample.float().mean() < 0.28
+    torch.testing.assert_close(seen[0][~per_sample], projected[~per_sample].detach())
+    layer.eval()
+    layer.write(memory, matrix, normalizer, True, True, kernel, forced_rate=0.25)
+    assert not (seen[1] == 30.0).any()
+
+
+def test_a_forced_write_rate_outside_0_to_1_or_without_the_associative_memory_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"associative_forced_write_rate=1.5.*probability from 0 to 1"):
+        MemoryConfig(memory_kind="associative", associative_forced_write_rate=1.5)
+    with pytest.raises(ValueError, match=r"associative_forced_write_rate=0.1.*memory_kind='tokens'"):
+        MemoryConfig(associative_forced_write_rate=0.1)
+
+
 def test_training_noise_perturbs_training_only():
     _, rmt = associative_model("gpt_neox", memory_noise_std=0.5)
     _, quiet = associative_model("gpt_neox")

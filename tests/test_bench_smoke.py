@@ -1,5 +1,6 @@
 """CPU-sized runs of every benchmark script, so they do not rot, plus checks of what the tables
 rest on: the reference loop computes the same loss as RMTModel, and the FLOP count."""
+import contextlib
 import dataclasses
 import json
 
@@ -434,6 +435,49 @@ def test_device_choice_runs_tiny_shapes_on_the_cpu_unless_the_gpu_is_asked_for()
     else:
         with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
             device_of(parse(["--tiny", "--device", "cuda"]))
+
+
+def test_forcing_writes_at_rate_0_leaves_the_memory_and_at_rate_1_opens_every_gate():
+    """forcing_writes: at rate 0 the memory a stream reads is the model's own; at rate 1 it is
+    that of the same model with its gates' weights at zero and biases high (every gate opened by
+    its own logit, no forcing); at 0.5 neither. forced_write_accuracy at rate 0 is the benchmark's
+    own accuracy."""
+    from benchmarks import learning
+    from benchmarks.associative_gates import forced_write_accuracy, forcing_writes
+    from rmt_peft.tiny_models import tiny_model
+
+    config = MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative", associative_key_size=4,
+                          associative_hard_gates=True)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neox", num_layers=2), config, verbose=False).eval()
+    with torch.no_grad():
+        for layer in rmt.memory.associative.layers:
+            layer.value.weight.normal_(0, 0.5)  # the value projections start at zero
+            layer.gate.bias.fill_(-1.0)
+    ids = torch.randint(2, 128, (64, 20))
+
+    def memory(rate=None):
+        reader = rmt.stream(batch_size=64)
+        with contextlib.nullcontext() if rate is None else forcing_writes(rmt, rate):
+            reader.feed(ids)
+            state = reader.finish().memory  # a stream writes its last segment when it finishes
+        return torch.cat([t.flatten() for t in state.tensors()])
+
+    plain, half, full = memory(), memory(0.5), memory(1.0)
+    torch.testing.assert_close(memory(0.0), plain, rtol=0, atol=0)
+    with torch.no_grad():
+        for layer in rmt.memory.associative.layers:
+            layer.gate.weight.zero_()
+            layer.gate.bias.fill_(30.0)
+    opened = memory()
+    scale = opened.abs().max().item()
+    torch.testing.assert_close(full, opened, rtol=1e-4, atol=1e-5 * scale)
+    assert (half - plain).abs().max() > 0.01 * scale and (half - opened).abs().max() > 0.01 * scale
+
+    cfg = learning.RunConfig(**{**learning.PRESETS["cpu_text"], **learning.VARIANTS["associative_floor"],
+                                "task": "detect", "variant": "associative_floor", "eval_samples": 16,
+                                "associative_key_size": 8})
+    model = learning.build_model(cfg, "cpu")
+    assert forced_write_accuracy(cfg, model, 4, 16, 0.0, "cpu") == learning.accuracy(cfg, model, 4, "cpu")
 
 
 def test_by_fact_splits_the_answers_by_the_gates_at_and_after_each_sample_s_last_fact():

@@ -55,13 +55,15 @@ def test_the_last_two_of_seven_stages_are_the_levers_from_stage_5_of_a_recipe(wr
     assert first_of_last(7, None) == 0  # no count: the levers in every stage, as levers_from_stage: 0
 
 
-def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_the_noise_and_the_write_cost():
+def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_the_noise_the_cost_and_forced_writes():
     model = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative")
     levers = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative", memory_stability_weight=2.0,
-                          memory_noise_std=0.1, associative_write_cost=0.01)
+                          memory_noise_std=0.1, associative_write_cost=0.01, associative_forced_write_rate=0.05)
     on, off = stage_memory(model, levers, True), stage_memory(model, levers, False)
-    assert (on.memory_stability_weight, on.memory_noise_std, on.associative_write_cost) == (2.0, 0.1, 0.01)
-    assert (off.memory_stability_weight, off.memory_noise_std, off.associative_write_cost) == (0.0, 0.0, 0.0)
+    assert (on.memory_stability_weight, on.memory_noise_std, on.associative_write_cost,
+            on.associative_forced_write_rate) == (2.0, 0.1, 0.01, 0.05)
+    assert (off.memory_stability_weight, off.memory_noise_std, off.associative_write_cost,
+            off.associative_forced_write_rate) == (0.0, 0.0, 0.0, 0.0)
     assert on.num_memory_tokens == off.num_memory_tokens == 4
 
 
@@ -129,6 +131,14 @@ def test_memory_levers_apply_from_the_given_stage_on(write_recipe, monkeypatch):
     assert logged[:2] == [None, None] and len(logged) == 5 and all(d > 0 for d in logged[2:])
     saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
     assert (saved["memory_stability_weight"], saved["memory_noise_std"]) == (2.0, 0.1)
+
+
+def test_forced_writes_alone_are_a_lever_that_levers_from_stage_starts(write_recipe):
+    curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": 1}
+    recipe = load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_kind": "associative",
+                                       "memory.associative_key_size": 8,
+                                       "memory.associative_forced_write_rate": 0.05}))
+    assert recipe.memory.associative_forced_write_rate == 0.05 and recipe.curriculum.levers_from_stage == 1
 
 
 @pytest.mark.parametrize("levers_from_stage,noise,message", [
