@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
-from rmt_peft.associative import EPS, FORCED_LOGIT, AssociativeState, _WriteHook, dpfp
+from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp, force_open
 from rmt_peft.metrics import exact_match
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
@@ -116,8 +116,7 @@ def forcing_writes(model: RMTModel, rate: float, seed: int = 0):
             nonlocal draws
             if draws is None:
                 draws = torch.Generator(device=gates.device).manual_seed(seed)
-            forced = torch.rand(gates.shape[0], 1, 1, device=gates.device, generator=draws) < rate
-            return kernel(keys, values, torch.where(forced, torch.full_like(gates, FORCED_LOGIT), gates), *rest)
+            return kernel(keys, values, force_open(gates, rate, draws), *rest)
         return write
 
     with wrapped_write_kernels(model, forcing):

@@ -216,6 +216,13 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return (u.log() - (-u).log1p()).to(like.dtype)
 
 
+def force_open(gates: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gate logits (batch, m, 1) with each sample's gates forced wide open with probability
+    ``rate`` (all of a sample's gates together): MemoryConfig.associative_forced_write_rate."""
+    forced = torch.rand(gates.shape[0], 1, 1, device=gates.device, generator=generator) < rate
+    return torch.where(forced, torch.full_like(gates, FORCED_LOGIT), gates)
+
+
 def _plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` whose call is its weight alone: no hooks, no partitioned weight."""
     return (type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
@@ -290,8 +297,7 @@ class AssociativeLayer(nn.Module):
                 gates = gates + gate_noise * logistic_noise(gates)
             charged_logits = gates
             if forced_rate and self.training:
-                forced = torch.rand(gates.shape[0], 1, 1, device=gates.device) < forced_rate
-                gates = torch.where(forced, torch.full_like(gates, FORCED_LOGIT), gates)
+                gates = force_open(gates, forced_rate)
             straight_through = hard_in_training and self.training
             written = kernel(keys, values, gates, matrix, normalizer, empty, correction,
                              hard_gates and (straight_through or not self.training), floor, gate_threshold,
