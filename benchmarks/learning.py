@@ -102,6 +102,7 @@ class RunConfig:
     associative_write_cost: float = 0.0
     associative_write_cost_form: str = "gate"
     associative_forced_write_rate: float = 0.0
+    associative_write_back_weight: float = 0.0
     associative_normalizer_floor: bool = False
     # with associative_hard_gates: the same last weights also tested with soft gates at these
     # lengths (the two side by side in one run, not across runs on other machines or versions)
@@ -293,6 +294,14 @@ VARIANTS: dict[str, dict] = {
         "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
         "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
         "associative_forced_write_rate": 0.05},
+    # ... with the write-back loss (associative_write_back_weight) in the lever stages instead: where
+    # a gate is shut, each memory token's value is pulled toward what the matrix holds under its
+    # key, so a write that opens on filler by mistake writes back what is there, and training
+    # writes only what it would write anyway (BENCHMARKS.md, "The write-back loss")
+    "associative_late2_write_cost0.1_floor_back0.1": {
+        "memory_kind": "associative", "associative_gate_noise": 2.0, "associative_hard_gates": True,
+        "associative_write_cost": 0.1, "lever_stages": 2, "associative_normalizer_floor": True,
+        "associative_write_back_weight": 0.1},
     "baseline": {"num_memory_tokens": 0},
     "no_mix": {"mix": False},
     "gated": {"memory_update": "gated"},
@@ -564,7 +573,8 @@ def train(cfg: RunConfig, model: RMTModel, device, selection: Selection | None =
                 model.memory_config = dataclasses.replace(
                     full, memory_noise_std=rise * full.memory_noise_std,
                     memory_stability_weight=rise * full.memory_stability_weight,
-                    associative_write_cost=rise * full.associative_write_cost)
+                    associative_write_cost=rise * full.associative_write_cost,
+                    associative_write_back_weight=rise * full.associative_write_back_weight)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(cfg, plan.peak_lr, stage_step, step, total_steps)
             n = rng.randint(shortest(cfg), stage) if cfg.mix else stage

@@ -64,6 +64,8 @@ class AssociativeState:
     # the mean write gate of the segment that made this state (a scalar with the graph), when its
     # session measured it (MemoryConfig.associative_write_cost); not part of the state's tensors
     write_gate: torch.Tensor | None = None
+    # likewise the mean over the layers of write_back_loss (MemoryConfig.associative_write_back_weight)
+    write_back: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, num_layers: int, batch_size: int, key_features: int, hidden_size: int,
@@ -90,7 +92,8 @@ class AssociativeState:
     def with_tensors(self, tensors) -> "AssociativeState":
         """The same kind of state holding ``tensors`` (in the order of ``tensors()``)."""
         n = len(self.matrices)
-        return replace(self, matrices=tuple(tensors[:n]), normalizers=tuple(tensors[n:]), write_gate=None)
+        return replace(self, matrices=tuple(tensors[:n]), normalizers=tuple(tensors[n:]), write_gate=None,
+                       write_back=None)
 
     def map(self, fn) -> "AssociativeState":
         return self.with_tensors([fn(t) for t in self.tensors()])
@@ -136,6 +139,32 @@ def read_memory(queries: torch.Tensor, matrix: torch.Tensor, normalizer: torch.T
     return (found / weight).to(dtype)
 
 
+def stored_values(features: torch.Tensor, matrix: torch.Tensor,
+                  normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the memory holds under each key, ``k A / (k . z + eps)`` (batch, m, hidden); the
+    denominator (batch, m, 1)) from the keys' DPFP features (batch, m, features)."""
+    weight = torch.einsum("bk,bmk->bm", normalizer.to(features.dtype), features)[..., None] + EPS
+    return torch.einsum("bmk,bkh->bmh", features, matrix.to(features.dtype)) / weight, weight
+
+
+def write_back_loss(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
+                    normalizer: torch.Tensor, empty: bool) -> torch.Tensor:
+    """MemoryConfig.associative_write_back_weight's term for one layer's write (fp32): the mean over
+    the memory tokens and samples of ``(1 - b) |v - s|^2 / (|v|^2 + |s|^2)``, with ``v`` a token's
+    value, ``s`` what the memory already holds under its key (nothing before the first write) and
+    ``b`` its gate from the logits ``gates``. Only ``v`` gets a gradient: the loss teaches the memory
+    tokens to carry, where they do not mean to write, the value that a write would leave as it
+    is (``v = s`` makes the delta rule's update zero whatever the gate), so a gate that opens on
+    filler by mistake writes back what is there. The denominator is detached: a relative error,
+    not a pull on ``v``'s size."""
+    values = values.float()
+    with torch.no_grad():
+        stored = torch.zeros_like(values) if empty else stored_values(dpfp(keys).float(), matrix, normalizer)[0]
+        scale = (values.pow(2).sum(-1) + stored.pow(2).sum(-1)).clamp(min=1e-12)
+        shut = 1 - torch.sigmoid(gates.float())[..., 0]
+    return (shut * (values - stored).pow(2).sum(-1) / scale).mean()
+
+
 def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
                  normalizer: torch.Tensor, empty: bool, correction: bool,
                  hard_gates: bool = False, floor: bool = False,
@@ -152,8 +181,7 @@ def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, 
     if empty:
         stored, coefficient = torch.zeros_like(values), 1.0
     else:
-        weight = torch.einsum("bk,bmk->bm", normalizer.to(keys.dtype), keys)[..., None] + EPS
-        stored = torch.einsum("bmk,bkh->bmh", keys, matrix.to(keys.dtype)) / weight
+        stored, weight = stored_values(keys, matrix, normalizer)
         coefficient = 1.0
         if correction:
             coefficient = torch.clip(1 - weight / (torch.linalg.norm(keys, dim=-1) ** 2 + EPS)[..., None],
@@ -280,19 +308,23 @@ class AssociativeLayer(nn.Module):
               correction: bool, kernel=write_memory, gate_noise: float = 0.0,
               hard_gates: bool = False, measure_gates: bool = False, floor: bool = False,
               gate_threshold: float = 0.0, hard_in_training: bool = False,
-              cost_form: str = "gate", forced_rate: float = 0.0) -> tuple[torch.Tensor, ...]:
+              cost_form: str = "gate", forced_rate: float = 0.0,
+              measure_write_back: bool = False) -> tuple[torch.Tensor, ...]:
         """The matrix and normaliser after writing the memory positions' outputs (batch, m, hidden);
         in training, ``gate_noise`` times logistic noise on the gates' logits; outside training,
         with ``hard_gates``, each gate open where its logit exceeds ``gate_threshold`` and shut
         elsewhere (``write_memory``); in training too with ``hard_in_training`` (the gradient
         straight through the soft gates).
-        ``measure_gates``: a third output, fp32, what the write cost charges (``cost_form`` as
+        ``measure_gates`` or ``measure_write_back``: two more outputs, fp32 (None where not
+        measured): what the write cost charges (``cost_form`` as
         MemoryConfig.associative_write_cost_form): the mean soft gate, or the mean softplus of the
-        gates' logits (the noisy ones in training); ``floor``: the normaliser's floor (``write_memory``);
+        gates' logits (the noisy ones in training); and ``write_back_loss`` (gated by the gates
+        before their noise); ``floor``: the normaliser's floor (``write_memory``);
         ``forced_rate``: in training, each sample's gates forced open with this probability
         (MemoryConfig.associative_forced_write_rate), charged by the cost as they were."""
         with self._precision(memory):
             keys, values, gates = self.write_projections(memory)
+            back = write_back_loss(keys, values, gates, matrix, normalizer, empty) if measure_write_back else None
             if gate_noise and self.training:
                 gates = gates + gate_noise * logistic_noise(gates)
             charged_logits = gates
@@ -302,11 +334,13 @@ class AssociativeLayer(nn.Module):
             written = kernel(keys, values, gates, matrix, normalizer, empty, correction,
                              hard_gates and (straight_through or not self.training), floor, gate_threshold,
                              straight_through)
+        if not (measure_gates or measure_write_back):
+            return written
+        charged = None
         if measure_gates:
             logits = charged_logits.float()
-            charged = torch.sigmoid(logits) if cost_form == "gate" else F.softplus(logits)
-            return (*written, charged.mean())
-        return written
+            charged = (torch.sigmoid(logits) if cost_form == "gate" else F.softplus(logits)).mean()
+        return (*written, charged, back)
 
 
 class _Session:
@@ -316,11 +350,12 @@ class _Session:
 
     def __init__(self, state: AssociativeState, write_tokens: int, correction: bool, gate_noise: float,
                  hard_gates: bool, measure_gates: bool, gate_threshold: float = 0.0,
-                 hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0):
+                 hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0,
+                 measure_write_back: bool = False):
         self.empty, self.write_tokens, self.correction = state.empty, write_tokens, correction
         self.gate_noise, self.hard_gates, self.measure_gates = gate_noise, hard_gates, measure_gates
         self.gate_threshold, self.hard_in_training, self.cost_form = gate_threshold, hard_in_training, cost_form
-        self.forced_rate = forced_rate
+        self.forced_rate, self.measure_write_back = forced_rate, measure_write_back
         self.written: list[tuple[torch.Tensor, ...] | None] = [None] * len(state.matrices)
 
     def result(self) -> AssociativeState:
@@ -329,8 +364,9 @@ class _Session:
             raise RuntimeError(f"the associative memory of decoder layers {missing} was not written: the backbone "
                                f"did not call them (layer drop?)")
         gate = torch.stack([w[2] for w in self.written]).mean() if self.measure_gates else None
+        back = torch.stack([w[3] for w in self.written]).mean() if self.measure_write_back else None
         return AssociativeState(tuple(w[0] for w in self.written), tuple(w[1] for w in self.written),
-                                write_gate=gate)
+                                write_gate=gate, write_back=back)
 
 
 class _Slot:
@@ -380,7 +416,8 @@ class AssociativeMemory(nn.Module):
     @contextlib.contextmanager
     def session(self, state: AssociativeState, write_tokens: int = 0, gate_noise: float = 0.0,
                 hard_gates: bool = False, measure_gates: bool = False, gate_threshold: float = 0.0,
-                hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0):
+                hard_in_training: bool = False, cost_form: str = "gate", forced_rate: float = 0.0,
+                measure_write_back: bool = False):
         """Inside: each decoder layer reads ``state``; with ``write_tokens`` it writes from its last
         ``write_tokens`` positions (``session.result()`` after the call gives the new state), with
         ``gate_noise``, ``hard_gates``, ``gate_threshold`` and ``hard_in_training`` as MemoryConfig's
@@ -389,11 +426,12 @@ class AssociativeMemory(nn.Module):
         config at this call, so changing it takes effect);
         ``measure_gates``: the new state's ``write_gate`` is the mean over the layers of what the
         write cost charges (``cost_form``: the soft gates, or the softplus of their logits);
-        ``forced_rate`` as MemoryConfig.associative_forced_write_rate."""
+        ``forced_rate`` as MemoryConfig.associative_forced_write_rate; ``measure_write_back``: the new
+        state's ``write_back`` is the mean over the layers of ``write_back_loss``."""
         if self._session is not None:
             raise RuntimeError("an associative memory session is already active (a nested backbone call)")
         session = _Session(state, write_tokens, self.correction, gate_noise, hard_gates, measure_gates, gate_threshold,
-                           hard_in_training, cost_form, forced_rate)
+                           hard_in_training, cost_form, forced_rate, measure_write_back)
         for slot, matrix, normalizer in zip(self._slots, state.matrices, state.normalizers):
             slot.matrix, slot.normalizer, slot.written = matrix, normalizer, None
         self._session = session
@@ -444,5 +482,5 @@ class _WriteHook:
                                         session.empty, session.correction, self.kernel, session.gate_noise,
                                         session.hard_gates, session.measure_gates, self.owner.normalizer_floor,
                                         session.gate_threshold, session.hard_in_training, session.cost_form,
-                                        session.forced_rate)
+                                        session.forced_rate, session.measure_write_back)
         return None

@@ -99,6 +99,15 @@ class MemoryConfig:
         filler carry nothing of the fact loses it there (the GPU's detect runs that fade,
         BENCHMARKS.md); forced writes teach the memory to write what keeps the fact, so such a
         write does no harm. A training lever, as the write cost; 0 = off.
+    associative_write_back_weight: with memory_kind="associative", in training, adds this weight
+        times a write-back loss to the loss: per memory token, how far its value v is from what the
+        matrix already holds under its key s, |v - s|^2 / (|v|^2 + |s|^2), times how shut its
+        gate is (1 - gate; both s and the gate taken as they are, without a gradient), averaged
+        as the write cost. A write of v = s leaves the matrix as it is whatever its gate, so a
+        memory that carries s where it does not mean to write loses nothing when a gate opens on
+        filler by mistake (what the GPU's detect runs that fade do, BENCHMARKS.md), and, unlike
+        forced writes, training writes what it would write anyway. A training lever, as the
+        write cost; 0 = off.
     segment_size: input tokens per segment (memory positions come on top).
     bptt_depth: None for full backpropagation through time; k >= 0 keeps the gradient of the
         last k memory transitions only (the memory entering segment i is detached unless
@@ -171,6 +180,7 @@ class MemoryConfig:
     associative_write_cost: float = 0.0
     associative_write_cost_form: str = "gate"
     associative_forced_write_rate: float = 0.0
+    associative_write_back_weight: float = 0.0
     bptt_depth: int | None = None
     checkpoint_segments: bool | str = False
     segment_alignment: str = "left"
@@ -273,6 +283,11 @@ class MemoryConfig:
              "associative_forced_write_rate", "expected a probability from 0 to 1 (0 = off)")
         need(rate == 0 or self.memory_kind == "associative", "associative_forced_write_rate",
              "it forces the associative memory's write gates open: leave it at 0 with memory_kind='tokens'")
+        weight = self.associative_write_back_weight
+        need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf,
+             "associative_write_back_weight", "expected a number >= 0 (0 = off)")
+        need(weight == 0 or self.memory_kind == "associative", "associative_write_back_weight",
+             "it acts on the associative memory's writes: leave it at 0 with memory_kind='tokens'")
 
     @property
     def associative(self) -> bool:

@@ -846,10 +846,11 @@ def _check_curriculum(recipe: Recipe) -> None:
           f"curriculum.levers_from_stage={cur.levers_from_stage!r}: expected an integer from 0 to "
           f"{len(cur.stages) - 1} (the stages are numbered from 0)")
     _need(cur.levers_from_stage == 0 or mem.memory_stability_weight > 0 or mem.memory_noise_std > 0
-          or mem.associative_write_cost > 0 or mem.associative_forced_write_rate > 0,
+          or mem.associative_write_cost > 0 or mem.associative_forced_write_rate > 0
+          or mem.associative_write_back_weight > 0,
           f"curriculum.levers_from_stage={cur.levers_from_stage} has no effect: memory.memory_stability_weight, "
-          f"memory.memory_noise_std, memory.associative_write_cost and memory.associative_forced_write_rate "
-          f"are all 0")
+          f"memory.memory_noise_std, memory.associative_write_cost, memory.associative_forced_write_rate and "
+          f"memory.associative_write_back_weight are all 0")
     _need(cur.keep_best_segments is None or (isinstance(cur.keep_best_segments, int)
                                              and not isinstance(cur.keep_best_segments, bool)
                                              and cur.keep_best_segments >= 1),

@@ -50,25 +50,30 @@ logger = logging.getLogger("rmt_peft")
 
 class _Penalties:
     """The training-only terms on the memory that join the loss: the stability loss (the memory's
-    relative change per transition after the first) and the associative write cost (the mean
-    write gate per segment)."""
+    relative change per transition after the first), the associative write cost (the mean
+    write gate per segment) and the associative write-back loss (its mean per segment)."""
 
     def __init__(self, cfg: MemoryConfig, on: bool, num_segments: int, device):
         self.cfg, self.num_segments = cfg, num_segments
         self.stabilize = on and cfg.memory_stability_weight > 0 and num_segments > 1
         self.write_cost = on and cfg.associative and cfg.associative_write_cost > 0
+        self.write_back = on and cfg.associative and cfg.associative_write_back_weight > 0
         self.drift = torch.zeros((), dtype=torch.float32, device=device)
         self.opened = torch.zeros((), dtype=torch.float32, device=device)
+        self.written_back = torch.zeros((), dtype=torch.float32, device=device)
 
     def count_gates(self, new_memory):
-        """``new_memory`` without the write gate its segment measured (the cost counts it): the
-        state handed on holds the memory only (a forward without labels measures and drops it)."""
-        gate = getattr(new_memory, "write_gate", None)
-        if gate is None:
+        """``new_memory`` without the write gate and write-back loss its segment measured (the terms
+        count them): the state handed on holds the memory only (a forward without labels measures
+        and drops them)."""
+        gate, back = getattr(new_memory, "write_gate", None), getattr(new_memory, "write_back", None)
+        if gate is None and back is None:
             return new_memory
-        if self.write_cost:
+        if self.write_cost and gate is not None:
             self.opened = self.opened + gate
-        return dataclasses.replace(new_memory, write_gate=None)
+        if self.write_back and back is not None:
+            self.written_back = self.written_back + back
+        return dataclasses.replace(new_memory, write_gate=None, write_back=None)
 
     def count_change(self, index: int, clean, memory) -> None:
         # Against the memory before its noise: the update should return perturbed states to
@@ -78,16 +83,21 @@ class _Penalties:
             self.drift = self.drift + change(clean, memory, self.cfg.memory_stability_tolerance,
                                              self.cfg.memory_stability_power)
 
-    def added_to(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(``loss`` with the terms, the mean drift, the mean write gate; the last two detached, or None)."""
-        drift = gate = None
+    def added_to(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(``loss`` with the terms; {"memory_drift", "write_gate", "write_back": the mean of each term
+        that is on, detached})."""
+        drift = gate = back = None
         if self.stabilize:
             drift = self.drift / (self.num_segments - 1)
             loss = loss + self.cfg.memory_stability_weight * drift
         if self.write_cost:
             gate = self.opened / self.num_segments
             loss = loss + self.cfg.associative_write_cost * gate
-        return loss, None if drift is None else drift.detach(), None if gate is None else gate.detach()
+        if self.write_back:
+            back = self.written_back / self.num_segments
+            loss = loss + self.cfg.associative_write_back_weight * back
+        terms = {"memory_drift": drift, "write_gate": gate, "write_back": back}
+        return loss, {name: term.detach() for name, term in terms.items() if term is not None}
 
 
 class _Tally:
@@ -119,7 +129,9 @@ class RMTOutput(ModelOutput):
     per transition after the first (part of ``loss``, times the weight); write_gate: with
     ``associative_write_cost`` in training, the mean write gate over the segments (with
     ``associative_write_cost_form="softplus"`` the mean softplus of the gates' logits: what the
-    cost charges; part of ``loss``, times the cost)."""
+    cost charges; part of ``loss``, times the cost); write_back: with
+    ``associative_write_back_weight`` in training, the mean write-back loss over the segments
+    (part of ``loss``, times the weight)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -128,6 +140,7 @@ class RMTOutput(ModelOutput):
     segment_token_counts: torch.Tensor | None = None
     memory_drift: torch.Tensor | None = None
     write_gate: torch.Tensor | None = None
+    write_back: torch.Tensor | None = None
 
 
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
@@ -478,14 +491,16 @@ class RMTModel(nn.Module):
         # unpacked_rows: no mask without padding, also inside CUDA-graph captures and compiled bodies
         if is_associative:
             cfg = self.memory_config
-            measure = cfg.associative_write_cost > 0 and self.training and torch.is_grad_enabled()
+            learning = self.training and torch.is_grad_enabled()
             with self.memory.associative.session(memory, write_tokens=m, gate_noise=cfg.associative_gate_noise,
                                                  hard_gates=cfg.associative_hard_gates,
                                                  gate_threshold=cfg.associative_gate_threshold,
                                                  hard_in_training=cfg.associative_hard_gates_in_training,
-                                                 measure_gates=measure,
+                                                 measure_gates=learning and cfg.associative_write_cost > 0,
                                                  cost_form=cfg.associative_write_cost_form,
-                                                 forced_rate=cfg.associative_forced_write_rate) as session, \
+                                                 forced_rate=cfg.associative_forced_write_rate,
+                                                 measure_write_back=learning and cfg.associative_write_back_weight > 0
+                                                 ) as session, \
                     unpacked_rows():
                 hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state
@@ -642,12 +657,12 @@ class RMTModel(nn.Module):
                 memory = self._perturbed(memory, cfg.memory_noise_std, active if padded else None)
             tally.add(s_loss, s_count, s_logits if return_logits else None)
 
-        loss = memory_drift = write_gate = None
+        loss, terms = None, {}
         if labels is not None:
-            loss, memory_drift, write_gate = penalties.added_to(tally.loss_sum / tally.count.clamp(min=1))
+            loss, terms = penalties.added_to(tally.loss_sum / tally.count.clamp(min=1))
         return RMTOutput(loss=loss, logits=torch.cat(tally.logits, dim=1) if return_logits else None, memory=memory,
                          segment_losses=torch.stack(tally.losses), segment_token_counts=torch.stack(tally.counts),
-                         memory_drift=memory_drift, write_gate=write_gate)
+                         **terms)
 
     def _perturbed(self, memory, std: float, active: torch.Tensor | None):
         """``memory`` with its training noise, on the samples whose segment was ``active`` (all: None)."""

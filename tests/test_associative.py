@@ -15,7 +15,7 @@ from torch import nn
 
 from rmt_peft import MemoryConfig, RMTModel
 from rmt_peft.associative import (AssociativeLayer, AssociativeState, dpfp, logistic_noise, perturb, read_memory,
-                                  relative_change, write_memory)
+                                  relative_change, write_back_loss, write_memory)
 from rmt_peft.errors import UserError
 from rmt_peft.memory_state import MemoryState
 from rmt_peft.speedups import transformer_blocks
@@ -75,6 +75,10 @@ class HandLayer(nn.Module):
                     old = (k @ A[b]) / weight
                     c = (1 - weight / (k.norm() ** 2 + EPS)).clamp(0, 1).detach() if self.correction else 1.0
                 dA = dA + gate * torch.outer(k, v - old)
+                # the write-back loss's term (MemoryConfig.associative_write_back_weight): only v has a gradient
+                scale = (v.pow(2).sum() + old.pow(2).sum()).detach()
+                self.state.setdefault("back", []).append((1 - torch.sigmoid(logit)).detach()
+                                                         * (v - old.detach()).pow(2).sum() / scale)
                 bound = self.state.setdefault("bound", {}).setdefault((self.index, b), 0.0)
                 self.state["bound"][self.index, b] = bound + (gate * (v - old).norm()).item()
                 dz = dz + c * k
@@ -429,6 +433,60 @@ def test_an_unknown_write_cost_form_or_one_without_the_associative_memory_is_ref
         MemoryConfig(memory_kind="associative", associative_write_cost_form="sigmoid")
     with pytest.raises(ValueError, match=r"associative_write_cost_form='softplus'.*memory_kind='tokens'"):
         MemoryConfig(associative_write_cost_form="softplus")
+
+
+def test_the_write_back_loss_is_each_values_distance_from_what_is_stored_times_its_shut_gate_by_hand():
+    """With associative_write_back_weight the training loss is the task's plus the weight times the
+    mean over every memory token, layer, sample and segment of (1 - b) |v - s|^2 / (|v|^2 + |s|^2),
+    computed by hand from the delta rule (s: what the matrix holds under the token's key, zero
+    before the first write), and its gradient on the associative projections is that of the hand
+    term where only v carries a gradient (s, the gate and the scale held). Evaluation adds nothing."""
+    backbone, rmt = associative_model("gpt_neox", associative_write_back_weight=0.5)
+    ids = torch.randint(2, 128, (2, 15))
+    with torch.no_grad():
+        for layer in rmt.memory.associative.layers:  # gates between shut and open
+            layer.gate.weight.normal_(0, 0.5)
+    rmt.train()  # no dropout in the tiny GPT-NeoX
+    out = rmt(ids, labels=ids)
+    _, task_loss, state = hand_armt(backbone, rmt, ids, 5, LAYERS["gpt_neox"])
+    back = torch.stack(state["back"])
+    assert back.shape == (24,) and back.max() - back.min() > 0.2  # 3 segments x 2 layers x 2 samples x 2 tokens
+    torch.testing.assert_close(out.write_back, back.mean().detach(), rtol=1e-5, atol=1e-6)
+    hand_loss = task_loss + 0.5 * back.mean()
+    torch.testing.assert_close(out.loss, hand_loss.detach(), rtol=1e-4, atol=1e-6)
+    params = [p for layer in rmt.memory.associative.layers for p in layer.parameters()]
+    mine, ref = torch.autograd.grad(out.loss, params), torch.autograd.grad(hand_loss, params)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert out.memory.write_back is None  # the state handed on holds the memory only
+    with torch.no_grad():
+        torch.testing.assert_close(rmt.eval()(ids, labels=ids).loss, task_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_a_write_of_what_is_stored_changes_nothing_and_costs_no_write_back():
+    """The lever's premise: a value equal to what the matrix holds under its key leaves the matrix as
+    it is however open the gate, and the write-back loss is then 0; a shut gate's other value costs."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 4), torch.randn(2, 3, 8)
+    matrix, normalizer = write_memory(keys, values, torch.zeros(2, 3, 1), torch.zeros(2, 24, 8), torch.zeros(2, 24),
+                                      True, True)
+    features = dpfp(keys)
+    stored = (features @ matrix) / ((features * normalizer[:, None]).sum(-1, keepdim=True) + EPS)
+    wide_open = torch.full((2, 3, 1), 30.0)
+    again, _ = write_memory(keys, stored, wide_open, matrix, normalizer, False, True)
+    torch.testing.assert_close(again, matrix, rtol=0, atol=1e-5)
+    assert write_back_loss(keys, stored, -wide_open, matrix, normalizer, False) < 1e-10
+    assert write_back_loss(keys, values, wide_open, matrix, normalizer, False) < 1e-10  # open gates: nothing owed
+    shut = write_back_loss(keys, values, -wide_open, matrix, normalizer, False)
+    by_hand = ((values - stored).pow(2).sum(-1) / (values.pow(2).sum(-1) + stored.pow(2).sum(-1))).mean()
+    torch.testing.assert_close(shut, by_hand)
+
+
+def test_a_write_back_weight_below_0_or_without_the_associative_memory_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"associative_write_back_weight=-1.*number >= 0"):
+        MemoryConfig(memory_kind="associative", associative_write_back_weight=-1)
+    with pytest.raises(ValueError, match=r"associative_write_back_weight=0.1.*memory_kind='tokens'"):
+        MemoryConfig(associative_write_back_weight=0.1)
 
 
 def test_forced_writes_open_every_gate_in_training_as_by_hand_and_the_cost_charges_the_gates_as_they_were():

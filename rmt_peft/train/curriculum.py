@@ -41,12 +41,14 @@ def levers_on(stage: int, levers_from_stage: int) -> bool:
 
 def stage_memory(memory: MemoryConfig, levers: MemoryConfig, on: bool) -> MemoryConfig:
     """The memory config a stage trains with: ``memory`` (the model's) with the stability weight, the
-    training noise, the associative write cost and forced writes of ``levers`` (the recipe's) when
-    ``on`` (``levers_on``), and all off when not. Only training changes: evaluation uses none of them."""
+    training noise, the associative write cost, forced writes and write-back loss of ``levers`` (the
+    recipe's) when ``on`` (``levers_on``), and all off when not. Only training changes: evaluation
+    uses none of them."""
     return dataclasses.replace(memory, memory_stability_weight=levers.memory_stability_weight if on else 0.0,
                                memory_noise_std=levers.memory_noise_std if on else 0.0,
                                associative_write_cost=levers.associative_write_cost if on else 0.0,
-                               associative_forced_write_rate=levers.associative_forced_write_rate if on else 0.0)
+                               associative_forced_write_rate=levers.associative_forced_write_rate if on else 0.0,
+                               associative_write_back_weight=levers.associative_write_back_weight if on else 0.0)
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,8 @@ class RMTTrainerMixin:
 
     def _note_levers(self, outputs) -> None:
         """Sum (on the device, no sync) the lever terms a training forward reports: the memory's
-        drift (the stability loss) and the associative write gate (the write cost)."""
-        for name in ("memory_drift", "write_gate"):
+        drift (the stability loss), the associative write gate (the write cost) and write-back loss."""
+        for name in ("memory_drift", "write_gate", "write_back"):
             value = getattr(outputs, name, None)
             if value is not None:
                 sums = self._lever_sums = self._lever_sums or {}

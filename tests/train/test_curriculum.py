@@ -58,12 +58,13 @@ def test_the_last_two_of_seven_stages_are_the_levers_from_stage_5_of_a_recipe(wr
 def test_a_stage_with_the_levers_off_trains_without_the_stability_loss_the_noise_the_cost_and_forced_writes():
     model = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative")
     levers = MemoryConfig(num_memory_tokens=4, segment_size=8, memory_kind="associative", memory_stability_weight=2.0,
-                          memory_noise_std=0.1, associative_write_cost=0.01, associative_forced_write_rate=0.05)
+                          memory_noise_std=0.1, associative_write_cost=0.01, associative_forced_write_rate=0.05,
+                          associative_write_back_weight=0.3)
     on, off = stage_memory(model, levers, True), stage_memory(model, levers, False)
     assert (on.memory_stability_weight, on.memory_noise_std, on.associative_write_cost,
-            on.associative_forced_write_rate) == (2.0, 0.1, 0.01, 0.05)
+            on.associative_forced_write_rate, on.associative_write_back_weight) == (2.0, 0.1, 0.01, 0.05, 0.3)
     assert (off.memory_stability_weight, off.memory_noise_std, off.associative_write_cost,
-            off.associative_forced_write_rate) == (0.0, 0.0, 0.0, 0.0)
+            off.associative_forced_write_rate, off.associative_write_back_weight) == (0.0, 0.0, 0.0, 0.0, 0.0)
     assert on.num_memory_tokens == off.num_memory_tokens == 4
 
 
@@ -93,9 +94,9 @@ def test_curriculum_advances_on_threshold_and_stops_at_the_step_cap(write_recipe
     assert load_recipe(os.path.join(recipe.output_dir, "recipe.yaml")).to_dict()["training"]["max_steps"] == 6
 
 
-def train_watching(monkeypatch, recipe, log_key: str):
-    """Train ``recipe``: (each training forward's (memory config, output), the value of ``log_key``
-    in each training log, None where it is missing)."""
+def train_watching(monkeypatch, recipe, *log_keys: str):
+    """Train ``recipe``: (each training forward's (memory config, output), the value of ``log_keys``
+    in each training log, None where it is missing; a tuple of them for several keys)."""
     from transformers import Trainer
 
 
@@ -110,7 +111,8 @@ def train_watching(monkeypatch, recipe, log_key: str):
 
     def log_spy(self, logs, *args, **kwargs):
         if "loss" in logs:
-            logged.append(logs.get(log_key))
+            values = tuple(logs.get(key) for key in log_keys)
+            logged.append(values if len(values) > 1 else values[0])
         return log(self, logs, *args, **kwargs)
 
     monkeypatch.setattr(RMTModel, "forward", spy)
@@ -133,12 +135,12 @@ def test_memory_levers_apply_from_the_given_stage_on(write_recipe, monkeypatch):
     assert (saved["memory_stability_weight"], saved["memory_noise_std"]) == (2.0, 0.1)
 
 
-def test_forced_writes_alone_are_a_lever_that_levers_from_stage_starts(write_recipe):
+@pytest.mark.parametrize("lever", ["associative_forced_write_rate", "associative_write_back_weight"])
+def test_forced_writes_or_the_write_back_loss_alone_are_a_lever_that_levers_from_stage_starts(write_recipe, lever):
     curriculum = {"segments": [1, 2], "steps_per_stage": 1, "levers_from_stage": 1}
     recipe = load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_kind": "associative",
-                                       "memory.associative_key_size": 8,
-                                       "memory.associative_forced_write_rate": 0.05}))
-    assert recipe.memory.associative_forced_write_rate == 0.05 and recipe.curriculum.levers_from_stage == 1
+                                       "memory.associative_key_size": 8, f"memory.{lever}": 0.05}))
+    assert getattr(recipe.memory, lever) == 0.05 and recipe.curriculum.levers_from_stage == 1
 
 
 @pytest.mark.parametrize("levers_from_stage,noise,message", [
@@ -153,21 +155,25 @@ def test_bad_levers_from_stage_names_the_field(write_recipe, levers_from_stage, 
         load_recipe(write_recipe({"curriculum": curriculum, "memory.memory_noise_std": noise}))
 
 
-def test_the_associative_write_cost_alone_is_a_lever_that_levers_from_stage_starts(write_recipe, monkeypatch):
-    """rmt-peft train with an associative memory and only the write cost as a lever: stage 0
-    trains without it (no gate measured), stage 1 with it, in the loss the Trainer steps on; the
-    training log (one step a log) carries each step's mean write gate from stage 1 on."""
+def test_the_associative_write_cost_and_write_back_loss_are_levers_that_levers_from_stage_starts(write_recipe,
+                                                                                                  monkeypatch):
+    """rmt-peft train with an associative memory and the write cost and write-back loss as its
+    levers: stage 0 trains without them (nothing measured), stage 1 with them, in the loss the
+    Trainer steps on; the training log (one step a log) carries each step's mean write gate and
+    write-back loss from stage 1 on."""
     stages = [{"num_segments": 2, "max_steps": 2}, {"num_segments": 2, "max_steps": 3}]
     recipe = load_recipe(write_recipe({"curriculum": {"stages": stages, "levers_from_stage": 1},
                                        "memory.memory_kind": "associative", "memory.associative_key_size": 8,
                                        "memory.associative_write_cost": 0.1,
+                                       "memory.associative_write_back_weight": 0.2,
                                        "memory.associative_normalizer_floor": True}))
-    steps, logged = train_watching(monkeypatch, recipe, "write_gate")
-    assert [(c.associative_write_cost, out.write_gate is not None) for c, out in steps] == \
-        [(0.0, False)] * 2 + [(0.1, True)] * 3
-    gates = [float(out.write_gate) for _, out in steps[2:]]
-    assert logged[:2] == [None, None] and logged[2:] == pytest.approx(gates, abs=1e-6)
-    assert all(0 < g < 1 for g in gates)
+    steps, logged = train_watching(monkeypatch, recipe, "write_gate", "write_back")
+    assert [(c.associative_write_cost, c.associative_write_back_weight, out.write_gate is not None,
+             out.write_back is not None) for c, out in steps] == [(0.0, 0.0, False, False)] * 2 + [(0.1, 0.2, True, True)] * 3
+    gates = [(float(out.write_gate), float(out.write_back)) for _, out in steps[2:]]
+    assert logged[:2] == [(None, None)] * 2
+    assert [x for pair in logged[2:] for x in pair] == pytest.approx([x for pair in gates for x in pair], abs=1e-6)
+    assert all(0 < g < 1 and 0 < b < 2 for g, b in gates)
     saved = json.load(open(os.path.join(recipe.output_dir, "final", "memory_config.json")))
     assert (saved["memory_kind"], saved["associative_write_cost"]) == ("associative", 0.1)
     # the floor (the detect recipe's setting) is built into the trained memory and comes back with it
