@@ -49,6 +49,16 @@ confident writes on filler; a memory that writes what keeps the fact loses nothi
     python -m benchmarks.associative_gates --weights learning/weights/detect-*.pt --forced-writes 0.01 0.05 \
       --lengths 16 128 --samples 256 --segments 2
 
+With ``--values`` it also reads ``--segments`` segments and measures, per layer, the memory
+tokens' values (median norm) at shut and at open gates, the share of writes whose key finds
+nothing stored, and the write-back term (MemoryConfig.associative_write_back_weight) as training
+charges it: where nothing is stored that term is 1 for any value but 0, so its floor is set by
+those writes, and a run lowers it by shrinking its values at shut gates (BENCHMARKS.md, "What the
+write-back loss learns").
+
+    python -m benchmarks.associative_gates --weights learning/weights/detect-*.pt --values --segments 16 \
+      --samples 128 --lengths 16
+
 With ``--weights`` it traces runs that ``benchmarks.learning --save-weights`` kept (trained on a
 GPU, say) instead of training here:
 
@@ -66,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
-from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp, force_open
+from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp, force_open, stored_values
 from rmt_peft.metrics import exact_match
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
@@ -190,6 +200,44 @@ def starved_trace(model: RMTModel, ids: torch.Tensor, marks: list[int]) -> list[
             by_mark.append(starved_rows(state))
     return [{key: [mark[layer][key] for mark in by_mark] for key in by_mark[0][layer]}
             for layer in range(len(by_mark[0]))]
+
+
+@torch.no_grad()
+def value_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
+    """Per decoder layer, over every write of ``ids`` (batch, segments x segment_size): the median
+    norm of the memory tokens' values at shut and at open gates (open as the model tests them), the
+    share of writes whose key finds nothing stored (|s| at most 1e-3 |v|), and the write-back term
+    (MemoryConfig.associative_write_back_weight) as training charges it, before the gate noise.
+    The term is a relative error: where nothing is stored it is 1 for any value but 0, so its
+    floor is about the share of shut writes with nothing stored, whatever the training."""
+    model.eval()
+    config = model.memory_config
+    records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def measuring(index, kernel):
+        def write(keys, values, gates, matrix, normalizer, empty, *rest):
+            v = values.float()
+            s = torch.zeros_like(v) if empty else stored_values(dpfp(keys.float()), matrix, normalizer)[0]
+            error = (v - s).pow(2).sum(-1) / (v.pow(2).sum(-1) + s.pow(2).sum(-1)).clamp(min=1e-12)
+            records.append((index, gates.float()[..., 0], v.norm(dim=-1), s.norm(dim=-1), error))
+            return kernel(keys, values, gates, matrix, normalizer, empty, *rest)
+        return write
+
+    with wrapped_write_kernels(model, measuring):
+        reader = model.stream(batch_size=ids.shape[0], cuda_graph=False)
+        reader.feed(ids)
+        reader.finish()
+    threshold = config.associative_gate_threshold if config.associative_hard_gates else 0.0
+    layers = []
+    for layer in sorted({r[0] for r in records}):
+        logits, v, s, error = (torch.stack([r[i] for r in records if r[0] == layer]) for i in range(1, 5))
+        opened = logits > threshold
+        layers.append({"value_shut": v[~opened].median().item() if (~opened).any() else None,
+                       "value_open": v[opened].median().item() if opened.any() else None,
+                       "open_rate": opened.float().mean().item(),
+                       "nothing_stored": (s <= 1e-3 * v).float().mean().item(),
+                       "write_back_term": ((1 - torch.sigmoid(logits)) * error).mean().item()})
+    return layers
 
 
 @torch.no_grad()
@@ -318,6 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also answer --samples samples at each of --lengths with each layer's gates forced "
                              "open per sample and segment at each RATE: what a write the model did not choose "
                              "costs it")
+    parser.add_argument("--values", action="store_true",
+                        help="also measure, per layer over --segments segments, the values written at shut and "
+                             "open gates, the writes whose key finds nothing stored, and the write-back term")
     parser.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                         help="trace runs saved by benchmarks.learning --save-weights (e.g. trained on a GPU) "
                              "instead of training --seeds; --set changes their configs")
@@ -349,6 +400,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       + " ".join(f"{n:.1f}" for n in layer["starved"]) + "; largest read per unit of feature "
                       + " ".join(f"{r:.3g}" for r in layer["max_ratio"]) + " (median "
                       + " ".join(f"{r:.3g}" for r in layer["median_ratio"]) + ")", flush=True)
+        if args.values:
+            row["values"] = trace = value_trace(model, ids)
+            for i, layer in enumerate(trace):
+                print(f"seed {seed} layer {i}: " + ", ".join(
+                    f"{key} {value:.3g}" if value is not None else f"{key} -" for key, value in layer.items()),
+                    flush=True)
         if args.by_fact:
             row["by_fact"] = split = fact_outcomes(cfg, model, args.by_fact, args.samples, device)
             print(f"seed {seed}: {args.by_fact} segments, accuracy {split['accuracy']:.2f}; "

@@ -342,6 +342,45 @@ def test_associative_gates_trace_reads_the_gate_each_layer_writes_with():
         assert -1 <= layer["key_cosine"] <= 1
 
 
+def test_value_trace_measures_the_values_each_layer_writes_and_the_write_back_terms_floor():
+    """Layer 0's gates shut (bias -30), layer 1's open (+30), over 4 segments: the value norms
+    must be those of each layer's value projection applied to its block's outputs at the memory
+    positions (recorded here by a hook of our own); with nothing ever written to layer 0 its
+    every write finds nothing stored and owes the term's floor, 1; layer 1 finds nothing stored
+    only at its first write (1 in 4) and, its gates open, owes nothing."""
+    from benchmarks.associative_gates import value_trace
+    from rmt_peft.speedups import transformer_blocks
+    from rmt_peft.tiny_models import tiny_model
+
+    config = MemoryConfig(num_memory_tokens=2, segment_size=5, memory_kind="associative", associative_key_size=4)
+    rmt = RMTModel.from_backbone(tiny_model("gpt_neox", num_layers=2), config, verbose=False)
+    layers = rmt.memory.associative.layers
+    with torch.no_grad():
+        for layer, bias in zip(layers, (-30.0, 30.0)):
+            layer.gate.weight.zero_()
+            layer.gate.bias.fill_(bias)
+            layer.value.weight.normal_(0, 0.1)  # initialised at zero: nothing would ever be stored
+    outputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    blocks = transformer_blocks(rmt.causal_lm)
+    handles = [block.register_forward_hook(
+        lambda block, args, out, i=i: outputs[i].append((out if isinstance(out, torch.Tensor) else out[0])[:, -2:]))
+        for i, block in enumerate(blocks)]
+    trace = value_trace(rmt, torch.randint(2, 128, (3, 20)))
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        norms = [torch.stack([layer.value(out) for out in outputs[i]]).norm(dim=-1).median().item()
+                 for i, layer in enumerate(layers)]
+    assert [len(outputs[0]), len(outputs[1])] == [4, 4]
+    shut, opened = trace
+    assert shut["value_shut"] == pytest.approx(norms[0], rel=1e-5) and shut["value_open"] is None
+    assert opened["value_open"] == pytest.approx(norms[1], rel=1e-5) and opened["value_shut"] is None
+    assert [shut["open_rate"], opened["open_rate"]] == [0.0, 1.0]
+    assert [shut["nothing_stored"], opened["nothing_stored"]] == [1.0, 0.25]
+    assert shut["write_back_term"] == pytest.approx(1.0, abs=1e-6)
+    assert opened["write_back_term"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_starved_rows_are_rows_written_where_the_normaliser_is_zero():
     """One layer, one sample: rows of norm 1, 2, 3 and 1e-9 (not written), normaliser 1, 0, 2, 0;
     only the second row is starved, and it reads 2 / eps per unit of its feature."""
