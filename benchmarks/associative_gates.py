@@ -52,9 +52,9 @@ confident writes on filler; a memory that writes what keeps the fact loses nothi
 With ``--values`` it also reads ``--segments`` segments and measures, per layer, the memory
 tokens' values (median norm) at shut and at open gates, the share of writes whose key finds
 nothing stored, and the write-back term (MemoryConfig.associative_write_back_weight) as training
-charges it: where nothing is stored that term is 1 for any value but 0, so its floor is set by
-those writes, and a run lowers it by shrinking its values at shut gates (BENCHMARKS.md, "What the
-write-back loss learns").
+charges it: where nothing is stored that term is 1 for any value but 0, so those writes set its
+floor; the runs shrink their values at shut gates instead (BENCHMARKS.md, "What the write-back
+loss learns").
 
     python -m benchmarks.associative_gates --weights learning/weights/detect-*.pt --values --segments 16 \
       --samples 128 --lengths 16
