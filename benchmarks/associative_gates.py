@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import learning
-from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp, force_open, stored_values
+from rmt_peft.associative import EPS, AssociativeState, _WriteHook, dpfp, force_open, write_back_error
 from rmt_peft.metrics import exact_match
 from rmt_peft.recurrent import RMTModel
 from rmt_peft.speedups import transformer_blocks
@@ -216,10 +216,8 @@ def value_trace(model: RMTModel, ids: torch.Tensor) -> list[dict]:
 
     def measuring(index, kernel):
         def write(keys, values, gates, matrix, normalizer, empty, *rest):
-            v = values.float()
-            s = torch.zeros_like(v) if empty else stored_values(dpfp(keys.float()), matrix, normalizer)[0]
-            error = (v - s).pow(2).sum(-1) / (v.pow(2).sum(-1) + s.pow(2).sum(-1)).clamp(min=1e-12)
-            records.append((index, gates.float()[..., 0], v.norm(dim=-1), s.norm(dim=-1), error))
+            error, stored = write_back_error(keys, values, matrix, normalizer, empty)
+            records.append((index, gates.float()[..., 0], values.float().norm(dim=-1), stored.norm(dim=-1), error))
             return kernel(keys, values, gates, matrix, normalizer, empty, *rest)
         return write
 

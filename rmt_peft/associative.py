@@ -157,12 +157,21 @@ def write_back_loss(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tenso
     is (``v = s`` makes the delta rule's update zero whatever the gate), so a gate that opens on
     filler by mistake writes back what is there. The denominator is detached: a relative error,
     not a pull on ``v``'s size."""
+    with torch.no_grad():
+        shut = 1 - torch.sigmoid(gates.float())[..., 0]
+    return (shut * write_back_error(keys, values, matrix, normalizer, empty)[0]).mean()
+
+
+def write_back_error(keys: torch.Tensor, values: torch.Tensor, matrix: torch.Tensor, normalizer: torch.Tensor,
+                     empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each memory token's ``|v - s|^2 / (|v|^2 + |s|^2)`` (batch, m), fp32, with a gradient through
+    ``v`` only; ``s`` (batch, m, hidden)): ``write_back_loss`` before its gates. Where nothing is
+    stored (``s = 0``) it is 1 for any ``v`` but 0."""
     values = values.float()
     with torch.no_grad():
         stored = torch.zeros_like(values) if empty else stored_values(dpfp(keys).float(), matrix, normalizer)[0]
         scale = (values.pow(2).sum(-1) + stored.pow(2).sum(-1)).clamp(min=1e-12)
-        shut = 1 - torch.sigmoid(gates.float())[..., 0]
-    return (shut * (values - stored).pow(2).sum(-1) / scale).mean()
+    return (values - stored).pow(2).sum(-1) / scale, stored
 
 
 def write_memory(keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, matrix: torch.Tensor,
