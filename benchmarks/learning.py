@@ -1036,13 +1036,14 @@ def format_table(table) -> str:
     for task, variants in table.items():
         lengths = sorted({int(n) for v in variants.values() for n in v})
         lines.append(f"{task}: accuracy by segments (mean over seeds, min-max)")
-        lines.append(f"{'variant':>14} | " + " | ".join(f"{n:>11}" for n in lengths))
+        lines.append(f"{'variant':>14} | " + " | ".join(f"{n:>14}" for n in lengths))
         for variant, by_n in variants.items():
             cells = []
             for n in lengths:
                 accs = by_n.get(str(n), [])
-                cells.append(f"{statistics.fmean(accs):.2f} {min(accs):.2f}-{max(accs):.2f}"[:11].rjust(11) if accs
-                             else " " * 11)
+                # whole cells: cut at 11 characters, a maximum of 0.98 read "0"
+                cells.append(f"{statistics.fmean(accs):.2f} {min(accs):.2f}-{max(accs):.2f}".rjust(14) if accs
+                             else " " * 14)
             lines.append(f"{variant:>14} | " + " | ".join(cells))
     return "\n".join(lines)
 

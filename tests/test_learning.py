@@ -62,9 +62,11 @@ def test_the_summary_says_which_runs_its_means_leave_out():
                 **({"accuracy": accuracy} if accuracy else {})}
 
     runs = [run(1, {"16": 1.0}), run(2, status="diverged"), run(3, {"16": 0.5}), run(4, status="diverged")]
-    assert "0.75 0.50-1" in format_table(summarize(runs))  # the two that finished (cells cut at 11)
+    assert "0.75 0.50-1.00" in format_table(summarize(runs))  # the two that finished
     assert format_left_out(runs) == "detect/v: 2 of 4 runs not in the means (seed 2 diverged, seed 4 diverged)"
     assert format_left_out(runs[:1]) == ""
+    # the maximum printed whole: cells cut at 11 characters read a maximum of 0.98 as "0"
+    assert "0.74 0.50-0.98" in format_table(summarize(runs[1:] + [run(5, {"16": 0.98})]))
 
 
 def test_the_plan_adds_longer_stages_and_gives_the_lever_stages_their_own_steps_and_rate():
